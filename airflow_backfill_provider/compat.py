@@ -1,0 +1,52 @@
+"""The only module that checks Airflow's version.
+
+Everything Airflow-specific the rest of the package needs is imported from here, so 3.x and 2.11
+differences live in one place. ``common.compat.sdk`` already maps most names on both versions.
+"""
+
+from __future__ import annotations
+
+from airflow import __version__ as AIRFLOW_VERSION  # noqa: N812
+from packaging.version import Version
+
+AIRFLOW_V_3 = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.0.0")
+
+from airflow.providers.common.compat.sdk import (  # noqa: E402
+    AirflowException,
+    AirflowFailException,
+    AirflowSkipException,
+    BaseHook,
+    BaseOperator,
+    Param,
+)
+
+if AIRFLOW_V_3:
+    from airflow.sdk import DAG, CronDataIntervalTimetable
+    from airflow.triggers.base import BaseTrigger, TriggerEvent
+else:  # Airflow 2.11
+    from airflow.models.dag import DAG  # type: ignore[no-redef]
+    from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
+    from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
+
+__all__ = [
+    "AIRFLOW_V_3",
+    "AIRFLOW_VERSION",
+    "AirflowException",
+    "AirflowFailException",
+    "AirflowSkipException",
+    "BaseHook",
+    "BaseOperator",
+    "BaseTrigger",
+    "CronDataIntervalTimetable",
+    "DAG",
+    "Param",
+    "TriggerEvent",
+    "run_type_of",
+]
+
+
+def run_type_of(context) -> str:
+    """'manual', 'scheduled', 'backfill' or 'asset_triggered', as a plain string on both versions."""
+    dag_run = context.get("dag_run")
+    run_type = getattr(dag_run, "run_type", None)
+    return str(getattr(run_type, "value", run_type) or "manual")

@@ -1,0 +1,270 @@
+"""The backfill spec: one typed, validated description of a table backfill.
+
+Validated once (pydantic). Every error names the offending key and the valid choices, and is raised
+before anything touches a database. Table and column names are kept as plain strings here and are
+only ever turned into SQL through ``psycopg2.sql.Identifier`` (see ``sql.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from airflow_backfill_provider.chunks import DEFAULT_MAX_CHUNKS, GRANULARITIES, check_timezone
+from airflow_backfill_provider.exceptions import PlanError, SpecError
+
+_DAG_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class TableName(BaseModel):
+    """A possibly schema-qualified table name, split once: ``sales.orders`` -> (sales, orders)."""
+
+    model_config = ConfigDict(frozen=True)
+    schema_: str | None = None
+    name: str
+
+    @classmethod
+    def parse(cls, value: str | dict | "TableName") -> "TableName":
+        if isinstance(value, TableName):
+            return value
+        if isinstance(value, dict):  # {"schema": "...", "name": "..."} keeps dots in names possible
+            return cls(schema_=value.get("schema"), name=value["name"])
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("must be a table name such as 'orders' or 'public.orders'")
+        if "." in value:
+            schema, _, name = value.partition(".")
+            return cls(schema_=schema, name=name)
+        return cls(name=value)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return (self.schema_, self.name) if self.schema_ else (self.name,)
+
+    def __str__(self) -> str:
+        return ".".join(self.parts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ThrottleSpec(_Strict):
+    """Source protection. See README "Source protection: the three levers"."""
+
+    #: active (non-idle) sessions on the source database, ours excluded, above which a chunk waits (deferred)
+    max_active: int = Field(8, ge=1)
+    #: above this many active sessions a chunk fails at once and is not retried (gh-ost's critical-load)
+    critical_active: int | None = Field(None, ge=1)
+    #: replica lag in seconds above which a chunk waits (only when the source is a standby)
+    max_replica_lag: float | None = Field(None, gt=0)
+    #: minimum seconds between two source queries of the same pool slot (pacing); 0 disables
+    min_query_interval: float = Field(0.0, ge=0)
+    #: give up waiting for the load to drop after this many seconds
+    max_wait: float = Field(3600.0, gt=0)
+    #: first re-probe interval while waiting; doubles up to poll_max
+    poll_interval: float = Field(5.0, gt=0)
+    poll_max: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _critical_above_max(self):
+        if self.critical_active is not None and self.critical_active <= self.max_active:
+            raise ValueError(
+                f"throttle.critical_active ({self.critical_active}) must be greater than "
+                f"throttle.max_active ({self.max_active})"
+            )
+        return self
+
+
+class WatermarkSpec(_Strict):
+    """Where live ingest keeps its watermark (read-only for the backfill)."""
+
+    table: str = "public.backfill_watermarks"
+    #: 'clip': end the backfill at the watermark; 'refuse': fail the plan if the range crosses it
+    policy: Literal["clip", "refuse"] = "clip"
+    enabled: bool = True
+
+
+class ValidationSpec(_Strict):
+    """Per-day source/destination comparison at the end of a run."""
+
+    enabled: bool = True
+    sum_columns: list[str] = Field(default_factory=list)
+    warn_threshold: float = Field(0.001, ge=0)
+    fail_threshold: float = Field(0.01, ge=0)
+    report_table: str = "public.backfill_validation"
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.fail_threshold < self.warn_threshold:
+            raise ValueError(
+                f"validation.fail_threshold ({self.fail_threshold}) must be >= "
+                f"validation.warn_threshold ({self.warn_threshold})"
+            )
+        return self
+
+
+class HistoricalRange(_Strict):
+    """Historical schema mode: before ``until`` read another table and/or other column expressions.
+
+    Expressions are SQL written by the spec author (never by DAG params); each must produce the
+    destination column of the same name.
+    """
+
+    until: dt.date | dt.datetime
+    source_table: str | None = None
+    column_expressions: dict[str, str] = Field(default_factory=dict)
+
+
+class BackfillSpec(_Strict):
+    """Everything needed to backfill one table. Build with :func:`load_spec` for readable errors."""
+
+    name: str
+    dag_id: str | None = None
+    source_conn_id: str
+    destination_conn_id: str
+    source_table: str
+    destination_table: str
+    time_column: str
+    key_columns: list[str] = Field(min_length=1)
+    version_column: str | None = None
+    columns: list[str] | None = None
+    granularity: Literal["hour", "day", "week", "month"] = "day"
+    timezone: str = "UTC"
+    #: earliest date the DAG's timetable knows (backfill commands need a start_date)
+    start_date: dt.date = dt.date(2020, 1, 1)
+    #: cron for scheduled/backfill runs; default follows granularity (one run per chunk period)
+    schedule: str | None = None
+    pool: str = "backfill_source"
+    max_chunks: int = Field(DEFAULT_MAX_CHUNKS, ge=1)
+    #: Pattern A 'upsert' into the live table, or Pattern B 'swap' via <table>_backfill and a final merge
+    mode: Literal["upsert", "swap"] = "upsert"
+    #: tables without version_column: 'live_wins' (DO NOTHING) or 'backfill_wins' (overwrite if different)
+    conflict_policy: Literal["live_wins", "backfill_wins"] = "live_wins"
+    copy_format: Literal["binary", "text"] = "binary"
+    statement_timeout_s: float = Field(600.0, gt=0)
+    lock_timeout_s: float = Field(5.0, gt=0)
+    ledger_table: str = "public.backfill_ledger"
+    retries: int = Field(3, ge=0)
+    retry_delay_s: float = Field(30.0, ge=0)
+    throttle: ThrottleSpec = Field(default_factory=ThrottleSpec)
+    watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    historical: list[HistoricalRange] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            check_timezone(v)
+        except PlanError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @field_validator("source_table", "destination_table", "ledger_table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        TableName.parse(v)
+        return v
+
+    @field_validator("dag_id")
+    @classmethod
+    def _dag_id(cls, v: str | None) -> str | None:
+        if v is not None and not _DAG_ID.match(v):
+            raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _DAG_ID.match(v):
+            raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-' (it becomes part of the dag_id)")
+        return v
+
+    @field_validator("key_columns", "columns")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            dupes = sorted({c for c in v if v.count(c) > 1})
+            if dupes:
+                raise ValueError(f"lists {dupes} more than once")
+            if any(not isinstance(c, str) or not c for c in v):
+                raise ValueError("column names must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _columns_cover_keys(self):
+        if self.columns is not None:
+            needed = [*self.key_columns, self.time_column, *([self.version_column] if self.version_column else [])]
+            missing = [c for c in needed if c not in self.columns]
+            if missing:
+                raise ValueError(f"columns must include the key, time and version columns; missing {missing}")
+        bounds = [h.until for h in self.historical]
+        if bounds != sorted(bounds):
+            raise ValueError("historical ranges must be listed in increasing 'until' order")
+        return self
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def effective_dag_id(self) -> str:
+        return self.dag_id or f"backfill_{self.name}"
+
+    @property
+    def source(self) -> TableName:
+        return TableName.parse(self.source_table)
+
+    @property
+    def destination(self) -> TableName:
+        return TableName.parse(self.destination_table)
+
+    @property
+    def staging_target(self) -> TableName:
+        """Where chunks land: the live table (Pattern A) or its parallel ``<table>_backfill`` (Pattern B)."""
+        dest = self.destination
+        if self.mode == "swap":
+            return TableName(schema_=dest.schema_, name=f"{dest.name}_backfill")
+        return dest
+
+    @property
+    def effective_schedule(self) -> str:
+        return self.schedule or {
+            "hour": "0 * * * *",
+            "day": "0 0 * * *",
+            "week": "0 0 * * 1",
+            "month": "0 0 1 * *",
+        }[self.granularity]
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            fields = sorted(BackfillSpec.model_fields)
+            msg = f"unknown key; valid keys are: {', '.join(fields)}"
+        elif e["type"] == "missing":
+            msg = "is required"
+        elif e["type"] == "literal_error":
+            msg = f"{e.get('input')!r} is not valid; {msg.lower()}"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid backfill spec {where}:\n" + "\n".join(lines)
+
+
+def load_spec(data: dict[str, Any] | BackfillSpec, *, where: str = "") -> BackfillSpec:
+    """Validate a dict (from YAML or Python) into a spec; raise :class:`SpecError` naming every bad key."""
+    if isinstance(data, BackfillSpec):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid backfill spec {where}: expected a mapping of keys, got {type(data).__name__}")
+    label = where or repr(data.get("name", "?"))
+    try:
+        return BackfillSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_error(err, label)) from None
+
+
+GRANULARITY_CHOICES = GRANULARITIES
