@@ -1,0 +1,57 @@
+"""Demo data: an ``orders`` table like a production one, seeded server-side (fast, no rows in Python).
+
+Used by ``make demo``, the tests and the benchmark, so they all load the same shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg2
+from psycopg2 import sql
+
+ORDERS_DDL = """
+CREATE TABLE IF NOT EXISTS {t} (
+    id          bigint PRIMARY KEY,
+    customer_id integer NOT NULL,
+    status      text NOT NULL,
+    amount      numeric(12,2) NOT NULL,
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    note        text
+)
+"""
+
+
+def create_orders(conn, table: str = "orders") -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL(ORDERS_DDL).format(t=sql.Identifier(table)))
+    conn.commit()
+
+
+def seed_orders(conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1, 1), table: str = "orders", first_id: int = 1) -> None:
+    """``rows`` orders spread evenly over ``days`` days from ``start`` (UTC), ids from ``first_id``."""
+    create_orders(conn, table)
+    span_s = days * 86400
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                """INSERT INTO {t} (id, customer_id, status, amount, created_at, updated_at, note)
+                   SELECT g, (g * 7919) %% 50000, (ARRAY['new','paid','shipped','refunded'])[1 + g %% 4],
+                          ((g * 37) %% 100000) / 100.0,
+                          %(start)s::timestamptz + ((g - %(first)s)::double precision * %(span)s / %(rows)s) * interval '1 second',
+                          %(start)s::timestamptz + ((g - %(first)s)::double precision * %(span)s / %(rows)s) * interval '1 second'
+                              + (g %% 3600) * interval '1 second',
+                          CASE WHEN g %% 10 = 0 THEN 'gift' END
+                   FROM generate_series(%(first)s, %(first)s + %(rows)s - 1) g"""
+            ).format(t=sql.Identifier(table)),
+            {"start": dt.datetime.combine(start, dt.time(), dt.timezone.utc), "span": span_s, "rows": rows, "first": first_id},
+        )
+        cur.execute(sql.SQL("ANALYZE {t}").format(t=sql.Identifier(table)))
+    conn.commit()
+
+
+def count_rows(url: str, table: str = "orders") -> int:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=sql.Identifier(table)))
+        return cur.fetchone()[0]

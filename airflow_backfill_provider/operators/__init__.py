@@ -1,0 +1,1 @@
+"""Operators: thin Airflow wrappers around the pure modules (plan, transfer, validate)."""

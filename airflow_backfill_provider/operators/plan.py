@@ -1,0 +1,119 @@
+"""PlanBackfillOperator: turn a DAG run into a list of small chunk descriptors to map over."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from airflow_backfill_provider.compat import AirflowFailException, BaseOperator, run_type_of
+from airflow_backfill_provider.exceptions import BackfillError
+from airflow_backfill_provider.spec import BackfillSpec, load_spec
+
+
+class PlanBackfillOperator(BaseOperator):
+    """Plan the chunks of one run and run the pre-flight checks, before any chunk writes.
+
+    Range: the ``start``/``end`` params when given (manual runs), else the run's data interval
+    (scheduled runs and ``airflow backfill create`` / ``airflow dags backfill``). The end is clipped to
+    the live watermark; chunks already in the ledger are skipped unless ``reprocess``. With ``dry_run``
+    the chunks are listed in the log and none are returned, so nothing is written.
+
+    :param spec: the backfill spec (a dict or :class:`BackfillSpec`), validated again at run time.
+    """
+
+    template_fields: Sequence[str] = ("start", "end", "granularity", "reprocess", "dry_run")
+    ui_color = "#e8f1fb"
+
+    def __init__(
+        self,
+        *,
+        spec: dict[str, Any] | BackfillSpec,
+        start: str | None = "{{ params.start }}",
+        end: str | None = "{{ params.end }}",
+        granularity: str | None = "{{ params.granularity }}",
+        reprocess: bool | str = "{{ params.reprocess }}",
+        dry_run: bool | str = "{{ params.dry_run }}",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
+        self.start = start
+        self.end = end
+        self.granularity = granularity
+        self.reprocess = reprocess
+        self.dry_run = dry_run
+
+    def execute(self, context) -> list[dict[str, str]]:
+        from airflow_backfill_provider.connections import connect
+        from airflow_backfill_provider.planning import build_plan, resolve_range
+        from airflow_backfill_provider.transfer import prepare
+
+        spec = load_spec(self.spec)
+        dry_run = _truthy(self.dry_run)
+        try:
+            start, end = resolve_range(
+                spec,
+                param_start=_blank_to_none(self.start),
+                param_end=_blank_to_none(self.end),
+                run_type=run_type_of(context),
+                interval_start=context.get("data_interval_start"),
+                interval_end=context.get("data_interval_end"),
+            )
+            dst = connect(spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan")
+            src = connect(
+                spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
+                statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
+            )
+            try:
+                plan = build_plan(
+                    spec, start, end, granularity=_blank_to_none(self.granularity),
+                    reprocess=_truthy(self.reprocess), dst_conn=dst,
+                )
+                # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
+                for chunk in _one_per_source(spec, plan.chunks):
+                    src_table, cplan = prepare(spec, src, dst, chunk)
+                    for decision in cplan.decisions:
+                        self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
+            finally:
+                dst.close()
+                src.close()
+        except BackfillError as err:
+            raise AirflowFailException(str(err)) from err
+
+        for note in plan.notes:
+            self.log.info("%s", note)
+        self.log.info(
+            "Plan for %s: [%s, %s) at %s: %d chunk(s) to load, %d already done%s",
+            spec.destination, plan.start, plan.end, plan.granularity, len(plan.chunks), len(plan.skipped),
+            " (DRY RUN: nothing will be written)" if dry_run else "",
+        )
+        for chunk in plan.chunks:
+            self.log.info("  chunk %-24s [%s, %s)", chunk.chunk_id, chunk.start, chunk.end)
+        context["ti"].xcom_push(key="plan", value=plan.summary(dry_run=dry_run))
+        if dry_run:
+            return []
+        return [c.to_descriptor() for c in plan.chunks]
+
+
+def _one_per_source(spec: BackfillSpec, chunks):
+    """The first chunk of each historical source range: enough to check every source table once."""
+    from airflow_backfill_provider.transfer import source_for
+
+    seen = set()
+    for chunk in chunks:
+        key = repr(source_for(spec, chunk))
+        if key not in seen:
+            seen.add(key)
+            yield chunk
+
+
+def _blank_to_none(value):
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text in ("", "None", "null") else text
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("true", "1", "yes", "on")

@@ -1,0 +1,129 @@
+"""From a DAG run to the list of chunks to load: range resolution, watermark, ledger, historical splits.
+
+Kept out of the operator so it can be tested without Airflow: ``resolve_range`` takes plain values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pendulum
+
+from airflow_backfill_provider import ledger, watermark
+from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, plan_chunks, split_at, to_datetime
+from airflow_backfill_provider.exceptions import PlanError, WatermarkError
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    start: pendulum.DateTime
+    end: pendulum.DateTime
+    granularity: str
+    chunks: list[Chunk]
+    skipped: list[Chunk] = field(default_factory=list)
+    watermark: pendulum.DateTime | None = None
+    clipped: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, dry_run: bool = False) -> dict:
+        """The small dict the plan task pushes to XCom (key 'plan') for validation and humans."""
+        return {
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "granularity": self.granularity,
+            "chunks": len(self.chunks),
+            "skipped_done": len(self.skipped),
+            "watermark": self.watermark.isoformat() if self.watermark else None,
+            "clipped": self.clipped,
+            "dry_run": dry_run,
+        }
+
+
+def resolve_range(
+    spec: BackfillSpec,
+    *,
+    param_start,
+    param_end,
+    run_type: str,
+    interval_start,
+    interval_end,
+) -> tuple[pendulum.DateTime, pendulum.DateTime]:
+    """Params win when given; scheduled/backfill runs use their data interval; a bare manual run is an error."""
+    if param_start or param_end:
+        if not (param_start and param_end):
+            missing = "end" if param_start else "start"
+            raise PlanError(f"param {missing!r} is empty: give both start and end (YYYY-MM-DD, end exclusive)")
+        return (
+            to_datetime(param_start, spec.timezone, what="start"),
+            to_datetime(param_end, spec.timezone, what="end"),
+        )
+    if run_type != "manual" and interval_start is not None and interval_end is not None:
+        lo = to_datetime(interval_start, spec.timezone, what="data_interval_start")
+        hi = to_datetime(interval_end, spec.timezone, what="data_interval_end")
+        if hi <= lo:
+            raise PlanError(
+                f"data interval [{lo}, {hi}) is empty; the DAG's timetable must be a data-interval timetable "
+                "(the factory uses CronDataIntervalTimetable; a plain '@daily' gives zero-width intervals on Airflow 3)"
+            )
+        return lo, hi
+    raise PlanError(
+        "a manual run needs the params 'start' and 'end' (YYYY-MM-DD, end exclusive): fill them in the trigger "
+        "form, or pass --conf '{\"start\": \"2024-01-01\", \"end\": \"2024-02-01\"}'"
+    )
+
+
+def build_plan(
+    spec: BackfillSpec,
+    start,
+    end,
+    *,
+    granularity: str | None = None,
+    reprocess: bool = False,
+    dst_conn=None,
+) -> Plan:
+    """Chunks for ``[start, end)``; with a destination connection: clip to the watermark and skip done chunks."""
+    granularity = check_granularity(granularity or spec.granularity)
+    lo = to_datetime(start, spec.timezone, what="start")
+    hi = to_datetime(end, spec.timezone, what="end")
+    if hi <= lo:
+        raise PlanError(f"end ({hi.date()}) must be after start ({lo.date()}); the range is [start, end)")
+    notes: list[str] = []
+    wm = None
+    clipped = False
+    if dst_conn is not None and spec.watermark.enabled:
+        raw = watermark.read_watermark(dst_conn, TableName.parse(spec.watermark.table), str(spec.destination))
+        if raw is not None:
+            wm = pendulum.instance(raw).in_timezone(spec.timezone)
+            if hi > wm:
+                if spec.watermark.policy == "refuse":
+                    raise WatermarkError(
+                        f"range end {hi.isoformat()} is after the live watermark {wm.isoformat()} of "
+                        f"{spec.destination}; end the range at or before it, or set watermark.policy: clip"
+                    )
+                clipped = True
+                notes.append(f"end clipped from {hi.isoformat()} to the live watermark {wm.isoformat()}")
+                hi = clip_end(hi, wm)
+                if hi <= lo:
+                    notes.append("the whole range is at or after the live watermark: nothing to backfill")
+                    return Plan(lo, lo, granularity, [], [], wm, True, notes)
+    chunks = plan_chunks(lo, hi, granularity, spec.timezone, max_chunks=spec.max_chunks)
+    bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
+    if bounds:
+        chunks = split_at(chunks, bounds)
+    skipped: list[Chunk] = []
+    if dst_conn is not None and not reprocess:
+        done = {
+            (a.timestamp(), b.timestamp())
+            for a, b in ledger.done_ranges(dst_conn, TableName.parse(spec.ledger_table), str(spec.staging_target))
+        }
+        todo = []
+        for c in chunks:
+            (skipped if (c.start.timestamp(), c.end.timestamp()) in done else todo).append(c)
+        chunks = todo
+        if skipped:
+            notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")
+    return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes)

@@ -1,0 +1,140 @@
+"""Read table shapes from the catalogs and decide what each chunk selects.
+
+The destination schema is the truth (current-schema mode): every destination column is filled;
+one missing from the source is selected as ``NULL::<type>``; source-only columns are ignored;
+everything is cast to the destination type in the source query, so binary COPY lines up exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from psycopg2 import sql
+
+from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_sql: str  # format_type() output from the catalog, e.g. 'numeric(12,2)'
+    not_null: bool = False
+
+
+@dataclass
+class ColumnPlan:
+    """What one chunk selects from the source, per destination column, and why."""
+
+    columns: list[str]
+    select_exprs: list[sql.Composable]
+    decisions: list[str] = field(default_factory=list)
+
+
+_FIND_TABLE = """
+SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = %(name)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND (n.nspname = %(schema)s OR (%(schema)s IS NULL AND n.nspname = ANY (current_schemas(false))))
+ORDER BY array_position(current_schemas(false), n.nspname) NULLS LAST
+LIMIT 1
+"""
+
+_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+FROM pg_attribute a
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+ORDER BY a.attnum
+"""
+
+_UNIQUE_KEYS = """
+SELECT array_agg(a.attname ORDER BY a.attname)
+FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+GROUP BY i.indexrelid
+"""
+
+
+def table_oid(conn, table: TableName, *, side: str) -> int:
+    with conn.cursor() as cur:
+        cur.execute(_FIND_TABLE, {"name": table.name, "schema": table.schema_})
+        row = cur.fetchone()
+    if row is None:
+        where = f"schema {table.schema_!r}" if table.schema_ else "the search_path"
+        raise PermanentChunkError(
+            f"{side} table {str(table)!r} does not exist in {where} of database "
+            f"{conn.get_dsn_parameters().get('dbname')!r}; check {side}_table in the spec"
+        )
+    return row[0]
+
+
+def table_columns(conn, table: TableName, *, side: str) -> list[Column]:
+    oid = table_oid(conn, table, side=side)
+    with conn.cursor() as cur:
+        cur.execute(_COLUMNS, (oid,))
+        return [Column(*r) for r in cur.fetchall()]
+
+
+def unique_keys(conn, table: TableName) -> list[list[str]]:
+    oid = table_oid(conn, table, side="destination")
+    with conn.cursor() as cur:
+        cur.execute(_UNIQUE_KEYS, (oid,))
+        return [list(r[0]) for r in cur.fetchall()]
+
+
+def check_destination(spec: BackfillSpec, dest_cols: list[Column], keys: list[list[str]], table: TableName) -> None:
+    """Fail before any write if the destination cannot take a newer-wins upsert on the key columns."""
+    names = {c.name for c in dest_cols}
+    needed = [*spec.key_columns, spec.time_column, *([spec.version_column] if spec.version_column else [])]
+    needed += [c for c in spec.columns or [] if c not in needed]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise PermanentChunkError(
+            f"destination table {str(table)!r} has no column(s) {missing}; its columns are {sorted(names)}"
+        )
+    if sorted(spec.key_columns) not in keys:
+        raise PermanentChunkError(
+            f"destination table {str(table)!r} has no unique constraint or unique index on exactly "
+            f"key_columns={spec.key_columns} (found {keys or 'none'}); add one, e.g. "
+            f"ALTER TABLE ... ADD PRIMARY KEY ({', '.join(spec.key_columns)}), or fix key_columns"
+        )
+
+
+def plan_columns(
+    spec: BackfillSpec,
+    dest_cols: list[Column],
+    src_cols: list[Column],
+    *,
+    expressions: dict[str, str] | None = None,
+) -> ColumnPlan:
+    """One select expression per destination column, cast to the destination type.
+
+    ``expressions`` (historical mode) are spec-author SQL for a column; they win over same-name columns.
+    """
+    expressions = expressions or {}
+    wanted = spec.columns or [c.name for c in dest_cols]
+    by_name = {c.name: c for c in dest_cols}
+    src_names = {c.name for c in src_cols}
+    for required in (spec.time_column, *spec.key_columns):
+        if required not in src_names and required not in expressions:
+            raise PermanentChunkError(
+                f"source table {spec.source_table!r} has no column {required!r} (needed as time/key column); "
+                f"its columns are {sorted(src_names)}"
+            )
+    exprs: list[sql.Composable] = []
+    decisions: list[str] = []
+    for name in wanted:
+        col = by_name[name]
+        type_sql = sql.SQL(col.type_sql)  # from the destination catalog, not from user input
+        if name in expressions:
+            # trusted spec-author SQL (historical mode); wrapped so operator precedence cannot leak
+            exprs.append(sql.SQL("({e})::{t}").format(e=sql.SQL(expressions[name]), t=type_sql))
+            decisions.append(f"{name}: expression ({expressions[name]}) cast to {col.type_sql}")
+        elif name in src_names:
+            exprs.append(sql.SQL("{c}::{t}").format(c=sql.Identifier(name), t=type_sql))
+        else:
+            exprs.append(sql.SQL("NULL::{t}").format(t=type_sql))
+            decisions.append(f"{name}: missing in source, loaded as NULL::{col.type_sql}")
+    ignored = sorted(src_names - set(by_name))
+    if ignored:
+        decisions.append(f"source-only columns ignored: {ignored}")
+    return ColumnPlan(columns=list(wanted), select_exprs=exprs, decisions=decisions)

@@ -1,0 +1,113 @@
+"""Every SQL text the provider runs, built with ``psycopg2.sql``.
+
+Names (tables, columns) only ever enter SQL as ``sql.Identifier``; values as bound parameters or
+``sql.Literal``. The only raw ``sql.SQL`` fragments are constants written here, type names read
+from the destination's own catalog (``format_type``), and historical column expressions written
+by the spec author (documented as trusted SQL; never from DAG params).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from psycopg2 import sql
+
+from airflow_backfill_provider.spec import TableName
+
+
+def ident(table: TableName) -> sql.Identifier:
+    return sql.Identifier(*table.parts)
+
+
+def cols(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
+    if prefix:
+        return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names)
+    return sql.SQL(", ").join(sql.Identifier(n) for n in names)
+
+
+def chunk_select(
+    source: TableName, select_exprs: Sequence[sql.Composable], time_column: str, start, end
+) -> sql.Composed:
+    """``SELECT <exprs> FROM source WHERE t >= start AND t < end``: half-open, values as literals.
+
+    Literals, not parameters: COPY cannot take bind parameters. ``sql.Literal`` quotes datetimes safely.
+    """
+    return sql.SQL("SELECT {exprs} FROM {src} WHERE {t} >= {lo} AND {t} < {hi}").format(
+        exprs=sql.SQL(", ").join(select_exprs),
+        src=ident(source),
+        t=sql.Identifier(time_column),
+        lo=sql.Literal(start),
+        hi=sql.Literal(end),
+    )
+
+
+def copy_out(select: sql.Composable, fmt: str) -> sql.Composed:
+    return sql.SQL("COPY ({select}) TO STDOUT WITH (FORMAT {fmt})").format(select=select, fmt=_fmt(fmt))
+
+
+def copy_in(table: TableName | str, columns: Sequence[str], fmt: str) -> sql.Composed:
+    target = sql.Identifier(table) if isinstance(table, str) else ident(table)
+    return sql.SQL("COPY {t} ({c}) FROM STDIN WITH (FORMAT {fmt})").format(t=target, c=cols(columns), fmt=_fmt(fmt))
+
+
+def _fmt(fmt: str) -> sql.SQL:
+    if fmt not in ("binary", "text"):
+        raise ValueError(f"copy_format={fmt!r} is not valid; choose 'binary' or 'text'")
+    return sql.SQL(fmt)  # constant from a closed set
+
+
+def create_staging(stage: str, destination: TableName, columns: Sequence[str]) -> sql.Composed:
+    """A temp table with exactly the destination's column types, dropped at commit (or rollback)."""
+    return sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {c} FROM {dest} WITH NO DATA").format(
+        stage=sql.Identifier(stage), c=cols(columns), dest=ident(destination)
+    )
+
+
+def upsert(
+    destination: TableName,
+    stage: str,
+    columns: Sequence[str],
+    keys: Sequence[str],
+    version_column: str | None,
+    conflict_policy: str,
+) -> sql.Composed:
+    """Stage -> destination, newer wins, and an unchanged row is never rewritten (no dead tuples on rerun).
+
+    Returns one row: (inserted, updated). Rows the WHERE filters out are "unchanged" (or older).
+    """
+    non_keys = [c for c in columns if c not in keys]
+    target = sql.Identifier("t")
+    if version_column:
+        v = sql.Identifier(version_column)
+        # newer wins; equal version rewrites only if something differs; NULL in the table loses to a value
+        where = sql.SQL(
+            "EXCLUDED.{v} > t.{v} OR (t.{v} IS NULL AND EXCLUDED.{v} IS NOT NULL)"
+            " OR (EXCLUDED.{v} IS NOT DISTINCT FROM t.{v} AND ({tcols}) IS DISTINCT FROM ({ecols}))"
+        ).format(v=v, tcols=cols(non_keys, "t"), ecols=cols(non_keys, "excluded"))
+        action = _do_update(non_keys, where)
+    elif conflict_policy == "backfill_wins":
+        where = sql.SQL("({tcols}) IS DISTINCT FROM ({ecols})").format(
+            tcols=cols(non_keys, "t"), ecols=cols(non_keys, "excluded")
+        )
+        action = _do_update(non_keys, where)
+    else:  # live_wins: a row already there (e.g. written by live ingest) is never touched
+        action = sql.SQL("DO NOTHING")
+    if not non_keys:
+        action = sql.SQL("DO NOTHING")
+    return sql.SQL(
+        "WITH up AS (INSERT INTO {dest} AS {t} ({c}) SELECT {c} FROM {stage}"
+        " ON CONFLICT ({k}) {action} RETURNING (t.xmax = 0) AS ins)"
+        " SELECT count(*) FILTER (WHERE ins), count(*) FILTER (WHERE NOT ins) FROM up"
+    ).format(
+        dest=ident(destination), t=target, c=cols(columns), stage=sql.Identifier(stage), k=cols(keys), action=action
+    )
+
+
+def _do_update(non_keys: Sequence[str], where: sql.Composable) -> sql.Composed:
+    sets = sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in non_keys)
+    return sql.SQL("DO UPDATE SET {sets} WHERE {where}").format(sets=sets, where=where)
+
+
+def advisory_xact_lock() -> sql.SQL:
+    """Serialize two runs of the same chunk on the destination; released at commit/rollback."""
+    return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")

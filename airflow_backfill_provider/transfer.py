@@ -1,0 +1,202 @@
+"""One chunk: stream source rows into a destination staging table, upsert newer-wins, record the ledger.
+
+    source  --COPY (SELECT ...) TO STDOUT-->  os.pipe  --COPY stage FROM STDIN-->  destination
+                                                        then INSERT ... ON CONFLICT (newer wins)
+                                                        then ledger row, then COMMIT
+
+Memory is flat whatever the chunk size: rows are never in Python lists, only in the pipe's buffers.
+Everything in the destination happens in ONE transaction under a transaction-scoped advisory lock
+for the chunk, so a failure anywhere leaves no rows and no ledger entry, and two runs of the same
+chunk at once are serialized.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from airflow_backfill_provider import ledger, schema
+from airflow_backfill_provider import sql as q
+from airflow_backfill_provider.chunks import Chunk
+from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.errors import classify
+from airflow_backfill_provider.exceptions import TransientChunkError
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+
+log = logging.getLogger(__name__)
+
+_PIPE_BUFFER = 1 << 20  # 1 MiB user-space buffer on each side of the pipe: few syscalls, flat memory
+_STAGE = "backfill_stage"
+
+
+@dataclass
+class ChunkResult:
+    chunk_id: str
+    start: str
+    end: str
+    rows_extracted: int
+    inserted: int
+    updated: int
+    unchanged: int
+    seconds: float
+    decisions: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows_per_s"] = round(self.rows_per_s, 1)
+        return d
+
+
+def application_name(dag_id: str, chunk_id: str) -> str:
+    """What a DBA sees in pg_stat_activity; the throttle excludes sessions with this prefix."""
+    return f"backfill:{dag_id}:{chunk_id}"
+
+
+def source_for(spec: BackfillSpec, chunk: Chunk) -> tuple[TableName, dict[str, str]]:
+    """Historical mode: the first range whose ``until`` is after the chunk start decides table/expressions."""
+    for rng in spec.historical:
+        from airflow_backfill_provider.chunks import to_datetime
+
+        if chunk.start < to_datetime(rng.until, spec.timezone, what="historical.until"):
+            table = TableName.parse(rng.source_table) if rng.source_table else spec.source
+            return table, dict(rng.column_expressions)
+    return spec.source, {}
+
+
+def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, schema.ColumnPlan]:
+    """Catalog checks before any write: tables, columns, unique key; then what to select."""
+    target = spec.staging_target
+    dest_cols = schema.table_columns(dst_conn, target, side="destination")
+    schema.check_destination(spec, dest_cols, schema.unique_keys(dst_conn, target), target)
+    src_table, expressions = source_for(spec, chunk)
+    src_cols = schema.table_columns(src_conn, src_table, side="source")
+    return src_table, schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+
+
+class _Writer(threading.Thread):
+    """Runs the source COPY TO into the pipe; stores its error for the main thread to raise."""
+
+    def __init__(self, cursor, statement, fd: int):
+        super().__init__(daemon=True, name="backfill-copy-out")
+        self.cursor, self.statement, self.fd = cursor, statement, fd
+        self.error: BaseException | None = None
+        self.rows = -1
+
+    def run(self):
+        try:
+            with os.fdopen(self.fd, "wb", buffering=_PIPE_BUFFER) as out:
+                self.cursor.copy_expert(self.statement, out, size=_PIPE_BUFFER)
+            self.rows = self.cursor.rowcount
+        except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
+            self.error = err
+
+
+def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]:
+    """Pipe the source COPY into the destination COPY; returns (rows read, rows written)."""
+    r, w = os.pipe()
+    writer = _Writer(src_conn.cursor(), copy_out_sql, w)
+    writer.start()
+    reader = os.fdopen(r, "rb", buffering=_PIPE_BUFFER)
+    try:
+        dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
+    except BaseException:
+        reader.close()  # writer then fails with EPIPE instead of blocking forever
+        try:
+            src_conn.cancel()
+        except Exception:  # noqa: BLE001 - best effort; the connection is closed by the caller
+            pass
+        writer.join(timeout=30)
+        raise
+    reader.close()
+    writer.join()
+    if writer.error is not None:
+        # A source that died mid-stream can look like a clean EOF to the destination COPY: never commit then.
+        raise writer.error
+    written = dst_cur.rowcount
+    if writer.rows >= 0 and written >= 0 and writer.rows != written:
+        raise TransientChunkError(f"source sent {writer.rows} rows but staging received {written}; not committed")
+    return writer.rows, written
+
+
+def transfer_chunk(
+    spec: BackfillSpec,
+    chunk: Chunk,
+    *,
+    source: str | None = None,
+    destination: str | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+) -> ChunkResult:
+    """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
+
+    ``source``/``destination`` default to the spec's Airflow connection ids; DSN URLs work too.
+    Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
+    """
+    dag_id = dag_id or spec.effective_dag_id
+    appname = application_name(dag_id, chunk.chunk_id)
+    t0 = time.monotonic()
+    src_conn = dst_conn = None
+    try:
+        src_conn = connect(
+            source or spec.source_conn_id,
+            application_name=appname,
+            readonly=True,
+            statement_timeout_s=spec.statement_timeout_s,
+            lock_timeout_s=spec.lock_timeout_s,
+        )
+        dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
+        ledger_table = TableName.parse(spec.ledger_table)
+        ledger.ensure_table(dst_conn, ledger_table)
+        src_table, plan = prepare(spec, src_conn, dst_conn, chunk)
+        target = spec.staging_target
+        select = q.chunk_select(src_table, plan.select_exprs, spec.time_column, chunk.start, chunk.end)
+        with dst_conn.cursor() as cur:
+            cur.execute(q.advisory_xact_lock(), (f"{target}|{chunk.start.isoformat()}|{chunk.end.isoformat()}",))
+            cur.execute(q.create_staging(_STAGE, target, plan.columns))
+            extracted, staged = stream_copy(
+                src_conn,
+                cur,
+                q.copy_out(select, spec.copy_format),
+                q.copy_in(_STAGE, plan.columns, spec.copy_format),
+            )
+            cur.execute(q.upsert(target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy))
+            inserted, updated = cur.fetchone()
+            seconds = time.monotonic() - t0
+            stats = {
+                "extracted": staged,
+                "inserted": inserted,
+                "updated": updated,
+                "unchanged": staged - inserted - updated,
+                "seconds": seconds,
+            }
+            ledger.record(
+                cur, ledger_table, target=str(target), chunk_id=chunk.chunk_id, start=chunk.start,
+                end=chunk.end, stats=stats, dag_id=dag_id, run_id=run_id,
+            )
+        dst_conn.commit()
+        src_conn.rollback()  # read-only transaction: nothing to keep
+        return ChunkResult(
+            chunk_id=chunk.chunk_id, start=chunk.start.isoformat(), end=chunk.end.isoformat(),
+            rows_extracted=staged, inserted=inserted, updated=updated, unchanged=staged - inserted - updated,
+            seconds=time.monotonic() - t0, decisions=plan.decisions,
+        )
+    except BaseException as err:
+        if dst_conn is not None and not dst_conn.closed:
+            try:
+                dst_conn.rollback()
+            except Exception:  # noqa: BLE001 - the connection may be gone; the server rolls back anyway
+                pass
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise classify(err, chunk_id=chunk.chunk_id) from err
+    finally:
+        for conn in (src_conn, dst_conn):
+            if conn is not None and not conn.closed:
+                conn.close()

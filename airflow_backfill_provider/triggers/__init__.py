@@ -1,0 +1,1 @@
+"""Triggers that let chunks wait without holding a worker slot."""
