@@ -238,13 +238,17 @@ class BackfillSpec(_Strict):
         }[self.granularity]
 
 
+_NESTED = {"throttle": ThrottleSpec, "watermark": WatermarkSpec, "validation": ValidationSpec, "historical": HistoricalRange}
+
+
 def _format_error(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(spec)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            fields = sorted(BackfillSpec.model_fields)
+            model = _NESTED.get(str(e["loc"][0]), BackfillSpec) if len(e["loc"]) > 1 else BackfillSpec
+            fields = sorted(model.model_fields)
             msg = f"unknown key; valid keys are: {', '.join(fields)}"
         elif e["type"] == "missing":
             msg = "is required"

@@ -7,7 +7,18 @@ Databases are created per test session with a random suffix, so parallel runs do
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
+from pathlib import Path
+
+# Airflow reads its config at import time: give every test session a private, throwaway AIRFLOW_HOME
+# (unless the caller chose one) before anything imports airflow.
+REPO = Path(__file__).resolve().parents[1]
+if "AIRFLOW_HOME" not in os.environ:
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="bf_airflow_home_")
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 
 import psycopg2
 import pytest
@@ -93,3 +104,30 @@ def pg():
     yield _open
     for conn in opened:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata DB (SQLite in the private AIRFLOW_HOME), for dag.test() runs."""
+    import subprocess
+    import sys
+
+    airflow_bin = Path(sys.executable).with_name("airflow")
+    proc = subprocess.run([str(airflow_bin), "db", "migrate"], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return os.environ["AIRFLOW_HOME"]
+
+
+def fetch_all(url: str, query, params=None) -> list[tuple]:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
+
+
+def table_digest(url: str, table: str = "orders", key: str = "id") -> tuple[int, str]:
+    """(row count, md5 of all rows in key order): equal digests mean equal tables."""
+    q = sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.{k}), '')) FROM {t} t").format(
+        t=sql.Identifier(table), k=sql.Identifier(key)
+    )
+    return fetch_all(url, q)[0]
