@@ -43,9 +43,15 @@ def seed_orders(conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1,
                           %(start)s::timestamptz + ((g - %(first)s)::double precision * %(span)s / %(rows)s) * interval '1 second'
                               + (g %% 3600) * interval '1 second',
                           CASE WHEN g %% 10 = 0 THEN 'gift' END
-                   FROM generate_series(%(first)s, %(first)s + %(rows)s - 1) g"""
+                   FROM generate_series(%(first)s::bigint, %(first)s::bigint + %(rows)s - 1) g"""
             ).format(t=sql.Identifier(table)),
             {"start": dt.datetime.combine(start, dt.time(), dt.timezone.utc), "span": span_s, "rows": rows, "first": first_id},
+        )
+        # like production: chunks select by time range, so the time column is indexed
+        cur.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (created_at)").format(
+                i=sql.Identifier(f"{table}_created_at_idx"), t=sql.Identifier(table)
+            )
         )
         cur.execute(sql.SQL("ANALYZE {t}").format(t=sql.Identifier(table)))
     conn.commit()

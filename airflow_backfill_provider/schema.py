@@ -138,3 +138,19 @@ def plan_columns(
     if ignored:
         decisions.append(f"source-only columns ignored: {ignored}")
     return ColumnPlan(columns=list(wanted), select_exprs=exprs, decisions=decisions)
+
+
+_LEADING_INDEX = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+  WHERE i.indrelid = %s AND a.attname = %s
+)
+"""
+
+
+def time_column_indexed(conn, table: TableName, column: str) -> bool:
+    """Without an index leading on the time column every chunk scans the whole source table."""
+    oid = table_oid(conn, table, side="source")
+    with conn.cursor() as cur:
+        cur.execute(_LEADING_INDEX, (oid, column))
+        return bool(cur.fetchone()[0])

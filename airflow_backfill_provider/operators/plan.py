@@ -45,6 +45,7 @@ class PlanBackfillOperator(BaseOperator):
     def execute(self, context) -> list[dict[str, str]]:
         from airflow_backfill_provider.connections import connect
         from airflow_backfill_provider.planning import build_plan, resolve_range
+        from airflow_backfill_provider.schema import time_column_indexed
         from airflow_backfill_provider.transfer import prepare
 
         spec = load_spec(self.spec)
@@ -73,6 +74,12 @@ class PlanBackfillOperator(BaseOperator):
                     src_table, cplan = prepare(spec, src, dst, chunk)
                     for decision in cplan.decisions:
                         self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
+                    if not time_column_indexed(src, src_table, spec.time_column):
+                        self.log.warning(
+                            "Source %s has no index leading on %s: every chunk will scan the whole table. "
+                            "Ask the source's owner for an index on it, or use a coarser granularity.",
+                            src_table, spec.time_column,
+                        )
             finally:
                 dst.close()
                 src.close()

@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install, find/start PostgreSQL, seed 2 years of orders, run the backfill DAG, print the result
+#   make test   - install, find/start PostgreSQL, run the test suite on Airflow 3.3 (and `make test-af2` on 2.11)
+PYTHON ?= python3.11
+VENV ?= .venv
+VENV2 ?= .venv-af2
+PYTEST_ARGS ?=
+
+.PHONY: venv venv-af2 pg demo test test-af2 test-all bench clean
+
+$(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements/airflow-3.3.txt -e '.[test]'
+	touch $@
+
+$(VENV2)/.installed: pyproject.toml requirements/airflow-2.11.txt
+	$(PYTHON) -m venv $(VENV2)
+	$(VENV2)/bin/pip install -q --upgrade pip
+	$(VENV2)/bin/pip install -q -r requirements/airflow-2.11.txt -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+venv-af2: $(VENV2)/.installed
+
+pg: venv
+	PYTHON=$(VENV)/bin/python bash scripts/ensure_postgres.sh
+
+demo: venv pg
+	$(VENV)/bin/python scripts/demo.py
+
+test: venv pg
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-af2: venv-af2 pg
+	$(VENV2)/bin/pytest -m "not browser" $(PYTEST_ARGS)
+
+test-all: test test-af2
+
+bench: venv pg
+	$(VENV)/bin/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) $(VENV2) .demo .pytest_cache
