@@ -21,6 +21,7 @@ import psycopg2
 import pytest
 import yaml
 
+from airflow_backfill_provider.demo import create_orders
 from airflow_backfill_provider.spec import BackfillSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,6 +401,11 @@ def test_example_config_matches_the_stack(services):
         for key in ("source_conn_id", "destination_conn_id"):
             assert f"AIRFLOW_CONN_{spec[key].upper()}" in env, f"{key}={spec[key]!r} has no AIRFLOW_CONN_ variable"
         assert spec.get("pool", "backfill_source") == services["airflow-init"]["environment"]["BACKFILL_SOURCE_POOL"]
+        seed = SOURCE_SEED.read_text()
+        table = spec["source_table"] if "." in spec["source_table"] else f"public.{spec['source_table']}"
+        assert f"CREATE TABLE {table} (" in seed, f"the source seed does not create {table}"
+        for col in [*spec["key_columns"], spec["time_column"], spec.get("version_column") or spec["time_column"]]:
+            assert re.search(rf"^\s+{re.escape(col)}\s", seed, re.M), f"seeded {table} has no column {col!r}"
 
 
 # --- seed SQL on a real PostgreSQL -------------------------------------------------------------------
@@ -434,8 +440,14 @@ def test_seed_sql_builds_two_years_of_orders(databases, src_url, dst_url):
     conn.close()
     assert n == 70176 and days == 731, (n, days)  # 2023 + 2024 (leap year), 96 rows a day
     assert (lo.year, hi.year) == (2023, 2024)
-    assert versions_ok and statuses == 3 and total > 0
+    assert versions_ok and statuses == 4 and total > 0
     assert _columns(src_url) == _columns(dst_url), "destination orders must have the source's columns"
+    # the same shape as `make demo` and the tests (airflow_backfill_provider/demo.py)
+    reference = databases.create("ref")
+    conn = psycopg2.connect(reference)
+    create_orders(conn)
+    conn.close()
+    assert _columns(src_url) == _columns(reference), "compose seed differs from demo.ORDERS_DDL"
     # deterministic (no random()): reseeding gives the same rows, so documented numbers reproduce
     again = databases.create("src")
     _run_sql(again, SOURCE_SEED)
@@ -444,7 +456,7 @@ def test_seed_sql_builds_two_years_of_orders(databases, src_url, dst_url):
 
 def _digest(url: str) -> str:
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT md5(string_agg(o::text, ',' ORDER BY order_id)) FROM public.orders o")
+        cur.execute("SELECT md5(string_agg(o::text, ',' ORDER BY id)) FROM public.orders o")
         value = cur.fetchone()[0]
     conn.close()
     return value
