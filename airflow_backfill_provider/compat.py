@@ -18,15 +18,18 @@ from airflow.providers.common.compat.sdk import (  # noqa: E402
     BaseHook,
     BaseOperator,
     Param,
+    TaskDeferred,
 )
 
 if AIRFLOW_V_3:
     from airflow.sdk import DAG, CronDataIntervalTimetable
     from airflow.triggers.base import BaseTrigger, TriggerEvent
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 else:  # Airflow 2.11
     from airflow.models.dag import DAG  # type: ignore[no-redef]
     from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
     from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
+    from airflow.triggers.temporal import DateTimeTrigger  # type: ignore[no-redef]
 
 __all__ = [
     "AIRFLOW_V_3",
@@ -39,10 +42,27 @@ __all__ = [
     "BaseTrigger",
     "CronDataIntervalTimetable",
     "DAG",
+    "DateTimeTrigger",
     "Param",
+    "TaskDeferred",
     "TriggerEvent",
+    "aget_connection",
     "run_type_of",
 ]
+
+
+async def aget_connection(conn_id: str):
+    """Resolve an Airflow connection from async code (a trigger) without blocking the event loop.
+
+    3.x: the Task SDK's ``BaseHook.aget_connection`` (the sync call from a trigger's event loop needs
+    the greenback portal). 2.11: the sync lookup (metadata DB / secrets backend) in a thread.
+    """
+    getter = getattr(BaseHook, "aget_connection", None)
+    if getter is not None:
+        return await getter(conn_id)
+    import asyncio
+
+    return await asyncio.to_thread(BaseHook.get_connection, conn_id)
 
 
 def run_type_of(context) -> str:

@@ -27,20 +27,15 @@ def _is_dsn(value: str) -> bool:
     return "://" in value or "=" in value
 
 
-def connection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
-    """psycopg2.connect kwargs for an Airflow connection id (or a libpq DSN/URI, for tests and scripts)."""
-    if _is_dsn(conn_id_or_dsn):
-        return {"dsn": conn_id_or_dsn}
-    from airflow_backfill_provider.compat import BaseHook
+def _not_found(conn_id: str) -> PermanentChunkError:
+    return PermanentChunkError(
+        f"Airflow connection {conn_id!r} does not exist: create it in Admin -> Connections, "
+        f"with `airflow connections add {conn_id} --conn-uri postgresql://user:pass@host:5432/db`, "
+        f"or set AIRFLOW_CONN_{conn_id.upper()}"
+    )
 
-    try:
-        conn = BaseHook.get_connection(conn_id_or_dsn)
-    except Exception as err:  # AirflowNotFoundException differs by version
-        raise PermanentChunkError(
-            f"Airflow connection {conn_id_or_dsn!r} does not exist: create it in Admin -> Connections, "
-            f"with `airflow connections add {conn_id_or_dsn} --conn-uri postgresql://user:pass@host:5432/db`, "
-            f"or set AIRFLOW_CONN_{conn_id_or_dsn.upper()}"
-        ) from err
+
+def _kwargs_from_airflow_connection(conn) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "host": conn.host or "localhost",
         "port": conn.port or 5432,
@@ -51,6 +46,32 @@ def connection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
     extras = conn.extra_dejson or {}
     kwargs.update({k: v for k, v in extras.items() if k in _LIBPQ_EXTRAS})
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def connection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
+    """psycopg2.connect kwargs for an Airflow connection id (or a libpq DSN/URI, for tests and scripts)."""
+    if _is_dsn(conn_id_or_dsn):
+        return {"dsn": conn_id_or_dsn}
+    from airflow_backfill_provider.compat import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id_or_dsn)
+    except Exception as err:  # AirflowNotFoundException differs by version
+        raise _not_found(conn_id_or_dsn) from err
+    return _kwargs_from_airflow_connection(conn)
+
+
+async def aconnection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
+    """:func:`connection_kwargs` for async code (triggers): never blocks the event loop."""
+    if _is_dsn(conn_id_or_dsn):
+        return {"dsn": conn_id_or_dsn}
+    from airflow_backfill_provider.compat import aget_connection
+
+    try:
+        conn = await aget_connection(conn_id_or_dsn)
+    except Exception as err:  # AirflowNotFoundException differs by version
+        raise _not_found(conn_id_or_dsn) from err
+    return _kwargs_from_airflow_connection(conn)
 
 
 def connect(
@@ -66,7 +87,25 @@ def connect(
     Settings go through libpq ``options`` (numbers we format ourselves, never user text), so they hold
     from the first statement; ``application_name`` lets a DBA see which DAG and chunk a session is.
     """
-    kwargs = connection_kwargs(conn_id_or_dsn)
+    return open_connection(
+        connection_kwargs(conn_id_or_dsn),
+        application_name=application_name,
+        readonly=readonly,
+        statement_timeout_s=statement_timeout_s,
+        lock_timeout_s=lock_timeout_s,
+    )
+
+
+def open_connection(
+    kwargs: dict[str, Any],
+    *,
+    application_name: str,
+    readonly: bool = False,
+    statement_timeout_s: float | None = None,
+    lock_timeout_s: float | None = None,
+) -> psycopg2.extensions.connection:
+    """:func:`connect` from already resolved kwargs (a trigger resolves them once, asynchronously)."""
+    kwargs = dict(kwargs)
     opts = []
     if statement_timeout_s is not None:
         opts.append(f"-c statement_timeout={int(statement_timeout_s * 1000)}")

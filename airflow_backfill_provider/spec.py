@@ -67,6 +67,10 @@ class ThrottleSpec(_Strict):
     #: first re-probe interval while waiting; doubles up to poll_max
     poll_interval: float = Field(5.0, gt=0)
     poll_max: float = Field(60.0, gt=0)
+    #: pacing slots sharing min_query_interval (set it to the pool's slot count: "per pool slot")
+    pacing_slots: int = Field(1, ge=1)
+    #: destination table holding the pacing reservations (created on first use)
+    pacing_table: str = "public.backfill_pacing"
 
     @model_validator(mode="after")
     def _critical_above_max(self):
@@ -75,6 +79,11 @@ class ThrottleSpec(_Strict):
                 f"throttle.critical_active ({self.critical_active}) must be greater than "
                 f"throttle.max_active ({self.max_active})"
             )
+        if self.poll_max < self.poll_interval:
+            raise ValueError(
+                f"throttle.poll_max ({self.poll_max}) must be >= throttle.poll_interval ({self.poll_interval})"
+            )
+        TableName.parse(self.pacing_table)
         return self
 
 

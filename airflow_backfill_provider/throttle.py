@@ -1,0 +1,310 @@
+"""Source protection: measure the source's load, decide go/wait/critical, and pace source queries.
+
+Three levers protect a production source (see docs/source-protection.md):
+
+1. **Pool** - an Airflow pool caps how many chunks are in flight against the source at once.
+2. **Load threshold** - before a chunk queries the source it probes ``pg_stat_activity``; over
+   ``throttle.max_active`` (or ``max_replica_lag``) it *waits deferred* (``triggers/load.py``),
+   over ``throttle.critical_active`` it fails at once without retry (gh-ost's critical-load).
+3. **Pacing** - ``throttle.min_query_interval`` seconds between two source queries of the same
+   pacing slot; a chunk whose turn is later *defers until its turn* (a time-based trigger).
+
+Nothing here busy-waits: this module only measures, decides and reserves; the operator defers.
+
+Pacing design (per pool slot, across processes and hosts)
+---------------------------------------------------------
+Chunks run in different worker processes, possibly on different hosts, so the pacing state lives
+in the **destination** database (the source stays read-only): a small table with one row per
+``(pacing_key, slot)`` holding the time that slot last started (or is reserved to start) a source
+query. ``pacing_key`` is the pool name, so every DAG sharing a pool shares its pacing slots, and
+``throttle.pacing_slots`` should equal the pool's slot count.
+
+To get a turn, a chunk, in one short transaction under a transaction-scoped advisory lock on the
+key (so reservations are serialized and never race), takes the slot whose last start is earliest
+and reserves ``turn = greatest(now, last_start + min_query_interval)`` on it. At most
+``pacing_slots`` source queries start in any window of ``min_query_interval`` seconds: a sliding
+window. The reservation is made *in advance*, so a chunk that has to wait knows exactly when its
+turn is and defers until then with a time-based trigger; it does not re-compete on resume (no
+thundering herd, no starvation). A chunk that dies before its turn just leaves a reservation that
+lapses; it delays nobody by more than one interval. All times come from the destination server's
+clock and the wait is returned as a *duration*, so worker/triggerer clock skew does not matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any, Literal
+
+from psycopg2 import sql
+
+from airflow_backfill_provider.spec import TableName, ThrottleSpec
+
+Decision = Literal["go", "wait", "critical"]
+
+#: application_name prefix of every session this provider opens (``backfill:<dag_id>:<chunk_id>``);
+#: the probe does not count them: our own concurrency is the pool's business, not the load threshold's.
+OWN_APPLICATION_PREFIX = "backfill:"
+
+DEFAULT_PACING_TABLE = ThrottleSpec.model_fields["pacing_table"].default
+
+# Session states that mean "doing work now". 'idle', 'idle in transaction' (not running anything)
+# and NULL (state hidden: the probing user lacks pg_read_all_stats) are not active.
+_ACTIVE_STATES = ("active", "fastpath function call")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSample:
+    """What the probe saw on the source database at ``sampled_at`` (source server clock, UTC)."""
+
+    #: non-idle client sessions on the source database, excluding ours
+    active: int
+    #: seconds since the last replayed transaction when the source is a standby, else None
+    replica_lag: float | None
+    sampled_at: dt.datetime
+    #: client sessions whose state the probing user may not see (grant it pg_monitor to count them)
+    hidden: int = 0
+    in_recovery: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, for trigger events and XCom."""
+        d = dataclasses.asdict(self)
+        d["sampled_at"] = self.sampled_at.isoformat()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoadSample":
+        return cls(
+            active=int(d["active"]),
+            replica_lag=None if d.get("replica_lag") is None else float(d["replica_lag"]),
+            sampled_at=dt.datetime.fromisoformat(d["sampled_at"]),
+            hidden=int(d.get("hidden", 0)),
+            in_recovery=bool(d.get("in_recovery", False)),
+        )
+
+    def describe(self) -> str:
+        text = f"{self.active} active session(s) on the source database"
+        if self.in_recovery:
+            lag = "unknown" if self.replica_lag is None else f"{self.replica_lag:.1f} s"
+            text += f", replica lag {lag}"
+        if self.hidden:
+            text += f" ({self.hidden} more hidden from the probe's user: grant it pg_monitor)"
+        return text
+
+
+def _probe_query(exclude_application_prefix: str | None) -> sql.Composed:
+    exclude = sql.SQL("")
+    if exclude_application_prefix:
+        # left(...) rather than LIKE: '_' and '%' in the prefix must not act as wildcards.
+        exclude = sql.SQL(
+            " AND (application_name IS NULL OR left(application_name, char_length({p})) <> {p})"
+        ).format(p=sql.Literal(exclude_application_prefix))
+    return sql.SQL(
+        """
+        SELECT count(*) FILTER (WHERE backend_type = 'client backend' AND state IN ({states})) AS active,
+               count(*) FILTER (WHERE backend_type IS NULL AND state IS NULL) AS hidden,
+               pg_is_in_recovery() AS in_recovery,
+               CASE WHEN pg_is_in_recovery()
+                    THEN extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
+               END AS replica_lag,
+               clock_timestamp() AS sampled_at
+          FROM pg_stat_activity
+         WHERE datname = current_database()
+           AND pid <> pg_backend_pid(){exclude}
+        """
+    ).format(states=sql.SQL(", ").join(sql.Literal(s) for s in _ACTIVE_STATES), exclude=exclude)
+
+
+def probe_load(conn, *, exclude_application_prefix: str | None = OWN_APPLICATION_PREFIX) -> LoadSample:
+    """Count busy client sessions on the connection's database, and the replica lag on a standby.
+
+    Counted: client backends (not autovacuum, walsenders, background workers) whose state is
+    ``active``, other than this session and sessions whose ``application_name`` starts with
+    ``exclude_application_prefix`` (our own chunks). On a primary, ``replica_lag`` is None. On a
+    standby it is ``now() - pg_last_xact_replay_timestamp()``: note that it grows while the primary
+    has no writes at all, so keep ``max_replica_lag`` comfortably above the primary's quietest gap.
+
+    Leaves the connection as it found it: a probe on a non-autocommit connection does not leave an
+    ``idle in transaction`` session behind.
+    """
+    was_idle = conn.autocommit or conn.info.transaction_status == 0  # TRANSACTION_STATUS_IDLE
+    with conn.cursor() as cur:
+        # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
+        cur.execute("SELECT pg_stat_clear_snapshot()")
+        cur.execute(_probe_query(exclude_application_prefix))
+        active, hidden, in_recovery, lag, sampled_at = cur.fetchone()
+    if was_idle and not conn.autocommit:
+        conn.rollback()
+    return LoadSample(
+        active=int(active),
+        replica_lag=None if lag is None else max(0.0, float(lag)),
+        sampled_at=sampled_at.astimezone(dt.timezone.utc),
+        hidden=int(hidden),
+        in_recovery=bool(in_recovery),
+    )
+
+
+def decide(sample: LoadSample, throttle: ThrottleSpec) -> Decision:
+    """``critical`` above ``critical_active``; ``wait`` above ``max_active`` or ``max_replica_lag``."""
+    if throttle.critical_active is not None and sample.active > throttle.critical_active:
+        return "critical"
+    if sample.active > throttle.max_active:
+        return "wait"
+    if (
+        throttle.max_replica_lag is not None
+        and sample.replica_lag is not None
+        and sample.replica_lag > throttle.max_replica_lag
+    ):
+        return "wait"
+    return "go"
+
+
+def critical_message(sample: LoadSample, throttle: ThrottleSpec) -> str:
+    return (
+        f"source load is critical: {sample.active} active sessions on the source database "
+        f"> throttle.critical_active={throttle.critical_active} (sampled {sample.sampled_at.isoformat()}). "
+        "The chunk stops without retry so the backfill adds nothing to an overloaded source; "
+        "clear the chunk once the source has recovered, or raise throttle.critical_active."
+    )
+
+
+def wait_reason(sample: LoadSample, throttle: ThrottleSpec) -> str:
+    parts = []
+    if sample.active > throttle.max_active:
+        parts.append(f"{sample.active} active sessions > throttle.max_active={throttle.max_active}")
+    if (
+        throttle.max_replica_lag is not None
+        and sample.replica_lag is not None
+        and sample.replica_lag > throttle.max_replica_lag
+    ):
+        parts.append(f"replica lag {sample.replica_lag:.1f} s > throttle.max_replica_lag={throttle.max_replica_lag}")
+    return "; ".join(parts) or "load within limits"
+
+
+def timeout_message(sample: LoadSample | None, throttle: ThrottleSpec, waited_s: float, last_error: str | None) -> str:
+    seen = sample.describe() if sample else "no successful probe"
+    reason = f" ({wait_reason(sample, throttle)})" if sample else ""
+    err = f"; last probe error: {last_error}" if last_error else ""
+    return (
+        f"source stayed busy for {waited_s:.0f} s >= throttle.max_wait={throttle.max_wait:g} s: "
+        f"last probe saw {seen}{reason}{err}. The chunk gives up (Airflow may retry it later); "
+        "raise throttle.max_wait or throttle.max_active if this load is normal for the source."
+    )
+
+
+# --- pacing ---------------------------------------------------------------------------------------
+
+
+def _pacing_lock_args(key: str) -> sql.Composed:
+    # two-int advisory lock: a fixed namespace for pacing, and the key's hash
+    return sql.SQL("hashtext({ns}), hashtext({key})").format(
+        ns=sql.Literal("airflow_backfill_provider.pacing"), key=sql.Literal(key)
+    )
+
+
+def ensure_pacing_table(cur, table: TableName) -> None:
+    """Create the pacing table if missing; call under the pacing advisory lock (no create race)."""
+    cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table.parts).as_string(cur),))
+    if cur.fetchone()[0] is not None:
+        return
+    cur.execute(
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS {t} (
+                pacing_key text NOT NULL,
+                slot int NOT NULL,
+                last_start timestamptz NOT NULL,
+                PRIMARY KEY (pacing_key, slot)
+            )
+            """
+        ).format(t=sql.Identifier(*table.parts))
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PacingTurn:
+    """A reserved turn: query the source after ``wait_s`` seconds (0 when it is now)."""
+
+    slot: int
+    wait_s: float
+
+    def moment(self) -> dt.datetime:
+        """The turn on this process's clock (UTC), for a time-based trigger."""
+        return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.wait_s)
+
+
+def reserve_turn(
+    conn,
+    *,
+    key: str,
+    interval_s: float,
+    slots: int = 1,
+    table: str | TableName = DEFAULT_PACING_TABLE,
+) -> PacingTurn:
+    """Reserve the next source-query turn for ``key`` (the pool name); see the module docstring.
+
+    Runs one short transaction on ``conn`` (a destination connection) and commits it.
+    """
+    if interval_s <= 0:
+        return PacingTurn(slot=0, wait_s=0.0)
+    if slots < 1:
+        raise ValueError(f"throttle.pacing_slots must be >= 1, got {slots}")
+    if conn.autocommit:
+        raise ValueError("reserve_turn needs a non-autocommit connection: the advisory lock is transaction-scoped")
+    table = TableName.parse(table)
+    t = sql.Identifier(*table.parts)
+    with conn:  # one transaction, committed on exit (psycopg2 semantics), rolled back on error
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_pacing_lock_args(key)))
+            ensure_pacing_table(cur, table)
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {t} (pacing_key, slot, last_start) "
+                    "SELECT %s, s, '-infinity' FROM generate_series(0, %s - 1) AS s "
+                    "ON CONFLICT (pacing_key, slot) DO NOTHING"
+                ).format(t=t),
+                (key, slots),
+            )
+            cur.execute(
+                sql.SQL(
+                    """
+                    WITH pick AS (
+                        SELECT slot, last_start FROM {t}
+                         WHERE pacing_key = %(key)s AND slot < %(slots)s
+                         ORDER BY last_start, slot LIMIT 1
+                    ), turn AS (
+                        SELECT slot, greatest(clock_timestamp(),
+                                              last_start + make_interval(secs => %(interval)s)) AS at
+                          FROM pick
+                    )
+                    UPDATE {t} AS p SET last_start = turn.at
+                      FROM turn
+                     WHERE p.pacing_key = %(key)s AND p.slot = turn.slot
+                    RETURNING p.slot, greatest(0, extract(epoch FROM turn.at - clock_timestamp()))::float8
+                    """
+                ).format(t=t),
+                {"key": key, "slots": slots, "interval": float(interval_s)},
+            )
+            slot, wait_s = cur.fetchone()
+    return PacingTurn(slot=int(slot), wait_s=float(wait_s))
+
+
+# --- visibility -----------------------------------------------------------------------------------
+
+
+def chunk_summary(
+    *,
+    chunk_id: str,
+    sample: LoadSample | None,
+    waited_load_s: float,
+    waited_pacing_s: float,
+    rows: int,
+    seconds: float,
+) -> str:
+    """One log line per chunk: the load it saw, how long it waited, rows, seconds and rows/s."""
+    rate = rows / seconds if seconds > 0 else 0.0
+    seen = sample.describe() if sample else "load not probed"
+    return (
+        f"chunk {chunk_id}: saw {seen}; waited {waited_load_s:.1f} s for load, {waited_pacing_s:.1f} s for pacing; "
+        f"{rows} rows in {seconds:.2f} s ({rate:.0f} rows/s)"
+    )

@@ -1,0 +1,156 @@
+"""SourceLoadTrigger: wait in the triggerer, not in a worker, until the source's load drops.
+
+The chunk operator defers to this trigger when its probe said "wait". The trigger re-probes with
+exponential backoff (``poll_interval`` doubling up to ``poll_max``) and fires once:
+
+- ``{"status": "ok", "sample": ..., "waited_s": ...}`` when the load is back under the thresholds;
+- ``{"status": "critical", "sample": ..., "waited_s": ..., "message": ...}`` when it went over
+  ``critical_active`` meanwhile (the task then fails without retry);
+- ``{"status": "timeout", "sample": ..., "waited_s": ..., "message": ...}`` after ``max_wait``
+  seconds, the message giving the last figures seen.
+
+Async on both Airflow 3.3 and 2.11 triggerers: the connection is resolved with the async lookup
+(``compat.aget_connection``), and each blocking psycopg2 probe runs in ``asyncio.to_thread`` on a
+short-lived session (``connect_timeout`` and ``statement_timeout`` bound it), so the event loop is
+never blocked and no source session is held between probes. ``serialize()`` carries only the
+connection id, the throttle thresholds and the start time: never credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
+
+#: bound each probe: a source too busy to answer within this is a failed probe, not a hung trigger
+PROBE_TIMEOUT_S = 10
+
+
+class SourceLoadTrigger(BaseTrigger):
+    """Fire when the source database's load is under the chunk's throttle thresholds.
+
+    :param conn_id: Airflow connection id of the source (a libpq URL without a password works too,
+        for tests and scripts; a URL with a password is refused so it never lands in the metadata DB).
+    :param throttle: the spec's ``throttle`` section as a JSON dict (``ThrottleSpec.model_dump(mode="json")``).
+    :param started_at: epoch seconds when the chunk started waiting; ``max_wait`` counts from there,
+        across triggerer restarts and repeated deferrals.
+    :param application_name: the probe session's name (``backfill:<dag_id>:<chunk_id>:probe``).
+    :param exclude_application_prefix: sessions whose application_name starts with it are not counted.
+    """
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        throttle: dict[str, Any],
+        started_at: float | None = None,
+        application_name: str = "backfill:probe",
+        exclude_application_prefix: str | None = "backfill:",
+    ) -> None:
+        super().__init__()
+        _refuse_password_in_dsn(conn_id)
+        self.conn_id = conn_id
+        self.throttle = dict(throttle)
+        self.started_at = float(started_at if started_at is not None else time.time())
+        self.application_name = application_name
+        self.exclude_application_prefix = exclude_application_prefix
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{self.__class__.__module__}.{self.__class__.__qualname__}",
+            {
+                "conn_id": self.conn_id,
+                "throttle": self.throttle,
+                "started_at": self.started_at,
+                "application_name": self.application_name,
+                "exclude_application_prefix": self.exclude_application_prefix,
+            },
+        )
+
+    def _probe_once(self, kwargs: dict[str, Any]):
+        from airflow_backfill_provider.connections import open_connection
+        from airflow_backfill_provider.throttle import probe_load
+
+        kwargs = {"connect_timeout": PROBE_TIMEOUT_S, **kwargs}
+        conn = open_connection(
+            kwargs, application_name=self.application_name, readonly=True, statement_timeout_s=PROBE_TIMEOUT_S
+        )
+        try:
+            conn.autocommit = True
+            return probe_load(conn, exclude_application_prefix=self.exclude_application_prefix)
+        finally:
+            conn.close()
+
+    def _event(self, status: str, sample, **extra) -> TriggerEvent:
+        payload = {
+            "status": status,
+            "sample": sample.to_dict() if sample is not None else None,
+            "waited_s": round(time.time() - self.started_at, 3),
+            **extra,
+        }
+        return TriggerEvent(payload)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import psycopg2
+
+        from airflow_backfill_provider.connections import aconnection_kwargs
+        from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.spec import ThrottleSpec
+        from airflow_backfill_provider.throttle import critical_message, decide, timeout_message, wait_reason
+
+        throttle = ThrottleSpec.model_validate(self.throttle)
+        try:
+            kwargs = await aconnection_kwargs(self.conn_id)
+        except PermanentChunkError as err:
+            yield self._event("error", None, message=str(err))
+            return
+        interval = throttle.poll_interval
+        sample = None
+        last_error: str | None = None
+        while True:
+            try:
+                sample = await asyncio.to_thread(self._probe_once, kwargs)
+                last_error = None
+            except psycopg2.Error as err:  # a busy or restarting source: keep waiting, report at timeout
+                last_error = str(err).strip() or type(err).__name__
+                self.log.warning("Load probe on %s failed (will retry): %s", self.conn_id, last_error)
+            else:
+                decision = decide(sample, throttle)
+                if decision == "go":
+                    self.log.info("Source load dropped: %s", sample.describe())
+                    yield self._event("ok", sample)
+                    return
+                if decision == "critical":
+                    yield self._event("critical", sample, message=critical_message(sample, throttle))
+                    return
+            waited = time.time() - self.started_at
+            if waited >= throttle.max_wait:
+                yield self._event(
+                    "timeout", sample, message=timeout_message(sample, throttle, waited, last_error)
+                )
+                return
+            delay = min(interval, throttle.max_wait - waited)
+            self.log.info(
+                "Source busy (%s); re-probing in %.1f s (waited %.0f s of %g s)",
+                wait_reason(sample, throttle) if sample else last_error, delay, waited, throttle.max_wait,
+            )
+            await asyncio.sleep(delay)
+            interval = min(interval * 2, throttle.poll_max)
+
+
+def _refuse_password_in_dsn(conn_id: str) -> None:
+    if "://" not in conn_id and "=" not in conn_id:
+        return
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        has_password = bool(parse_dsn(conn_id).get("password"))
+    except Exception:  # unparsable: let the connection attempt report it, but do not store it
+        has_password = True
+    if has_password:
+        raise ValueError(
+            "SourceLoadTrigger got a connection URL with a password: it would be stored in the "
+            "metadata database. Pass an Airflow connection id (e.g. source_conn_id='prod_pg') instead."
+        )
