@@ -25,7 +25,10 @@ def get_provider_info() -> dict:
         "triggers": [
             {
                 "integration-name": "Backfill",
-                "python-modules": ["airflow_backfill_provider.triggers.load"],
+                "python-modules": [
+                    "airflow_backfill_provider.triggers.load",
+                    "airflow_backfill_provider.triggers.pacing",
+                ],
             }
         ],
     }

@@ -24,12 +24,10 @@ from airflow.providers.common.compat.sdk import (  # noqa: E402
 if AIRFLOW_V_3:
     from airflow.sdk import DAG, CronDataIntervalTimetable
     from airflow.triggers.base import BaseTrigger, TriggerEvent
-    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 else:  # Airflow 2.11
     from airflow.models.dag import DAG  # type: ignore[no-redef]
     from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
     from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
-    from airflow.triggers.temporal import DateTimeTrigger  # type: ignore[no-redef]
 
 __all__ = [
     "AIRFLOW_V_3",
@@ -42,7 +40,6 @@ __all__ = [
     "BaseTrigger",
     "CronDataIntervalTimetable",
     "DAG",
-    "DateTimeTrigger",
     "Param",
     "TaskDeferred",
     "TriggerEvent",

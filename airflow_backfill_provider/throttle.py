@@ -308,3 +308,37 @@ def chunk_summary(
         f"chunk {chunk_id}: saw {seen}; waited {waited_load_s:.1f} s for load, {waited_pacing_s:.1f} s for pacing; "
         f"{rows} rows in {seconds:.2f} s ({rate:.0f} rows/s)"
     )
+
+
+# --- one-call helpers for the chunk operator ------------------------------------------------------
+
+#: bound the probe itself: a source that cannot answer pg_stat_activity within this is not "quiet"
+PROBE_TIMEOUT_S = 10
+
+
+def probe_source(conn_id_or_dsn: str, *, application_name: str) -> LoadSample:
+    """Open a short read-only session on the source, probe, close. No session is held afterwards."""
+    from airflow_backfill_provider.connections import connection_kwargs, open_connection
+
+    kwargs = {"connect_timeout": PROBE_TIMEOUT_S, **connection_kwargs(conn_id_or_dsn)}
+    conn = open_connection(
+        kwargs, application_name=application_name, readonly=True, statement_timeout_s=PROBE_TIMEOUT_S
+    )
+    try:
+        conn.autocommit = True
+        return probe_load(conn)
+    finally:
+        conn.close()
+
+
+def reserve_destination_turn(conn_id_or_dsn: str, throttle: ThrottleSpec, *, key: str, application_name: str) -> PacingTurn:
+    """:func:`reserve_turn` on a short destination session, with the spec's pacing settings."""
+    from airflow_backfill_provider.connections import connect
+
+    conn = connect(conn_id_or_dsn, application_name=application_name, lock_timeout_s=PROBE_TIMEOUT_S)
+    try:
+        return reserve_turn(
+            conn, key=key, interval_s=throttle.min_query_interval, slots=throttle.pacing_slots, table=throttle.pacing_table
+        )
+    finally:
+        conn.close()

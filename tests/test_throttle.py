@@ -24,7 +24,7 @@ from airflow_backfill_provider.throttle import (
     timeout_message,
 )
 from airflow_backfill_provider.triggers.load import SourceLoadTrigger
-from load_helpers import Sleepers
+from tests.load_helpers import Sleepers
 
 
 def _now():

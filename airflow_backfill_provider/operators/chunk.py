@@ -32,17 +32,127 @@ class BackfillChunkOperator(BaseOperator):
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
         self.chunk = chunk
 
+    # --- source protection: probe -> (critical | wait deferred | pacing deferred) -> transfer --------
+    #
+    # Every wait is a deferral (the worker slot is released; the grid shows "deferred"). State the
+    # resumed method needs travels in the trigger event's "carry", not in defer(kwargs=...): dag.test()
+    # on both Airflow versions hands the resumed method the event only.
+
     def execute(self, context) -> dict:
+        return self._gate(context, sample=None, waited_load_s=0.0, waited_pacing_s=0.0, paced=False)
+
+    def execute_after_wait(self, context, event: dict[str, Any] | None = None, **_: Any) -> dict:
+        """Resumed by SourceLoadTrigger: ok -> pacing/transfer; critical/timeout/error -> fail."""
+        from airflow_backfill_provider.compat import AirflowException
+        from airflow_backfill_provider.throttle import LoadSample
+
+        event = event or {}
+        status = event.get("status")
+        carry = event.get("carry") or {}
+        waited_load_s = float(event.get("waited_s") or 0.0)
+        if status == "critical":
+            raise AirflowFailException(event["message"])
+        if status == "timeout":
+            raise AirflowException(event["message"])  # retried: the source may be quieter later
+        if status != "ok":
+            raise AirflowFailException(
+                event.get("message") or f"source load trigger ended with unexpected event {event!r}"
+            )
+        sample = LoadSample.from_dict(event["sample"])
+        self.log.info("Source load dropped after %.1f s: %s", waited_load_s, sample.describe())
+        # the trigger has just probed: go straight to pacing
+        return self._gate(
+            context, sample=sample, waited_load_s=waited_load_s,
+            waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)), paced=False, probed=True,
+        )
+
+    def execute_after_pacing(self, context, event: dict[str, Any] | None = None, **_: Any) -> dict:
+        """Resumed by PacingTrigger at the chunk's turn: re-probe (the load may have changed), then go."""
+        event = event or {}
+        carry = event.get("carry") or {}
+        return self._gate(
+            context, sample=None, waited_load_s=float(carry.get("waited_load_s", 0.0)),
+            waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)) + float(event.get("waited_s") or 0.0),
+            paced=True,
+        )
+
+    def _gate(self, context, *, sample, waited_load_s: float, waited_pacing_s: float, paced: bool, probed: bool = False):
+        import time
+
         from airflow_backfill_provider.chunks import Chunk
-        from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
+        from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.transfer import transfer_chunk
+        from airflow_backfill_provider.throttle import (
+            critical_message, decide, probe_source, reserve_destination_turn, wait_reason,
+        )
+        from airflow_backfill_provider.transfer import application_name
+        from airflow_backfill_provider.triggers.load import SourceLoadTrigger
+        from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
         spec = load_spec(self.spec)
         try:
             chunk = Chunk.from_descriptor(self.chunk)
         except PlanError as err:
             raise AirflowFailException(str(err)) from err
+        throttle = spec.throttle
+        appname = application_name(self.dag_id, chunk.chunk_id)
+
+        if not probed:
+            sample = self._probe(spec.source_conn_id, appname, probe_source)
+        if sample.hidden:
+            self.log.warning(
+                "%d source session(s) are hidden from the probe: grant pg_monitor to the source user so "
+                "the load threshold sees them", sample.hidden,
+            )
+        decision = decide(sample, throttle)
+        self.log.info("Source load: %s -> %s", sample.describe(), decision)
+        if decision == "critical":
+            raise AirflowFailException(critical_message(sample, throttle))
+        if decision == "wait":
+            self.log.info("Waiting (deferred, no worker slot) because %s", wait_reason(sample, throttle))
+            self.defer(
+                trigger=SourceLoadTrigger(
+                    conn_id=spec.source_conn_id,
+                    throttle=throttle.model_dump(mode="json"),
+                    started_at=time.time() - waited_load_s,  # max_wait counts all load waits of this try
+                    application_name=f"{appname}:probe",
+                    carry={"waited_pacing_s": waited_pacing_s},
+                ),
+                method_name="execute_after_wait",
+            )
+        if throttle.min_query_interval > 0 and not paced:
+            turn = reserve_destination_turn(
+                spec.destination_conn_id, throttle, key=self.pool or "default_pool", application_name=f"{appname}:pacing",
+            )
+            if turn.wait_s > 0:
+                self.log.info(
+                    "Pacing: slot %d of pool %s may query the source in %.1f s (deferred until then)",
+                    turn.slot, self.pool, turn.wait_s,
+                )
+                self.defer(
+                    trigger=PacingTrigger(
+                        at=time.time() + turn.wait_s,
+                        carry={"waited_load_s": waited_load_s, "waited_pacing_s": waited_pacing_s},
+                    ),
+                    method_name="execute_after_pacing",
+                )
+        return self._transfer(context, spec, chunk, sample, waited_load_s, waited_pacing_s)
+
+    def _probe(self, conn_id: str, appname: str, probe_source):
+        import psycopg2
+
+        from airflow_backfill_provider.compat import AirflowException
+
+        try:
+            return probe_source(conn_id, application_name=f"{appname}:probe")
+        except psycopg2.Error as err:  # unreachable or overloaded source: a retry may succeed
+            raise AirflowException(f"could not probe the source's load on {conn_id!r}: {str(err).strip()}") from err
+
+    def _transfer(self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float) -> dict:
+        from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.throttle import chunk_summary
+        from airflow_backfill_provider.transfer import transfer_chunk
+
         run_id = getattr(context.get("dag_run"), "run_id", None)
         try:
             result = transfer_chunk(spec, chunk, dag_id=self.dag_id, run_id=run_id)
@@ -53,6 +163,16 @@ class BackfillChunkOperator(BaseOperator):
             result.chunk_id, result.start, result.end, result.rows_extracted, result.inserted, result.updated,
             result.unchanged, result.seconds, result.rows_per_s,
         )
+        self.log.info(
+            "%s",
+            chunk_summary(
+                chunk_id=result.chunk_id, sample=sample, waited_load_s=waited_load_s,
+                waited_pacing_s=waited_pacing_s, rows=result.rows_extracted, seconds=result.seconds,
+            ),
+        )
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
+        out.update(
+            source_active=sample.active, waited_load_s=round(waited_load_s, 1), waited_pacing_s=round(waited_pacing_s, 1)
+        )
         return out

@@ -24,9 +24,6 @@ from typing import Any, AsyncIterator
 
 from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
 
-#: bound each probe: a source too busy to answer within this is a failed probe, not a hung trigger
-PROBE_TIMEOUT_S = 10
-
 
 class SourceLoadTrigger(BaseTrigger):
     """Fire when the source database's load is under the chunk's throttle thresholds.
@@ -38,6 +35,7 @@ class SourceLoadTrigger(BaseTrigger):
         across triggerer restarts and repeated deferrals.
     :param application_name: the probe session's name (``backfill:<dag_id>:<chunk_id>:probe``).
     :param exclude_application_prefix: sessions whose application_name starts with it are not counted.
+    :param carry: a small JSON dict echoed in the event, so the resumed task gets back what it knew.
     """
 
     def __init__(
@@ -48,6 +46,7 @@ class SourceLoadTrigger(BaseTrigger):
         started_at: float | None = None,
         application_name: str = "backfill:probe",
         exclude_application_prefix: str | None = "backfill:",
+        carry: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         _refuse_password_in_dsn(conn_id)
@@ -56,6 +55,7 @@ class SourceLoadTrigger(BaseTrigger):
         self.started_at = float(started_at if started_at is not None else time.time())
         self.application_name = application_name
         self.exclude_application_prefix = exclude_application_prefix
+        self.carry = dict(carry or {})
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -66,12 +66,13 @@ class SourceLoadTrigger(BaseTrigger):
                 "started_at": self.started_at,
                 "application_name": self.application_name,
                 "exclude_application_prefix": self.exclude_application_prefix,
+                "carry": self.carry,
             },
         )
 
     def _probe_once(self, kwargs: dict[str, Any]):
         from airflow_backfill_provider.connections import open_connection
-        from airflow_backfill_provider.throttle import probe_load
+        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
 
         kwargs = {"connect_timeout": PROBE_TIMEOUT_S, **kwargs}
         conn = open_connection(
@@ -88,6 +89,7 @@ class SourceLoadTrigger(BaseTrigger):
             "status": status,
             "sample": sample.to_dict() if sample is not None else None,
             "waited_s": round(time.time() - self.started_at, 3),
+            "carry": self.carry,
             **extra,
         }
         return TriggerEvent(payload)
