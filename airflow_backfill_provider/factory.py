@@ -31,8 +31,11 @@ Chunks of one **{gran}** (timezone `{tz}`), half-open `[start, end)`, loaded new
   and writes nothing; `reprocess` loads chunks again even if the ledger says they are done.
 * **Backfill command** over a range uses each run's data interval (one {gran} per run).
 * **Retry a chunk**: clear its failed mapped task instance (labelled by its date) in the grid.
+* **Deferred** (purple) chunks are waiting for the source's load to drop or for their pacing turn,
+  without holding a worker; a chunk that met critical load failed on purpose and is not retried.
 
-The pool must exist: `airflow pools set {pool} 4 "source slots for backfills"`.
+The pool must exist: `airflow pools set {pool} 4 "source slots for backfills" --include-deferred`
+(see docs/source-protection.md).
 """
 
 

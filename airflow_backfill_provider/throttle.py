@@ -36,6 +36,7 @@ import dataclasses
 import datetime as dt
 from typing import Any, Literal
 
+import psycopg2.extensions
 from psycopg2 import sql
 
 from airflow_backfill_provider.spec import TableName, ThrottleSpec
@@ -127,7 +128,7 @@ def probe_load(conn, *, exclude_application_prefix: str | None = OWN_APPLICATION
     Leaves the connection as it found it: a probe on a non-autocommit connection does not leave an
     ``idle in transaction`` session behind.
     """
-    was_idle = conn.autocommit or conn.info.transaction_status == 0  # TRANSACTION_STATUS_IDLE
+    was_idle = conn.autocommit or conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     with conn.cursor() as cur:
         # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
         cur.execute("SELECT pg_stat_clear_snapshot()")

@@ -20,6 +20,12 @@ class BackfillChunkOperator(BaseOperator):
 
     Map it with ``.partial(pool=...)`` (a classic operator honours it; ``@task`` would not).
 
+    Source protection (docs/source-protection.md): before reading, the chunk probes the source's
+    load; over ``throttle.critical_active`` it fails without retry, over ``max_active`` (or
+    ``max_replica_lag``) it defers to :class:`SourceLoadTrigger`, and with
+    ``throttle.min_query_interval`` it defers to :class:`PacingTrigger` until its turn. It never
+    waits inside a worker.
+
     :param spec: the backfill spec (dict or :class:`BackfillSpec`).
     :param chunk: a descriptor from the plan task: ``{"chunk_id", "start", "end"}``.
     """
