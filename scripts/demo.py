@@ -73,7 +73,7 @@ def main() -> int:
             raise SystemExit(f"`airflow {' '.join(cmd)}` failed (exit {proc.returncode}); full log: {path}")
 
     run("db", "migrate", log="db_migrate.log")
-    run("pools", "set", "backfill_source", "4", "source slots for backfills", log="pool.log")
+    run("pools", "set", "backfill_source", "4", "source slots for backfills", "--include-deferred", log="pool.log")
     print("airflow: metadata DB migrated, pool backfill_source (4 slots) created, connections set via AIRFLOW_CONN_*")
 
     start = "2023-01-01"
