@@ -33,16 +33,40 @@ def is_transient(err: BaseException) -> bool:
     return code in _TRANSIENT_CODES or code[:2] in _TRANSIENT_CLASSES
 
 
-def classify(err: BaseException, *, chunk_id: str) -> Exception:
-    """Wrap any failure of a chunk as Transient (retry) or Permanent (fail now), with a useful message."""
+def classify(
+    err: BaseException, *, chunk_id: str, source_conn=None, statement_timeout_s: float | None = None
+) -> Exception:
+    """Wrap any failure of a chunk as Transient (retry) or Permanent (fail now), with a useful message.
+
+    ``source_conn`` lets a timeout name its side: the source session is the one with statement_timeout.
+    """
     if isinstance(err, (TransientChunkError, PermanentChunkError)):
         return err
     code = getattr(err, "pgcode", None)
     detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if code == "57014" and "statement timeout" in detail and _raised_by(err, source_conn):
+        limit = f" ({statement_timeout_s:g} s)" if statement_timeout_s is not None else ""
+        return TransientChunkError(
+            f"chunk {chunk_id}: statement_timeout{limit} hit on the source (SQLSTATE 57014), will be retried: "
+            "the chunk's query ran longer than the spec's statement_timeout_s; if it keeps failing, use a "
+            "smaller granularity, index the time column, or raise statement_timeout_s"
+        )
     if is_transient(err):
-        return TransientChunkError(f"chunk {chunk_id}: transient error (SQLSTATE {code}), will be retried: {detail}")
+        hint = ""
+        if code == "55P03":
+            hint = " (lock_timeout: another session, e.g. live ingest or a second run of this chunk, holds the lock)"
+        side = " on the source" if _raised_by(err, source_conn) else ""
+        return TransientChunkError(
+            f"chunk {chunk_id}: transient error{side} (SQLSTATE {code}), will be retried: {detail}{hint}"
+        )
     hint = _HINTS.get(code or "", "")
     if code and code.startswith("22"):
         hint = "a value does not fit the destination column type (cast failed)"
     msg = f"chunk {chunk_id}: permanent error (SQLSTATE {code}): {detail}"
     return PermanentChunkError(f"{msg}; {hint}" if hint else msg)
+
+
+def _raised_by(err: BaseException, conn) -> bool:
+    """True if a psycopg2 error came from a cursor of ``conn``."""
+    cursor = getattr(err, "cursor", None)
+    return conn is not None and cursor is not None and cursor.connection is conn

@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import psycopg2
+
 from airflow_backfill_provider import ledger, schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
@@ -90,12 +92,17 @@ class _Writer(threading.Thread):
         self.rows = -1
 
     def run(self):
+        out = os.fdopen(self.fd, "wb", buffering=_PIPE_BUFFER)
         try:
-            with os.fdopen(self.fd, "wb", buffering=_PIPE_BUFFER) as out:
-                self.cursor.copy_expert(self.statement, out, size=_PIPE_BUFFER)
+            self.cursor.copy_expert(self.statement, out, size=_PIPE_BUFFER)
             self.rows = self.cursor.rowcount
         except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
-            self.error = err
+            self.error = err  # recorded BEFORE the pipe closes: the reader's EOF never outruns the error
+        finally:
+            try:
+                out.close()
+            except BaseException as err:  # noqa: BLE001 - e.g. EPIPE when the reader is gone
+                self.error = self.error or err
 
 
 def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]:
@@ -106,13 +113,18 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
     reader = os.fdopen(r, "rb", buffering=_PIPE_BUFFER)
     try:
         dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
-    except BaseException:
+    except BaseException as err:
+        # If the source failed first (e.g. statement_timeout before the first row), the destination only
+        # saw a cut stream ("COPY file signature not recognized"): the source's error is the real one.
+        source_failed_first = writer.error is not None
         reader.close()  # writer then fails with EPIPE instead of blocking forever
         try:
             src_conn.cancel()
         except Exception:  # noqa: BLE001 - best effort; the connection is closed by the caller
             pass
         writer.join(timeout=30)
+        if source_failed_first:
+            raise writer.error from err
         raise
     reader.close()
     writer.join()
@@ -152,9 +164,10 @@ def transfer_chunk(
             lock_timeout_s=spec.lock_timeout_s,
         )
         dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
+        # pre-flight (catalog reads only) before the first write, the ledger DDL: a bad spec writes nothing
+        src_table, plan = prepare(spec, src_conn, dst_conn, chunk)
         ledger_table = TableName.parse(spec.ledger_table)
         ledger.ensure_table(dst_conn, ledger_table)
-        src_table, plan = prepare(spec, src_conn, dst_conn, chunk)
         target = spec.staging_target
         select = q.chunk_select(src_table, plan.select_exprs, spec.time_column, chunk.start, chunk.end)
         with dst_conn.cursor() as cur:
@@ -181,7 +194,10 @@ def transfer_chunk(
                 end=chunk.end, stats=stats, dag_id=dag_id, run_id=run_id,
             )
         dst_conn.commit()
-        src_conn.rollback()  # read-only transaction: nothing to keep
+        try:
+            src_conn.rollback()  # read-only transaction: nothing to keep
+        except psycopg2.Error:  # the chunk is committed; a source gone now changes nothing
+            pass
         return ChunkResult(
             chunk_id=chunk.chunk_id, start=chunk.start.isoformat(), end=chunk.end.isoformat(),
             rows_extracted=staged, inserted=inserted, updated=updated, unchanged=staged - inserted - updated,
@@ -195,7 +211,9 @@ def transfer_chunk(
                 pass
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        raise classify(err, chunk_id=chunk.chunk_id) from err
+        raise classify(
+            err, chunk_id=chunk.chunk_id, source_conn=src_conn, statement_timeout_s=spec.statement_timeout_s
+        ) from err
     finally:
         for conn in (src_conn, dst_conn):
             if conn is not None and not conn.closed:
