@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator, run_type_of
-from airflow_backfill_provider.exceptions import BackfillError
+from airflow_backfill_provider.exceptions import BackfillError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, load_spec
 
 
@@ -43,14 +43,16 @@ class PlanBackfillOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context) -> list[dict[str, str]]:
+        from airflow_backfill_provider.checks import null_time_rows
         from airflow_backfill_provider.connections import connect
         from airflow_backfill_provider.planning import build_plan, resolve_range
         from airflow_backfill_provider.schema import time_column_indexed
         from airflow_backfill_provider.transfer import prepare
 
         spec = load_spec(self.spec)
-        dry_run = _truthy(self.dry_run)
         try:
+            dry_run = _truthy(self.dry_run, what="dry_run")
+            reprocess = _truthy(self.reprocess, what="reprocess")
             start, end = resolve_range(
                 spec,
                 param_start=_blank_to_none(self.start),
@@ -67,19 +69,24 @@ class PlanBackfillOperator(BaseOperator):
             try:
                 plan = build_plan(
                     spec, start, end, granularity=_blank_to_none(self.granularity),
-                    reprocess=_truthy(self.reprocess), dst_conn=dst,
+                    reprocess=reprocess, dst_conn=dst,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
                 for chunk in _one_per_source(spec, plan.chunks):
                     src_table, cplan = prepare(spec, src, dst, chunk)
                     for decision in cplan.decisions:
                         self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
-                    if not time_column_indexed(src, src_table, spec.time_column):
+                    indexed = time_column_indexed(src, src_table, spec.time_column)
+                    if not indexed:
                         self.log.warning(
                             "Source %s has no index leading on %s: every chunk will scan the whole table. "
                             "Ask the source's owner for an index on it, or use a coarser granularity.",
                             src_table, spec.time_column,
                         )
+                    # without an index an exact count would scan the table: use the planner's estimate
+                    warning = null_time_rows(src, src_table, spec.time_column, exact=indexed).message
+                    if warning:
+                        self.log.warning("%s", warning)
             finally:
                 dst.close()
                 src.close()
@@ -120,7 +127,15 @@ def _blank_to_none(value):
     return None if text in ("", "None", "null") else text
 
 
-def _truthy(value) -> bool:
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "", "none")
+
+
+def _truthy(value, *, what: str) -> bool:
+    """A boolean param; anything unrecognised is refused (a typo in dry_run must not mean 'write')."""
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() in ("true", "1", "yes", "on")
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise PlanError(f"param {what}={value!r} is not a boolean; use true or false")
