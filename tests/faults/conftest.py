@@ -30,7 +30,23 @@ from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 from tests.conftest import REPO
 
-PG_BIN = Path(os.environ.get("BACKFILL_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _pg_bin() -> Path:
+    """Where initdb/pg_ctl live: $BACKFILL_TEST_PG_BIN, the newest Debian install, or pg_config --bindir."""
+    if os.environ.get("BACKFILL_TEST_PG_BIN"):
+        return Path(os.environ["BACKFILL_TEST_PG_BIN"])
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if debian:
+        return debian[-1].parent
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return Path(out.stdout.strip())
+    return Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 RUN_CHUNK = Path(__file__).with_name("run_chunk.py")
 DAY1, DAY2 = plan_chunks("2024-01-01", "2024-01-03", "day", "UTC")
 BIG_DAY1_ROWS, BIG_DAY2_ROWS = 300_000, 3_000
@@ -255,11 +271,13 @@ class PrivateServer:
 def private_pg():
     if not (PG_BIN / "initdb").exists():
         pytest.skip(f"no initdb in {PG_BIN} (set BACKFILL_TEST_PG_BIN): cannot start a private server to restart")
-    server = PrivateServer()
+    server = None
     try:
+        server = PrivateServer()
         server.start()
-    except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
-        server.stop()
+    except (RuntimeError, LookupError, subprocess.TimeoutExpired, OSError) as err:
+        if server is not None:
+            server.stop()
         pytest.skip(f"cannot start a private PostgreSQL server for the restart test: {err}")
     yield server
     server.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -138,10 +139,11 @@ def test_control_without_the_writer_check_a_truncated_stream_would_commit(big_wo
         self.error, self.rows = None, -1  # a naive pipe: ignores how the source side ended
 
     monkeypatch.setattr(transfer._Writer, "run", forgetful_run)
-    outcome = _run_with_source_terminated(spec, inv)
-    assert not isinstance(outcome, Exception), f"the naive pipe failed anyway: {outcome!r}"
-    assert 0 < outcome.rows_extracted < BIG_DAY1_ROWS  # committed a partial chunk, ledger says 'done'
-    assert inv.ledger_rows(DAY1)[0][3] == outcome.rows_extracted
+    _run_with_source_terminated(spec, inv)
+    # it committed a partial chunk, and the ledger says the chunk is done: a silent, permanent loss
+    ledger = inv.ledger_rows(DAY1)
+    assert len(ledger) == 1 and 0 < ledger[0][3] < BIG_DAY1_ROWS, ledger
+    assert 0 < digest(inv.dst, DAY1.start, DAY1.end)[0] < BIG_DAY1_ROWS
 
 
 # 3 ---------------------------------------------------------------------------------------------------------
@@ -292,8 +294,6 @@ def _waiting_on_advisory_lock(url, appname) -> int:
 
 
 def _wait_until(predicate, what: str, timeout: float = 60) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
