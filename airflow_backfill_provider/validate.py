@@ -27,10 +27,12 @@ from decimal import Decimal
 import pendulum
 from psycopg2 import sql
 
+from airflow_backfill_provider import schema
 from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
 from airflow_backfill_provider.connections import connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
+from airflow_backfill_provider.transfer import source_for
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class ValidationReport:
             "worst_diff": round(worst.worst_diff, 6) if worst else 0.0,
             "failed_days": failed[:XCOM_MAX_DAYS],
             "failed_days_more": max(0, len(failed) - XCOM_MAX_DAYS),
+            "schema_decisions": self.notes[:XCOM_MAX_DAYS],
         }
 
     def format_table(self, max_lines: int = TABLE_MAX_LINES) -> str:
@@ -145,7 +148,8 @@ class ValidationReport:
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
         # numbers right-aligned, day/status left-aligned
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-        lines = [head, fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+        lines = [head, *(f"  source read: {n}" for n in self.notes)]
+        lines += [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
         rest = ranked[max_lines:]
         if rest:
             kinds = ", ".join(f"{n} {s}" for s in (FAIL, WARN, PASS) if (n := sum(1 for d in rest if d.status == s)))
@@ -182,29 +186,8 @@ def classify(diff: float, warn: float, fail: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# catalog and SQL
+# SQL
 # ----------------------------------------------------------------------------------------------
-_COLUMNS = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-FROM pg_attribute a
-WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
-"""
-
-
-def column_types(conn, table: TableName, *, side: str, what: str) -> dict[str, str]:
-    """name -> destination-catalog type text (``format_type``), for one table; errors name the table."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table.parts).as_string(conn),))
-        if cur.fetchone()[0] is None:
-            raise PermanentChunkError(
-                f"{side} table {str(table)!r} does not exist in database "
-                f"{conn.get_dsn_parameters().get('dbname')!r}; check {what} in the spec"
-            )
-        cur.execute(_COLUMNS, (sql.Identifier(*table.parts).as_string(conn),))
-        return dict(cur.fetchall())
-
-
 @dataclass(frozen=True)
 class SideQuery:
     """How one side is read for a segment of the range: table, time filter, day and sum expressions."""
@@ -235,70 +218,46 @@ def per_day_sql(side: SideQuery) -> sql.Composed:
     )
 
 
-def source_for_start(spec: BackfillSpec, start: pendulum.DateTime) -> tuple[TableName, dict[str, str]]:
-    """Historical mode: the first range whose ``until`` is after ``start`` names the table/expressions.
+def source_query(spec: BackfillSpec, dest_cols: list[schema.Column], src_cols: list[schema.Column],
+                 table: TableName, expressions: dict[str, str], notes: list[str]) -> SideQuery:
+    """Source side, exactly as the transfer selects it: :func:`schema.plan_columns` builds both.
 
-    Mirrors the transfer (chunks are split at every ``until``, so a chunk lies in exactly one range).
+    So a historical table, a spec-author expression, a column missing in the source (``NULL``) and the
+    cast to the destination type are the same here as in the chunk's ``COPY (SELECT ...)``.
     """
-    for rng in spec.historical:
-        if start < to_datetime(rng.until, spec.timezone, what="historical.until"):
-            table = TableName.parse(rng.source_table) if rng.source_table else spec.source
-            return table, dict(rng.column_expressions)
-    return spec.source, {}
-
-
-def _typed(expr: sql.Composable, type_sql: str) -> sql.Composed:
-    # the type text comes from the destination's own catalog (format_type), never from user input
-    return sql.SQL("({e})::{t}").format(e=expr, t=sql.SQL(type_sql))
-
-
-def source_query(
-    spec: BackfillSpec,
-    dest_types: dict[str, str],
-    src_types: dict[str, str],
-    table: TableName,
-    expressions: dict[str, str],
-    notes: list[str],
-) -> SideQuery:
-    """Source side, cast to destination types, exactly as the transfer selects it.
-
-    ``expressions`` are trusted SQL written by the spec author (historical mode); never DAG params.
-    A sum column missing in the source is NULL there (current-schema mode), as the transfer loads it.
-    """
-
-    def value(col: str) -> sql.Composable:
-        if col in expressions:
-            return _typed(sql.SQL(expressions[col]), dest_types[col])
-        if col in src_types:
-            return _typed(sql.Identifier(col), dest_types[col])
-        _note(notes, f"{table}: column {col!r} is not in the source; it is loaded as NULL and compared as NULL")
-        return sql.SQL("NULL::{t}").format(t=sql.SQL(dest_types[col]))
-
-    t = spec.time_column
-    if t not in expressions and t not in src_types:
+    plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    not_loaded = [c for c in spec.validation.sum_columns if c not in plan.columns]
+    if not_loaded:
         raise PermanentChunkError(
-            f"source table {str(table)!r} has no time column {t!r} and the spec gives no expression for it "
-            f"(historical.column_expressions); its columns are {sorted(src_types)}"
+            f"validation.sum_columns {not_loaded} are not loaded by the backfill (spec.columns is "
+            f"{plan.columns}); add them to columns or remove them from validation.sum_columns"
         )
-    time_filter = sql.SQL("({e})").format(e=sql.SQL(expressions[t])) if t in expressions else sql.Identifier(t)
-    for col, expr in expressions.items():
-        _note(notes, f"{table}: {col} read as ({expr})")
+    for decision in plan.decisions:
+        _note(notes, f"{table}: {decision}")
+    time_type = next(c.type_sql for c in dest_cols if c.name == spec.time_column)
     return SideQuery(
         table=table,
-        time_filter=time_filter,
-        time_value=value(t),
-        time_type=dest_types[t],
-        sums=tuple(value(c) for c in spec.validation.sum_columns),
+        time_filter=plan.time_filter,
+        time_value=plan.expr_for(spec.time_column),
+        time_type=time_type,
+        sums=tuple(plan.expr_for(c) for c in spec.validation.sum_columns),
     )
 
 
-def destination_query(spec: BackfillSpec, table: TableName, dest_types: dict[str, str]) -> SideQuery:
+def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[schema.Column]) -> SideQuery:
+    names = {c.name: c.type_sql for c in dest_cols}
+    missing = [c for c in [spec.time_column, *spec.validation.sum_columns] if c not in names]
+    if missing:
+        raise PermanentChunkError(
+            f"destination table {str(table)!r} has no column(s) {missing} (time_column / validation.sum_columns); "
+            f"its columns are {sorted(names)}"
+        )
     t = spec.time_column
     return SideQuery(
         table=table,
         time_filter=sql.Identifier(t),
         time_value=sql.Identifier(t),
-        time_type=dest_types[t],
+        time_type=names[t],
         sums=tuple(sql.Identifier(c) for c in spec.validation.sum_columns),
     )
 
@@ -306,15 +265,6 @@ def destination_query(spec: BackfillSpec, table: TableName, dest_types: dict[str
 def _note(notes: list[str], text: str) -> None:
     if text not in notes:
         notes.append(text)
-
-
-def check_columns(spec: BackfillSpec, dest_types: dict[str, str], table: TableName) -> None:
-    missing = [c for c in [spec.time_column, *spec.validation.sum_columns] if c not in dest_types]
-    if missing:
-        raise PermanentChunkError(
-            f"destination table {str(table)!r} has no column(s) {missing} (time_column / validation.sum_columns); "
-            f"its columns are {sorted(dest_types)}"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,19 +341,17 @@ def validate_range(
             destination or spec.destination_conn_id, application_name=appname,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
-        dest_types = column_types(dst_conn, target, side="destination", what="destination_table")
-        check_columns(spec, dest_types, target)
-        dst_side = destination_query(spec, target, dest_types)
-        src_types_cache: dict[TableName, dict[str, str]] = {}
+        dest_cols = schema.table_columns(dst_conn, target, side="destination")
+        dst_side = destination_query(spec, target, dest_cols)
+        src_cols_cache: dict[TableName, list[schema.Column]] = {}
         src_tally: Tally = {}
         dst_tally: Tally = {}
         pause = spec.throttle.min_query_interval
         for i, seg in enumerate(segments(spec, lo, hi)):
-            table, expressions = source_for_start(spec, seg.start)
-            if table not in src_types_cache:
-                what = "historical.source_table" if table != spec.source else "source_table"
-                src_types_cache[table] = column_types(src_conn, table, side="source", what=what)
-            src_side = source_query(spec, dest_types, src_types_cache[table], table, expressions, notes)
+            table, expressions = source_for(spec, seg)  # the transfer's own choice of table/expressions
+            if table not in src_cols_cache:
+                src_cols_cache[table] = schema.table_columns(src_conn, table, side="source")
+            src_side = source_query(spec, dest_cols, src_cols_cache[table], table, expressions, notes)
             params = {"lo": seg.start, "hi": seg.end, "tz": spec.timezone}
             if i and pause:
                 time.sleep(pause)  # pacing: the same lever the chunks use
