@@ -38,7 +38,8 @@ class CastFailure:
     def describe(self, chunk_id: str, key_columns: list[str]) -> str:
         keys = ", ".join(key_columns)
         if self.column is None:
-            where = f"the row after key ({keys})={self.key}" if self.key else "the first row"
+            # rows come in scan order; the failing row itself cannot be read, its predecessor can
+            where = f"the row after key ({keys})={self.key} (scan order)" if self.key else "the first row read"
             return (
                 f"chunk {chunk_id}: a historical column expression failed at {where}: {self.error} "
                 f"(SQLSTATE {self.sqlstate}). Nothing was loaded for this chunk; fix the expression in "
@@ -76,12 +77,17 @@ def check_block(
         )
         for i in checked
     ]
+    # OPEN/FETCH, not FOR: a FOR loop prefetches rows, so an expression failing in row n would surface
+    # before the loop has seen rows n-10..n-1; FETCH evaluates exactly one row at a time.
     body = sql.SQL(
-        "DECLARE r record; k text; col text; val text; {declares}\n"
+        "DECLARE c refcursor; r record; k text; col text; val text; {declares}\n"
         "BEGIN\n"
-        "  FOR r IN {rows} LOOP\n"
+        "  OPEN c NO SCROLL FOR {rows};\n"
+        "  LOOP\n"
+        "    FETCH c INTO r;\n"  # a failure here is a historical expression's (k: the previous row)
+        "    EXIT WHEN NOT FOUND;\n"
         "    k := r._key; {steps}\n"
-        "    col := NULL; val := NULL;\n"  # a failure while fetching the next row is an expression's
+        "    col := NULL; val := NULL;\n"
         "  END LOOP;\n"
         "EXCEPTION WHEN data_exception THEN\n"
         "  RAISE EXCEPTION USING MESSAGE = {mark}, DETAIL = json_build_object(\n"

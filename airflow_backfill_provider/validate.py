@@ -99,7 +99,7 @@ class ValidationReport:
 
     def totals(self) -> dict:
         """Small JSON-safe dict for XCom and the summary row."""
-        worst = self.worst
+        worst = self.worst if self.worst and self.worst.worst_diff > 0 else None  # no "worst" of equal days
         sums = {}
         for col in self.sum_columns:
             s = sum((d.sums[col][0] or 0 for d in self.days), Decimal(0))

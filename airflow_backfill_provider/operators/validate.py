@@ -73,7 +73,8 @@ class ValidateBackfillOperator(BaseOperator):
                 f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
                 f"({totals['worst_metric']} off by {totals['worst_diff']:.2%}); failed days: "
                 f"{', '.join(totals['failed_days'])}{' ...' if totals['failed_days_more'] else ''}. "
-                "Reload those days with reprocess=true, or look for rows changed in the source since."
+                "Reload those days (trigger with start/end around them and reprocess=true); if the destination "
+                "has rows the source no longer has, look for deletes in the source since the load."
             )
             raise AirflowFailException(str(err)) from err
         if report.status == WARN:
