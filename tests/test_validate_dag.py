@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_drift import DESTINATION, HISTORICAL, SOURCE
+from tests.test_drift import DESTINATION, HISTORICAL, SOURCE
 
 pytestmark = pytest.mark.e2e
 
