@@ -123,7 +123,6 @@ class ValidationReport:
             "worst_diff": round(worst.worst_diff, 6) if worst else 0.0,
             "failed_days": failed[:XCOM_MAX_DAYS],
             "failed_days_more": max(0, len(failed) - XCOM_MAX_DAYS),
-            "schema_decisions": self.notes[:XCOM_MAX_DAYS],
         }
 
     def format_table(self, max_lines: int = TABLE_MAX_LINES) -> str:
@@ -424,6 +423,16 @@ def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: s
                        %(worst_day)s, %(worst_metric)s, %(worst_diff)s, %(status)s, %(totals)s)"""
             ).format(t=sql.Identifier(*table.parts)),
             {**t, "dag_id": dag_id, "run_id": run_id, "range_start": report.range_start,
-             "range_end": report.range_end, "totals": json.dumps(t)},
+             "range_end": report.range_end,
+             # the row keeps what the XCom leaves out: how the source was read, and every non-passing day
+             "totals": json.dumps({
+                 **t,
+                 "schema_decisions": report.notes,
+                 "days_not_passing": [
+                     {"day": d.day.isoformat(), "status": d.status, "source_rows": d.source_rows,
+                      "destination_rows": d.destination_rows, "diffs": d.diffs}
+                     for d in report.ranked() if d.status != PASS
+                 ][:1000],
+             })},
         )
     conn.commit()

@@ -217,3 +217,17 @@ def test_validation_names_a_missing_historical_source_table(dbs, pg):
     spec = make_spec(historical=[{"until": "2021-06-01", "source_table": "public.orders_2020"}])
     with pytest.raises(PermanentChunkError, match=r"source table 'public.orders_2020' does not exist"):
         validate_range(spec, pendulum.datetime(2021, 5, 30), pendulum.datetime(2021, 6, 2), source=src, destination=dst)
+
+
+def test_documented_drift_config_is_the_tested_one():
+    """docs/drift-and-validation.md shows docs/examples/orders_drift.yaml verbatim; it is this file's HISTORICAL."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "examples" / "orders_drift.yaml").read_text()
+    assert text.strip() in (root / "docs" / "drift-and-validation.md").read_text()
+    spec = load_spec(yaml.safe_load(text))
+    assert spec.historical == make_spec(historical=HISTORICAL).historical
+    assert spec.validation.sum_columns == ["amount"]

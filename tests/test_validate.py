@@ -112,6 +112,11 @@ def test_missing_day_in_destination_is_caught_and_named(copied, pg):
     table = report.format_table().splitlines()
     first = table[3]  # header line, column names, dashes, then worst day first
     assert first.startswith("2024-01-04") and "FAIL" in first and "100.00%" in first
+    with pg(dst).cursor() as cur:  # the stored row names the day too, for a dashboard
+        cur.execute("SELECT status, worst_day::text, totals->'days_not_passing' FROM public.backfill_validation")
+        status, worst_day, not_passing = cur.fetchone()
+    assert (status, worst_day) == ("fail", "2024-01-04")
+    assert [(d["day"], d["source_rows"], d["destination_rows"]) for d in not_passing] == [("2024-01-04", 24, 0)]
 
 
 def test_corrupted_sum_is_caught_and_named(copied, pg):
