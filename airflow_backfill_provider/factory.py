@@ -19,6 +19,7 @@ from airflow_backfill_provider.compat import (
 )
 from airflow_backfill_provider.operators.chunk import MAP_INDEX_TEMPLATE, BackfillChunkOperator
 from airflow_backfill_provider.operators.plan import PlanBackfillOperator
+from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
 from airflow_backfill_provider.spec import BackfillSpec, load_spec
 
 DOC = """\
@@ -60,7 +61,7 @@ def backfill_params(spec: BackfillSpec) -> dict[str, Any]:
 
 
 def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -> DAG:
-    """Build the backfill DAG for one spec: ``plan >> load_chunk[mapped]``.
+    """Build the backfill DAG for one spec: ``plan >> load_chunk[mapped] >> validate``.
 
     Extra keyword arguments go to ``DAG(...)`` (e.g. ``max_active_runs``, ``default_args``).
     """
@@ -84,7 +85,7 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
     defaults.update(dag_kwargs)
     with DAG(**defaults) as dag:
         plan = PlanBackfillOperator(task_id="plan", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=10))
-        BackfillChunkOperator.partial(
+        load = BackfillChunkOperator.partial(
             task_id="load_chunk",
             spec=spec_dict,
             pool=spec.pool,
@@ -94,4 +95,9 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
             max_retry_delay=dt.timedelta(minutes=30),
             map_index_template=MAP_INDEX_TEMPLATE,
         ).expand(chunk=plan.output)
+        if spec.validation.enabled:
+            # runs when every chunk succeeded; skipped with them on a dry run (no chunks)
+            load >> ValidateBackfillOperator(
+                task_id="validate", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=30)
+            )
     return dag

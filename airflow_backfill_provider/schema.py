@@ -24,11 +24,23 @@ class Column:
 
 @dataclass
 class ColumnPlan:
-    """What one chunk selects from the source, per destination column, and why."""
+    """What one chunk selects from the source, per destination column, and why.
+
+    ``raw_exprs[i]`` is what is read from the source for ``columns[i]`` before the cast (None for a
+    column loaded as NULL) and ``types[i]`` its destination type; the cast-failure check uses both.
+    ``time_filter`` is what the chunk's ``[start, end)`` is compared with on the source.
+    """
 
     columns: list[str]
     select_exprs: list[sql.Composable]
     decisions: list[str] = field(default_factory=list)
+    raw_exprs: list[sql.Composable | None] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
+    time_filter: sql.Composable | None = None
+
+    def expr_for(self, column: str) -> sql.Composable:
+        """The select expression (cast to the destination type) of one destination column."""
+        return self.select_exprs[self.columns.index(column)]
 
 
 _FIND_TABLE = """
@@ -120,24 +132,54 @@ def plan_columns(
                 f"source table {spec.source_table!r} has no column {required!r} (needed as time/key column); "
                 f"its columns are {sorted(src_names)}"
             )
+    src_types = {c.name: c.type_sql for c in src_cols}
     exprs: list[sql.Composable] = []
+    raws: list[sql.Composable | None] = []
     decisions: list[str] = []
     for name in wanted:
         col = by_name[name]
-        type_sql = sql.SQL(col.type_sql)  # from the destination catalog, not from user input
+        type_sql = sql.SQL(cast_type(col.type_sql))  # from the destination catalog, not from user input
         if name in expressions:
             # trusted spec-author SQL (historical mode); wrapped so operator precedence cannot leak
-            exprs.append(sql.SQL("({e})::{t}").format(e=sql.SQL(expressions[name]), t=type_sql))
+            raw = sql.SQL("({e})").format(e=sql.SQL(expressions[name]))
+            exprs.append(sql.SQL("{r}::{t}").format(r=raw, t=type_sql))
             decisions.append(f"{name}: expression ({expressions[name]}) cast to {col.type_sql}")
         elif name in src_names:
-            exprs.append(sql.SQL("{c}::{t}").format(c=sql.Identifier(name), t=type_sql))
+            raw = sql.Identifier(name)
+            exprs.append(sql.SQL("{c}::{t}").format(c=raw, t=type_sql))
+            if src_types[name] != col.type_sql:
+                decisions.append(f"{name}: source type {src_types[name]} cast to {col.type_sql}")
         else:
+            raw = None
             exprs.append(sql.SQL("NULL::{t}").format(t=type_sql))
             decisions.append(f"{name}: missing in source, loaded as NULL::{col.type_sql}")
+        raws.append(raw)
     ignored = sorted(src_names - set(by_name))
     if ignored:
         decisions.append(f"source-only columns ignored: {ignored}")
-    return ColumnPlan(columns=list(wanted), select_exprs=exprs, decisions=decisions)
+    t = spec.time_column
+    # a historical expression for the time column is also what the chunk range is compared with
+    time_filter = sql.SQL("({e})").format(e=sql.SQL(expressions[t])) if t in expressions else sql.Identifier(t)
+    return ColumnPlan(
+        columns=list(wanted), select_exprs=exprs, decisions=decisions, raw_exprs=raws,
+        types=[by_name[n].type_sql for n in wanted], time_filter=time_filter,
+    )
+
+
+_LENGTH_TYPES = {"character varying": "character varying", "character": "bpchar", "bit varying": "bit varying"}
+
+
+def cast_type(type_sql: str) -> str:
+    """The type the source query casts to: the destination type, minus a length limit.
+
+    An explicit cast to ``varchar(n)``/``char(n)``/``varbit(n)`` silently truncates (SQL standard); without
+    the limit in the cast, the destination's COPY checks the length and a too-long value fails the chunk
+    instead of being cut. The wire format is the same, so binary COPY still lines up.
+    """
+    base, paren, _ = type_sql.partition("(")
+    if paren and base in _LENGTH_TYPES and not type_sql.endswith("[]"):
+        return _LENGTH_TYPES[base]
+    return type_sql
 
 
 _LEADING_INDEX = """

@@ -126,6 +126,29 @@ class HistoricalRange(_Strict):
     source_table: str | None = None
     column_expressions: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("source_table")
+    @classmethod
+    def _table(cls, v: str | None) -> str | None:
+        if v is not None:
+            TableName.parse(v)
+        return v
+
+    @field_validator("column_expressions")
+    @classmethod
+    def _expressions(cls, v: dict[str, str]) -> dict[str, str]:
+        # Trusted SQL, but one expression must stay one expression: a ';' would end the statement and a
+        # comment would swallow the chunk's WHERE clause (every chunk would read the whole table).
+        for column, expr in v.items():
+            if not isinstance(expr, str) or not expr.strip():
+                raise ValueError(f"column_expressions[{column!r}] must be a non-empty SQL expression")
+            bad = [tok for tok in (";", "--", "/*") if tok in expr]
+            if bad:
+                raise ValueError(
+                    f"column_expressions[{column!r}] = {expr!r} contains {bad}: write one SQL expression, "
+                    "without ';' or comments (put comments in the YAML with #)"
+                )
+        return v
+
 
 class BackfillSpec(_Strict):
     """Everything needed to backfill one table. Build with :func:`load_spec` for readable errors."""

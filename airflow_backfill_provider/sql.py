@@ -26,16 +26,17 @@ def cols(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
 
 
 def chunk_select(
-    source: TableName, select_exprs: Sequence[sql.Composable], time_column: str, start, end
+    source: TableName, select_exprs: Sequence[sql.Composable], time_column: str | sql.Composable, start, end
 ) -> sql.Composed:
     """``SELECT <exprs> FROM source WHERE t >= start AND t < end``: half-open, values as literals.
 
+    ``time_column`` is a column name, or (historical mode) the spec author's expression for it.
     Literals, not parameters: COPY cannot take bind parameters. ``sql.Literal`` quotes datetimes safely.
     """
     return sql.SQL("SELECT {exprs} FROM {src} WHERE {t} >= {lo} AND {t} < {hi}").format(
         exprs=sql.SQL(", ").join(select_exprs),
         src=ident(source),
-        t=sql.Identifier(time_column),
+        t=sql.Identifier(time_column) if isinstance(time_column, str) else time_column,
         lo=sql.Literal(start),
         hi=sql.Literal(end),
     )

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg2
 
-from airflow_backfill_provider import ledger, schema
+from airflow_backfill_provider import castcheck, ledger, schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import connect
 from airflow_backfill_provider.errors import classify
-from airflow_backfill_provider.exceptions import TransientChunkError
+from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,23 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
     return writer.rows, written
 
 
+def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
+    """Name the column, row and value behind a data error (SQLSTATE 22xxx); None if not found."""
+    conn = None
+    try:
+        conn = connect(
+            source or spec.source_conn_id, application_name=f"{appname}:castcheck", readonly=True,
+            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+        )
+        return castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, chunk.start, chunk.end)
+    except Exception:  # noqa: BLE001 - diagnosis is best effort; the original error is raised anyway
+        log.warning("chunk %s: could not locate the value behind the data error", chunk.chunk_id, exc_info=True)
+        return None
+    finally:
+        if conn is not None and not conn.closed:
+            conn.close()
+
+
 def transfer_chunk(
     spec: BackfillSpec,
     chunk: Chunk,
@@ -155,6 +172,7 @@ def transfer_chunk(
     appname = application_name(dag_id, chunk.chunk_id)
     t0 = time.monotonic()
     src_conn = dst_conn = None
+    src_table = plan = None
     try:
         src_conn = connect(
             source or spec.source_conn_id,
@@ -169,7 +187,7 @@ def transfer_chunk(
         ledger_table = TableName.parse(spec.ledger_table)
         ledger.ensure_table(dst_conn, ledger_table)
         target = spec.staging_target
-        select = q.chunk_select(src_table, plan.select_exprs, spec.time_column, chunk.start, chunk.end)
+        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, chunk.start, chunk.end)
         with dst_conn.cursor() as cur:
             cur.execute(q.advisory_xact_lock(), (f"{target}|{chunk.start.isoformat()}|{chunk.end.isoformat()}",))
             cur.execute(q.create_staging(_STAGE, target, plan.columns))
@@ -211,6 +229,10 @@ def transfer_chunk(
                 pass
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
+        if plan is not None and str(getattr(err, "pgcode", "") or "").startswith("22"):
+            found = _explain_cast_failure(spec, chunk, source, appname, src_table, plan)
+            if found is not None:
+                raise PermanentChunkError(found.describe(chunk.chunk_id, spec.key_columns)) from err
         raise classify(
             err, chunk_id=chunk.chunk_id, source_conn=src_conn, statement_timeout_s=spec.statement_timeout_s
         ) from err

@@ -76,15 +76,17 @@ class PlanBackfillOperator(BaseOperator):
                     src_table, cplan = prepare(spec, src, dst, chunk)
                     for decision in cplan.decisions:
                         self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
-                    indexed = time_column_indexed(src, src_table, spec.time_column)
+                    # historical mode may filter on another column (e.g. created_at: "created")
+                    time_col = _time_filter_column(spec, chunk)
+                    indexed = time_column_indexed(src, src_table, time_col)
                     if not indexed:
                         self.log.warning(
                             "Source %s has no index leading on %s: every chunk will scan the whole table. "
                             "Ask the source's owner for an index on it, or use a coarser granularity.",
-                            src_table, spec.time_column,
+                            src_table, time_col,
                         )
                     # without an index an exact count would scan the table: use the planner's estimate
-                    warning = null_time_rows(src, src_table, spec.time_column, exact=indexed).message
+                    warning = null_time_rows(src, src_table, time_col, exact=indexed).message
                     if warning:
                         self.log.warning("%s", warning)
             finally:
@@ -118,6 +120,17 @@ def _one_per_source(spec: BackfillSpec, chunks):
         if key not in seen:
             seen.add(key)
             yield chunk
+
+
+def _time_filter_column(spec: BackfillSpec, chunk) -> str:
+    """The source column the chunk filter compares: the time column, or a historical bare-column alias."""
+    from airflow_backfill_provider.transfer import source_for
+
+    expr = source_for(spec, chunk)[1].get(spec.time_column)
+    if expr is None:
+        return spec.time_column
+    text = expr.strip()
+    return text[1:-1].replace('""', '"') if len(text) > 1 and text[0] == text[-1] == '"' else text
 
 
 def _blank_to_none(value):

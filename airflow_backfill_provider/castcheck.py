@@ -1,0 +1,133 @@
+"""After a chunk failed with a data error (SQLSTATE class 22): which column, which row, which value.
+
+A failed COPY only says e.g. ``invalid input syntax for type numeric: "12,50"``, without the column
+or the row, and nothing of the chunk is loaded (one destination transaction). This check re-reads
+the chunk on the (read-only) source in one PL/pgSQL ``DO`` block that casts every column of every
+row the way the transfer does, and stops at the first value that does not fit. It runs only on the
+failure path, so the normal path pays nothing for it.
+
+The block is one statement (one scan of the chunk, one subtransaction), it writes nothing, and it
+is built with ``psycopg2.sql`` like every other statement: names as identifiers, bounds as literals,
+type names from the destination's catalog, and historical expressions from the spec author.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from airflow_backfill_provider import sql as q
+from airflow_backfill_provider.schema import ColumnPlan, cast_type
+from airflow_backfill_provider.spec import TableName
+
+_MARK = "backfill cast check"  # MESSAGE of the exception the block raises with its finding
+
+
+@dataclass(frozen=True)
+class CastFailure:
+    column: str | None  # None: a historical expression failed while the row was being read
+    source_expr: str | None
+    type_sql: str | None
+    value: str | None
+    key: str | None  # ROW(key columns) of the offending row; for an expression error, the last good row
+    error: str
+    sqlstate: str
+
+    def describe(self, chunk_id: str, key_columns: list[str]) -> str:
+        keys = ", ".join(key_columns)
+        if self.column is None:
+            # rows come in scan order; the failing row itself cannot be read, its predecessor can
+            where = f"the row after key ({keys})={self.key} (scan order)" if self.key else "the first row read"
+            return (
+                f"chunk {chunk_id}: a historical column expression failed at {where}: {self.error} "
+                f"(SQLSTATE {self.sqlstate}). Nothing was loaded for this chunk; fix the expression in "
+                "historical.column_expressions (e.g. guard it with NULLIF/CASE)"
+            )
+        value = "NULL" if self.value is None else repr(self.value)
+        return (
+            f"chunk {chunk_id}: column {self.column!r} cannot take value {value} "
+            f"(source {self.source_expr} -> {self.type_sql}) at key ({keys})={self.key}: {self.error} "
+            f"(SQLSTATE {self.sqlstate}). Nothing was loaded for this chunk; fix the value in the source, "
+            f"or map it with a historical.column_expressions entry for {self.column!r}"
+        )
+
+
+def check_block(
+    conn, src_table: TableName, plan: ColumnPlan, key_columns: list[str], start, end
+) -> sql.Composed:
+    """``DO '<plpgsql>'``: cast each column of each row of the chunk, raise at the first bad value."""
+    checked = [i for i, raw in enumerate(plan.raw_exprs) if raw is not None]
+    key_raws = [plan.raw_exprs[plan.columns.index(k)] for k in key_columns]
+    select_list = [sql.SQL("ROW({k})::text AS _key").format(k=sql.SQL(", ").join(key_raws))]
+    select_list += [sql.SQL("{r} AS {a}").format(r=plan.raw_exprs[i], a=sql.Identifier(f"c{i}")) for i in checked]
+    rows = q.chunk_select(src_table, select_list, plan.time_filter, start, end)
+
+    declares = [
+        # a variable of the exact destination type: assigning to it enforces typmods (length, precision)
+        sql.SQL("{v} {t};").format(v=sql.Identifier(f"v{i}"), t=sql.SQL(plan.types[i])) for i in checked
+    ]
+    steps = [
+        sql.SQL("col := {name}; val := r.{c}::text; {v} := r.{c}::{cast};").format(
+            name=sql.Literal(plan.columns[i]),
+            c=sql.Identifier(f"c{i}"),
+            v=sql.Identifier(f"v{i}"),
+            cast=sql.SQL(cast_type(plan.types[i])),  # the same cast the transfer's SELECT applies
+        )
+        for i in checked
+    ]
+    # OPEN/FETCH, not FOR: a FOR loop prefetches rows, so an expression failing in row n would surface
+    # before the loop has seen rows n-10..n-1; FETCH evaluates exactly one row at a time.
+    body = sql.SQL(
+        "DECLARE c refcursor; r record; k text; col text; val text; {declares}\n"
+        "BEGIN\n"
+        "  OPEN c NO SCROLL FOR {rows};\n"
+        "  LOOP\n"
+        "    FETCH c INTO r;\n"  # a failure here is a historical expression's (k: the previous row)
+        "    EXIT WHEN NOT FOUND;\n"
+        "    k := r._key; {steps}\n"
+        "    col := NULL; val := NULL;\n"
+        "  END LOOP;\n"
+        "EXCEPTION WHEN data_exception THEN\n"
+        "  RAISE EXCEPTION USING MESSAGE = {mark}, DETAIL = json_build_object(\n"
+        "    'column', col, 'value', val, 'key', k, 'error', SQLERRM, 'sqlstate', SQLSTATE)::text;\n"
+        "END"
+    ).format(
+        declares=sql.SQL(" ").join(declares),
+        rows=rows,
+        steps=sql.SQL(" ").join(steps),
+        mark=sql.Literal(_MARK),
+    )
+    return sql.SQL("DO {}").format(sql.Literal(body.as_string(conn)))
+
+
+def find_cast_failure(
+    conn, src_table: TableName, plan: ColumnPlan, key_columns: list[str], start, end
+) -> CastFailure | None:
+    """Run the check on a fresh read-only source connection; None if every value fits (then the
+    failure was elsewhere, and the caller keeps the original error)."""
+    import psycopg2
+
+    block = check_block(conn, src_table, plan, key_columns, start, end)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(block)
+    except psycopg2.Error as err:
+        conn.rollback()
+        if err.diag.message_primary != _MARK or not err.diag.message_detail:
+            return None
+        found = json.loads(err.diag.message_detail)
+        col = found.get("column")
+        idx = plan.columns.index(col) if col in plan.columns else None
+        return CastFailure(
+            column=col,
+            source_expr=plan.raw_exprs[idx].as_string(conn) if idx is not None else None,
+            type_sql=plan.types[idx] if idx is not None else None,
+            value=found.get("value"),
+            key=found.get("key"),
+            error=found.get("error") or "",
+            sqlstate=found.get("sqlstate") or "22000",
+        )
+    conn.rollback()
+    return None

@@ -1,0 +1,438 @@
+"""Validation: compare source and destination per local day, after a backfill.
+
+For every day of the backfilled half-open range ``[start, end)`` (days in the spec's timezone) both
+sides are asked for ``count(*)`` and ``sum(col)`` of the configured numeric columns. The source side
+reads exactly what the transfer reads: the same table (or the historical table of that date range),
+the same column expressions, cast to the destination's types, with the same time filter. So a
+difference means rows were lost, duplicated or changed, not that validation looked elsewhere.
+
+Relative difference of a metric on a day: ``|source - destination| / |source|`` (the source is the
+truth); if the source is 0 it is relative to the destination, so a day present on only one side is a
+100% difference. A day passes at or under ``warn_threshold``, fails over ``fail_threshold``, warns in
+between. Rows outside ``[start, end)`` (live ingest, earlier loads) are never counted.
+
+Queries run per calendar month (and split at historical boundaries), so each source statement stays
+short and under the spec's ``statement_timeout``; the source session is read-only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import pendulum
+from psycopg2 import sql
+
+from airflow_backfill_provider import schema
+from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
+from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+from airflow_backfill_provider.transfer import source_for
+
+log = logging.getLogger(__name__)
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+_RANK = {PASS: 0, WARN: 1, FAIL: 2}
+#: how many days the readable table shows; the rest are counted in one line
+TABLE_MAX_LINES = 30
+#: failing days listed by name in the XCom totals (it must stay small)
+XCOM_MAX_DAYS = 10
+_SEGMENT = "month"  # one source statement per month: short statements, few round trips
+_DDL_LOCK = "airflow_backfill_provider.ddl"  # same lock as the ledger's DDL: parallel creators queue
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DayResult:
+    day: dt.date
+    source_rows: int
+    destination_rows: int
+    #: column -> (source sum, destination sum); None when every value is NULL (or no rows)
+    sums: dict[str, tuple[Decimal | None, Decimal | None]]
+    #: metric ("rows" or "sum(col)") -> relative difference (0.0 .. )
+    diffs: dict[str, float]
+    status: str = PASS
+
+    @property
+    def worst_metric(self) -> str:
+        return max(self.diffs, key=lambda m: self.diffs[m])
+
+    @property
+    def worst_diff(self) -> float:
+        return max(self.diffs.values())
+
+
+@dataclass
+class ValidationReport:
+    table: str
+    timezone: str
+    range_start: pendulum.DateTime
+    range_end: pendulum.DateTime
+    warn_threshold: float
+    fail_threshold: float
+    sum_columns: list[str]
+    days: list[DayResult]
+    #: how the source side was read (historical tables/expressions, NULL columns); logged once
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return max((d.status for d in self.days), key=_RANK.__getitem__, default=PASS)
+
+    def count(self, status: str) -> int:
+        return sum(1 for d in self.days if d.status == status)
+
+    @property
+    def worst(self) -> DayResult | None:
+        return self.ranked()[0] if self.days else None
+
+    def ranked(self) -> list[DayResult]:
+        """Worst days first: by status, then by largest relative difference, then by date."""
+        return sorted(self.days, key=lambda d: (-_RANK[d.status], -d.worst_diff, d.day))
+
+    def totals(self) -> dict:
+        """Small JSON-safe dict for XCom and the summary row."""
+        worst = self.worst if self.worst and self.worst.worst_diff > 0 else None  # no "worst" of equal days
+        sums = {}
+        for col in self.sum_columns:
+            s = sum((d.sums[col][0] or 0 for d in self.days), Decimal(0))
+            t = sum((d.sums[col][1] or 0 for d in self.days), Decimal(0))
+            sums[col] = {"source": float(s), "destination": float(t)}
+        failed = [d.day.isoformat() for d in self.ranked() if d.status == FAIL]
+        return {
+            "status": self.status,
+            "table": self.table,
+            "range_start": self.range_start.isoformat(),
+            "range_end": self.range_end.isoformat(),
+            "timezone": self.timezone,
+            "days": len(self.days),
+            "days_warn": self.count(WARN),
+            "days_fail": self.count(FAIL),
+            "source_rows": sum(d.source_rows for d in self.days),
+            "destination_rows": sum(d.destination_rows for d in self.days),
+            "sums": sums,
+            "worst_day": worst.day.isoformat() if worst else None,
+            "worst_metric": worst.worst_metric if worst else None,
+            "worst_diff": round(worst.worst_diff, 6) if worst else 0.0,
+            "failed_days": failed[:XCOM_MAX_DAYS],
+            "failed_days_more": max(0, len(failed) - XCOM_MAX_DAYS),
+        }
+
+    def format_table(self, max_lines: int = TABLE_MAX_LINES) -> str:
+        """The per-day table for the task log, worst days first, capped at ``max_lines`` days."""
+        head = (
+            f"Validation of {self.table} [{self.range_start.isoformat()}, {self.range_end.isoformat()}) "
+            f"per day in {self.timezone}: {self.status.upper()} - {len(self.days)} days, "
+            f"{self.count(FAIL)} fail, {self.count(WARN)} warn, {self.count(PASS)} pass "
+            f"(warn > {_pct(self.warn_threshold)}, fail > {_pct(self.fail_threshold)})"
+        )
+        headers = ["day", "status", "src rows", "dst rows", "rows diff"]
+        for col in self.sum_columns:
+            headers += [f"src sum({col})", f"dst sum({col})", f"sum({col}) diff"]
+        ranked = self.ranked()
+        rows = []
+        for d in ranked[:max_lines]:
+            row = [d.day.isoformat(), d.status.upper(), str(d.source_rows), str(d.destination_rows), _pct(d.diffs["rows"])]
+            for col in self.sum_columns:
+                s, t = d.sums[col]
+                row += [_num(s), _num(t), _pct(d.diffs[f"sum({col})"])]
+            rows.append(row)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        # numbers right-aligned, day/status left-aligned
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        lines = [head, *(f"  source read: {n}" for n in self.notes)]
+        lines += [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+        rest = ranked[max_lines:]
+        if rest:
+            kinds = ", ".join(f"{n} {s}" for s in (FAIL, WARN, PASS) if (n := sum(1 for d in rest if d.status == s)))
+            lines.append(f"... and {len(rest)} more days ({kinds})")
+        if not self.days:
+            lines.append("(no rows on either side in this range)")
+        return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%" if x < 10 else f"{x * 100:.0f}%"
+
+
+def _num(x: Decimal | None) -> str:
+    return "NULL" if x is None else str(x)
+
+
+def relative_diff(source, destination) -> float:
+    """``|s - d| / |s|``; relative to the destination when the source is 0; 0 when both are 0 (or NULL)."""
+    s = Decimal(source or 0)
+    d = Decimal(destination or 0)
+    if s == d:
+        return 0.0
+    base = abs(s) if s != 0 else abs(d)
+    return float(abs(s - d) / base)
+
+
+def classify(diff: float, warn: float, fail: float) -> str:
+    if diff > fail:
+        return FAIL
+    if diff > warn:
+        return WARN
+    return PASS
+
+
+# ----------------------------------------------------------------------------------------------
+# SQL
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SideQuery:
+    """How one side is read for a segment of the range: table, time filter, day and sum expressions."""
+
+    table: TableName
+    time_filter: sql.Composable  # compared with [lo, hi): the same expression the transfer filters on
+    time_value: sql.Composable  # the value that lands in the destination's time column (for the day)
+    time_type: str
+    sums: tuple[sql.Composable, ...]
+
+
+def per_day_sql(side: SideQuery) -> sql.Composed:
+    """``SELECT day, count(*), sum(..).. FROM t WHERE time >= lo AND time < hi GROUP BY 1``.
+
+    The day is the local calendar day in the spec's timezone (bound parameter ``tz``). A ``date`` time
+    column already is a day; ``timestamp`` is read as the session does when the transfer compares it.
+    """
+    if side.time_type == "date":
+        day = sql.SQL("({v})::date").format(v=side.time_value)
+    else:
+        day = sql.SQL("((({v})::timestamptz) AT TIME ZONE %(tz)s)::date").format(v=side.time_value)
+    metrics = [sql.SQL("count(*)")] + [sql.SQL("sum({e})").format(e=e) for e in side.sums]
+    return sql.SQL("SELECT {day} AS day, {metrics} FROM {t} WHERE {f} >= %(lo)s AND {f} < %(hi)s GROUP BY 1").format(
+        day=day,
+        metrics=sql.SQL(", ").join(metrics),
+        t=sql.Identifier(*side.table.parts),
+        f=side.time_filter,
+    )
+
+
+def source_query(spec: BackfillSpec, dest_cols: list[schema.Column], src_cols: list[schema.Column],
+                 table: TableName, expressions: dict[str, str], notes: list[str]) -> SideQuery:
+    """Source side, exactly as the transfer selects it: :func:`schema.plan_columns` builds both.
+
+    So a historical table, a spec-author expression, a column missing in the source (``NULL``) and the
+    cast to the destination type are the same here as in the chunk's ``COPY (SELECT ...)``.
+    """
+    plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    not_loaded = [c for c in spec.validation.sum_columns if c not in plan.columns]
+    if not_loaded:
+        raise PermanentChunkError(
+            f"validation.sum_columns {not_loaded} are not loaded by the backfill (spec.columns is "
+            f"{plan.columns}); add them to columns or remove them from validation.sum_columns"
+        )
+    for decision in plan.decisions:
+        _note(notes, f"{table}: {decision}")
+    time_type = next(c.type_sql for c in dest_cols if c.name == spec.time_column)
+    return SideQuery(
+        table=table,
+        time_filter=plan.time_filter,
+        time_value=plan.expr_for(spec.time_column),
+        time_type=time_type,
+        sums=tuple(plan.expr_for(c) for c in spec.validation.sum_columns),
+    )
+
+
+def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[schema.Column]) -> SideQuery:
+    names = {c.name: c.type_sql for c in dest_cols}
+    missing = [c for c in [spec.time_column, *spec.validation.sum_columns] if c not in names]
+    if missing:
+        raise PermanentChunkError(
+            f"destination table {str(table)!r} has no column(s) {missing} (time_column / validation.sum_columns); "
+            f"its columns are {sorted(names)}"
+        )
+    t = spec.time_column
+    return SideQuery(
+        table=table,
+        time_filter=sql.Identifier(t),
+        time_value=sql.Identifier(t),
+        time_type=names[t],
+        sums=tuple(sql.Identifier(c) for c in spec.validation.sum_columns),
+    )
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# running it
+# ----------------------------------------------------------------------------------------------
+Tally = dict[dt.date, list]  # day -> [count, sum1, sum2, ...]
+
+
+def _add(into: Tally, rows) -> None:
+    for day, *metrics in rows:
+        cur = into.setdefault(day, [0] + [None] * (len(metrics) - 1))
+        cur[0] += metrics[0]
+        for i, v in enumerate(metrics[1:], start=1):
+            if v is not None:
+                cur[i] = v if cur[i] is None else cur[i] + v
+
+
+def segments(spec: BackfillSpec, start: pendulum.DateTime, end: pendulum.DateTime):
+    """Month pieces of ``[start, end)``, split at historical boundaries (one source per piece)."""
+    pieces = list(iter_chunks(start, end, _SEGMENT, spec.timezone))
+    bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
+    return split_at(pieces, bounds) if bounds else pieces
+
+
+def compare(spec: BackfillSpec, src: Tally, dst: Tally) -> list[DayResult]:
+    warn, fail = spec.validation.warn_threshold, spec.validation.fail_threshold
+    cols = spec.validation.sum_columns
+    out = []
+    for day in sorted(set(src) | set(dst)):
+        s = src.get(day, [0] + [None] * len(cols))
+        d = dst.get(day, [0] + [None] * len(cols))
+        sums = {c: (s[i + 1], d[i + 1]) for i, c in enumerate(cols)}
+        diffs = {"rows": relative_diff(s[0], d[0])}
+        for c in cols:
+            diffs[f"sum({c})"] = relative_diff(*sums[c])
+        res = DayResult(day, s[0], d[0], sums, diffs)
+        res.status = classify(res.worst_diff, warn, fail)
+        out.append(res)
+    return out
+
+
+def validate_range(
+    spec: BackfillSpec,
+    start,
+    end,
+    *,
+    source: str | None = None,
+    destination: str | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    store: bool = True,
+) -> ValidationReport:
+    """Compare ``[start, end)`` per local day; store one summary row in the destination; return the report.
+
+    ``source``/``destination`` are Airflow connection ids or DSN URLs (default: the spec's conn ids).
+    The source session is read-only with the spec's statement and lock timeouts, and honours
+    ``throttle.min_query_interval`` between its statements.
+    """
+    lo = to_datetime(start, spec.timezone, what="start")
+    hi = to_datetime(end, spec.timezone, what="end")
+    if hi <= lo:
+        raise PlanError(f"end ({hi.isoformat()}) must be after start ({lo.isoformat()}); the range is [start, end)")
+    dag_id = dag_id or spec.effective_dag_id
+    appname = f"backfill:{dag_id}:validate"
+    target = spec.destination
+    notes: list[str] = []
+    src_conn = dst_conn = None
+    try:
+        src_conn = connect(
+            source or spec.source_conn_id, application_name=appname, readonly=True,
+            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+        )
+        dst_conn = connect(
+            destination or spec.destination_conn_id, application_name=appname,
+            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+        )
+        dest_cols = schema.table_columns(dst_conn, target, side="destination")
+        dst_side = destination_query(spec, target, dest_cols)
+        src_cols_cache: dict[TableName, list[schema.Column]] = {}
+        src_tally: Tally = {}
+        dst_tally: Tally = {}
+        pause = spec.throttle.min_query_interval
+        for i, seg in enumerate(segments(spec, lo, hi)):
+            table, expressions = source_for(spec, seg)  # the transfer's own choice of table/expressions
+            if table not in src_cols_cache:
+                src_cols_cache[table] = schema.table_columns(src_conn, table, side="source")
+            src_side = source_query(spec, dest_cols, src_cols_cache[table], table, expressions, notes)
+            params = {"lo": seg.start, "hi": seg.end, "tz": spec.timezone}
+            if i and pause:
+                time.sleep(pause)  # pacing: the same lever the chunks use
+            for conn, side, tally in ((src_conn, src_side, src_tally), (dst_conn, dst_side, dst_tally)):
+                with conn.cursor() as cur:
+                    cur.execute(per_day_sql(side), params)
+                    _add(tally, cur.fetchall())
+        src_conn.rollback()
+        dst_conn.rollback()
+        report = ValidationReport(
+            table=str(target), timezone=spec.timezone, range_start=lo, range_end=hi,
+            warn_threshold=spec.validation.warn_threshold, fail_threshold=spec.validation.fail_threshold,
+            sum_columns=list(spec.validation.sum_columns), days=compare(spec, src_tally, dst_tally), notes=notes,
+        )
+        if store:
+            store_summary(dst_conn, TableName.parse(spec.validation.report_table), report, dag_id=dag_id, run_id=run_id)
+        return report
+    finally:
+        for conn in (src_conn, dst_conn):
+            if conn is not None and not conn.closed:
+                conn.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the summary row (one per validation run, for dashboards)
+# ----------------------------------------------------------------------------------------------
+def ensure_report_table(conn, table: TableName) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_DDL_LOCK,))
+        if table.schema_:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.schema_)))
+        cur.execute(
+            sql.SQL(
+                """CREATE TABLE IF NOT EXISTS {t} (
+                    id               bigserial   PRIMARY KEY,
+                    validated_at     timestamptz NOT NULL DEFAULT now(),
+                    dag_id           text,
+                    run_id           text,
+                    target_table     text        NOT NULL,
+                    range_start      timestamptz NOT NULL,
+                    range_end        timestamptz NOT NULL,
+                    timezone         text        NOT NULL,
+                    days             integer     NOT NULL,
+                    days_warn        integer     NOT NULL,
+                    days_fail        integer     NOT NULL,
+                    source_rows      bigint      NOT NULL,
+                    destination_rows bigint      NOT NULL,
+                    worst_day        date,
+                    worst_metric     text,
+                    worst_diff       double precision NOT NULL,
+                    status           text        NOT NULL,
+                    totals           jsonb       NOT NULL
+                )"""
+            ).format(t=sql.Identifier(*table.parts))
+        )
+    conn.commit()
+
+
+def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: str | None, run_id: str | None) -> None:
+    ensure_report_table(conn, table)
+    t = report.totals()
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                """INSERT INTO {t} (dag_id, run_id, target_table, range_start, range_end, timezone, days,
+                       days_warn, days_fail, source_rows, destination_rows, worst_day, worst_metric,
+                       worst_diff, status, totals)
+                   VALUES (%(dag_id)s, %(run_id)s, %(table)s, %(range_start)s, %(range_end)s, %(timezone)s,
+                       %(days)s, %(days_warn)s, %(days_fail)s, %(source_rows)s, %(destination_rows)s,
+                       %(worst_day)s, %(worst_metric)s, %(worst_diff)s, %(status)s, %(totals)s)"""
+            ).format(t=sql.Identifier(*table.parts)),
+            {**t, "dag_id": dag_id, "run_id": run_id, "range_start": report.range_start,
+             "range_end": report.range_end,
+             # the row keeps what the XCom leaves out: how the source was read, and every non-passing day
+             "totals": json.dumps({
+                 **t,
+                 "schema_decisions": report.notes,
+                 "days_not_passing": [
+                     {"day": d.day.isoformat(), "status": d.status, "source_rows": d.source_rows,
+                      "destination_rows": d.destination_rows, "diffs": d.diffs}
+                     for d in report.ranked() if d.status != PASS
+                 ][:1000],
+             })},
+        )
+    conn.commit()
