@@ -18,6 +18,7 @@ from airflow_backfill_provider.compat import (
     Param,
 )
 from airflow_backfill_provider.operators.chunk import MAP_INDEX_TEMPLATE, BackfillChunkOperator
+from airflow_backfill_provider.operators.merge import MergeBackfillOperator
 from airflow_backfill_provider.operators.plan import PlanBackfillOperator
 from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
 from airflow_backfill_provider.spec import BackfillSpec, load_spec
@@ -34,9 +35,17 @@ Chunks of one **{gran}** (timezone `{tz}`), half-open `[start, end)`, loaded new
 * **Retry a chunk**: clear its failed mapped task instance (labelled by its date) in the grid.
 * **Deferred** (purple) chunks are waiting for the source's load to drop or for their pacing turn,
   without holding a worker; a chunk that met critical load failed on purpose and is not retried.
-
+{swap}
 The pool must exist: `airflow pools set {pool} 4 "source slots for backfills" --include-deferred`
 (see docs/source-protection.md).
+"""
+
+
+SWAP_DOC = """
+**Pattern B (swap mode)**: chunks load into `{par}`; the final `merge` task inserts its rows whose key
+`{dest}` lacks (`ON CONFLICT DO NOTHING`: live rows are never touched) and drops `{par}`, in one
+transaction. If the merge fails nothing is applied: fix the cause and clear `merge`. Runs are serialized
+(`max_active_runs=1`) because each merge consumes the whole parallel table.
 """
 
 
@@ -63,6 +72,8 @@ def backfill_params(spec: BackfillSpec) -> dict[str, Any]:
 def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -> DAG:
     """Build the backfill DAG for one spec: ``plan >> load_chunk[mapped] >> validate``.
 
+    In swap mode (Pattern B): ``plan >> load_chunk[mapped] >> merge >> validate``.
+
     Extra keyword arguments go to ``DAG(...)`` (e.g. ``max_active_runs``, ``default_args``).
     """
     spec = load_spec(spec)
@@ -79,9 +90,12 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
         doc_md=DOC.format(
             dest=spec.destination_table, src=spec.source_table, gran=spec.granularity, tz=spec.timezone,
             version=spec.version_column or f"no version column: {spec.conflict_policy}", pool=spec.pool,
+            swap=SWAP_DOC.format(dest=spec.destination_table, par=spec.staging_target) if spec.mode == "swap" else "",
         ),
         max_active_tasks=16,
     )
+    if spec.mode == "swap":
+        defaults["max_active_runs"] = 1  # one merge consumes the whole parallel table: no overlapping runs
     defaults.update(dag_kwargs)
     with DAG(**defaults) as dag:
         plan = PlanBackfillOperator(task_id="plan", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=10))
@@ -95,9 +109,18 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
             max_retry_delay=dt.timedelta(minutes=30),
             map_index_template=MAP_INDEX_TEMPLATE,
         ).expand(chunk=plan.output)
+        last = load
+        if spec.mode == "swap":
+            # none_failed, not all_success: a run whose chunks are all in the ledger already (zero mapped
+            # instances, so load_chunk is skipped) must still merge; a dry run skips itself in the operator
+            last = load >> MergeBackfillOperator(
+                task_id="merge", spec=spec_dict, trigger_rule="none_failed", retries=spec.retries,
+                retry_delay=dt.timedelta(seconds=spec.retry_delay_s),
+            )
         if spec.validation.enabled:
-            # runs when every chunk succeeded; skipped with them on a dry run (no chunks)
-            load >> ValidateBackfillOperator(
+            # runs when every chunk succeeded (after the merge in swap mode: it compares the live table);
+            # skipped with them on a dry run (no chunks)
+            last >> ValidateBackfillOperator(
                 task_id="validate", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=30)
             )
     return dag

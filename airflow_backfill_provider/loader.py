@@ -45,10 +45,16 @@ def _entries(path: Path) -> list[tuple[str, Any]]:
     return [(path.name, doc)]
 
 
-def load_backfill_dags(config_dir: str | os.PathLike, *, strict: bool | None = None) -> LoadResult:
-    """Build a DAG for every spec in ``*.yaml``/``*.yml`` under ``config_dir``."""
-    from airflow_backfill_provider.factory import build_backfill_dag
+def load_backfill_dags(config_dir: str | os.PathLike, *, strict: bool | None = None, build=None) -> LoadResult:
+    """Build a DAG for every spec in ``*.yaml``/``*.yml`` under ``config_dir``.
+
+    ``build(spec)`` makes the DAG (default: the backfill DAG); it may return None to skip a spec
+    (the live-ingest loader skips specs without ``live.enabled``).
+    """
     from airflow_backfill_provider.spec import load_spec
+
+    if build is None:
+        from airflow_backfill_provider.factory import build_backfill_dag as build
 
     if strict is None:
         strict = os.environ.get("AIRFLOW_BACKFILL_STRICT", "").lower() in ("1", "true", "yes")
@@ -62,9 +68,12 @@ def load_backfill_dags(config_dir: str | os.PathLike, *, strict: bool | None = N
         for where, data in entries:
             try:
                 spec = load_spec(data, where=where)
-                if spec.effective_dag_id in result.dags:
-                    raise SpecError(f"{where}: dag_id {spec.effective_dag_id!r} is defined twice; give each a unique name")
-                result.dags[spec.effective_dag_id] = build_backfill_dag(spec)
+                dag = build(spec)
+                if dag is None:
+                    continue
+                if dag.dag_id in result.dags:
+                    raise SpecError(f"{where}: dag_id {dag.dag_id!r} is defined twice; give each a unique name")
+                result.dags[dag.dag_id] = dag
             except Exception as err:  # one bad entry must not break the others
                 _fail(result, where, str(err), strict)
     return result
@@ -77,8 +86,8 @@ def _fail(result: LoadResult, where: str, message: str, strict: bool) -> None:
     log.error("Backfill config %s skipped: %s", where, message)
 
 
-def register(config_dir: str | os.PathLike, namespace: dict[str, Any], *, strict: bool | None = None) -> LoadResult:
+def register(config_dir: str | os.PathLike, namespace: dict[str, Any], *, strict: bool | None = None, build=None) -> LoadResult:
     """Load and put each DAG into ``namespace`` (a DAG file's ``globals()``) so Airflow finds it."""
-    result = load_backfill_dags(config_dir, strict=strict)
+    result = load_backfill_dags(config_dir, strict=strict, build=build)
     namespace.update(result.dags)
     return result

@@ -96,6 +96,33 @@ class WatermarkSpec(_Strict):
     enabled: bool = True
 
 
+class LiveSpec(_Strict):
+    """Live ingest (incremental) for the same table: a second DAG that owns the watermark.
+
+    Each run reads source rows with ``cursor_column > watermark - lookback_s``, upserts them newer-wins
+    into the live (destination) table and advances the watermark, in one destination transaction.
+    """
+
+    enabled: bool = False
+    #: cron for the live DAG (default: every 5 minutes)
+    schedule: str = "*/5 * * * *"
+    #: re-read this many seconds below the watermark each run: covers source transactions that commit
+    #: after a later-stamped one (set it above your longest source write transaction)
+    lookback_s: float = Field(300.0, ge=0)
+    #: the incremental column; default: version_column, else time_column (append-only tables)
+    cursor_column: str | None = None
+    #: the first run's watermark when none is stored; default: the source's now() at that first run
+    start_from: dt.datetime | None = None
+    dag_id: str | None = None
+
+    @field_validator("dag_id")
+    @classmethod
+    def _dag_id(cls, v: str | None) -> str | None:
+        if v is not None and not _DAG_ID.match(v):
+            raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-'")
+        return v
+
+
 class ValidationSpec(_Strict):
     """Per-day source/destination comparison at the end of a run."""
 
@@ -184,6 +211,7 @@ class BackfillSpec(_Strict):
     throttle: ThrottleSpec = Field(default_factory=ThrottleSpec)
     watermark: WatermarkSpec = Field(default_factory=WatermarkSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    live: LiveSpec = Field(default_factory=LiveSpec)
     historical: list[HistoricalRange] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
 
@@ -234,6 +262,9 @@ class BackfillSpec(_Strict):
             missing = [c for c in needed if c not in self.columns]
             if missing:
                 raise ValueError(f"columns must include the key, time and version columns; missing {missing}")
+        cursor = self.live_cursor_column
+        if self.columns is not None and cursor not in self.columns:
+            raise ValueError(f"live.cursor_column {cursor!r} must be one of columns {self.columns}")
         bounds = [h.until for h in self.historical]
         if bounds != sorted(bounds):
             raise ValueError("historical ranges must be listed in increasing 'until' order")
@@ -243,6 +274,15 @@ class BackfillSpec(_Strict):
     @property
     def effective_dag_id(self) -> str:
         return self.dag_id or f"backfill_{self.name}"
+
+    @property
+    def live_dag_id(self) -> str:
+        return self.live.dag_id or f"live_{self.name}"
+
+    @property
+    def live_cursor_column(self) -> str:
+        """The column live ingest reads incrementally and whose maximum becomes the watermark."""
+        return self.live.cursor_column or self.version_column or self.time_column
 
     @property
     def source(self) -> TableName:

@@ -112,3 +112,45 @@ def _do_update(non_keys: Sequence[str], where: sql.Composable) -> sql.Composed:
 def advisory_xact_lock() -> sql.SQL:
     """Serialize two runs of the same chunk on the destination; released at commit/rollback."""
     return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")
+
+
+def incremental_select(
+    source: TableName, select_exprs: Sequence[sql.Composable], cursor_column: str, lower
+) -> sql.Composed:
+    """Live ingest: ``SELECT <exprs> FROM source WHERE cursor > lower`` (open lower bound, no upper bound).
+
+    A literal, not a parameter, for the same reason as :func:`chunk_select` (COPY takes no parameters).
+    """
+    return sql.SQL("SELECT {exprs} FROM {src} WHERE {c} > {lo}").format(
+        exprs=sql.SQL(", ").join(select_exprs), src=ident(source), c=sql.Identifier(cursor_column), lo=sql.Literal(lower)
+    )
+
+
+def max_of(stage: str, column: str) -> sql.Composed:
+    """The highest cursor value staged by a live run, as timestamptz (the watermark's type)."""
+    return sql.SQL("SELECT max({c})::timestamptz FROM {stage}").format(c=sql.Identifier(column), stage=sql.Identifier(stage))
+
+
+def create_like(parallel: TableName, live: TableName) -> sql.Composed:
+    """Pattern B's parallel table: same columns, defaults, constraints and indexes as the live table.
+
+    ``INCLUDING ALL`` copies the unique key the upsert needs; triggers and foreign keys are not copied,
+    so live-table side effects do not fire on backfill rows until the merge.
+    """
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {p} (LIKE {t} INCLUDING ALL)").format(p=ident(parallel), t=ident(live))
+
+
+def merge_insert(live: TableName, parallel: TableName, columns: Sequence[str], keys: Sequence[str]) -> sql.Composed:
+    """Pattern B's final merge: rows of the parallel table whose key the live table lacks; live rows untouched."""
+    return sql.SQL(
+        "WITH ins AS (INSERT INTO {t} ({c}) SELECT {c} FROM {p} ON CONFLICT ({k}) DO NOTHING RETURNING 1)"
+        " SELECT count(*) FROM ins"
+    ).format(t=ident(live), c=cols(columns), p=ident(parallel), k=cols(keys))
+
+
+def drop_table(table: TableName) -> sql.Composed:
+    return sql.SQL("DROP TABLE {t}").format(t=ident(table))
+
+
+def count_rows(table: TableName) -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM {t}").format(t=ident(table))

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg2
 
-from airflow_backfill_provider import castcheck, ledger, schema
+from airflow_backfill_provider import castcheck, ledger, schema, swap
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import connect
@@ -183,9 +183,13 @@ def transfer_chunk(
         )
         dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
         # pre-flight (catalog reads only) before the first write, the ledger DDL: a bad spec writes nothing
-        src_table, plan = prepare(spec, src_conn, dst_conn, chunk)
+        # (swap mode: checked against the live table, which the parallel one is created LIKE)
+        src_table, plan = prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
         ledger_table = TableName.parse(spec.ledger_table)
         ledger.ensure_table(dst_conn, ledger_table)
+        if spec.mode == "swap":
+            swap.ensure_parallel_table(dst_conn, spec)  # <table>_backfill, if not there yet
+            src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
         target = spec.staging_target
         select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, chunk.start, chunk.end)
         with dst_conn.cursor() as cur:

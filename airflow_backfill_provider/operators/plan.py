@@ -47,6 +47,7 @@ class PlanBackfillOperator(BaseOperator):
         from airflow_backfill_provider.connections import connect
         from airflow_backfill_provider.planning import build_plan, resolve_range
         from airflow_backfill_provider.schema import time_column_indexed
+        from airflow_backfill_provider.swap import as_live, ensure_parallel_table
         from airflow_backfill_provider.transfer import prepare
 
         spec = load_spec(self.spec)
@@ -72,8 +73,9 @@ class PlanBackfillOperator(BaseOperator):
                     reprocess=reprocess, dst_conn=dst,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
+                # (swap mode: against the live table; the parallel one is created LIKE it, below)
                 for chunk in _one_per_source(spec, plan.chunks):
-                    src_table, cplan = prepare(spec, src, dst, chunk)
+                    src_table, cplan = prepare(as_live(spec), src, dst, chunk)
                     for decision in cplan.decisions:
                         self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
                     # historical mode may filter on another column (e.g. created_at: "created")
@@ -89,6 +91,8 @@ class PlanBackfillOperator(BaseOperator):
                     warning = null_time_rows(src, src_table, time_col, exact=indexed).message
                     if warning:
                         self.log.warning("%s", warning)
+                if plan.chunks and not dry_run:
+                    ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
             finally:
                 dst.close()
                 src.close()

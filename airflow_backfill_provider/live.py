@@ -1,0 +1,206 @@
+"""Live ingest: incremental loads of recent changes, and the ONLY writer of the watermark.
+
+One run, in ONE destination transaction:
+
+    lock the target's watermark row  ->  COPY source rows with cursor > watermark - lookback into a stage
+    ->  newer-wins upsert into the live table  ->  watermark = max(old, highest cursor staged)  ->  COMMIT
+
+So the watermark moves only together with the rows it covers, and never backwards. The backfill reads
+the watermark (``watermark.py``) to clip its range and never writes it: no backfill module imports this
+one (``tests/test_watermark_rule.py`` checks that).
+
+Why a lookback: a source transaction can stamp ``updated_at`` and commit after a later-stamped one
+was already copied; re-reading ``lookback_s`` below the watermark catches it, and the newer-wins upsert
+makes the re-read free (an unchanged row is not rewritten).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from psycopg2 import sql
+
+from airflow_backfill_provider import schema
+from airflow_backfill_provider import sql as q
+from airflow_backfill_provider.chunks import to_datetime
+from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.errors import classify
+from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+from airflow_backfill_provider.transfer import stream_copy
+from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
+
+log = logging.getLogger(__name__)
+
+_STAGE = "live_stage"
+_DDL_LOCK = "airflow_backfill_provider.ddl"
+
+
+@dataclass
+class LiveResult:
+    target: str
+    previous_watermark: str | None
+    watermark: str
+    lower_bound: str
+    rows_extracted: int
+    inserted: int
+    updated: int
+    unchanged: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ensure_watermark_table(conn, table: TableName) -> None:
+    """Create the watermark table if missing (own short transaction; parallel first runs race on DDL)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_DDL_LOCK,))
+        if table.schema_:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.schema_)))
+        cur.execute(
+            # WATERMARK_COLUMNS is a constant of this package, not user input
+            sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({c})").format(t=q.ident(table), c=sql.SQL(WATERMARK_COLUMNS))
+        )
+    conn.commit()
+
+
+def lock_watermark(cur, table: TableName, target: str) -> dt.datetime | None:
+    """Serialize live runs of one target and read its watermark (row locked until commit)."""
+    # the advisory lock also covers the first run, when there is no row to lock yet
+    cur.execute(q.advisory_xact_lock(), (f"live|{target}",))
+    cur.execute(
+        sql.SQL("SELECT watermark FROM {t} WHERE target_table = %s FOR UPDATE").format(t=q.ident(table)), (target,)
+    )
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) -> dt.datetime:
+    """THE watermark writer. Moves forward only; a value at or below the stored one changes nothing.
+
+    Call it inside the live run's transaction, after the upsert, so rows and watermark commit together.
+    Returns the watermark in force afterwards.
+    """
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {t} AS w (target_table, watermark) VALUES (%s, %s)"
+            " ON CONFLICT (target_table) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now()"
+            " WHERE EXCLUDED.watermark > w.watermark"
+            " RETURNING watermark"
+        ).format(t=q.ident(table)),
+        (target, value),
+    )
+    row = cur.fetchone()
+    if row is not None:
+        return row[0]
+    cur.execute(sql.SQL("SELECT watermark FROM {t} WHERE target_table = %s").format(t=q.ident(table)), (target,))
+    return cur.fetchone()[0]
+
+
+def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
+    """Same destination-is-truth column plan as a backfill chunk, against the live table and current source."""
+    live = spec.destination
+    dest_cols = schema.table_columns(dst_conn, live, side="destination")
+    schema.check_destination(spec, dest_cols, schema.unique_keys(dst_conn, live), live)
+    src_cols = schema.table_columns(src_conn, spec.source, side="source")
+    cursor = spec.live_cursor_column
+    if cursor not in {c.name for c in src_cols}:
+        raise PermanentChunkError(
+            f"source table {spec.source_table!r} has no column {cursor!r}, which live ingest reads incrementally; "
+            "set live.cursor_column to a timestamp column that every insert and update advances"
+        )
+    if cursor not in {c.name for c in dest_cols}:
+        raise PermanentChunkError(
+            f"destination table {str(live)!r} has no column {cursor!r} (live.cursor_column); the watermark is "
+            "computed from the loaded rows, so the cursor column must be loaded too"
+        )
+    return schema.plan_columns(spec, dest_cols, src_cols)
+
+
+def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
+    """No stored watermark yet: live ingest starts at ``live.start_from``, else at the source's clock."""
+    if spec.live.start_from is not None:
+        return to_datetime(spec.live.start_from, spec.timezone, what="live.start_from")
+    with src_conn.cursor() as cur:
+        cur.execute("SELECT now()")  # the source's clock: cursor values come from the source too
+        return cur.fetchone()[0]
+
+
+def run_live_ingest(
+    spec: BackfillSpec,
+    *,
+    source: str | None = None,
+    destination: str | None = None,
+    dag_id: str | None = None,
+) -> LiveResult:
+    """One incremental run for ``spec``'s table. Safe to run at any time, also during a backfill.
+
+    ``source``/``destination`` default to the spec's Airflow connection ids; DSN URLs work too.
+    Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
+    """
+    dag_id = dag_id or spec.live_dag_id
+    target = str(spec.destination)
+    wm_table = TableName.parse(spec.watermark.table)
+    appname = f"live:{dag_id}"
+    t0 = time.monotonic()
+    src_conn = dst_conn = None
+    try:
+        src_conn = connect(
+            source or spec.source_conn_id, application_name=appname, readonly=True,
+            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+        )
+        dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
+        ensure_watermark_table(dst_conn, wm_table)
+        plan = _columns(spec, src_conn, dst_conn)
+        cursor_col = spec.live_cursor_column
+        lookback = dt.timedelta(seconds=spec.live.lookback_s)
+        with dst_conn.cursor() as cur:
+            previous = lock_watermark(cur, wm_table, target)
+            base = previous if previous is not None else _first_watermark(spec, src_conn)
+            lower = base - lookback
+            cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
+            select = q.incremental_select(spec.source, plan.select_exprs, cursor_col, lower)
+            _, staged = stream_copy(
+                src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
+            )
+            # with a version column: newer wins, as in the backfill. Without one, live rows are the latest
+            # by definition, so live ingest overwrites when different (the backfill's policy decides its side).
+            policy = "backfill_wins" if spec.version_column is None else spec.conflict_policy
+            cur.execute(q.upsert(spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy))
+            inserted, updated = cur.fetchone()
+            cur.execute(q.max_of(_STAGE, cursor_col))
+            seen = cur.fetchone()[0]
+            new = max(base, seen) if seen is not None else base
+            current = advance_watermark(cur, wm_table, target, new)
+        dst_conn.commit()
+        src_conn.rollback()  # read-only: nothing to keep
+        result = LiveResult(
+            target=target,
+            previous_watermark=previous.isoformat() if previous else None,
+            watermark=current.isoformat(),
+            lower_bound=lower.isoformat(),
+            rows_extracted=staged,
+            inserted=inserted,
+            updated=updated,
+            unchanged=staged - inserted - updated,
+            seconds=time.monotonic() - t0,
+        )
+        log.debug("live run %s", result)
+        return result
+    except BaseException as err:
+        if dst_conn is not None and not dst_conn.closed:
+            try:
+                dst_conn.rollback()
+            except Exception:  # noqa: BLE001 - the server rolls back anyway when the connection goes
+                pass
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise classify(err, chunk_id=f"live {target}") from err
+    finally:
+        for conn in (src_conn, dst_conn):
+            if conn is not None and not conn.closed:
+                conn.close()

@@ -1,0 +1,115 @@
+"""Pattern B (``mode: swap``): chunks load into ``<table>_backfill``; one final merge moves them into the live table.
+
+    chunks  ->  <table>_backfill (idempotent per chunk, same newer-wins upsert and ledger as Pattern A)
+    merge   ->  INSERT INTO <table> SELECT ... FROM <table>_backfill ON CONFLICT (keys) DO NOTHING
+                DROP TABLE <table>_backfill; forget its ledger rows; COMMIT  (one transaction)
+
+The live table sees no backfill writes until the merge, and the merge never touches a row live ingest
+already wrote (DO NOTHING): live rows always win, with or without a version column. A failed merge
+rolls back completely (the parallel table and its ledger rows are still there) and can be rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from airflow_backfill_provider import ledger, schema
+from airflow_backfill_provider import sql as q
+from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.errors import classify
+from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+
+log = logging.getLogger(__name__)
+
+_DDL_LOCK = "airflow_backfill_provider.ddl"
+
+
+@dataclass
+class MergeResult:
+    target: str
+    parallel_table: str
+    merged: bool  # False: there was no parallel table (already merged, or nothing was loaded)
+    rows_in_parallel: int
+    inserted: int
+    kept_live: int  # keys live ingest already had: left as they are
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_live(spec: BackfillSpec) -> BackfillSpec:
+    """The spec with the live table as the chunks' target: pre-flight checks before the parallel table exists."""
+    return spec.model_copy(update={"mode": "upsert"}) if spec.mode == "swap" else spec
+
+
+def ensure_parallel_table(conn, spec: BackfillSpec) -> None:
+    """Create ``<table>_backfill`` LIKE the live table if missing (own short transaction, advisory lock).
+
+    Called by the plan (before its pre-flight) and by every chunk, so a chunk run on its own works too.
+    """
+    if spec.mode != "swap":
+        return
+    schema.table_oid(conn, spec.destination, side="destination")  # clear error if the live table is missing
+    with conn.cursor() as cur:
+        cur.execute(q.advisory_xact_lock(), (_DDL_LOCK,))
+        cur.execute(q.create_like(spec.staging_target, spec.destination))
+    conn.commit()
+
+
+def _exists(cur, table: TableName) -> bool:
+    cur.execute("SELECT to_regclass(%s)", (q.ident(table).as_string(cur),))
+    return cur.fetchone()[0] is not None
+
+
+def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, dag_id: str | None = None) -> MergeResult:
+    """The final merge of Pattern B, in one destination transaction. Rerunnable.
+
+    Raises TransientChunkError (retry) or PermanentChunkError; on any error nothing is applied.
+    """
+    if spec.mode != "swap":
+        raise PermanentChunkError(f"merge is only for mode: swap; spec {spec.name!r} has mode {spec.mode!r}")
+    live, parallel = spec.destination, spec.staging_target
+    t0 = time.monotonic()
+    conn = None
+    try:
+        conn = connect(
+            destination or spec.destination_conn_id,
+            application_name=f"backfill:{dag_id or spec.effective_dag_id}:merge",
+            lock_timeout_s=spec.lock_timeout_s,
+        )
+        with conn.cursor() as cur:
+            # one merge at a time per table; chunks still writing the parallel table hold a lock DROP waits for
+            cur.execute(q.advisory_xact_lock(), (f"merge|{parallel}",))
+            if not _exists(cur, parallel):
+                conn.rollback()
+                return MergeResult(str(live), str(parallel), False, 0, 0, 0, time.monotonic() - t0)
+            live_all = schema.table_columns(conn, live, side="destination")
+            schema.check_destination(spec, live_all, schema.unique_keys(conn, live), live)
+            par_cols = {c.name for c in schema.table_columns(conn, parallel, side="destination")}
+            columns = [c.name for c in live_all if c.name in par_cols]  # live-only columns (added later) take defaults
+            cur.execute(q.count_rows(parallel))
+            rows = cur.fetchone()[0]
+            cur.execute(q.merge_insert(live, parallel, columns, spec.key_columns))
+            inserted = cur.fetchone()[0]
+            cur.execute(q.drop_table(parallel))
+            ledger_table = TableName.parse(spec.ledger_table)
+            if _exists(cur, ledger_table):
+                ledger.forget(conn, ledger_table, str(parallel))
+        conn.commit()
+    except BaseException as err:
+        if conn is not None and not conn.closed:
+            try:
+                conn.rollback()
+            except Exception:  # noqa: BLE001 - the server rolls back anyway when the connection goes
+                pass
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise classify(err, chunk_id=f"merge {parallel}") from err
+    finally:
+        if conn is not None and not conn.closed:
+            conn.close()
+    return MergeResult(str(live), str(parallel), True, rows, inserted, rows - inserted, time.monotonic() - t0)
