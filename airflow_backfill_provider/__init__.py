@@ -18,6 +18,8 @@ def get_provider_info() -> dict:
                 "python-modules": [
                     "airflow_backfill_provider.operators.plan",
                     "airflow_backfill_provider.operators.chunk",
+                    "airflow_backfill_provider.operators.merge",
+                    "airflow_backfill_provider.operators.live",
                     "airflow_backfill_provider.operators.validate",
                 ],
             }
