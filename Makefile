@@ -6,7 +6,7 @@ VENV ?= .venv
 VENV2 ?= .venv-af2
 PYTEST_ARGS ?=
 
-.PHONY: venv venv-af2 pg demo test test-af2 test-all bench clean
+.PHONY: venv venv-af2 pg demo test test-af2 test-all race bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-af2: venv-af2 pg
 	$(VENV2)/bin/pytest -m "not browser" $(PYTEST_ARGS)
 
 test-all: test test-af2
+
+# the backfill/live-ingest race test, many rounds (each round is bounded to 30 s)
+race: venv pg
+	RACE_ROUNDS=$${RACE_ROUNDS:-10} $(VENV)/bin/pytest tests/test_race.py -q $(PYTEST_ARGS)
 
 bench: venv pg
 	$(VENV)/bin/python -m benchmarks.run
