@@ -120,7 +120,7 @@ def test_merge_refuses_outside_swap_mode(swap_setup):
 
 
 def test_swap_dag_under_airflow_merges_after_the_chunks(swap_setup, airflow_db, tmp_path, monkeypatch, pg):
-    """factory.build_backfill_dag with mode: swap, run by dag.test(): plan >> load_chunk[] >> merge."""
+    """factory.build_backfill_dag with mode: swap, run by dag.test(): plan >> load_chunk[] >> merge >> validate."""
     src, dst, spec = swap_setup
     from airflow import settings
 
@@ -135,6 +135,7 @@ def test_swap_dag_under_airflow_merges_after_the_chunks(swap_setup, airflow_db, 
     monkeypatch.setattr(settings, "DAGS_FOLDER", str(tmp_path))  # dag.test() on 3.x syncs the dags folder
     dag = build_backfill_dag(spec)
     assert dag.task_dict["merge"].upstream_task_ids == {"load_chunk"} and dag.max_active_runs == 1
+    assert dag.task_dict["validate"].upstream_task_ids == {"merge"}  # validation compares the live table
     live_before = live_rows(dst)
 
     dry = dag.test(run_conf={"start": "2024-01-01", "end": "2024-01-04", "dry_run": True})
@@ -154,6 +155,7 @@ def test_swap_dag_under_airflow_merges_after_the_chunks(swap_setup, airflow_db, 
     assert str(getattr(failed.state, "value", failed.state)) == "failed"
     states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in failed.get_task_instances()}
     assert states["merge"] == "failed" and states["load_chunk"] == "success"
+    assert states["validate"] == "upstream_failed"
     assert live_rows(dst) == live_before and exists(dst, "public.orders_backfill")
 
     # a new run: every chunk is in the ledger (nothing to load, load_chunk skipped), the merge still runs
@@ -161,7 +163,7 @@ def test_swap_dag_under_airflow_merges_after_the_chunks(swap_setup, airflow_db, 
     run = dag.test(run_conf=conf)
     assert str(getattr(run.state, "value", run.state)) == "success"
     states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in run.get_task_instances()}
-    assert states == {"plan": "success", "load_chunk": "skipped", "merge": "success"}
+    assert states == {"plan": "success", "load_chunk": "skipped", "merge": "success", "validate": "success"}
     assert fetch_all(dst, "SELECT count(*) FROM orders") == [(902,)]
     assert not exists(dst, "public.orders_backfill")
     assert fetch_all(dst, "SELECT status FROM orders WHERE id IN (1, 450, 900) ORDER BY id") == [("live",)] * 3
