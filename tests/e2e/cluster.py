@@ -192,6 +192,7 @@ class AirflowCluster:
         self.api_prefix = "/api/v2" if self.v3 else "/api/v1"
         self.procs: dict[str, subprocess.Popen] = {}
         self.timings: dict[str, float] = {}
+        self.backfill_deadlocks = 0  # 2.11 only; see backfill()
         self._db_created = False
         self._http = requests.Session()
         self.env: dict[str, str] = {}
@@ -518,13 +519,18 @@ class AirflowCluster:
         max_active_runs: int | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = 600,
+        deadlock_retries: int = 3,
     ) -> list[str]:
         """Backfill logical dates ``start``..``end`` (both inclusive) the way users do; return the run ids.
 
         3.x: ``airflow backfill create`` only creates the runs (the scheduler runs them; the DAG must be
         unpaused); wait for them with ``wait_for_runs``. 2.11: ``airflow dags backfill`` runs them in the
         foreground, with ``[scheduler] schedule_after_task_execution`` off because the mini scheduler
-        deadlocks BackfillJob on mapped tasks.
+        deadlocks BackfillJob on mapped tasks. Even so, 2.11's BackfillJob can still stop with "BackfillJob is
+        deadlocked": when an upstream task's success is read from the DB before the executor reports it, the
+        executor event is dropped ("state success not in running") and the mapped task is never expanded.
+        Re-running the same command resumes the runs (finished task instances are not re-run), so that is
+        what this does, at most ``deadlock_retries`` times; ``self.backfill_deadlocks`` counts them.
         """
         before = {r["dag_run_id"] for r in self.dag_runs(dag_id, "backfill")}
         if self.v3:
@@ -533,10 +539,19 @@ class AirflowCluster:
                 args += ["--max-active-runs", str(max_active_runs)]
             self.cli(*args, *extra_args, timeout=120)
         else:
-            self.cli(
-                "dags", "backfill", "--start-date", str(start), "--end-date", str(end), *extra_args, dag_id,
-                timeout=timeout, env={"AIRFLOW__SCHEDULER__SCHEDULE_AFTER_TASK_EXECUTION": "False"},
-            )  # fmt: skip
+            args = ["dags", "backfill", "--start-date", str(start), "--end-date", str(end), *extra_args, dag_id]
+            for attempt in range(deadlock_retries + 1):
+                result = self.cli(
+                    *args, timeout=timeout, check=False, env={"AIRFLOW__SCHEDULER__SCHEDULE_AFTER_TASK_EXECUTION": "False"}
+                )
+                if result.returncode == 0:
+                    break
+                if "BackfillJob is deadlocked" not in result.stdout + result.stderr or attempt == deadlock_retries:
+                    raise ClusterError(
+                        f"`airflow {' '.join(args)}` exited {result.returncode} (attempt {attempt + 1})\n"
+                        f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+                    )
+                self.backfill_deadlocks += 1
         runs = [r for r in self.dag_runs(dag_id, "backfill") if r["dag_run_id"] not in before]
         return [r["dag_run_id"] for r in sorted(runs, key=lambda r: r["logical_date"])]
 
@@ -572,8 +587,11 @@ class AirflowCluster:
 
     def clear_failed(
         self, dag_id: str, run_id: str, task_id: str, map_index: int | None = None, *, include_downstream: bool = True
-    ) -> list[dict]:
-        """Clear the failed task instance(s) of one task in one run (and what depends on them); return them.
+    ) -> list[tuple[str, int | None]]:
+        """Clear the failed task instance(s) of one task in one run (and what depends on them).
+
+        Returns ``(task_id, map_index)`` of each cleared instance (map_index is None on 2.11, whose response
+        does not carry it).
 
         3.x targets exactly ``(task_id, map_index)``. 2.11's REST API takes task ids only, so there every failed
         map index of ``task_id`` in the run is cleared (``only_failed`` leaves the successful ones alone).
@@ -591,7 +609,7 @@ class AirflowCluster:
         cleared = self.api("POST", f"/dags/{dag_id}/clearTaskInstances", json=body)["task_instances"]
         if not cleared:
             raise ClusterError(f"clearing {task_id}[{map_index}] of {dag_id}/{run_id} cleared nothing\n{self.describe_run(dag_id, run_id)}")
-        return cleared
+        return sorted((c["task_id"], c.get("map_index")) for c in cleared)
 
     # ---------------------------------------------------------------- evidence
     def task_log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:

@@ -101,7 +101,8 @@ def test_clear_only_the_failed_mapped_instance(cluster, db):
 
     db.execute("DELETE FROM smoke_fault")
     cleared = cluster.clear_failed(DAG_ID, run, "touch", map_index=1)
-    assert sorted((c["task_id"], c.get("map_index", -1)) for c in cleared) == [("done", -1), ("touch", 1)]
+    expected = [("done", -1), ("touch", 1)] if cluster.v3 else [("done", None), ("touch", None)]
+    assert cleared == expected
     assert cluster.wait_for_run(DAG_ID, run) == "success"
 
     assert logged_days(db, [run]) == Counter({"2024-05-01": 1, "2024-05-02": 1, "2024-05-03": 1})
