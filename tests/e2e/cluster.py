@@ -76,6 +76,11 @@ class TaskInstance:
         return self.rendered_map_index or str(self.map_index)
 
 
+def airflow_major() -> int:
+    """Major version of the Airflow installed next to this Python, without importing airflow."""
+    return int(importlib.metadata.version("apache-airflow").split(".")[0])
+
+
 def _parse_dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 

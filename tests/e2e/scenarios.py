@@ -1,0 +1,105 @@
+"""The end-to-end scenarios of the orders DAG, written once for both Airflow versions.
+
+Each scenario uses its own date range, so scenarios sharing one cluster and one destination never overlap.
+The few version differences (backfill command, what a clear can target) live in tests/e2e/cluster.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from tests.e2e.cluster import AirflowCluster, max_overlap
+from tests.e2e.orders_env import (
+    CHUNK_TASK,
+    DAG_ID,
+    POOL,
+    POOL_SLOTS,
+    OrdersEnv,
+    arrivals_per_day,
+    days,
+    inject_fault,
+    range_digest,
+    remove_fault,
+    source_rows_per_day,
+)
+
+D = dt.date
+
+
+def assert_loaded_exactly_once(env: OrdersEnv, start: dt.date, end: dt.date) -> None:
+    """Destination equals source over [start, end), and every row was committed exactly once."""
+    assert range_digest(env.dst_url, start, end) == range_digest(env.src_url, start, end)
+    expected = {day: (n, n) for day, n in source_rows_per_day(env, start, end).items()}
+    assert len(expected) == (end - start).days
+    assert arrivals_per_day(env, start, end) == expected
+
+
+def chunk_labels(cluster: AirflowCluster, run_id: str) -> list[str]:
+    return [t.label for t in cluster.task_instances(DAG_ID, run_id, CHUNK_TASK)]
+
+
+def trigger_with_range_via_rest_and_cli(cluster: AirflowCluster, env: OrdersEnv) -> None:
+    """2a: manual runs with start/end in conf, from the REST API and from the CLI."""
+    rest = cluster.trigger(DAG_ID, {"start": "2023-01-01", "end": "2023-01-06"}, via="rest")
+    cli = cluster.trigger(DAG_ID, {"start": "2023-01-06", "end": "2023-01-09"}, via="cli")
+    assert cluster.wait_for_runs(DAG_ID, [rest, cli]) == {rest: "success", cli: "success"}
+
+    assert chunk_labels(cluster, rest) == [d.isoformat() for d in days(D(2023, 1, 1), D(2023, 1, 6))]
+    assert chunk_labels(cluster, cli) == [d.isoformat() for d in days(D(2023, 1, 6), D(2023, 1, 9))]
+    assert_loaded_exactly_once(env, D(2023, 1, 1), D(2023, 1, 9))
+
+
+def backfill_each_day_once(cluster: AirflowCluster, env: OrdersEnv) -> None:
+    """2b: the backfill command over 10 days: one run per day, each day's rows arrive exactly once."""
+    runs = cluster.backfill(DAG_ID, "2023-02-01", "2023-02-10")
+    assert len(runs) == 10, runs
+    assert set(cluster.wait_for_runs(DAG_ID, runs, timeout=420).values()) == {"success"}
+
+    per_run = {run: cluster.task_instances(DAG_ID, run, CHUNK_TASK) for run in runs}
+    assert sorted(t.label for tis in per_run.values() for t in tis) == [
+        d.isoformat() for d in days(D(2023, 2, 1), D(2023, 2, 11))
+    ]
+    assert all(len(tis) == 1 and tis[0].state == "success" for tis in per_run.values()), per_run
+    assert_loaded_exactly_once(env, D(2023, 2, 1), D(2023, 2, 11))
+
+
+def pool_caps_chunks_on_source(cluster: AirflowCluster, env: OrdersEnv) -> None:
+    """2c: with more chunks than pool slots, never more than POOL_SLOTS chunks run at once."""
+    run = cluster.trigger(DAG_ID, {"start": "2023-01-10", "end": "2023-01-18"})
+    assert cluster.wait_for_run(DAG_ID, run) == "success"
+
+    chunks = cluster.task_instances(DAG_ID, run, CHUNK_TASK)
+    assert len(chunks) == 8 > POOL_SLOTS
+    assert {t.pool for t in chunks} == {POOL}
+    assert max_overlap((t.start_date, t.end_date) for t in chunks) <= POOL_SLOTS
+    assert_loaded_exactly_once(env, D(2023, 1, 10), D(2023, 1, 18))
+
+
+def retry_only_the_failed_chunk(cluster: AirflowCluster, env: OrdersEnv) -> None:
+    """2d: one chunk fails (fault in the destination), the run fails; clearing that chunk makes it succeed."""
+    start, bad, end = D(2023, 3, 1), D(2023, 3, 3), D(2023, 3, 5)
+    inject_fault(env, bad)
+    try:
+        run = cluster.trigger(DAG_ID, {"start": start.isoformat(), "end": end.isoformat()})
+        assert cluster.wait_for_run(DAG_ID, run) == "failed"
+    finally:
+        remove_fault(env)
+
+    first = {t.label: t for t in cluster.task_instances(DAG_ID, run, CHUNK_TASK)}
+    assert {label: t.state for label, t in first.items()} == {
+        d.isoformat(): ("failed" if d == bad else "success") for d in days(start, end)
+    }
+    assert bad not in arrivals_per_day(env, start, end)  # the failed chunk committed nothing
+
+    cleared = cluster.clear_failed(DAG_ID, run, CHUNK_TASK, first[bad.isoformat()].map_index)
+    assert (CHUNK_TASK, first[bad.isoformat()].map_index if cluster.v3 else None) in cleared
+    assert cluster.wait_for_run(DAG_ID, run) == "success"
+
+    after = {t.label: t for t in cluster.task_instances(DAG_ID, run, CHUNK_TASK)}
+    assert {label: t.state for label, t in after.items()} == {d.isoformat(): "success" for d in days(start, end)}
+    for label, t in after.items():  # only the failed chunk ran again
+        if label == bad.isoformat():
+            assert t.try_number == first[label].try_number + 1
+        else:
+            assert (t.try_number, t.start_date) == (first[label].try_number, first[label].start_date)
+    assert_loaded_exactly_once(env, start, end)
