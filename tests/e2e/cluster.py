@@ -24,6 +24,7 @@ Typical use, one cluster per test module::
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import importlib.metadata
@@ -216,6 +217,7 @@ class AirflowCluster:
 
     def start(self) -> None:
         t0 = time.monotonic()
+        atexit.register(self.stop)  # last resort if the caller never reaches stop()
         self.home = Path(tempfile.mkdtemp(prefix=f"af-e2e-{self.tag}-"))
         (self.home / "proc-logs").mkdir()
         with _pg_admin_cursor() as cur:
@@ -241,17 +243,18 @@ class AirflowCluster:
         self._authenticate()
         self.timings["start_total"] = time.monotonic() - t0
 
-    def stop(self, grace: float = 15.0) -> None:
-        """Stop every process (their groups and all descendants), then drop the metadata DB. Idempotent."""
-        victims: dict[int, psutil.Process] = {}
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop every process (their groups and all descendants), then drop the metadata DB. Idempotent.
+
+        SIGTERM first; whatever is left after ``grace`` seconds gets SIGKILL. A scheduler with running tasks
+        would wait for them to finish, and a test teardown has no reason to wait for that.
+        """
+        atexit.unregister(self.stop)
+        # Task processes put themselves in their own process group, so signalling the components' groups is
+        # not enough: collect the whole tree first, plus anything carrying our AIRFLOW_HOME (reparented ones,
+        # tasks of a CLI backfill that timed out).
+        victims = {p.pid: p for p in self._processes()}
         for proc in self.procs.values():
-            try:
-                root = psutil.Process(proc.pid)
-                # Task processes put themselves in their own process group: collect them before the tree unravels.
-                for p in [root, *root.children(recursive=True)]:
-                    victims[p.pid] = p
-            except psutil.NoSuchProcess:
-                pass
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
@@ -267,6 +270,7 @@ class AirflowCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        alive += [p for p in self._processes() if p.pid not in victims]
         for p in alive:
             try:
                 p.kill()
@@ -393,6 +397,28 @@ class AirflowCluster:
                 f"--- stderr\n{err[-3000:]}"
             )
         return result
+
+    def _processes(self) -> list[psutil.Process]:
+        """The components, all their descendants, and any other process started with this AIRFLOW_HOME."""
+        found: dict[int, psutil.Process] = {}
+        for proc in self.procs.values():
+            try:
+                root = psutil.Process(proc.pid)
+                found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                pass
+        if self.home:
+            for p in psutil.process_iter():
+                try:
+                    if p.pid != os.getpid() and p.environ().get("AIRFLOW_HOME") == str(self.home):
+                        found.setdefault(p.pid, p)
+                except psutil.Error:
+                    pass
+        return list(found.values())
+
+    def pids(self) -> set[int]:
+        """Every live process of the cluster (task processes included)."""
+        return {p.pid for p in self._processes()}
 
     def log_path(self, name: str) -> Path:
         return self.home / "proc-logs" / f"{name}.log"

@@ -7,6 +7,7 @@ The few version differences (backfill command, what a clear can target) live in 
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 
 from tests.e2e.cluster import AirflowCluster, max_overlap
 from tests.e2e.orders_env import (
@@ -48,10 +49,16 @@ def trigger_with_range_via_rest_and_cli(cluster: AirflowCluster, env: OrdersEnv)
     assert chunk_labels(cluster, cli) == [d.isoformat() for d in days(D(2023, 1, 6), D(2023, 1, 9))]
     assert_loaded_exactly_once(env, D(2023, 1, 1), D(2023, 1, 9))
 
+    # The trigger form's date format is enforced server-side too: a bad date creates no run.
+    refusal = cluster.trigger_expect_rejected(DAG_ID, {"start": "2023-02-30", "end": "2023-03-01"})
+    assert "2023-02-30" in refusal or "date" in refusal.lower(), refusal
+
 
 def backfill_each_day_once(cluster: AirflowCluster, env: OrdersEnv) -> None:
     """2b: the backfill command over 10 days: one run per day, each day's rows arrive exactly once."""
     runs = cluster.backfill(DAG_ID, "2023-02-01", "2023-02-10")
+    if cluster.backfill_deadlocks:  # a known 2.11 BackfillJob race, worked around by re-running the command
+        warnings.warn(f"airflow dags backfill deadlocked {cluster.backfill_deadlocks}x and was re-run", stacklevel=1)
     assert len(runs) == 10, runs
     assert set(cluster.wait_for_runs(DAG_ID, runs, timeout=420).values()) == {"success"}
 

@@ -36,7 +36,9 @@ class PlanDays(BaseOperator):
 
 
 class TouchDay(BaseOperator):
-    def __init__(self, *, day: str, seconds: float = 1.0, conn_id: str = "smoke_db", **kwargs):
+    template_fields = ("seconds",)
+
+    def __init__(self, *, day: str, seconds: float | str = "{{ params.sleep }}", conn_id: str = "smoke_db", **kwargs):
         super().__init__(**kwargs)
         self.day, self.seconds, self.conn_id = day, seconds, conn_id
 
@@ -48,7 +50,7 @@ class TouchDay(BaseOperator):
             with conn.cursor() as cur:
                 cur.execute("SELECT clock_timestamp()")
                 started = cur.fetchone()[0]
-                time.sleep(self.seconds)
+                time.sleep(float(self.seconds))
                 cur.execute("SELECT 1 FROM smoke_fault WHERE day = %s", (self.day,))
                 if cur.fetchone():
                     raise AirflowFailException(f"injected fault for day {self.day} (row in smoke_fault)")
@@ -74,6 +76,7 @@ with DAG(
     params={
         "start": Param(None, type=["null", "string"], format="date"),
         "end": Param(None, type=["null", "string"], format="date"),
+        "sleep": Param(1.0, type="number", minimum=0),
     },
 ):
     days = PlanDays(task_id="plan")
