@@ -173,6 +173,7 @@ class AirflowCluster:
         executor: LocalExecutorSetup | CeleryExecutorSetup | None = None,
         connections: Mapping[str, str] | None = None,
         pools: Mapping[str, int] | None = None,
+        pools_include_deferred: bool = True,
         env: Mapping[str, str] | None = None,
         parallelism: int = 8,
         triggerer: bool = True,
@@ -183,6 +184,8 @@ class AirflowCluster:
         self.executor = executor or LocalExecutorSetup()
         self.connections = dict(connections or {})
         self.pools = dict(pools or {})
+        # As the docs tell users: a deferred chunk (waiting for a busy source) keeps its pool slot.
+        self.pools_include_deferred = pools_include_deferred
         self.extra_env = dict(env or {})
         self.parallelism = parallelism
         self.with_triggerer = triggerer
@@ -234,7 +237,9 @@ class AirflowCluster:
         if self.pools:
             pools_file = self.home / "pools.json"
             pools_file.write_text(
-                json.dumps({n: {"slots": s, "description": "e2e", "include_deferred": False} for n, s in self.pools.items()})
+                json.dumps(
+                    {n: {"slots": s, "description": "e2e", "include_deferred": self.pools_include_deferred} for n, s in self.pools.items()}
+                )
             )
             self.cli("pools", "import", str(pools_file))
         for name, args in self._components():
@@ -505,8 +510,8 @@ class AirflowCluster:
     def unpause(self, dag_id: str) -> None:
         self.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False}, params={"update_mask": "is_paused"})
 
-    def set_pool(self, name: str, slots: int) -> None:
-        self.cli("pools", "set", name, str(slots), "e2e")
+    def set_pool(self, name: str, slots: int, *, include_deferred: bool = True) -> None:
+        self.cli("pools", "set", name, str(slots), "e2e", *(["--include-deferred"] if include_deferred else []))
 
     def trigger(
         self, dag_id: str, conf: Mapping[str, Any] | None = None, *, via: str = "rest", run_id: str | None = None
