@@ -1,6 +1,8 @@
 """The end-to-end scenarios of the orders DAG, written once for both Airflow versions.
 
 Each scenario uses its own date range, so scenarios sharing one cluster and one destination never overlap.
+The seed covers 2023-01-01 .. 2023-03-10. Taken: 01-01..01-09 (2a), 01-10..01-18 (2c), 02-01..02-11 (2b),
+03-01..03-05 (2d), 03-06..03-09 (test_ui_trigger.py).
 The few version differences (backfill command, what a clear can target) live in tests/e2e/cluster.py.
 """
 
