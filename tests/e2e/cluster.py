@@ -31,6 +31,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -119,7 +120,7 @@ def _db_url(dbname: str, driver: str = "postgresql") -> str:
 
 # --------------------------------------------------------------------------------------------- executors
 class LocalExecutorSetup:
-    """Tasks run as children of the scheduler; nothing extra to start."""
+    """Tasks run as children of the scheduler; nothing extra to start or clean up."""
 
     name = "LocalExecutor"
 
@@ -129,26 +130,44 @@ class LocalExecutorSetup:
     def processes(self, cluster: AirflowCluster) -> list[tuple[str, list[str]]]:
         return []
 
+    def cleanup(self, cluster: AirflowCluster) -> None:
+        pass
+
 
 class CeleryExecutorSetup:
-    """CeleryExecutor with Redis as broker and N ``airflow celery worker`` processes.
+    """CeleryExecutor with Redis as broker and N ``airflow celery worker`` processes on this host.
 
-    Needs apache-airflow-providers-celery in the venv (not installed on this machine yet, so untested here).
-    The broker uses a random Redis database number so parallel clusters do not share queues.
+    Needs apache-airflow-providers-celery, celery and redis in the venv. The broker gets a Redis database
+    that is empty when the cluster starts, and it is flushed at stop, so clusters running side by side do not
+    share queues and no message outlives its cluster (two clusters starting in the same instant could still
+    pick the same database: a small race, accepted for tests).
     """
 
     name = "CeleryExecutor"
 
     def __init__(self, workers: int = 2, concurrency: int = 2, redis_url: str = "redis://127.0.0.1:6379"):
-        if importlib.util.find_spec("airflow.providers.celery") is None:
+        if importlib.util.find_spec("airflow.providers.celery") is None or importlib.util.find_spec("redis") is None:
             raise ClusterError(
-                "CeleryExecutorSetup needs apache-airflow-providers-celery (and celery, redis) in "
-                f"{sys.prefix}; install them or use LocalExecutorSetup"
+                "CeleryExecutorSetup needs apache-airflow-providers-celery and celery[redis] in "
+                f"{sys.prefix}; install them (requirements/airflow-3.3.txt) or use LocalExecutorSetup"
             )
-        self.workers, self.concurrency = workers, concurrency
-        self.broker = f"{redis_url}/{uuid.uuid4().int % 15 + 1}"
+        self.workers, self.concurrency, self.redis_url = workers, concurrency, redis_url
+        self.broker: str | None = None
+
+    def _claim_empty_db(self) -> str:
+        import redis
+
+        for db in random.sample(range(1, 16), 15):
+            client = redis.Redis.from_url(f"{self.redis_url}/{db}", socket_timeout=5)
+            try:
+                if client.dbsize() == 0:
+                    return f"{self.redis_url}/{db}"
+            finally:
+                client.close()
+        raise ClusterError(f"no empty Redis database (1-15) at {self.redis_url} for the Celery broker")
 
     def env(self, cluster: AirflowCluster) -> dict[str, str]:
+        self.broker = self.broker or self._claim_empty_db()
         return {
             "AIRFLOW__CELERY__BROKER_URL": self.broker,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + _db_url(cluster.meta_db),
@@ -156,10 +175,28 @@ class CeleryExecutorSetup:
         }
 
     def processes(self, cluster: AirflowCluster) -> list[tuple[str, list[str]]]:
+        # Several workers share one host and one AIRFLOW_HOME: each needs its own name and pid file, and
+        # none may start serve-logs (they would all bind the same port; the api-server reads local files).
         return [
-            (f"celery-worker-{i}", ["celery", "worker", "--celery-hostname", f"w{i}-{cluster.tag}@%h"])
+            (
+                f"celery-worker-{i}",
+                ["celery", "worker", "--celery-hostname", f"w{i}-{cluster.tag}@%h", "--skip-serve-logs",
+                 "--pid", str(cluster.home / f"celery-worker-{i}.pid")],
+            )  # fmt: skip
             for i in range(self.workers)
         ]
+
+    def cleanup(self, cluster: AirflowCluster) -> None:
+        """Flush the broker database (the processes are already stopped)."""
+        if self.broker:
+            import redis
+
+            client = redis.Redis.from_url(self.broker, socket_timeout=5)
+            try:
+                client.flushdb()
+            finally:
+                client.close()
+            self.broker = None
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -289,6 +326,7 @@ class AirflowCluster:
                 pass
         self.procs.clear()
         self._http.close()
+        self.executor.cleanup(self)
         if self._db_created:
             with _pg_admin_cursor() as cur:
                 cur.execute(
