@@ -293,8 +293,8 @@ class AirflowCluster:
         """
         atexit.unregister(self.stop)
         # Task processes put themselves in their own process group, so signalling the components' groups is
-        # not enough: collect the whole tree first, plus anything carrying our AIRFLOW_HOME (reparented ones,
-        # tasks of a CLI backfill that timed out).
+        # not enough: collect the whole tree first, plus anything else started in our AIRFLOW_HOME (reparented
+        # ones, tasks of a CLI backfill that timed out).
         victims = {p.pid: p for p in self._processes()}
         for proc in self.procs.values():
             try:
@@ -442,7 +442,7 @@ class AirflowCluster:
         return result
 
     def _processes(self) -> list[psutil.Process]:
-        """The components, all their descendants, and any other process started with this AIRFLOW_HOME."""
+        """The components, all their descendants, and any other process started in this AIRFLOW_HOME."""
         found: dict[int, psutil.Process] = {}
         for proc in self.procs.values():
             try:
@@ -452,12 +452,22 @@ class AirflowCluster:
                 pass
         if self.home:
             for p in psutil.process_iter():
-                try:
-                    if p.pid != os.getpid() and p.environ().get("AIRFLOW_HOME") == str(self.home):
-                        found.setdefault(p.pid, p)
-                except psutil.Error:
-                    pass
+                if p.pid != os.getpid() and p.pid not in found and self._started_here(p):
+                    found[p.pid] = p
         return list(found.values())
+
+    def _started_here(self, p: psutil.Process) -> bool:
+        # Every process is started with cwd=home. The working directory is the reliable mark: processes that
+        # retitle themselves (api_server, serve-logs, executor workers) garble /proc/<pid>/environ.
+        try:
+            if Path(p.cwd()).is_relative_to(self.home):
+                return True
+        except psutil.Error:
+            pass
+        try:
+            return p.environ().get("AIRFLOW_HOME") == str(self.home)
+        except psutil.Error:
+            return False
 
     def pids(self) -> set[int]:
         """Every live process of the cluster (task processes included)."""
