@@ -26,10 +26,13 @@ venv-af2: $(VENV2)/.installed
 pg: venv
 	PYTHON=$(VENV)/bin/python bash scripts/ensure_postgres.sh
 
+browser:
+	bash scripts/ensure_browser.sh
+
 demo: venv pg
 	$(VENV)/bin/python scripts/demo.py
 
-test: venv pg
+test: venv pg browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-af2: venv-af2 pg
