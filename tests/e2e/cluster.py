@@ -9,8 +9,8 @@ It drives the cluster the way a user does: the ``airflow`` CLI and the REST API 
 SimpleAuthManager token; 2.11 ``/api/v1`` with basic auth). Every wait is bounded and, on timeout or on a
 component dying, raises ``ClusterError`` with the task states and the tails of the relevant logs.
 
-The executor is pluggable (``LocalExecutorSetup`` by default; ``CeleryExecutorSetup`` shows how extra
-processes such as ``airflow celery worker`` are started and stopped with the rest).
+The executor is pluggable (``LocalExecutorSetup`` by default; ``CeleryExecutorSetup`` adds Redis as broker
+and N ``airflow celery worker`` processes, started and stopped with the rest).
 
 Typical use, one cluster per test module::
 
@@ -71,6 +71,7 @@ class TaskInstance:
     start_date: datetime | None
     end_date: datetime | None
     pool: str | None
+    hostname: str | None = None  # the worker that ran it ('' or None until it started)
 
     @property
     def label(self) -> str:
@@ -119,84 +120,175 @@ def _db_url(dbname: str, driver: str = "postgresql") -> str:
 
 
 # --------------------------------------------------------------------------------------------- executors
+def ensure_redis(host: str = "127.0.0.1", port: int = 6379) -> str | None:
+    """Make sure a Redis answers at host:port (start a throwaway, non-persistent one if none does).
+
+    Returns None when Redis answers, else why not (for ``pytest.skip``).
+    """
+    try:
+        import redis
+    except ImportError:
+        return f"the redis client is not installed in {sys.prefix} (pip install apache-airflow-providers-celery)"
+
+    def answers() -> bool:
+        try:
+            with redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    if answers():
+        return None
+    server = shutil.which("redis-server")
+    if server is None:
+        return f"no Redis answers at {host}:{port} and redis-server is not installed to start one"
+    cmd = [server, "--daemonize", "yes", "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+    started = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if answers():
+            return None
+        time.sleep(0.2)
+    return f"no Redis answers at {host}:{port}; `{' '.join(cmd)}` exited {started.returncode}: {started.stderr.strip()[-500:]}"
+
+
+def celery_missing() -> list[str]:
+    """What CeleryExecutorSetup needs and this venv lacks (checked without importing airflow)."""
+    missing = []
+    try:
+        importlib.metadata.version("apache-airflow-providers-celery")
+    except importlib.metadata.PackageNotFoundError:
+        missing.append("apache-airflow-providers-celery")
+    return missing + [m for m in ("celery", "redis") if importlib.util.find_spec(m) is None]
+
+
 class LocalExecutorSetup:
-    """Tasks run as children of the scheduler; nothing extra to start or clean up."""
+    """Tasks run as children of the scheduler; nothing extra to start, wait for or clean up."""
 
     name = "LocalExecutor"
 
     def env(self, cluster: AirflowCluster) -> dict[str, str]:
         return {}
 
-    def processes(self, cluster: AirflowCluster) -> list[tuple[str, list[str]]]:
+    def processes(self, cluster: AirflowCluster) -> list[tuple[str, list[str], dict[str, str]]]:
         return []
+
+    def prepare(self, cluster: AirflowCluster) -> None:
+        pass
+
+    def wait_ready(self, cluster: AirflowCluster) -> None:
+        pass
 
     def cleanup(self, cluster: AirflowCluster) -> None:
         pass
 
 
 class CeleryExecutorSetup:
-    """CeleryExecutor with Redis as broker and N ``airflow celery worker`` processes on this host.
+    """CeleryExecutor: Redis as broker, results in the cluster's metadata DB, N ``airflow celery worker``s.
 
-    Needs apache-airflow-providers-celery, celery and redis in the venv. The broker gets a Redis database
-    that is empty when the cluster starts, and it is flushed at stop, so clusters running side by side do not
-    share queues and no message outlives its cluster (two clusters starting in the same instant could still
-    pick the same database: a small race, accepted for tests).
+    Needs apache-airflow-providers-celery, celery and redis in the venv. Isolation from other clusters on the
+    same Redis: each cluster claims an empty Redis database (1..15) with an atomic marker key (SET NX) and uses
+    its own queue name, so parallel runs can neither steal nor flush each other's tasks; at stop the database
+    is flushed, but only if the marker is still ours. Each worker gets its own Celery hostname, pid file and,
+    through ``[core] hostname_callable``, its own task instance ``hostname`` (``w<i>-<cluster tag>``), so a test
+    can tell which worker ran what on one machine.
     """
 
     name = "CeleryExecutor"
+    CLAIM_KEY = "airflow-backfill-e2e:owner"
 
     def __init__(self, workers: int = 2, concurrency: int = 2, redis_url: str = "redis://127.0.0.1:6379"):
-        if importlib.util.find_spec("airflow.providers.celery") is None or importlib.util.find_spec("redis") is None:
+        missing = celery_missing()
+        if missing:
             raise ClusterError(
-                "CeleryExecutorSetup needs apache-airflow-providers-celery and celery[redis] in "
-                f"{sys.prefix}; install them (requirements/airflow-3.3.txt) or use LocalExecutorSetup"
+                f"CeleryExecutorSetup needs {', '.join(missing)} in {sys.prefix}: install the pins of "
+                "requirements/airflow-3.3.txt (apache-airflow-providers-celery, celery[redis]) or use LocalExecutorSetup"
             )
-        self.workers, self.concurrency, self.redis_url = workers, concurrency, redis_url
-        self.broker: str | None = None
+        self.workers, self.concurrency = workers, concurrency
+        self.redis_url = redis_url.rstrip("/")
+        self.db: int | None = None
+        self.owner = ""
 
-    def _claim_empty_db(self) -> str:
+    @property
+    def broker(self) -> str:
+        if self.db is None:
+            raise ClusterError("CeleryExecutorSetup.broker used before prepare() claimed a Redis database")
+        return f"{self.redis_url}/{self.db}"
+
+    def hostnames(self, cluster: AirflowCluster) -> list[str]:
+        return [f"w{i}-{cluster.tag}" for i in range(self.workers)]
+
+    def queue(self, cluster: AirflowCluster) -> str:
+        return f"e2e-{cluster.tag}"
+
+    def prepare(self, cluster: AirflowCluster) -> None:
+        """Claim an empty Redis database for this cluster (random order, so parallel runs spread out)."""
         import redis
 
+        self.owner = cluster.tag
         for db in random.sample(range(1, 16), 15):
             client = redis.Redis.from_url(f"{self.redis_url}/{db}", socket_timeout=5)
             try:
-                if client.dbsize() == 0:
-                    return f"{self.redis_url}/{db}"
+                # Empty and unclaimed; SET NX makes the claim atomic against a parallel run choosing the same db.
+                if client.dbsize() == 0 and client.set(self.CLAIM_KEY, self.owner, nx=True, ex=24 * 3600):
+                    self.db = db
+                    return
             finally:
                 client.close()
-        raise ClusterError(f"no empty Redis database (1-15) at {self.redis_url} for the Celery broker")
+        raise ClusterError(f"no empty Redis database among 1..15 at {self.redis_url}; flush stale ones (FLUSHDB)")
 
     def env(self, cluster: AirflowCluster) -> dict[str, str]:
-        self.broker = self.broker or self._claim_empty_db()
         return {
             "AIRFLOW__CELERY__BROKER_URL": self.broker,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + _db_url(cluster.meta_db),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue(cluster),
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.worker_hostname.get_hostname",
         }
 
-    def processes(self, cluster: AirflowCluster) -> list[tuple[str, list[str]]]:
+    def processes(self, cluster: AirflowCluster) -> list[tuple[str, list[str], dict[str, str]]]:
         # Several workers share one host and one AIRFLOW_HOME: each needs its own name and pid file, and
         # none may start serve-logs (they would all bind the same port; the api-server reads local files).
         return [
             (
                 f"celery-worker-{i}",
-                ["celery", "worker", "--celery-hostname", f"w{i}-{cluster.tag}@%h", "--skip-serve-logs",
+                ["celery", "worker", "--celery-hostname", f"{host}@%h", "--queues", self.queue(cluster),
+                 "--concurrency", str(self.concurrency), "--skip-serve-logs",
                  "--pid", str(cluster.home / f"celery-worker-{i}.pid")],
+                {"E2E_WORKER_HOSTNAME": host},
             )  # fmt: skip
-            for i in range(self.workers)
+            for i, host in enumerate(self.hostnames(cluster))
         ]
 
-    def cleanup(self, cluster: AirflowCluster) -> None:
-        """Flush the broker database (the processes are already stopped)."""
-        if self.broker:
-            import redis
+    def wait_ready(self, cluster: AirflowCluster, timeout: float = 120) -> None:
+        """Until every worker answers a Celery ping: a task queued earlier would go to the first one up."""
+        from celery import Celery
 
-            client = redis.Redis.from_url(self.broker, socket_timeout=5)
-            try:
+        app = Celery(broker=self.broker)
+        wanted = set(self.hostnames(cluster))
+        try:
+
+            def all_answer():
+                replies = app.control.ping(timeout=2) or []
+                return wanted <= {name.split("@", 1)[0] for reply in replies for name in reply}
+
+            cluster.wait_until(f"celery workers {sorted(wanted)} to answer a ping", all_answer, timeout, interval=1)
+        finally:
+            app.close()
+
+    def cleanup(self, cluster: AirflowCluster) -> None:
+        """Flush the claimed Redis database (the processes are already stopped), only if the claim is still ours."""
+        if self.db is None:
+            return
+        import redis
+
+        client = redis.Redis.from_url(self.broker, socket_timeout=5)
+        try:
+            if client.get(self.CLAIM_KEY) == self.owner.encode():
                 client.flushdb()
-            finally:
-                client.close()
-            self.broker = None
+        finally:
+            client.close()
+        self.db = None
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -263,6 +355,7 @@ class AirflowCluster:
         with _pg_admin_cursor() as cur:
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.meta_db)))
         self._db_created = True
+        self.executor.prepare(self)
         self.env = self._build_env()
         self.cli("db", "migrate", timeout=300)
         self.timings["db_migrate"] = time.monotonic() - t0
@@ -279,9 +372,10 @@ class AirflowCluster:
                 )
             )
             self.cli("pools", "import", str(pools_file))
-        for name, args in self._components():
-            self._spawn(name, args)
+        for name, args, extra_env in self._components():
+            self._spawn(name, args, extra_env)
         self._wait_healthy()
+        self.executor.wait_ready(self)
         self._authenticate()
         self.timings["start_total"] = time.monotonic() - t0
 
@@ -326,15 +420,17 @@ class AirflowCluster:
                 pass
         self.procs.clear()
         self._http.close()
-        self.executor.cleanup(self)
-        if self._db_created:
-            with _pg_admin_cursor() as cur:
-                cur.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (self.meta_db,),
-                )
-                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.meta_db)))
-            self._db_created = False
+        try:
+            self.executor.cleanup(self)
+        finally:
+            if self._db_created:
+                with _pg_admin_cursor() as cur:
+                    cur.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                        (self.meta_db,),
+                    )
+                    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.meta_db)))
+                self._db_created = False
         if self.home and not os.environ.get("E2E_KEEP_HOME"):
             shutil.rmtree(self.home, ignore_errors=True)
 
@@ -404,14 +500,14 @@ class AirflowCluster:
             parts = [("webserver", ["webserver"]), ("scheduler", ["scheduler"])]
         if self.with_triggerer:
             parts.append(("triggerer", ["triggerer"]))
-        return parts + self.executor.processes(self)
+        return [(n, a, {}) for n, a in parts] + self.executor.processes(self)
 
     # ---------------------------------------------------------------- processes
-    def _spawn(self, name: str, args: Sequence[str]) -> None:
+    def _spawn(self, name: str, args: Sequence[str], extra_env: Mapping[str, str] | None = None) -> None:
         log = open(self.home / "proc-logs" / f"{name}.log", "ab")  # noqa: SIM115 (kept open by the child)
         # Own session => own process group, so stop() can signal the component and its helpers together.
         self.procs[name] = subprocess.Popen(
-            [self.airflow_bin, *args], env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
+            [self.airflow_bin, *args], env={**self.env, **(extra_env or {})}, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         log.close()
@@ -663,7 +759,7 @@ class AirflowCluster:
             TaskInstance(
                 task_id=t["task_id"], map_index=t["map_index"], rendered_map_index=t.get("rendered_map_index"),
                 state=t["state"], try_number=t["try_number"], start_date=_parse_dt(t["start_date"]),
-                end_date=_parse_dt(t["end_date"]), pool=t.get("pool"),
+                end_date=_parse_dt(t["end_date"]), pool=t.get("pool"), hostname=t.get("hostname"),
             )  # fmt: skip
             for t in raw
         ]

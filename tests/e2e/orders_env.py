@@ -22,7 +22,7 @@ import yaml
 from psycopg2 import sql
 
 from airflow_backfill_provider.demo import create_orders, seed_orders
-from tests.e2e.cluster import AirflowCluster
+from tests.e2e.cluster import AirflowCluster, CeleryExecutorSetup, LocalExecutorSetup
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "backfill_orders"
@@ -62,11 +62,11 @@ CREATE TRIGGER e2e_audit BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION e
 """
 
 
-def seed(src_url: str, dst_url: str) -> OrdersEnv:
+def seed(src_url: str, dst_url: str, *, rows: int = SEED_ROWS, days: int = SEED_DAYS) -> OrdersEnv:
     src = psycopg2.connect(src_url)
     dst = psycopg2.connect(dst_url)
     try:
-        seed_orders(src, rows=SEED_ROWS, days=SEED_DAYS, start=SEED_START)
+        seed_orders(src, rows=rows, days=days, start=SEED_START)
         create_orders(dst)
     finally:
         src.close()
@@ -85,12 +85,19 @@ def write_dags_folder(folder: Path, **overrides) -> Path:
     return folder
 
 
-def start_cluster(env: OrdersEnv, dags_folder: Path) -> AirflowCluster:
+def start_cluster(
+    env: OrdersEnv,
+    dags_folder: Path,
+    *,
+    executor: LocalExecutorSetup | CeleryExecutorSetup | None = None,
+    pool_slots: int = POOL_SLOTS,
+) -> AirflowCluster:
     """A started cluster (caller stops it) with the DAG parsed and unpaused."""
     cluster = AirflowCluster(
         dags_folder,
+        executor=executor,
         connections={"backfill_source_pg": env.src_url, "backfill_dest_pg": env.dst_url},
-        pools={POOL: POOL_SLOTS},
+        pools={POOL: pool_slots},
         env={"AIRFLOW_BACKFILL_STRICT": "1"},  # a broken config is an import error, reported by wait_for_dag
     )
     try:
@@ -109,6 +116,11 @@ def _bounds(start: dt.date, end: dt.date) -> dict:
         "lo": dt.datetime.combine(start, dt.time(), dt.timezone.utc),
         "hi": dt.datetime.combine(end, dt.time(), dt.timezone.utc),
     }
+
+
+def table_digest(url: str) -> tuple[int, str]:
+    """(rows, md5 of every row in id order) of the whole ``orders`` table."""
+    return _execute(url, "SELECT count(*), md5(coalesce(string_agg(o::text, '|' ORDER BY o.id), '')) FROM orders o")[0]
 
 
 def range_digest(url: str, start: dt.date, end: dt.date) -> tuple[int, str]:
@@ -161,6 +173,24 @@ def inject_fault(env: OrdersEnv, day: dt.date) -> None:
                END $$;
                CREATE TRIGGER e2e_fault BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION e2e_fault();"""
         ).format(day=sql.Literal(day)),
+    )
+
+
+def slow_down(env: OrdersEnv, seconds: float) -> None:
+    """Make every chunk's upsert into the destination take at least ``seconds`` (one sleep per statement).
+
+    Keeps tiny chunks running long enough to overlap, so a test can see a concurrency cap being reached.
+    """
+    _execute(
+        env.dst_url,
+        sql.SQL(
+            """CREATE FUNCTION e2e_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   PERFORM pg_sleep({seconds});
+                   RETURN NULL;
+               END $$;
+               CREATE TRIGGER e2e_slow BEFORE INSERT ON orders FOR EACH STATEMENT EXECUTE FUNCTION e2e_slow();"""
+        ).format(seconds=sql.Literal(seconds)),
     )
 
 
