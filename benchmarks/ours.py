@@ -1,0 +1,56 @@
+"""(1) Our chunk operator's transfer path, as the operator runs it, minus Airflow.
+
+Calls ``airflow_backfill_provider.transfer.transfer_chunk`` once per chunk, exactly as the mapped task does,
+with DSNs in place of Airflow connection ids. Imports happen before the clock starts.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def spec_dict(src_table: str = "orders", dst_table: str = "orders", granularity: str = "month") -> dict:
+    """The backfill spec a user would write for the benchmark's ``orders`` table."""
+    return {
+        "name": "bench_orders",
+        "source_conn_id": "bench_src",
+        "destination_conn_id": "bench_dst",
+        "source_table": src_table,
+        "destination_table": dst_table,
+        "time_column": "created_at",
+        "key_columns": ["id"],
+        "version_column": "updated_at",
+        "granularity": granularity,
+        "timezone": "UTC",
+        # the benchmark has no live ingest: no watermark table to read
+        "watermark": {"enabled": False},
+    }
+
+
+def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None) -> dict:
+    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.spec import load_spec
+    from airflow_backfill_provider.transfer import transfer_chunk
+
+    backfill = load_spec(spec or spec_dict())
+    planned = [Chunk.from_descriptor(c) for c in chunks]
+    totals = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0}
+    per_chunk = []
+    t0 = time.perf_counter()
+    for chunk in planned:
+        result = transfer_chunk(backfill, chunk, source=src_url, destination=dst_url)
+        totals["rows"] += result.rows_extracted
+        for key in ("inserted", "updated", "unchanged"):
+            totals[key] += getattr(result, key)
+        per_chunk.append({"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(result.seconds, 4)})
+    seconds = time.perf_counter() - t0
+    return {**totals, "seconds": seconds, "chunks": len(planned), "per_chunk": per_chunk}
+
+
+def idle(import_ours: bool = True) -> dict:
+    """Nothing but the imports: the floor under every peak RSS figure."""
+    if import_ours:
+        import airflow_backfill_provider.transfer  # noqa: F401
+    else:
+        import benchmarks.baselines  # noqa: F401
+    return {"rows": 0, "seconds": 0.0}
