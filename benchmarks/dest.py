@@ -21,12 +21,13 @@ def _conn(url: str):
     return conn
 
 
-def fresh_table(dst_url: str, table: str = "orders") -> None:
-    """Drop and recreate the destination table, so every first load starts from the same empty table."""
+def fresh_table(dst_url: str, table: str = "orders", ledger: str = "backfill_ledger") -> None:
+    """Drop and recreate the destination table (and our ledger): every first load starts from nothing."""
     conn = _conn(dst_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+            for name in (table, ledger):
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
             create_orders_table(cur, table)
     finally:
         conn.close()
