@@ -1,7 +1,9 @@
 """(1) Our chunk operator's transfer path, as the operator runs it, minus Airflow.
 
-Calls ``airflow_backfill_provider.transfer.transfer_chunk`` once per chunk, exactly as the mapped task does,
-with DSNs in place of Airflow connection ids. Imports happen before the clock starts.
+Per chunk, what ``BackfillChunkOperator`` does once Airflow has started the task: probe the source's load
+(``throttle.probe_source`` + ``decide``), then ``transfer.transfer_chunk``, with DSNs in place of Airflow
+connection ids. The benchmark never waits on the probe's decision (it records it). Imports happen before
+the clock starts.
 """
 
 from __future__ import annotations
@@ -27,24 +29,30 @@ def spec_dict(src_table: str = "orders", dst_table: str = "orders", granularity:
     }
 
 
-def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None) -> dict:
+def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None, probe: bool = True) -> dict:
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.spec import load_spec
-    from airflow_backfill_provider.transfer import transfer_chunk
+    from airflow_backfill_provider.throttle import decide, probe_source
+    from airflow_backfill_provider.transfer import application_name, transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     planned = [Chunk.from_descriptor(c) for c in chunks]
     totals = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0}
     per_chunk = []
+    decisions: dict[str, int] = {}
     t0 = time.perf_counter()
     for chunk in planned:
+        if probe:
+            sample = probe_source(src_url, application_name=f"{application_name(backfill.effective_dag_id, chunk.chunk_id)}:probe")
+            decision = decide(sample, backfill.throttle)
+            decisions[decision] = decisions.get(decision, 0) + 1
         result = transfer_chunk(backfill, chunk, source=src_url, destination=dst_url)
         totals["rows"] += result.rows_extracted
         for key in ("inserted", "updated", "unchanged"):
             totals[key] += getattr(result, key)
         per_chunk.append({"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(result.seconds, 4)})
     seconds = time.perf_counter() - t0
-    return {**totals, "seconds": seconds, "chunks": len(planned), "per_chunk": per_chunk}
+    return {**totals, "seconds": seconds, "chunks": len(planned), "per_chunk": per_chunk, "probe_decisions": decisions}
 
 
 def idle(import_ours: bool = True) -> dict:
