@@ -66,6 +66,39 @@ GROUP BY i.indexrelid
 """
 
 
+# _FIND_TABLE, _COLUMNS and _UNIQUE_KEYS in one statement (constant SQL; the names are bound parameters)
+_DESCRIBE = (
+    "WITH t AS (" + _FIND_TABLE + """)
+SELECT t.oid,
+       (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull)
+                        ORDER BY a.attnum)
+          FROM pg_attribute a
+         WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+       (SELECT json_agg(k.cols)
+          FROM (SELECT array_agg(a.attname ORDER BY a.attname)
+                  FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                 WHERE i.indrelid = t.oid AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+                 GROUP BY i.indexrelid) AS k(cols))
+FROM t
+"""
+)
+
+
+def describe_table(conn, table: TableName, *, side: str) -> tuple[list[Column], list[list[str]]]:
+    """A table's columns and unique keys in ONE round trip (every chunk runs this on a fresh session)."""
+    with conn.cursor() as cur:
+        cur.execute(_DESCRIBE, {"name": table.name, "schema": table.schema_})
+        row = cur.fetchone()
+    if row is None:
+        where = f"schema {table.schema_!r}" if table.schema_ else "the search_path"
+        raise PermanentChunkError(
+            f"{side} table {str(table)!r} does not exist in {where} of database "
+            f"{conn.get_dsn_parameters().get('dbname')!r}; check {side}_table in the spec"
+        )
+    _, columns, keys = row
+    return [Column(*c) for c in columns or []], [list(k) for k in keys or []]
+
+
 def table_oid(conn, table: TableName, *, side: str) -> int:
     with conn.cursor() as cur:
         cur.execute(_FIND_TABLE, {"name": table.name, "schema": table.schema_})
@@ -80,17 +113,11 @@ def table_oid(conn, table: TableName, *, side: str) -> int:
 
 
 def table_columns(conn, table: TableName, *, side: str) -> list[Column]:
-    oid = table_oid(conn, table, side=side)
-    with conn.cursor() as cur:
-        cur.execute(_COLUMNS, (oid,))
-        return [Column(*r) for r in cur.fetchall()]
+    return describe_table(conn, table, side=side)[0]
 
 
 def unique_keys(conn, table: TableName) -> list[list[str]]:
-    oid = table_oid(conn, table, side="destination")
-    with conn.cursor() as cur:
-        cur.execute(_UNIQUE_KEYS, (oid,))
-        return [list(r[0]) for r in cur.fetchall()]
+    return describe_table(conn, table, side="destination")[1]
 
 
 def check_destination(spec: BackfillSpec, dest_cols: list[Column], keys: list[list[str]], table: TableName) -> None:

@@ -74,7 +74,9 @@ def upsert(
 ) -> sql.Composed:
     """Stage -> destination, newer wins, and an unchanged row is never rewritten (no dead tuples on rerun).
 
-    Returns one row: (inserted, updated). Rows the WHERE filters out are "unchanged" (or older).
+    Rows the WHERE filters out are "unchanged" (or older). Inserted vs updated counts come from
+    :func:`xact_write_counts` around it, not from ``RETURNING``: returning every inserted row into a CTE
+    to count it cost ~7% of the statement's CPU on a first load (benchmarks/README.md).
     """
     non_keys = [c for c in columns if c not in keys]
     target = sql.Identifier("t")
@@ -96,11 +98,21 @@ def upsert(
     if not non_keys:
         action = sql.SQL("DO NOTHING")
     return sql.SQL(
-        "WITH up AS (INSERT INTO {dest} AS {t} ({c}) SELECT {c} FROM {stage}"
-        " ON CONFLICT ({k}) {action} RETURNING (t.xmax = 0) AS ins)"
-        " SELECT count(*) FILTER (WHERE ins), count(*) FILTER (WHERE NOT ins) FROM up"
+        "INSERT INTO {dest} AS {t} ({c}) SELECT {c} FROM {stage} ON CONFLICT ({k}) {action}"
     ).format(
         dest=ident(destination), t=target, c=cols(columns), stage=sql.Identifier(stage), k=cols(keys), action=action
+    )
+
+
+def xact_write_counts() -> sql.SQL:
+    """(inserted, updated) rows written so far by this transaction into a table (``%(table)s``, a quoted
+    name for ``to_regclass``) and, if it is partitioned, its partitions: PostgreSQL's own per-transaction
+    counters, free to read. ``pg_partition_tree`` lists nothing for a plain table, hence the UNION."""
+    return sql.SQL(
+        "SELECT coalesce(sum(pg_stat_get_xact_tuples_inserted(r)), 0)::bigint,"
+        " coalesce(sum(pg_stat_get_xact_tuples_updated(r)), 0)::bigint"
+        " FROM (SELECT to_regclass(%(table)s) AS r"
+        " UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s))) AS rels"
     )
 
 

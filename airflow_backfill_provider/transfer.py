@@ -75,10 +75,10 @@ def source_for(spec: BackfillSpec, chunk: Chunk) -> tuple[TableName, dict[str, s
 def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, schema.ColumnPlan]:
     """Catalog checks before any write: tables, columns, unique key; then what to select."""
     target = spec.staging_target
-    dest_cols = schema.table_columns(dst_conn, target, side="destination")
-    schema.check_destination(spec, dest_cols, schema.unique_keys(dst_conn, target), target)
+    dest_cols, dest_keys = schema.describe_table(dst_conn, target, side="destination")
+    schema.check_destination(spec, dest_cols, dest_keys, target)
     src_table, expressions = source_for(spec, chunk)
-    src_cols = schema.table_columns(src_conn, src_table, side="source")
+    src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
     return src_table, schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
 
 
@@ -201,8 +201,13 @@ def transfer_chunk(
                 q.copy_out(select, spec.copy_format),
                 q.copy_in(_STAGE, plan.columns, spec.copy_format),
             )
+            counters = {"table": q.ident(target).as_string(cur)}
+            cur.execute(q.xact_write_counts(), counters)
+            ins0, upd0 = cur.fetchone()
             cur.execute(q.upsert(target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy))
-            inserted, updated = cur.fetchone()
+            cur.execute(q.xact_write_counts(), counters)
+            ins1, upd1 = cur.fetchone()
+            inserted, updated = ins1 - ins0, upd1 - upd0
             seconds = time.monotonic() - t0
             stats = {
                 "extracted": staged,
