@@ -161,3 +161,28 @@ def test_without_version_column_live_wins_by_default(seeded, pg):
     overwrite = load_spec({**spec.model_dump(), "conflict_policy": "backfill_wins"})
     assert transfer_chunk(overwrite, chunk).updated == 1
     assert fetch_all(dst, "SELECT status FROM orders WHERE id = 1") == [("backfill",)]
+
+
+def test_counts_are_exact_on_a_partitioned_destination(seeded, pg):
+    """Inserted/updated come from the transaction's per-table counters: summed over the partitions."""
+    src, dst = seeded
+    d = pg(dst)
+    with d.cursor() as cur:
+        cur.execute("DROP TABLE orders")
+        cur.execute(
+            "CREATE TABLE orders (id bigint, customer_id integer NOT NULL, status text NOT NULL,"
+            " amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,"
+            " note text, PRIMARY KEY (id)) PARTITION BY RANGE (id)"
+        )
+        cur.execute("CREATE TABLE orders_lo PARTITION OF orders FOR VALUES FROM (MINVALUE) TO (500)")
+        cur.execute("CREATE TABLE orders_hi PARTITION OF orders FOR VALUES FROM (500) TO (MAXVALUE)")
+    spec = make_spec(src, dst)
+    chunk = days()[0]  # ids 1..1000: both partitions
+    first = transfer_chunk(spec, chunk)
+    assert (first.inserted, first.updated, first.unchanged) == (1000, 0, 0)
+    s = pg(src)
+    with s.cursor() as cur:  # one newer row in each partition
+        cur.execute("UPDATE orders SET status = 'changed', updated_at = updated_at + interval '1 minute' WHERE id IN (7, 700)")
+    again = transfer_chunk(spec, chunk)
+    assert (again.inserted, again.updated, again.unchanged) == (0, 2, 998)
+    assert fetch_all(dst, "SELECT id, status FROM orders WHERE status = 'changed' ORDER BY id") == [(7, "changed"), (700, "changed")]
