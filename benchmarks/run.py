@@ -239,8 +239,12 @@ class Bench:
             rss_target["not_applicable"] = True
         out.append(rss_target)
         for key in ("airflow_dags_test", "airflow_scheduler"):
-            out.append({"name": f"airflow_overhead_ratio ({key.split('_', 1)[1]})", "value": r.get(key, {}).get("ratio"),
-                        "op": "<=", "target_key": "airflow_overhead_ratio"})
+            row = r.get(key, {})
+            t = {"name": f"airflow_overhead_ratio ({key.split('_', 1)[1]})", "value": row.get("ratio"),
+                 "op": "<=", "target_key": "airflow_overhead_ratio"}
+            if row.get("raw_ratio") is not None:
+                t["note"] = f"net of the chunk's DB work; raw wall-clock ratio {row['raw_ratio']:.2f}"
+            out.append(t)
         for t in out:
             t["target"] = TARGETS[t.pop("target_key", t["name"])]
             v = t["value"]
