@@ -40,11 +40,14 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
     totals = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0}
     per_chunk = []
     decisions: dict[str, int] = {}
+    probe_seconds = 0.0
     t0 = time.perf_counter()
     for chunk in planned:
         if probe:
+            p0 = time.perf_counter()
             sample = probe_source(src_url, application_name=f"{application_name(backfill.effective_dag_id, chunk.chunk_id)}:probe")
             decision = decide(sample, backfill.throttle)
+            probe_seconds += time.perf_counter() - p0
             decisions[decision] = decisions.get(decision, 0) + 1
         result = transfer_chunk(backfill, chunk, source=src_url, destination=dst_url)
         totals["rows"] += result.rows_extracted
@@ -52,7 +55,8 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
             totals[key] += getattr(result, key)
         per_chunk.append({"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(result.seconds, 4)})
     seconds = time.perf_counter() - t0
-    return {**totals, "seconds": seconds, "chunks": len(planned), "per_chunk": per_chunk, "probe_decisions": decisions}
+    return {**totals, "seconds": seconds, "chunks": len(planned), "per_chunk": per_chunk,
+            "probe_decisions": decisions, "probe_seconds": probe_seconds}
 
 
 def idle(import_ours: bool = True) -> dict:

@@ -21,6 +21,7 @@ ROWS = [
     ("ours_rerun", "(1) our transfer_chunk, rerun (nothing changed)"),
     ("naive_first", "(4) naive loop fetchall+execute_values, first load"),
     ("generic_transfer", "(5) Airflow GenericTransfer/insert_rows (sample)"),
+    ("generic_transfer_af2", "(5) the same on Airflow 2.11 (psycopg2 executemany)"),
     ("ours_rss_10k", "(7) ours, one chunk of ~10k rows"),
     ("ours_rss_100k", "(7) ours, one chunk of ~100k rows"),
     ("ours_rss_1m", "(7) ours, one chunk of ~1M rows"),
