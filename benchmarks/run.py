@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--airflow2-python", default=os.environ.get("BENCH_AIRFLOW2_PYTHON"),
                    help="a python with Airflow 2.11 (e.g. /opt/venv-af2/bin/python): (5) again there, where "
                         "PostgresHook uses psycopg2 (env BENCH_AIRFLOW2_PYTHON)")
+    p.add_argument("--skip-overhead", action="store_true", help="skip only (8), the DAG overhead runs (minutes)")
     p.add_argument("--overhead-chunks", type=int, default=24, help="N chunks / task instances for (8)")
     p.add_argument("--admin-url", default=DEFAULT_ADMIN_URL,
                    help="a PostgreSQL URL allowed to CREATE DATABASE (env BENCH_PG_URL)")
@@ -166,7 +167,10 @@ class Bench:
             self.results["generic_transfer_af2"] = {"skipped": "--skip-airflow"}
             return
         sample = leading_chunk(self.src, self.args.sample_rows, f"first-{self.args.sample_rows}-rows", range_end)
-        home = tempfile.mkdtemp(prefix="bench_airflow_home_")
+        with tempfile.TemporaryDirectory(prefix="bench_airflow_home_") as home:
+            self._generic_transfer(sample, home)
+
+    def _generic_transfer(self, sample: dict, home: str) -> None:
         env = {
             "AIRFLOW_HOME": home,
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -177,12 +181,13 @@ class Bench:
         self.log(f"GenericTransfer/insert_rows (5) on a sample of {self.args.sample_rows} rows")
         r = self.measure("generic_transfer", "generic_transfer", [sample], first_load=True, env=env)
         if r:
-            r["note"] = f"sample: first {r['rows']:,} rows (too slow for all); psycopg 3 executemany (pipelined)"
+            r["note"] = f"sample: first {r['rows']:,} rows (too slow for all)"
         if not self.args.airflow2_python:
             self.results["generic_transfer_af2"] = {"skipped": "no --airflow2-python"}
             return
-        home2 = tempfile.mkdtemp(prefix="bench_airflow2_home_")
         self.log("GenericTransfer/insert_rows (5) on Airflow 2.11")
+        home2 = os.path.join(home, "airflow2")  # its own AIRFLOW_HOME: 2.11 and 3.3 configs differ
+        os.mkdir(home2)
         r = self.measure("generic_transfer_af2", "generic_transfer", [sample], first_load=True,
                          env={**env, "AIRFLOW_HOME": home2}, python=self.args.airflow2_python)
         if r:
@@ -350,8 +355,9 @@ def main(argv=None) -> int:
 
 def run_overhead(args, bench: Bench) -> dict:
     """(8) Airflow overhead per chunk; needs the example DAG (see airflow_overhead.py)."""
-    if args.skip_airflow:
-        return {k: {"skipped": "--skip-airflow"} for k in ("airflow_dags_test", "airflow_scheduler")}
+    if args.skip_airflow or args.skip_overhead:
+        flag = "--skip-airflow" if args.skip_airflow else "--skip-overhead"
+        return {k: {"skipped": flag} for k in ("airflow_dags_test", "airflow_scheduler")}
     try:
         from benchmarks.airflow_overhead import measure_overhead
     except ImportError as err:
