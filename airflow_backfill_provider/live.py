@@ -30,7 +30,7 @@ from airflow_backfill_provider.connections import connect
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
-from airflow_backfill_provider.transfer import stream_copy
+from airflow_backfill_provider.transfer import stream_copy, upsert_counted
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ def run_live_ingest(
             # with a version column: newer wins, as in the backfill. Without one, live rows are the latest
             # by definition, so live ingest overwrites when different (the backfill's policy decides its side).
             policy = "backfill_wins" if spec.version_column is None else spec.conflict_policy
-            cur.execute(q.upsert(spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy))
-            inserted, updated = cur.fetchone()
+            inserted, updated = upsert_counted(
+                cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy
+            )
             cur.execute(q.max_of(_STAGE, cursor_col))
             seen = cur.fetchone()[0]
             new = max(base, seen) if seen is not None else base

@@ -154,6 +154,18 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
             conn.close()
 
 
+def upsert_counted(cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy) -> tuple[int, int]:
+    """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
+    own per-table counters before and after it (free, and right for partitioned targets too)."""
+    counters = {"table": q.ident(target).as_string(cur)}
+    cur.execute(q.xact_write_counts(), counters)
+    ins0, upd0 = cur.fetchone()
+    cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy))
+    cur.execute(q.xact_write_counts(), counters)
+    ins1, upd1 = cur.fetchone()
+    return ins1 - ins0, upd1 - upd0
+
+
 def transfer_chunk(
     spec: BackfillSpec,
     chunk: Chunk,
@@ -201,13 +213,9 @@ def transfer_chunk(
                 q.copy_out(select, spec.copy_format),
                 q.copy_in(_STAGE, plan.columns, spec.copy_format),
             )
-            counters = {"table": q.ident(target).as_string(cur)}
-            cur.execute(q.xact_write_counts(), counters)
-            ins0, upd0 = cur.fetchone()
-            cur.execute(q.upsert(target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy))
-            cur.execute(q.xact_write_counts(), counters)
-            ins1, upd1 = cur.fetchone()
-            inserted, updated = ins1 - ins0, upd1 - upd0
+            inserted, updated = upsert_counted(
+                cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy
+            )
             seconds = time.monotonic() - t0
             stats = {
                 "extracted": staged,
