@@ -120,3 +120,18 @@ def open_connection(
     if readonly:
         conn.set_session(readonly=True)
     return conn
+
+
+def rollback_quietly(conn) -> None:
+    """Roll back after a failure; if the connection is already gone the server has rolled back anyway."""
+    if conn is not None and not conn.closed:
+        try:
+            conn.rollback()
+        except Exception:  # noqa: BLE001 - the original error is the one worth raising
+            pass
+
+
+def close_all(*conns) -> None:
+    for conn in conns:
+        if conn is not None and not conn.closed:
+            conn.close()

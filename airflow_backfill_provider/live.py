@@ -26,7 +26,7 @@ from psycopg2 import sql
 from airflow_backfill_provider import schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
-from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
@@ -193,15 +193,9 @@ def run_live_ingest(
         log.debug("live run %s", result)
         return result
     except BaseException as err:
-        if dst_conn is not None and not dst_conn.closed:
-            try:
-                dst_conn.rollback()
-            except Exception:  # noqa: BLE001 - the server rolls back anyway when the connection goes
-                pass
+        rollback_quietly(dst_conn)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise classify(err, chunk_id=f"live {target}") from err
     finally:
-        for conn in (src_conn, dst_conn):
-            if conn is not None and not conn.closed:
-                conn.close()
+        close_all(src_conn, dst_conn)

@@ -84,17 +84,21 @@ FROM t
 )
 
 
+def _missing_table(conn, table: TableName, side: str) -> PermanentChunkError:
+    where = f"schema {table.schema_!r}" if table.schema_ else "the search_path"
+    return PermanentChunkError(
+        f"{side} table {str(table)!r} does not exist in {where} of database "
+        f"{conn.get_dsn_parameters().get('dbname')!r}; check {side}_table in the spec"
+    )
+
+
 def describe_table(conn, table: TableName, *, side: str) -> tuple[list[Column], list[list[str]]]:
     """A table's columns and unique keys in ONE round trip (every chunk runs this on a fresh session)."""
     with conn.cursor() as cur:
         cur.execute(_DESCRIBE, {"name": table.name, "schema": table.schema_})
         row = cur.fetchone()
     if row is None:
-        where = f"schema {table.schema_!r}" if table.schema_ else "the search_path"
-        raise PermanentChunkError(
-            f"{side} table {str(table)!r} does not exist in {where} of database "
-            f"{conn.get_dsn_parameters().get('dbname')!r}; check {side}_table in the spec"
-        )
+        raise _missing_table(conn, table, side)
     _, columns, keys = row
     return [Column(*c) for c in columns or []], [list(k) for k in keys or []]
 
@@ -104,11 +108,7 @@ def table_oid(conn, table: TableName, *, side: str) -> int:
         cur.execute(_FIND_TABLE, {"name": table.name, "schema": table.schema_})
         row = cur.fetchone()
     if row is None:
-        where = f"schema {table.schema_!r}" if table.schema_ else "the search_path"
-        raise PermanentChunkError(
-            f"{side} table {str(table)!r} does not exist in {where} of database "
-            f"{conn.get_dsn_parameters().get('dbname')!r}; check {side}_table in the spec"
-        )
+        raise _missing_table(conn, table, side)
     return row[0]
 
 

@@ -19,6 +19,12 @@ from airflow_backfill_provider.exceptions import PlanError, SpecError
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+def _check_dag_id(v: str | None) -> str | None:
+    if v is not None and not _DAG_ID.match(v):
+        raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-'")
+    return v
+
+
 class TableName(BaseModel):
     """A possibly schema-qualified table name, split once: ``sales.orders`` -> (sales, orders)."""
 
@@ -115,12 +121,7 @@ class LiveSpec(_Strict):
     start_from: dt.datetime | None = None
     dag_id: str | None = None
 
-    @field_validator("dag_id")
-    @classmethod
-    def _dag_id(cls, v: str | None) -> str | None:
-        if v is not None and not _DAG_ID.match(v):
-            raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-'")
-        return v
+    _dag_id = field_validator("dag_id")(classmethod(lambda cls, v: _check_dag_id(v)))
 
 
 class ValidationSpec(_Strict):
@@ -230,12 +231,7 @@ class BackfillSpec(_Strict):
         TableName.parse(v)
         return v
 
-    @field_validator("dag_id")
-    @classmethod
-    def _dag_id(cls, v: str | None) -> str | None:
-        if v is not None and not _DAG_ID.match(v):
-            raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-'")
-        return v
+    _dag_id = field_validator("dag_id")(classmethod(lambda cls, v: _check_dag_id(v)))
 
     @field_validator("name")
     @classmethod
@@ -310,7 +306,13 @@ class BackfillSpec(_Strict):
         }[self.granularity]
 
 
-_NESTED = {"throttle": ThrottleSpec, "watermark": WatermarkSpec, "validation": ValidationSpec, "historical": HistoricalRange}
+_NESTED = {
+    "throttle": ThrottleSpec,
+    "watermark": WatermarkSpec,
+    "live": LiveSpec,
+    "validation": ValidationSpec,
+    "historical": HistoricalRange,
+}
 
 
 def _format_error(err: ValidationError, where: str) -> str:

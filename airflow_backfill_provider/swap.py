@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from airflow_backfill_provider import ledger, schema
 from airflow_backfill_provider import sql as q
-from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
@@ -101,15 +101,10 @@ def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, 
                 ledger.forget(conn, ledger_table, str(parallel))
         conn.commit()
     except BaseException as err:
-        if conn is not None and not conn.closed:
-            try:
-                conn.rollback()
-            except Exception:  # noqa: BLE001 - the server rolls back anyway when the connection goes
-                pass
+        rollback_quietly(conn)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise classify(err, chunk_id=f"merge {parallel}") from err
     finally:
-        if conn is not None and not conn.closed:
-            conn.close()
+        close_all(conn)
     return MergeResult(str(live), str(parallel), True, rows, inserted, rows - inserted, time.monotonic() - t0)

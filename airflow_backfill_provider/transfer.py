@@ -23,7 +23,7 @@ import psycopg2
 from airflow_backfill_provider import castcheck, ledger, schema, swap
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
-from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
@@ -150,8 +150,7 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
         log.warning("chunk %s: could not locate the value behind the data error", chunk.chunk_id, exc_info=True)
         return None
     finally:
-        if conn is not None and not conn.closed:
-            conn.close()
+        close_all(conn)
 
 
 def upsert_counted(cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy) -> tuple[int, int]:
@@ -239,11 +238,7 @@ def transfer_chunk(
             seconds=time.monotonic() - t0, decisions=plan.decisions,
         )
     except BaseException as err:
-        if dst_conn is not None and not dst_conn.closed:
-            try:
-                dst_conn.rollback()
-            except Exception:  # noqa: BLE001 - the connection may be gone; the server rolls back anyway
-                pass
+        rollback_quietly(dst_conn)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         if plan is not None and str(getattr(err, "pgcode", "") or "").startswith("22"):
@@ -254,6 +249,4 @@ def transfer_chunk(
             err, chunk_id=chunk.chunk_id, source_conn=src_conn, statement_timeout_s=spec.statement_timeout_s
         ) from err
     finally:
-        for conn in (src_conn, dst_conn):
-            if conn is not None and not conn.closed:
-                conn.close()
+        close_all(src_conn, dst_conn)

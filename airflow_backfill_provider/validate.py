@@ -29,7 +29,7 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import schema
 from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
-from airflow_backfill_provider.connections import connect
+from airflow_backfill_provider.connections import close_all, connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.transfer import source_for
@@ -369,9 +369,7 @@ def validate_range(
             store_summary(dst_conn, TableName.parse(spec.validation.report_table), report, dag_id=dag_id, run_id=run_id)
         return report
     finally:
-        for conn in (src_conn, dst_conn):
-            if conn is not None and not conn.closed:
-                conn.close()
+        close_all(src_conn, dst_conn)
 
 
 # ----------------------------------------------------------------------------------------------
