@@ -25,6 +25,11 @@ sys.path.insert(0, str(REPO))
 from airflow_backfill_provider.demo import create_orders, seed_orders  # noqa: E402
 
 
+def _exists(cur, table: str) -> bool:
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+    return cur.fetchone()[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -92,6 +97,11 @@ def main() -> int:
         rows, inserted, secs = int(rows or 0), int(inserted or 0), float(secs or 0)
         cur.execute("SELECT count(*) FROM orders")
         dst_rows = cur.fetchone()[0]
+        cur.execute(
+            "SELECT status, days, days_warn, days_fail, worst_diff FROM backfill_validation ORDER BY id DESC LIMIT 1"
+            if _exists(cur, "backfill_validation") else "SELECT NULL, NULL, NULL, NULL, NULL"
+        )
+        v_status, v_days, v_warn, v_fail, v_worst = cur.fetchone()
     with psycopg2.connect(src_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM orders")
         src_rows = cur.fetchone()[0]
@@ -103,6 +113,8 @@ def main() -> int:
     print(f"DAG run wall time    : {wall:.1f}s -> {rows / wall:,.0f} rows/s end to end (incl. Airflow start-up)")
     print(f"source rows          : {src_rows:,}")
     print(f"destination rows     : {dst_rows:,}")
+    if v_status is not None:
+        print(f"validation           : {v_status} ({v_days} days compared, {v_warn} warn, {v_fail} fail, worst diff {v_worst:.4%})")
     ok = src_rows == dst_rows == rows
     print("RESULT               : " + ("OK, destination rows == source rows" if ok else "MISMATCH"))
     print(f"logs                 : {REPO / '.demo'}")
