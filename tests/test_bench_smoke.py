@@ -61,11 +61,11 @@ def test_benchmark_produces_every_row(tmp_path):
 
 @pytest.mark.e2e
 def test_benchmark_airflow_rows(tmp_path):
+    """(5) and (8) need Airflow processes (a few minutes): GenericTransfer, `dags test` and a real scheduler."""
     from airflow_backfill_provider.compat import AIRFLOW_V_3
 
     if not AIRFLOW_V_3:  # (8) drives the Airflow 3 components (api-server, dag-processor); the bench targets 3.3
         pytest.skip("benchmark (8) runs on Airflow 3 only; (5) on 2.11 is measured with --airflow2-python")
-    """(5) and (8) need Airflow processes (a few minutes): GenericTransfer, `dags test` and a real scheduler."""
     report = _run_bench(tmp_path, "--sample-rows", "300", "--overhead-chunks", "2")
     results = report["results"]
     assert results["generic_transfer"]["rows"] == 300
