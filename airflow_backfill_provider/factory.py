@@ -108,6 +108,9 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
             retry_exponential_backoff=EXPONENTIAL_BACKOFF,
             max_retry_delay=dt.timedelta(minutes=30),
             map_index_template=MAP_INDEX_TEMPLATE,
+            # per-chunk figures live in the ledger table and the task log; an XCom per chunk would only
+            # add an API round trip to every task instance
+            do_xcom_push=False,
         ).expand(chunk=plan.output)
         last = load
         if spec.mode == "swap":

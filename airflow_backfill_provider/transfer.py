@@ -165,6 +165,17 @@ def upsert_counted(cur, target: TableName, stage: str, columns, keys, version_co
     return ins1 - ins0, upd1 - upd0
 
 
+def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
+    """The chunk's source session: read-only, with the spec's statement and lock timeouts."""
+    return connect(
+        source or spec.source_conn_id,
+        application_name=appname,
+        readonly=True,
+        statement_timeout_s=spec.statement_timeout_s,
+        lock_timeout_s=spec.lock_timeout_s,
+    )
+
+
 def transfer_chunk(
     spec: BackfillSpec,
     chunk: Chunk,
@@ -173,25 +184,23 @@ def transfer_chunk(
     destination: str | None = None,
     dag_id: str | None = None,
     run_id: str | None = None,
+    source_conn=None,
 ) -> ChunkResult:
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
     ``source``/``destination`` default to the spec's Airflow connection ids; DSN URLs work too.
+    ``source_conn``: a session from :func:`open_source` that the caller already used (the operator's
+    load probe), so a chunk opens one source session, not two; it is closed here either way.
     Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
     """
     dag_id = dag_id or spec.effective_dag_id
     appname = application_name(dag_id, chunk.chunk_id)
     t0 = time.monotonic()
-    src_conn = dst_conn = None
+    src_conn, dst_conn = source_conn, None
     src_table = plan = None
     try:
-        src_conn = connect(
-            source or spec.source_conn_id,
-            application_name=appname,
-            readonly=True,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
+        if src_conn is None:
+            src_conn = open_source(spec, appname, source)
         dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
         # pre-flight (catalog reads only) before the first write, the ledger DDL: a bad spec writes nothing
         # (swap mode: checked against the live table, which the parallel one is created LIKE)

@@ -1,7 +1,7 @@
 """(1) Our chunk operator's transfer path, as the operator runs it, minus Airflow.
 
-Per chunk, what ``BackfillChunkOperator`` does once Airflow has started the task: probe the source's load
-(``throttle.probe_source`` + ``decide``), then ``transfer.transfer_chunk``, with DSNs in place of Airflow
+Per chunk, what ``BackfillChunkOperator`` does once Airflow has started the task: open the source session,
+probe the source's load on it (``throttle.probe_load`` + ``decide``), then ``transfer.transfer_chunk`` on that session, with DSNs in place of Airflow
 connection ids. The benchmark never waits on the probe's decision (it records it). Imports happen before
 the clock starts.
 """
@@ -32,8 +32,8 @@ def spec_dict(src_table: str = "orders", dst_table: str = "orders", granularity:
 def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None, probe: bool = True) -> dict:
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.spec import load_spec
-    from airflow_backfill_provider.throttle import decide, probe_source
-    from airflow_backfill_provider.transfer import application_name, transfer_chunk
+    from airflow_backfill_provider.throttle import decide, probe_load
+    from airflow_backfill_provider.transfer import application_name, open_source, transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     planned = [Chunk.from_descriptor(c) for c in chunks]
@@ -43,13 +43,14 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
     probe_seconds = 0.0
     t0 = time.perf_counter()
     for chunk in planned:
-        if probe:
+        src_conn = None
+        if probe:  # as the operator does: probe on the session the transfer then uses
+            src_conn = open_source(backfill, application_name(backfill.effective_dag_id, chunk.chunk_id), src_url)
             p0 = time.perf_counter()
-            sample = probe_source(src_url, application_name=f"{application_name(backfill.effective_dag_id, chunk.chunk_id)}:probe")
-            decision = decide(sample, backfill.throttle)
+            decision = decide(probe_load(src_conn), backfill.throttle)
             probe_seconds += time.perf_counter() - p0
             decisions[decision] = decisions.get(decision, 0) + 1
-        result = transfer_chunk(backfill, chunk, source=src_url, destination=dst_url)
+        result = transfer_chunk(backfill, chunk, source=src_url, destination=dst_url, source_conn=src_conn)
         totals["rows"] += result.rows_extracted
         for key in ("inserted", "updated", "unchanged"):
             totals[key] += getattr(result, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
+from airflow_backfill_provider.connections import close_all
 from airflow_backfill_provider.spec import BackfillSpec
 
 #: label each mapped task instance by its chunk in the grid (instead of 0, 1, 2 ...)
@@ -83,28 +84,39 @@ class BackfillChunkOperator(BaseOperator):
         )
 
     def _gate(self, context, *, sample, waited_load_s: float, waited_pacing_s: float, paced: bool, probed: bool = False):
-        import time
-
         from airflow_backfill_provider.chunks import Chunk
         from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.throttle import (
-            critical_message, decide, probe_source, reserve_destination_turn, wait_reason,
-        )
         from airflow_backfill_provider.transfer import application_name
-        from airflow_backfill_provider.triggers.load import SourceLoadTrigger
-        from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
         spec = load_spec(self.spec)
         try:
             chunk = Chunk.from_descriptor(self.chunk)
         except PlanError as err:
             raise AirflowFailException(str(err)) from err
-        throttle = spec.throttle
         appname = application_name(self.dag_id, chunk.chunk_id)
 
+        src_conn = None
         if not probed:
-            sample = self._probe(spec.source_conn_id, appname, probe_source)
+            # the probe runs on the session the transfer will use: one source connection per chunk
+            src_conn, sample = self._probe(spec, appname)
+        try:
+            return self._decide_and_go(
+                context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced
+            )
+        finally:
+            close_all(src_conn)  # no-op once the transfer took it (it closes it); closed before any deferral
+
+    def _decide_and_go(self, context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced):
+        import time
+
+        from airflow_backfill_provider.throttle import (
+            critical_message, decide, reserve_destination_turn, wait_reason,
+        )
+        from airflow_backfill_provider.triggers.load import SourceLoadTrigger
+        from airflow_backfill_provider.triggers.pacing import PacingTrigger
+
+        throttle = spec.throttle
         if sample.hidden:
             self.log.warning(
                 "%d source session(s) are hidden from the probe: grant pg_monitor to the source user so "
@@ -142,26 +154,34 @@ class BackfillChunkOperator(BaseOperator):
                     ),
                     method_name="execute_after_pacing",
                 )
-        return self._transfer(context, spec, chunk, sample, waited_load_s, waited_pacing_s)
+        return self._transfer(context, spec, chunk, sample, waited_load_s, waited_pacing_s, src_conn)
 
-    def _probe(self, conn_id: str, appname: str, probe_source):
+    def _probe(self, spec, appname: str):
+        """Open the chunk's source session and probe the load on it: (connection, sample)."""
         import psycopg2
 
         from airflow_backfill_provider.compat import AirflowException
+        from airflow_backfill_provider.throttle import probe_load
+        from airflow_backfill_provider.transfer import open_source
 
+        conn = None
         try:
-            return probe_source(conn_id, application_name=f"{appname}:probe")
+            conn = open_source(spec, appname)
+            return conn, probe_load(conn)
         except psycopg2.Error as err:  # unreachable or overloaded source: a retry may succeed
-            raise AirflowException(f"could not probe the source's load on {conn_id!r}: {str(err).strip()}") from err
+            close_all(conn)
+            raise AirflowException(
+                f"could not probe the source's load on {spec.source_conn_id!r}: {str(err).strip()}"
+            ) from err
 
-    def _transfer(self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float) -> dict:
+    def _transfer(self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float, src_conn=None) -> dict:
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.throttle import chunk_summary
         from airflow_backfill_provider.transfer import transfer_chunk
 
         run_id = getattr(context.get("dag_run"), "run_id", None)
         try:
-            result = transfer_chunk(spec, chunk, dag_id=self.dag_id, run_id=run_id)
+            result = transfer_chunk(spec, chunk, dag_id=self.dag_id, run_id=run_id, source_conn=src_conn)
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
         self.log.info(
