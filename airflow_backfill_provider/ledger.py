@@ -11,43 +11,29 @@ import datetime as dt
 
 from psycopg2 import sql
 
+from airflow_backfill_provider import ddl
 from airflow_backfill_provider.spec import TableName
 
-_DDL_LOCK = "airflow_backfill_provider.ddl"
+_COLUMNS = sql.SQL(
+    """target_table   text        NOT NULL,
+    range_start    timestamptz NOT NULL,
+    range_end      timestamptz NOT NULL,
+    chunk_id       text        NOT NULL,
+    rows_extracted bigint      NOT NULL,
+    rows_inserted  bigint      NOT NULL,
+    rows_updated   bigint      NOT NULL,
+    rows_unchanged bigint      NOT NULL,
+    seconds        double precision NOT NULL,
+    dag_id         text,
+    run_id         text,
+    finished_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_table, range_start, range_end)"""
+)
 
 
 def ensure_table(conn, ledger: TableName) -> None:
-    """Create the ledger if missing, in its own short transaction (advisory lock: parallel chunks race).
-
-    The usual case, an existing ledger, costs one lock-free lookup and no commit.
-    """
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*ledger.parts).as_string(conn),))
-        if cur.fetchone()[0] is not None:
-            return
-        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_DDL_LOCK,))
-        if ledger.schema_:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(ledger.schema_)))
-        cur.execute(
-            sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {t} (
-                    target_table   text        NOT NULL,
-                    range_start    timestamptz NOT NULL,
-                    range_end      timestamptz NOT NULL,
-                    chunk_id       text        NOT NULL,
-                    rows_extracted bigint      NOT NULL,
-                    rows_inserted  bigint      NOT NULL,
-                    rows_updated   bigint      NOT NULL,
-                    rows_unchanged bigint      NOT NULL,
-                    seconds        double precision NOT NULL,
-                    dag_id         text,
-                    run_id         text,
-                    finished_at    timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (target_table, range_start, range_end)
-                )"""
-            ).format(t=sql.Identifier(*ledger.parts))
-        )
-    conn.commit()
+    """Create the ledger if missing (see ``ddl.ensure_table``: one lookup when it exists)."""
+    ddl.ensure_table(conn, ledger, _COLUMNS)
 
 
 def record(cur, ledger: TableName, *, target: str, chunk_id: str, start, end, stats: dict, dag_id, run_id) -> None:
@@ -71,8 +57,7 @@ def record(cur, ledger: TableName, *, target: str, chunk_id: str, start, end, st
 def done_ranges(conn, ledger: TableName, target: str) -> set[tuple[dt.datetime, dt.datetime]]:
     """Ranges already loaded for ``target``; an absent ledger table means nothing is done yet."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*ledger.parts).as_string(conn),))
-        if cur.fetchone()[0] is None:
+        if not ddl.exists(cur, ledger):
             return set()
         cur.execute(
             sql.SQL("SELECT range_start, range_end FROM {t} WHERE target_table = %s").format(

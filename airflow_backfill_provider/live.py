@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from psycopg2 import sql
 
-from airflow_backfill_provider import schema
+from airflow_backfill_provider import ddl, schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -36,7 +36,6 @@ from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 log = logging.getLogger(__name__)
 
 _STAGE = "live_stage"
-_DDL_LOCK = "airflow_backfill_provider.ddl"
 
 
 @dataclass
@@ -56,16 +55,8 @@ class LiveResult:
 
 
 def ensure_watermark_table(conn, table: TableName) -> None:
-    """Create the watermark table if missing (own short transaction; parallel first runs race on DDL)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_DDL_LOCK,))
-        if table.schema_:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.schema_)))
-        cur.execute(
-            # WATERMARK_COLUMNS is a constant of this package, not user input
-            sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({c})").format(t=q.ident(table), c=sql.SQL(WATERMARK_COLUMNS))
-        )
-    conn.commit()
+    """Create the watermark table if missing (WATERMARK_COLUMNS is a constant of this package)."""
+    ddl.ensure_table(conn, table, sql.SQL(WATERMARK_COLUMNS))
 
 
 def lock_watermark(cur, table: TableName, target: str) -> dt.datetime | None:
@@ -104,8 +95,8 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) ->
 def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
     """Same destination-is-truth column plan as a backfill chunk, against the live table and current source."""
     live = spec.destination
-    dest_cols = schema.table_columns(dst_conn, live, side="destination")
-    schema.check_destination(spec, dest_cols, schema.unique_keys(dst_conn, live), live)
+    dest_cols, dest_keys = schema.describe_table(dst_conn, live, side="destination")
+    schema.check_destination(spec, dest_cols, dest_keys, live)
     src_cols = schema.table_columns(src_conn, spec.source, side="source")
     cursor = spec.live_cursor_column
     if cursor not in {c.name for c in src_cols}:

@@ -51,22 +51,7 @@ ORDER BY array_position(current_schemas(false), n.nspname) NULLS LAST
 LIMIT 1
 """
 
-_COLUMNS = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
-FROM pg_attribute a
-WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-ORDER BY a.attnum
-"""
-
-_UNIQUE_KEYS = """
-SELECT array_agg(a.attname ORDER BY a.attname)
-FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
-GROUP BY i.indexrelid
-"""
-
-
-# _FIND_TABLE, _COLUMNS and _UNIQUE_KEYS in one statement (constant SQL; the names are bound parameters)
+# the table, its columns and its unique keys in one statement (constant SQL; the names are bound parameters)
 _DESCRIBE = (
     "WITH t AS (" + _FIND_TABLE + """)
 SELECT t.oid,
@@ -114,10 +99,6 @@ def table_oid(conn, table: TableName, *, side: str) -> int:
 
 def table_columns(conn, table: TableName, *, side: str) -> list[Column]:
     return describe_table(conn, table, side=side)[0]
-
-
-def unique_keys(conn, table: TableName) -> list[list[str]]:
-    return describe_table(conn, table, side="destination")[1]
 
 
 def check_destination(spec: BackfillSpec, dest_cols: list[Column], keys: list[list[str]], table: TableName) -> None:

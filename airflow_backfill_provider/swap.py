@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from airflow_backfill_provider import ledger, schema
+from airflow_backfill_provider import ddl, ledger, schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
@@ -24,7 +24,6 @@ from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
 
-_DDL_LOCK = "airflow_backfill_provider.ddl"
 
 
 @dataclass
@@ -54,15 +53,7 @@ def ensure_parallel_table(conn, spec: BackfillSpec) -> None:
     if spec.mode != "swap":
         return
     schema.table_oid(conn, spec.destination, side="destination")  # clear error if the live table is missing
-    with conn.cursor() as cur:
-        cur.execute(q.advisory_xact_lock(), (_DDL_LOCK,))
-        cur.execute(q.create_like(spec.staging_target, spec.destination))
-    conn.commit()
-
-
-def _exists(cur, table: TableName) -> bool:
-    cur.execute("SELECT to_regclass(%s)", (q.ident(table).as_string(cur),))
-    return cur.fetchone()[0] is not None
+    ddl.run_locked(conn, spec.staging_target, q.create_like(spec.staging_target, spec.destination))
 
 
 def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, dag_id: str | None = None) -> MergeResult:
@@ -84,11 +75,11 @@ def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, 
         with conn.cursor() as cur:
             # one merge at a time per table; chunks still writing the parallel table hold a lock DROP waits for
             cur.execute(q.advisory_xact_lock(), (f"merge|{parallel}",))
-            if not _exists(cur, parallel):
+            if not ddl.exists(cur, parallel):
                 conn.rollback()
                 return MergeResult(str(live), str(parallel), False, 0, 0, 0, time.monotonic() - t0)
-            live_all = schema.table_columns(conn, live, side="destination")
-            schema.check_destination(spec, live_all, schema.unique_keys(conn, live), live)
+            live_all, live_keys = schema.describe_table(conn, live, side="destination")
+            schema.check_destination(spec, live_all, live_keys, live)
             par_cols = {c.name for c in schema.table_columns(conn, parallel, side="destination")}
             columns = [c.name for c in live_all if c.name in par_cols]  # live-only columns (added later) take defaults
             cur.execute(q.count_rows(parallel))
@@ -97,7 +88,7 @@ def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, 
             inserted = cur.fetchone()[0]
             cur.execute(q.drop_table(parallel))
             ledger_table = TableName.parse(spec.ledger_table)
-            if _exists(cur, ledger_table):
+            if ddl.exists(cur, ledger_table):
                 ledger.forget(conn, ledger_table, str(parallel))
         conn.commit()
     except BaseException as err:

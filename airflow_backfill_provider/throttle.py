@@ -116,7 +116,9 @@ def _probe_query(exclude_application_prefix: str | None) -> sql.Composed:
     ).format(states=sql.SQL(", ").join(sql.Literal(s) for s in _ACTIVE_STATES), exclude=exclude)
 
 
-def probe_load(conn, *, exclude_application_prefix: str | None = OWN_APPLICATION_PREFIX) -> LoadSample:
+def probe_load(
+    conn, *, exclude_application_prefix: str | None = OWN_APPLICATION_PREFIX, timeout_s: float | None = None
+) -> LoadSample:
     """Count busy client sessions on the connection's database, and the replica lag on a standby.
 
     Counted: client backends (not autovacuum, walsenders, background workers) whose state is
@@ -125,11 +127,16 @@ def probe_load(conn, *, exclude_application_prefix: str | None = OWN_APPLICATION
     standby it is ``now() - pg_last_xact_replay_timestamp()``: note that it grows while the primary
     has no writes at all, so keep ``max_replica_lag`` comfortably above the primary's quietest gap.
 
+    ``timeout_s`` bounds the probe on a non-autocommit session (the chunk's own).
     Leaves the connection as it found it: a probe on a non-autocommit connection does not leave an
     ``idle in transaction`` session behind.
     """
     was_idle = conn.autocommit or conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     with conn.cursor() as cur:
+        if timeout_s is not None and was_idle and not conn.autocommit:
+            # bound the probe on a session whose own statement_timeout is the chunk's (long) one;
+            # transaction-local, so the rollback below restores it before the chunk's COPY
+            cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_s * 1000)}ms",))
         # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
         cur.execute("SELECT pg_stat_clear_snapshot()")
         cur.execute(_probe_query(exclude_application_prefix))
@@ -315,21 +322,6 @@ def chunk_summary(
 
 #: bound the probe itself: a source that cannot answer pg_stat_activity within this is not "quiet"
 PROBE_TIMEOUT_S = 10
-
-
-def probe_source(conn_id_or_dsn: str, *, application_name: str) -> LoadSample:
-    """Open a short read-only session on the source, probe, close. No session is held afterwards."""
-    from airflow_backfill_provider.connections import connection_kwargs, open_connection
-
-    kwargs = {"connect_timeout": PROBE_TIMEOUT_S, **connection_kwargs(conn_id_or_dsn)}
-    conn = open_connection(
-        kwargs, application_name=application_name, readonly=True, statement_timeout_s=PROBE_TIMEOUT_S
-    )
-    try:
-        conn.autocommit = True
-        return probe_load(conn)
-    finally:
-        conn.close()
 
 
 def reserve_destination_turn(conn_id_or_dsn: str, throttle: ThrottleSpec, *, key: str, application_name: str) -> PacingTurn:

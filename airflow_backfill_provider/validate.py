@@ -27,7 +27,7 @@ from decimal import Decimal
 import pendulum
 from psycopg2 import sql
 
-from airflow_backfill_provider import schema
+from airflow_backfill_provider import ddl, schema
 from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
 from airflow_backfill_provider.connections import close_all, connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
@@ -43,7 +43,6 @@ TABLE_MAX_LINES = 30
 #: failing days listed by name in the XCom totals (it must stay small)
 XCOM_MAX_DAYS = 10
 _SEGMENT = "month"  # one source statement per month: short statements, few round trips
-_DDL_LOCK = "airflow_backfill_provider.ddl"  # same lock as the ledger's DDL: parallel creators queue
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,36 +374,30 @@ def validate_range(
 # ----------------------------------------------------------------------------------------------
 # the summary row (one per validation run, for dashboards)
 # ----------------------------------------------------------------------------------------------
+_REPORT_COLUMNS = sql.SQL(
+    """    id               bigserial   PRIMARY KEY,
+    validated_at     timestamptz NOT NULL DEFAULT now(),
+    dag_id           text,
+    run_id           text,
+    target_table     text        NOT NULL,
+    range_start      timestamptz NOT NULL,
+    range_end        timestamptz NOT NULL,
+    timezone         text        NOT NULL,
+    days             integer     NOT NULL,
+    days_warn        integer     NOT NULL,
+    days_fail        integer     NOT NULL,
+    source_rows      bigint      NOT NULL,
+    destination_rows bigint      NOT NULL,
+    worst_day        date,
+    worst_metric     text,
+    worst_diff       double precision NOT NULL,
+    status           text        NOT NULL,
+    totals           jsonb       NOT NULL"""
+)
+
+
 def ensure_report_table(conn, table: TableName) -> None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_DDL_LOCK,))
-        if table.schema_:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.schema_)))
-        cur.execute(
-            sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {t} (
-                    id               bigserial   PRIMARY KEY,
-                    validated_at     timestamptz NOT NULL DEFAULT now(),
-                    dag_id           text,
-                    run_id           text,
-                    target_table     text        NOT NULL,
-                    range_start      timestamptz NOT NULL,
-                    range_end        timestamptz NOT NULL,
-                    timezone         text        NOT NULL,
-                    days             integer     NOT NULL,
-                    days_warn        integer     NOT NULL,
-                    days_fail        integer     NOT NULL,
-                    source_rows      bigint      NOT NULL,
-                    destination_rows bigint      NOT NULL,
-                    worst_day        date,
-                    worst_metric     text,
-                    worst_diff       double precision NOT NULL,
-                    status           text        NOT NULL,
-                    totals           jsonb       NOT NULL
-                )"""
-            ).format(t=sql.Identifier(*table.parts))
-        )
-    conn.commit()
+    ddl.ensure_table(conn, table, _REPORT_COLUMNS)
 
 
 def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: str | None, run_id: str | None) -> None:

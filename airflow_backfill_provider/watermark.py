@@ -11,6 +11,8 @@ import datetime as dt
 
 from psycopg2 import sql
 
+from airflow_backfill_provider import ddl
+
 from airflow_backfill_provider.spec import TableName
 
 WATERMARK_COLUMNS = "target_table text PRIMARY KEY, watermark timestamptz NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()"
@@ -19,8 +21,7 @@ WATERMARK_COLUMNS = "target_table text PRIMARY KEY, watermark timestamptz NOT NU
 def read_watermark(conn, table: TableName, target: str) -> dt.datetime | None:
     """The watermark for ``target``, or None if live ingest has not run (no table or no row)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table.parts).as_string(conn),))
-        if cur.fetchone()[0] is None:
+        if not ddl.exists(cur, table):
             return None
         cur.execute(
             sql.SQL("SELECT watermark FROM {t} WHERE target_table = %s").format(t=sql.Identifier(*table.parts)),

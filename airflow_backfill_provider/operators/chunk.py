@@ -161,13 +161,13 @@ class BackfillChunkOperator(BaseOperator):
         import psycopg2
 
         from airflow_backfill_provider.compat import AirflowException
-        from airflow_backfill_provider.throttle import probe_load
+        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
         from airflow_backfill_provider.transfer import open_source
 
         conn = None
         try:
             conn = open_source(spec, appname)
-            return conn, probe_load(conn)
+            return conn, probe_load(conn, timeout_s=PROBE_TIMEOUT_S)
         except psycopg2.Error as err:  # unreachable or overloaded source: a retry may succeed
             close_all(conn)
             raise AirflowException(
