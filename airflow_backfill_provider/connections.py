@@ -1,30 +1,58 @@
-"""Open psycopg2 connections from Airflow connection ids.
+"""Open psycopg2 sessions from Airflow connection ids, with the settings that change results pinned.
 
-Why not ``PostgresHook.get_conn()``: on Airflow 3.3 it returns a psycopg 3 connection, on 2.11 a
-psycopg2 one. The transfer path streams COPY and builds every statement with ``psycopg2.sql``, so it
-uses one driver on both versions: the hook only resolves the Airflow connection (host, login,
-password from the secrets backend); secrets never appear in code or specs.
+Connection parameters come from the postgres provider's own ``PostgresHook.get_conn`` logic (host,
+login, password from the secrets backend; every extra the hook passes on: ``sslmode`` and
+certificates, ``options``, keepalives; IAM/RDS and Azure tokens), so a connection behaves here as it
+does for any PostgresHook task. Only the driver differs: on Airflow 3.3 the hook connects with
+psycopg 3, on 2.11 with psycopg2; the transfer path streams COPY and builds every statement with
+``psycopg2.sql``, so it takes the hook's parameters and connects with psycopg2 on both versions.
+The ``cursor`` extra is ignored: the provider reads plain tuples.
+
+Every session then gets, from its first statement (libpq ``options`` and ``client_encoding``, appended
+after the user's own ``options`` so they win):
+
+- ``TimeZone`` = the spec's ``timezone`` (the declared meaning of naive timestamps; UTC without a spec),
+  ``DateStyle=ISO,MDY``, ``IntervalStyle=postgres``, ``extra_float_digits=3``, ``client_encoding=UTF8``:
+  results never depend on a server's or database's defaults;
+- TCP keepalives and ``tcp_user_timeout`` (defaults below; a connection's extras override them) and
+  ``connect_timeout``: a vanished peer ends the session within about a minute;
+- on sessions with a ``statement_timeout``, a client-side deadline per statement (``deadlines.py``).
+
+A connection without a host or database is refused instead of falling back to libpq's defaults (a
+local socket, a database named after the user). Secrets never appear in code, specs or logs.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
+from airflow_backfill_provider.deadlines import GRACE_S, DeadlineConnection
+from airflow_backfill_provider.dsn import is_dsn
 from airflow_backfill_provider.exceptions import PermanentChunkError
 
-# libpq keywords that may come from a connection's extras; anything else in extras is ignored.
-_LIBPQ_EXTRAS = {
-    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "connect_timeout", "keepalives",
-    "keepalives_idle", "keepalives_interval", "keepalives_count", "target_session_attrs",
-    "options", "gssencmode", "sslcompression", "tcp_user_timeout",
+#: network defaults, each overridable from the connection's extras (or the DSN):
+#: an idle session whose peer vanished ends after 30 + 3 * 10 s of unanswered keepalive probes; data
+#: sent and not acknowledged for 60 s ends it too (tcp_user_timeout, milliseconds)
+NETWORK_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
 }
 
+# parameters of the hook's connect call that only mean something to its own driver/cursor setup
+_HOOK_ONLY = ("cursor_factory", "row_factory")
 
-def _is_dsn(value: str) -> bool:
-    return "://" in value or "=" in value
+
+def timeout_ms(seconds: float) -> int:
+    """A timeout as PostgreSQL milliseconds, never 0 (which means "no timeout"): rounded up, at least 1."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _not_found(conn_id: str) -> PermanentChunkError:
@@ -35,88 +63,138 @@ def _not_found(conn_id: str) -> PermanentChunkError:
     )
 
 
-def _kwargs_from_airflow_connection(conn) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "host": conn.host or "localhost",
-        "port": conn.port or 5432,
-        "user": conn.login,
-        "password": conn.password,
-        "dbname": getattr(conn, "schema", None) or "postgres",
-    }
-    extras = conn.extra_dejson or {}
-    kwargs.update({k: v for k, v in extras.items() if k in _LIBPQ_EXTRAS})
-    return {k: v for k, v in kwargs.items() if v is not None}
+def _hook_params(conn_id: str, connection=None) -> dict[str, Any]:
+    """What ``PostgresHook(conn_id).get_conn()`` would pass to its driver's connect, without connecting."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    if not hasattr(PostgresHook, "_create_connection"):  # the one seam we rely on; fail loudly if it moves
+        raise RuntimeError(
+            "this apache-airflow-providers-postgres has no PostgresHook._create_connection; "
+            "airflow-backfill-provider is tested with 7.1.1"
+        )
+    hook = PostgresHook(postgres_conn_id=conn_id, connection=connection)
+    try:
+        hook.connection  # noqa: B018 - resolve now, so a missing id gets our message
+    except Exception as err:  # AirflowNotFoundException differs by version
+        raise _not_found(conn_id) from err
+    captured: dict[str, Any] = {}
+
+    def capture(conn_args: dict[str, Any]):
+        captured.update(conn_args)
+
+    hook._create_connection = capture  # the hook builds conn_args (extras, options, IAM); we connect
+    hook.get_conn()
+    params = {k: v for k, v in captured.items() if k not in _HOOK_ONLY and v is not None}
+    if not params.get("host"):
+        raise PermanentChunkError(
+            f"Airflow connection {conn_id!r} has no host: set its host (a name, an IP address, or a Unix "
+            "socket directory such as /var/run/postgresql); the provider does not fall back to libpq's default"
+        )
+    if not params.get("dbname"):
+        raise PermanentChunkError(
+            f"Airflow connection {conn_id!r} has no database: set its 'schema' field (Airflow's name for the "
+            "database); the provider does not fall back to libpq's default (a database named like the user)"
+        )
+    return params
 
 
 def connection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
     """psycopg2.connect kwargs for an Airflow connection id (or a libpq DSN/URI, for tests and scripts)."""
-    if _is_dsn(conn_id_or_dsn):
-        return {"dsn": conn_id_or_dsn}
-    from airflow_backfill_provider.compat import BaseHook
-
-    try:
-        conn = BaseHook.get_connection(conn_id_or_dsn)
-    except Exception as err:  # AirflowNotFoundException differs by version
-        raise _not_found(conn_id_or_dsn) from err
-    return _kwargs_from_airflow_connection(conn)
+    if is_dsn(conn_id_or_dsn):
+        return psycopg2.extensions.parse_dsn(conn_id_or_dsn)
+    return _hook_params(conn_id_or_dsn)
 
 
 async def aconnection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
     """:func:`connection_kwargs` for async code (triggers): never blocks the event loop."""
-    if _is_dsn(conn_id_or_dsn):
-        return {"dsn": conn_id_or_dsn}
+    if is_dsn(conn_id_or_dsn):
+        return psycopg2.extensions.parse_dsn(conn_id_or_dsn)
+    import asyncio
+
     from airflow_backfill_provider.compat import aget_connection
 
     try:
         conn = await aget_connection(conn_id_or_dsn)
     except Exception as err:  # AirflowNotFoundException differs by version
         raise _not_found(conn_id_or_dsn) from err
-    return _kwargs_from_airflow_connection(conn)
+    # token fetches (IAM) may block: build the parameters in a thread
+    return await asyncio.to_thread(_hook_params, conn_id_or_dsn, conn)
 
 
 def connect(
     conn_id_or_dsn: str,
     *,
     application_name: str,
+    timezone: str = "UTC",
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
 ) -> psycopg2.extensions.connection:
-    """A psycopg2 connection with the session settings a backfill needs.
+    """A psycopg2 session with the settings a backfill needs (see the module docstring).
 
-    Settings go through libpq ``options`` (numbers we format ourselves, never user text), so they hold
-    from the first statement; ``application_name`` lets a DBA see which DAG and chunk a session is.
+    ``timezone``: the session TimeZone, i.e. the spec's ``timezone`` wherever a spec is at hand.
+    ``application_name`` lets a DBA see which DAG and chunk a session is.
     """
     return open_connection(
         connection_kwargs(conn_id_or_dsn),
         application_name=application_name,
+        timezone=timezone,
         readonly=readonly,
         statement_timeout_s=statement_timeout_s,
         lock_timeout_s=lock_timeout_s,
     )
 
 
+def _option(name: str, value: Any) -> str:
+    # libpq splits options on whitespace; a backslash escapes the next character
+    text = str(value).replace("\\", "\\\\").replace(" ", "\\ ")
+    return f"-c {name}={text}"
+
+
+def session_options(
+    *,
+    timezone: str,
+    readonly: bool = False,
+    statement_timeout_s: float | None = None,
+    lock_timeout_s: float | None = None,
+) -> list[str]:
+    """The ``-c`` settings every session gets (values we format ourselves or validated in the spec)."""
+    opts = [
+        _option("TimeZone", timezone),
+        _option("DateStyle", "ISO,MDY"),
+        _option("IntervalStyle", "postgres"),
+        _option("extra_float_digits", 3),
+    ]
+    if statement_timeout_s is not None:
+        opts.append(_option("statement_timeout", timeout_ms(statement_timeout_s)))
+    if lock_timeout_s is not None:
+        opts.append(_option("lock_timeout", timeout_ms(lock_timeout_s)))
+    if readonly:
+        opts.append(_option("default_transaction_read_only", "on"))
+    return opts
+
+
 def open_connection(
     kwargs: dict[str, Any],
     *,
     application_name: str,
+    timezone: str = "UTC",
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
 ) -> psycopg2.extensions.connection:
     """:func:`connect` from already resolved kwargs (a trigger resolves them once, asynchronously)."""
-    kwargs = dict(kwargs)
-    opts = []
-    if statement_timeout_s is not None:
-        opts.append(f"-c statement_timeout={int(statement_timeout_s * 1000)}")
-    if lock_timeout_s is not None:
-        opts.append(f"-c lock_timeout={int(lock_timeout_s * 1000)}")
-    if readonly:
-        opts.append("-c default_transaction_read_only=on")
-    if opts:
-        kwargs["options"] = " ".join([kwargs.get("options", ""), *opts]).strip()
+    kwargs = {**NETWORK_DEFAULTS, **kwargs}
+    ours = session_options(
+        timezone=timezone, readonly=readonly, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
+    )
+    # appended after the user's options (e.g. -c search_path=...): for a setting given twice, ours wins
+    kwargs["options"] = " ".join([str(kwargs.get("options") or ""), *ours]).strip()
+    kwargs["client_encoding"] = "UTF8"  # what the COPY pipe and psycopg2 decode assume
     kwargs["application_name"] = application_name[:63]  # PostgreSQL truncates at NAMEDATALEN-1
-    conn = psycopg2.connect(**kwargs)
+    conn = psycopg2.connect(connection_factory=DeadlineConnection, **kwargs)
+    if statement_timeout_s is not None:
+        conn.client_deadline_s = statement_timeout_s + GRACE_S
     if readonly:
         conn.set_session(readonly=True)
     return conn

@@ -141,10 +141,13 @@ def run_live_ingest(
     src_conn = dst_conn = None
     try:
         src_conn = connect(
-            source or spec.source_conn_id, application_name=appname, readonly=True,
+            source or spec.source_conn_id, application_name=appname, timezone=spec.timezone, readonly=True,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
-        dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
+        dst_conn = connect(
+            destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
+            lock_timeout_s=spec.lock_timeout_s,
+        )
         ensure_watermark_table(dst_conn, wm_table)
         plan = _columns(spec, src_conn, dst_conn)
         cursor_col = spec.live_cursor_column

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from airflow_backfill_provider.chunks import DEFAULT_MAX_CHUNKS, GRANULARITIES, check_timezone
+from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
 from airflow_backfill_provider.exceptions import PlanError, SpecError
 
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -229,6 +230,14 @@ class BackfillSpec(_Strict):
     @classmethod
     def _table(cls, v: str) -> str:
         TableName.parse(v)
+        return v
+
+    @field_validator("source_conn_id", "destination_conn_id")
+    @classmethod
+    def _no_password_dsn(cls, v: str, info) -> str:
+        # a conn id is serialized with the DAG: a URL with a password there leaks it (dsn.py)
+        if dsn_has_password(v):
+            raise ValueError(password_dsn_message(info.field_name))
         return v
 
     _dag_id = field_validator("dag_id")(classmethod(lambda cls, v: _check_dag_id(v)))

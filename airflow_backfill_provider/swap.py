@@ -70,6 +70,7 @@ def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, 
         conn = connect(
             destination or spec.destination_conn_id,
             application_name=f"backfill:{dag_id or spec.effective_dag_id}:merge",
+            timezone=spec.timezone,
             lock_timeout_s=spec.lock_timeout_s,
         )
         with conn.cursor() as cur:

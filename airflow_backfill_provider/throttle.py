@@ -131,18 +131,28 @@ def probe_load(
     Leaves the connection as it found it: a probe on a non-autocommit connection does not leave an
     ``idle in transaction`` session behind.
     """
+    from airflow_backfill_provider.connections import timeout_ms  # never 0 ms: 0 means no timeout
+    from airflow_backfill_provider.deadlines import GRACE_S
+
     was_idle = conn.autocommit or conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-    with conn.cursor() as cur:
-        if timeout_s is not None and was_idle and not conn.autocommit:
-            # bound the probe on a session whose own statement_timeout is the chunk's (long) one;
-            # transaction-local, so the rollback below restores it before the chunk's COPY
-            cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_s * 1000)}ms",))
-        # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
-        cur.execute("SELECT pg_stat_clear_snapshot()")
-        cur.execute(_probe_query(exclude_application_prefix))
-        active, hidden, in_recovery, lag, sampled_at = cur.fetchone()
-    if was_idle and not conn.autocommit:
-        conn.rollback()
+    session_deadline = getattr(conn, "client_deadline_s", None)
+    if timeout_s is not None and session_deadline is not None:  # the client-side bound follows the probe's
+        conn.client_deadline_s = min(session_deadline, timeout_s + GRACE_S)
+    try:
+        with conn.cursor() as cur:
+            if timeout_s is not None and was_idle and not conn.autocommit:
+                # bound the probe on a session whose own statement_timeout is the chunk's (long) one;
+                # transaction-local, so the rollback below restores it before the chunk's COPY
+                cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms(timeout_s)}ms",))
+            # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute(_probe_query(exclude_application_prefix))
+            active, hidden, in_recovery, lag, sampled_at = cur.fetchone()
+        if was_idle and not conn.autocommit:
+            conn.rollback()
+    finally:
+        if session_deadline is not None:
+            conn.client_deadline_s = session_deadline
     return LoadSample(
         active=int(active),
         replica_lag=None if lag is None else max(0.0, float(lag)),

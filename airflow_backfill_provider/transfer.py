@@ -142,7 +142,7 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
     conn = None
     try:
         conn = connect(
-            source or spec.source_conn_id, application_name=f"{appname}:castcheck", readonly=True,
+            source or spec.source_conn_id, application_name=f"{appname}:castcheck", readonly=True, timezone=spec.timezone,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
         return castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, chunk.start, chunk.end)
@@ -170,6 +170,7 @@ def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
     return connect(
         source or spec.source_conn_id,
         application_name=appname,
+        timezone=spec.timezone,
         readonly=True,
         statement_timeout_s=spec.statement_timeout_s,
         lock_timeout_s=spec.lock_timeout_s,
@@ -201,7 +202,10 @@ def transfer_chunk(
     try:
         if src_conn is None:
             src_conn = open_source(spec, appname, source)
-        dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
+        dst_conn = connect(
+            destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
+            lock_timeout_s=spec.lock_timeout_s,
+        )
         # pre-flight (catalog reads only) before the first write, the ledger DDL: a bad spec writes nothing
         # (swap mode: checked against the live table, which the parallel one is created LIKE)
         src_table, plan = prepare(swap.as_live(spec), src_conn, dst_conn, chunk)

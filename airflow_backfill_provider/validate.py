@@ -332,11 +332,11 @@ def validate_range(
     src_conn = dst_conn = None
     try:
         src_conn = connect(
-            source or spec.source_conn_id, application_name=appname, readonly=True,
+            source or spec.source_conn_id, application_name=appname, timezone=spec.timezone, readonly=True,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
         dst_conn = connect(
-            destination or spec.destination_conn_id, application_name=appname,
+            destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
         dest_cols = schema.table_columns(dst_conn, target, side="destination")

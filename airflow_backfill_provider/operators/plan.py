@@ -62,9 +62,13 @@ class PlanBackfillOperator(BaseOperator):
                 interval_start=context.get("data_interval_start"),
                 interval_end=context.get("data_interval_end"),
             )
-            dst = connect(spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan")
+            dst = connect(
+                spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan",
+                timezone=spec.timezone,
+            )
             src = connect(
                 spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
+                timezone=spec.timezone,
                 statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
             )
             try:

@@ -11,9 +11,11 @@ exponential backoff (``poll_interval`` doubling up to ``poll_max``) and fires on
 
 Async on both Airflow 3.3 and 2.11 triggerers: the connection is resolved with the async lookup
 (``compat.aget_connection``), and each blocking psycopg2 probe runs in ``asyncio.to_thread`` on a
-short-lived session (``connect_timeout`` and ``statement_timeout`` bound it), so the event loop is
-never blocked and no source session is held between probes. ``serialize()`` carries only the
-connection id, the throttle thresholds and the start time: never credentials.
+short-lived session (``connect_timeout``, ``statement_timeout`` and the client-side deadline bound
+it), so the event loop is never blocked and no source session is held between probes. The trigger
+also waits for each probe with ``asyncio.wait_for``: even a probe stuck on a stalled network cannot
+delay the ``timeout`` event past ``max_wait`` + :data:`EVENT_MARGIN_S`. ``serialize()`` carries only
+the connection id, the throttle thresholds and the start time: never credentials.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import time
 from typing import Any, AsyncIterator
 
 from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
+from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
+
+#: the timeout event fires at most this long after max_wait, even if a probe hangs
+EVENT_MARGIN_S = 1.0
 
 
 class SourceLoadTrigger(BaseTrigger):
@@ -49,7 +55,8 @@ class SourceLoadTrigger(BaseTrigger):
         carry: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _refuse_password_in_dsn(conn_id)
+        if dsn_has_password(conn_id):
+            raise ValueError(password_dsn_message("SourceLoadTrigger conn_id"))
         self.conn_id = conn_id
         self.throttle = dict(throttle)
         self.started_at = float(started_at if started_at is not None else time.time())
@@ -112,9 +119,15 @@ class SourceLoadTrigger(BaseTrigger):
         sample = None
         last_error: str | None = None
         while True:
+            # the probe's own bounds (connect_timeout, statement_timeout + client deadline) end its
+            # thread eventually; this one ends the wait for it in time for max_wait
+            budget = max(throttle.max_wait - (time.time() - self.started_at), 0.0) + EVENT_MARGIN_S
             try:
-                sample = await asyncio.to_thread(self._probe_once, kwargs)
+                sample = await asyncio.wait_for(asyncio.to_thread(self._probe_once, kwargs), timeout=budget)
                 last_error = None
+            except asyncio.TimeoutError:
+                last_error = f"the probe got no answer within {budget:.1f} s (network stall?)"
+                self.log.warning("Load probe on %s: %s", self.conn_id, last_error)
             except psycopg2.Error as err:  # a busy or restarting source: keep waiting, report at timeout
                 last_error = str(err).strip() or type(err).__name__
                 self.log.warning("Load probe on %s failed (will retry): %s", self.conn_id, last_error)
@@ -141,18 +154,3 @@ class SourceLoadTrigger(BaseTrigger):
             await asyncio.sleep(delay)
             interval = min(interval * 2, throttle.poll_max)
 
-
-def _refuse_password_in_dsn(conn_id: str) -> None:
-    if "://" not in conn_id and "=" not in conn_id:
-        return
-    from psycopg2.extensions import parse_dsn
-
-    try:
-        has_password = bool(parse_dsn(conn_id).get("password"))
-    except Exception:  # unparsable: let the connection attempt report it, but do not store it
-        has_password = True
-    if has_password:
-        raise ValueError(
-            "SourceLoadTrigger got a connection URL with a password: it would be stored in the "
-            "metadata database. Pass an Airflow connection id (e.g. source_conn_id='prod_pg') instead."
-        )
