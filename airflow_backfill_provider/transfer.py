@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg2
 
-from airflow_backfill_provider import castcheck, ledger, schema, swap
+from airflow_backfill_provider import castcheck, encoding, ledger, schema, swap
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -153,6 +153,27 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
         close_all(conn)
 
 
+def _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan) -> str:
+    """Name the column (and key) of a value the destination's encoding cannot hold; see encoding.py."""
+    dst_encoding = dst_conn.info.parameter_status("server_encoding") or "?"
+    conn = None
+    try:
+        conn = connect(
+            source or spec.source_conn_id, application_name=f"{appname}:encoding", readonly=True,
+            timezone=spec.timezone, statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+        )
+        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, chunk.start, chunk.end)
+        return encoding.describe(
+            err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, src_conn=conn, select=select,
+            columns=plan.columns, keys=spec.key_columns,
+        )
+    except Exception:  # noqa: BLE001 - diagnosis is best effort: the column from the error context is enough
+        log.warning("chunk %s: could not locate the row behind the encoding error", chunk.chunk_id, exc_info=True)
+        return encoding.describe(err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, columns=plan.columns)
+    finally:
+        close_all(conn)
+
+
 def upsert_counted(cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy) -> tuple[int, int]:
     """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
     own per-table counters before and after it (free, and right for partitioned targets too)."""
@@ -254,6 +275,8 @@ def transfer_chunk(
         rollback_quietly(dst_conn)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
+        if plan is not None and getattr(err, "pgcode", None) in encoding.ENCODING_ERRORS:
+            raise PermanentChunkError(_explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan)) from err
         if plan is not None and str(getattr(err, "pgcode", "") or "").startswith("22"):
             found = _explain_cast_failure(spec, chunk, source, appname, src_table, plan)
             if found is not None:
