@@ -1,0 +1,113 @@
+"""A stalled network ends within a stated bound (issue 12 item 10).
+
+A TCP proxy in front of the real server goes silent mid-session: it keeps the sockets open (its kernel
+still acknowledges data and keepalive probes) and forwards nothing, like a hung proxy or load balancer.
+The stated bounds (README fault table, docs/faults.md):
+- SourceLoadTrigger fires its ``timeout`` event within ``max_wait + EVENT_MARGIN_S``;
+- a chunk fails as transient within ``statement_timeout_s + GRACE_S`` of its source going silent, and
+  leaves no row, no ledger row, no advisory lock and no open transaction in the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from airflow_backfill_provider.chunks import plan_chunks
+from airflow_backfill_provider.deadlines import GRACE_S
+from airflow_backfill_provider.exceptions import TransientChunkError
+from airflow_backfill_provider.spec import load_spec
+from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.triggers.load import EVENT_MARGIN_S, SourceLoadTrigger
+from tests.session_helpers import SilentProxy, dbname, run_sql, wait_until
+
+#: scheduling slack on a shared 2-core machine, on top of each stated bound
+SLACK_S = 3.0
+
+
+@pytest.fixture()
+def proxies():
+    made = []
+
+    def _make(**kw):
+        made.append(SilentProxy(**kw))
+        return made[-1]
+
+    yield _make
+    for p in made:
+        p.close()
+
+
+def test_load_trigger_fires_within_max_wait_when_the_probe_hangs(src_url, proxies):
+    proxy = proxies(trigger=b"pg_stat_clear_snapshot")  # silent as soon as the probe queries
+    max_wait = 2.0
+    trigger = SourceLoadTrigger(
+        conn_id=proxy.url(dbname(src_url)),
+        throttle={"max_active": 1, "max_wait": max_wait, "poll_interval": 0.5, "poll_max": 1.0},
+    )
+
+    async def first_event():
+        event = await trigger.run().__anext__()
+        elapsed = time.time() - trigger.started_at
+        proxy.close()  # frees the stuck probe thread now (its own client deadline would, in 15 s)
+        return event, elapsed
+
+    event, elapsed = asyncio.run(asyncio.wait_for(first_event(), timeout=max_wait + EVENT_MARGIN_S + 20))
+    assert proxy.triggered.is_set()
+    assert event.payload["status"] == "timeout", event.payload
+    assert "no answer" in event.payload["message"], event.payload["message"]
+    assert elapsed <= max_wait + EVENT_MARGIN_S + SLACK_S, elapsed
+
+
+def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_nothing(src_url, dst_url, proxies):
+    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, pad text)"
+    run_sql(src_url, ddl)
+    run_sql(dst_url, ddl)
+    run_sql(src_url, "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
+                     "FROM generate_series(1, 40000) g")  # ~4 MB of COPY: far more than the proxy lets through
+    proxy = proxies(trigger=b"COPY (", grace_bytes=64 * 1024)
+    statement_timeout_s = 1.0
+    spec = load_spec(dict(
+        name="stall", source_conn_id=proxy.url(dbname(src_url)), destination_conn_id=dst_url, source_table="ev",
+        destination_table="ev", time_column="t", key_columns=["id"], statement_timeout_s=statement_timeout_s,
+    ))
+    chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
+    outcome: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            outcome["result"] = transfer_chunk(spec, chunk)
+        except BaseException as err:  # noqa: BLE001 - inspected below
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - t0
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    bound = statement_timeout_s + GRACE_S
+    worker.join(timeout=bound + 20)
+    assert not worker.is_alive(), f"the chunk still hangs {bound + 20} s after its source went silent"
+    assert proxy.silent.is_set(), "the proxy never went silent: the test did not stall the COPY"
+    err = outcome.get("error")
+    assert isinstance(err, TransientChunkError), outcome
+    assert "no answer" in str(err) and "stalled" in str(err), str(err)
+    assert outcome["seconds"] <= bound + SLACK_S, outcome["seconds"]
+
+    # nothing left behind in the destination: no row, no ledger row, no session, no advisory lock
+    assert run_sql(dst_url, "SELECT count(*) FROM ev") == [(0,)]
+    assert run_sql(dst_url, "SELECT to_regclass('public.backfill_ledger') IS NULL "
+                            "OR NOT EXISTS (SELECT FROM public.backfill_ledger)") == [(True,)]
+    db = dbname(dst_url)
+    wait_until(
+        lambda: run_sql(dst_url, "SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = %s "
+                                 "AND application_name LIKE 'backfill:%%'", (db,))[0][0],
+        timeout=10, what="the chunk's destination session ended",
+    )
+    assert run_sql(dst_url, "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                            "WHERE d.datname = %s AND l.locktype = 'advisory'", (db,)) == [(0,)]
+    # and the retry, once the network is back, loads the chunk
+    retry = transfer_chunk(spec.model_copy(update={"source_conn_id": src_url, "statement_timeout_s": 60}), chunk)
+    assert retry.inserted == 40000
