@@ -50,12 +50,15 @@ def test_load_trigger_fires_within_max_wait_when_the_probe_hangs(src_url, proxie
     )
 
     async def first_event():
-        event = await trigger.run().__anext__()
-        elapsed = time.time() - trigger.started_at
-        proxy.close()  # frees the stuck probe thread now (its own client deadline would, in 15 s)
-        return event, elapsed
+        try:
+            event = await asyncio.wait_for(trigger.run().__anext__(), timeout=max_wait + EVENT_MARGIN_S + 20)
+            return event, time.time() - trigger.started_at
+        finally:
+            # frees the stuck probe thread now (its own client deadline would, in 15 s), before
+            # asyncio.run joins it
+            proxy.close()
 
-    event, elapsed = asyncio.run(asyncio.wait_for(first_event(), timeout=max_wait + EVENT_MARGIN_S + 20))
+    event, elapsed = asyncio.run(first_event())
     assert proxy.triggered.is_set()
     assert event.payload["status"] == "timeout", event.payload
     assert "no answer" in event.payload["message"], event.payload["message"]
