@@ -95,6 +95,40 @@ def read_ledger(conn, spec: BackfillSpec) -> list[LedgerRow]:
         return [LedgerRow(*row) for row in cur.fetchall()]
 
 
+def run_totals(conn, spec: BackfillSpec, run_id: str | None) -> tuple[int, int]:
+    """(chunks, rows) the run has committed for the spec's target, from the ledger: one query."""
+    ledger = TableName.parse(spec.ledger_table)
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, ledger):
+            return 0, 0
+        cur.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t} WHERE target_table = %s AND run_id = %s"
+            ).format(t=sql.Identifier(*ledger.parts)),
+            (str(spec.staging_target), run_id),
+        )
+        chunks, rows = cur.fetchone()
+    conn.rollback()
+    return int(chunks), int(rows)
+
+
+def ledger_rate(conn, spec: BackfillSpec) -> float | None:
+    """Rows per second per chunk over the target's ledger rows (chunk seconds, not wall clock); None if none."""
+    ledger = TableName.parse(spec.ledger_table)
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, ledger):
+            return None
+        cur.execute(
+            sql.SQL("SELECT sum(rows_extracted), sum(seconds) FROM {t} WHERE target_table = %s").format(
+                t=sql.Identifier(*ledger.parts)
+            ),
+            (str(spec.staging_target),),
+        )
+        rows, seconds = cur.fetchone()
+    conn.rollback()
+    return float(rows) / seconds if rows and seconds else None
+
+
 def read_validation(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None) -> dict | None:
     """The latest validation summary row of the run (or of the DAG when ``run_id`` is None), as a dict."""
     table = TableName.parse(spec.validation.report_table)

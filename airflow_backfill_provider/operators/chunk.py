@@ -196,6 +196,10 @@ class BackfillChunkOperator(BaseOperator):
                 waited_pacing_s=waited_pacing_s, rows=result.rows_extracted, seconds=result.seconds,
             ),
         )
+        from airflow_backfill_provider.progress_log import log_chunk_share
+
+        dag_run = context.get("dag_run")
+        log_chunk_share(self.log, spec, self.chunk, run_id=run_id, run_started_at=getattr(dag_run, "start_date", None))
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
         out.update(
