@@ -22,9 +22,10 @@ from airflow.providers.common.compat.sdk import (  # noqa: E402
 )
 
 if AIRFLOW_V_3:
-    from airflow.sdk import DAG, CronDataIntervalTimetable
+    from airflow.sdk import DAG, Asset, CronDataIntervalTimetable
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 else:  # Airflow 2.11
+    from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
     from airflow.models.dag import DAG  # type: ignore[no-redef]
     from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
     from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
@@ -35,6 +36,7 @@ __all__ = [
     "AirflowException",
     "AirflowFailException",
     "AirflowSkipException",
+    "Asset",
     "BaseHook",
     "BaseOperator",
     "BaseTrigger",

@@ -10,11 +10,11 @@ from typing import Any
 
 import pendulum
 
+from airflow_backfill_provider.assets import destination_asset
 from airflow_backfill_provider.chunks import GRANULARITIES
 from airflow_backfill_provider.compat import (
     DAG,
     EXPONENTIAL_BACKOFF,
-    CronDataIntervalTimetable,
     Param,
 )
 from airflow_backfill_provider.operators.chunk import MAP_INDEX_TEMPLATE, BackfillChunkOperator
@@ -22,6 +22,7 @@ from airflow_backfill_provider.operators.merge import MergeBackfillOperator
 from airflow_backfill_provider.operators.plan import PlanBackfillOperator
 from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
 from airflow_backfill_provider.spec import BackfillSpec, load_spec
+from airflow_backfill_provider.timetables import backfill_timetable
 
 DOC = """\
 ### Backfill `{dest}` from `{src}`
@@ -81,8 +82,9 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
     start = spec.start_date
     defaults = dict(
         dag_id=spec.effective_dag_id,
-        # a data-interval timetable: each scheduled/backfill run covers [interval start, interval end)
-        schedule=CronDataIntervalTimetable(spec.effective_schedule, timezone=spec.timezone),
+        # a data-interval timetable: each backfill run covers [interval start, interval end); on Airflow 3
+        # with the provider's plugin loaded it creates no automatic runs (timetables.py: no surprise schedule)
+        schedule=backfill_timetable(spec.effective_schedule, spec.timezone),
         start_date=pendulum.datetime(start.year, start.month, start.day, tz=spec.timezone),
         catchup=False,
         params=backfill_params(spec),
@@ -123,7 +125,9 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
         if spec.validation.enabled:
             # runs when every chunk succeeded (after the merge in swap mode: it compares the live table);
             # skipped with them on a dry run (no chunks)
+            # a passing (or only warning) validation emits the destination table's asset event (assets.py)
             last >> ValidateBackfillOperator(
-                task_id="validate", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=30)
+                task_id="validate", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=30),
+                outlets=[destination_asset(spec)],
             )
     return dag

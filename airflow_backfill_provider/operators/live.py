@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
+from airflow_backfill_provider.lineage import LineageMixin
 from airflow_backfill_provider.spec import BackfillSpec
 
 
-class LiveIngestOperator(BaseOperator):
+class LiveIngestOperator(LineageMixin, BaseOperator):
     """Load source rows changed since the watermark (minus ``live.lookback_s``), newer-wins, and advance it.
 
     Rows and watermark commit in one destination transaction, so a failed or retried run never skips
@@ -24,6 +25,12 @@ class LiveIngestOperator(BaseOperator):
         super().__init__(**kwargs)
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
 
+    def _lineage_tables(self):
+        from airflow_backfill_provider.lineage import live_tables
+        from airflow_backfill_provider.spec import load_spec
+
+        return live_tables(load_spec(self.spec))
+
     def execute(self, context) -> dict:
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.live import run_live_ingest
@@ -34,6 +41,7 @@ class LiveIngestOperator(BaseOperator):
             result = run_live_ingest(spec, dag_id=self.dag_id)
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
+        self._lineage_rows = result.rows_extracted  # OpenLineage output row count
         self.log.info(
             "Live %s: read %s > %s: %d rows, %d inserted, %d updated, %d unchanged; watermark %s -> %s (%.2fs)",
             result.target, spec.live_cursor_column, result.lower_bound, result.rows_extracted, result.inserted,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, AirflowSkipException, BaseOperator
+from airflow_backfill_provider.lineage import LineageMixin
 from airflow_backfill_provider.spec import BackfillSpec
 
 
-class MergeBackfillOperator(BaseOperator):
+class MergeBackfillOperator(LineageMixin, BaseOperator):
     """Insert the parallel table's rows whose key the live table lacks, drop it, forget its ledger rows.
 
     One destination transaction: if anything fails nothing is applied (the parallel table and its ledger
@@ -27,6 +28,12 @@ class MergeBackfillOperator(BaseOperator):
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
         self.plan_task_id = plan_task_id
 
+    def _lineage_tables(self):
+        from airflow_backfill_provider.lineage import merge_tables
+        from airflow_backfill_provider.spec import load_spec
+
+        return merge_tables(load_spec(self.spec))
+
     def execute(self, context) -> dict:
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.spec import load_spec
@@ -41,6 +48,7 @@ class MergeBackfillOperator(BaseOperator):
             result = merge_parallel_table(spec, dag_id=self.dag_id)
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
+        self._lineage_rows = result.inserted if result.merged else 0  # OpenLineage output row count
         if not result.merged:
             self.log.info("No %s to merge (already merged, or no chunk loaded yet)", result.parallel_table)
         else:

@@ -43,6 +43,7 @@ class PlanBackfillOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context) -> list[dict[str, str]]:
+        from airflow_backfill_provider import progress_log
         from airflow_backfill_provider.checks import null_time_rows
         from airflow_backfill_provider.connections import connect
         from airflow_backfill_provider.planning import build_plan, resolve_range
@@ -97,6 +98,8 @@ class PlanBackfillOperator(BaseOperator):
                         self.log.warning("%s", warning)
                 if plan.chunks and not dry_run:
                     ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
+                est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
+                rate = progress_log.measured_rate(dst, spec) if plan.chunks else None
             finally:
                 dst.close()
                 src.close()
@@ -110,12 +113,13 @@ class PlanBackfillOperator(BaseOperator):
             spec.destination, plan.start, plan.end, plan.granularity, len(plan.chunks), len(plan.skipped),
             " (DRY RUN: nothing will be written)" if dry_run else "",
         )
+        self.log.info("%s", progress_log.plan_message(len(plan.chunks), len(plan.skipped), est_rows, rate))
         for chunk in plan.chunks:
             self.log.info("  chunk %-24s [%s, %s)", chunk.chunk_id, chunk.start, chunk.end)
         context["ti"].xcom_push(key="plan", value=plan.summary(dry_run=dry_run))
         if dry_run:
             return []
-        return [c.to_descriptor() for c in plan.chunks]
+        return progress_log.number([c.to_descriptor() for c in plan.chunks], est_rows)
 
 
 def _one_per_source(spec: BackfillSpec, chunks):

@@ -82,6 +82,9 @@ class ValidateBackfillOperator(BaseOperator):
                 "%d day(s) of %s differ by more than warn_threshold=%.2f%% (under fail_threshold)",
                 totals["days_warn"], report.table, spec.validation.warn_threshold * 100,
             )
+        from airflow_backfill_provider.assets import attach_extra, event_extra
+
+        attach_extra(self, context, spec, event_extra(totals, dag_id=self.dag_id, run_id=run_id))
         return totals
 
     def _range(self, context) -> tuple[str, str]:

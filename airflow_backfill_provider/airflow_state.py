@@ -1,0 +1,209 @@
+"""What the progress views read from Airflow's metadata database: the spec, runs, chunk task states, plan.
+
+Used inside the API server (the plugin's page) and by ``python -m airflow_backfill_provider status``
+(like the ``airflow`` CLI, it needs the metadata database configured). One query per read: the task
+states of 20k mapped chunks are one SELECT, where the REST API would page them 100 at a time.
+Never imported by DAG files or tasks (tasks cannot use the metadata database on Airflow 3).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from airflow_backfill_provider.compat import AIRFLOW_V_3
+from airflow_backfill_provider.exceptions import SpecError
+from airflow_backfill_provider.progress import RunInfo, TaskState
+from airflow_backfill_provider.spec import BackfillSpec, load_spec
+
+CHUNK_TASK = "load_chunk"
+PLAN_TASK = "plan"
+
+
+def _session():
+    from airflow.utils.session import create_session
+
+    return create_session()
+
+
+def spec_for_dag(dag_id: str) -> BackfillSpec:
+    """The spec a backfill DAG was built from, read back from its serialized DAG (chunk task's partial kwargs).
+
+    Raises :class:`SpecError` naming the fix when the DAG is unknown or not a backfill DAG.
+    """
+    dag = _serialized_dag(dag_id)
+    if dag is None:
+        raise SpecError(
+            f"DAG {dag_id!r} is not in Airflow's metadata database (not parsed yet, or a typo); "
+            "pass --config <spec.yaml> to read the spec from its file"
+        )
+    task = dag.task_dict.get(CHUNK_TASK)
+    spec = getattr(task, "partial_kwargs", {}).get("spec") if task is not None else None
+    if not isinstance(spec, dict):
+        raise SpecError(
+            f"DAG {dag_id!r} has no mapped {CHUNK_TASK!r} task with a backfill spec: it is not a backfill DAG "
+            "built by airflow_backfill_provider (pass --config <spec.yaml> if it is)"
+        )
+    return load_spec(spec, where=f"of DAG {dag_id}")
+
+
+def _serialized_dag(dag_id: str):
+    """The serialized DAG; else (2.11 without DAG serialization of this DAG, e.g. after dag.test()) the DAG
+    parsed from the configured dags folder, as the ``airflow`` CLI does."""
+    from airflow.models.serialized_dag import SerializedDagModel
+
+    with _session() as session:
+        dag = SerializedDagModel.get_dag(dag_id, session=session)
+    if dag is None and not AIRFLOW_V_3:
+        from airflow.models.dagbag import DagBag
+
+        dag = DagBag(include_examples=False).get_dag(dag_id)
+    return dag
+
+
+def backfill_dag_ids() -> list[str]:
+    """DAGs tagged 'backfill' (the factory tags every DAG it builds), for the page's index."""
+    from airflow.models.dag import DagModel, DagTag
+    from sqlalchemy import select
+
+    with _session() as session:
+        rows = session.execute(
+            select(DagModel.dag_id).join(DagTag, DagTag.dag_id == DagModel.dag_id).where(DagTag.name == "backfill")
+        ).all()
+    return sorted({r[0] for r in rows})
+
+
+def runs(dag_id: str, limit: int = 50) -> list[dict]:
+    """Latest runs of the DAG, newest first: run_id, state, run_type, start/end dates."""
+    from airflow.models.dagrun import DagRun
+    from sqlalchemy import select
+
+    order = DagRun.start_date.desc().nulls_last() if AIRFLOW_V_3 else DagRun.execution_date.desc()
+    with _session() as session:
+        rows = session.execute(
+            select(DagRun.run_id, DagRun.state, DagRun.run_type, DagRun.start_date, DagRun.end_date, DagRun.conf)
+            .where(DagRun.dag_id == dag_id)
+            .order_by(order, DagRun.id.desc())
+            .limit(limit)
+        ).all()
+    return [
+        {"run_id": r[0], "state": str(getattr(r[1], "value", r[1]) or ""), "run_type": str(getattr(r[2], "value", r[2])),
+         "start_date": r[3], "end_date": r[4], "conf": r[5] or {}}
+        for r in rows
+    ]  # fmt: skip
+
+
+def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | None:
+    """The run (default: the latest) and its range: the plan's XCom, else its params or data interval."""
+    from airflow.models.dagrun import DagRun
+    from sqlalchemy import select
+
+    latest = runs(dag_id, limit=1)
+    if run_id is None:
+        if not latest:
+            return None
+        run_id = latest[0]["run_id"]
+    with _session() as session:
+        dr = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+        if dr is None:
+            raise SpecError(f"DAG {dag_id!r} has no run {run_id!r}")
+        state = str(getattr(dr.state, "value", dr.state) or "")
+        started, ended = dr.start_date, dr.end_date
+        conf = dr.conf or {}
+        interval = (dr.data_interval_start, dr.data_interval_end)
+        run_type = str(getattr(dr.run_type, "value", dr.run_type))
+    plan = plan_summary(dag_id, run_id)
+    if plan:
+        start, end, gran = plan.get("start"), plan.get("end"), plan.get("granularity")
+    else:
+        start, end, gran = _range_without_plan(spec, conf, run_type, interval)
+    return RunInfo(
+        run_id=run_id, state=state, start=_parse(start), end=_parse(end), granularity=gran,
+        started_at=started, ended_at=ended,
+    )
+
+
+def _range_without_plan(spec, conf, run_type, interval):
+    """Before the plan task ran: the same range resolution the plan will do (minus the watermark clip)."""
+    from airflow_backfill_provider.exceptions import BackfillError
+    from airflow_backfill_provider.planning import resolve_range
+
+    try:
+        lo, hi = resolve_range(
+            spec, param_start=conf.get("start") or None, param_end=conf.get("end") or None, run_type=run_type,
+            interval_start=interval[0], interval_end=interval[1],
+        )
+    except BackfillError:
+        return None, None, None
+    return lo, hi, conf.get("granularity") or spec.granularity
+
+
+def _parse(value):
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    import pendulum
+
+    return pendulum.parse(str(value))
+
+
+def plan_summary(dag_id: str, run_id: str) -> dict | None:
+    """The plan task's XCom 'plan' (range after watermark clipping, granularity, dry_run), or None."""
+    with _session() as session:
+        if AIRFLOW_V_3:
+            from airflow.models.xcom import XComModel
+            from sqlalchemy import select
+
+            value = session.scalar(
+                select(XComModel.value).where(
+                    XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == PLAN_TASK,
+                    XComModel.key == "plan", XComModel.map_index == -1,
+                )
+            )
+            if isinstance(value, str):  # stored JSON-encoded
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    return None
+        else:  # Airflow 2.11
+            from airflow.models.xcom import XCom
+
+            value = XCom.get_one(key="plan", task_id=PLAN_TASK, dag_id=dag_id, run_id=run_id, session=session)
+    return value if isinstance(value, dict) else None
+
+
+def task_states(dag_id: str, run_id: str) -> list[TaskState]:
+    """Every mapped instance of the chunk task in the run, labelled by its chunk id: one query."""
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import select
+
+    c = TaskInstance.__table__.c
+    with _session() as session:
+        rows = session.execute(
+            select(c.map_index, c.rendered_map_index, c.state, c.start_date, c.end_date, c.try_number).where(
+                c.dag_id == dag_id, c.run_id == run_id, c.task_id == CHUNK_TASK, c.map_index >= 0
+            )
+        ).all()
+    return [
+        TaskState(chunk_id=r[1] or str(r[0]), state=str(getattr(r[2], "value", r[2])) if r[2] else None,
+                  start_date=r[3], end_date=r[4], try_number=r[5] or 0)
+        for r in rows
+    ]  # fmt: skip
+
+
+def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None = None):
+    """One run's :class:`~airflow_backfill_provider.progress.Progress`: metadata DB + destination (read-only)."""
+    from airflow_backfill_provider.connections import close_all, connect
+    from airflow_backfill_provider.progress import build_progress, read_ledger, read_validation
+
+    spec = spec or spec_for_dag(dag_id)
+    run = run_info(spec, dag_id, run_id)
+    states = task_states(dag_id, run.run_id) if run else []
+    conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
+                   statement_timeout_s=30)  # fmt: skip
+    try:
+        rows = read_ledger(conn, spec)
+        validation = read_validation(conn, spec, dag_id=dag_id, run_id=run.run_id if run else None)
+    finally:
+        conn.rollback()
+        close_all(conn)
+    return build_progress(spec, dag_id=dag_id, run=run, ledger_rows=rows, task_states=states, validation=validation)

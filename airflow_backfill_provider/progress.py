@@ -1,0 +1,440 @@
+"""The progress read model: one run's chunks, their state, rows and speed, totals, ETA and validation.
+
+Pure: it combines what other modules read (ledger rows, Airflow task-instance states of the mapped chunk
+task, the run's plan range, the latest validation summary) into one :class:`Progress`. The page of the
+Airflow plugin, the ``status`` command and the tests all use it, so they show the same figures.
+
+A chunk's state, most telling first:
+
+* ``failed``   its task instance failed (or upstream_failed): clear it to retry;
+* ``running``  running, queued, scheduled, up_for_retry (it will run again);
+* ``deferred`` waiting, without a worker slot, for the source's load to drop or its pacing turn;
+* ``pending``  planned, not started;
+* ``loaded``   committed by this run (a ledger row exists, or the task succeeded);
+* ``skipped``  skipped as done: the plan found it in the ledger from an earlier run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pendulum
+from psycopg2 import sql
+
+from airflow_backfill_provider import ddl
+from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+
+STATES = ("failed", "running", "deferred", "pending", "loaded", "skipped")
+_RANK = {s: i for i, s in enumerate(STATES)}  # a calendar day shows its most telling chunk
+_TI_STATE = {
+    "success": "loaded",
+    "failed": "failed",
+    "upstream_failed": "failed",
+    "running": "running",
+    "queued": "running",
+    "scheduled": "running",
+    "up_for_retry": "running",
+    "up_for_reschedule": "running",
+    "restarting": "running",
+    "deferred": "deferred",
+    "skipped": "skipped",
+    "removed": "pending",
+}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class LedgerRow:
+    chunk_id: str
+    start: dt.datetime
+    end: dt.datetime
+    rows: int
+    seconds: float
+    run_id: str | None
+    finished_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """One mapped task instance of the chunk task: its label (the chunk id) and Airflow state."""
+
+    chunk_id: str
+    state: str | None
+    start_date: dt.datetime | None = None
+    end_date: dt.datetime | None = None
+    try_number: int = 0
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    state: str | None
+    start: dt.datetime | None  # the run's range [start, end), from its plan (or its params / interval)
+    end: dt.datetime | None
+    granularity: str | None
+    started_at: dt.datetime | None = None  # when the DAG run started (for the wall-clock rate)
+    ended_at: dt.datetime | None = None
+
+
+def read_ledger(conn, spec: BackfillSpec) -> list[LedgerRow]:
+    """Every ledger row of the spec's target, one query. The one place that knows the ledger's columns."""
+    ledger = TableName.parse(spec.ledger_table)
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, ledger):
+            return []
+        cur.execute(
+            sql.SQL(
+                "SELECT chunk_id, range_start, range_end, rows_extracted, seconds, run_id, finished_at "
+                "FROM {t} WHERE target_table = %s"
+            ).format(t=sql.Identifier(*ledger.parts)),
+            (str(spec.staging_target),),
+        )
+        return [LedgerRow(*row) for row in cur.fetchall()]
+
+
+def run_totals(conn, spec: BackfillSpec, run_id: str | None) -> tuple[int, int]:
+    """(chunks, rows) the run has committed for the spec's target, from the ledger: one query."""
+    ledger = TableName.parse(spec.ledger_table)
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, ledger):
+            return 0, 0
+        cur.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t} WHERE target_table = %s AND run_id = %s"
+            ).format(t=sql.Identifier(*ledger.parts)),
+            (str(spec.staging_target), run_id),
+        )
+        chunks, rows = cur.fetchone()
+    conn.rollback()
+    return int(chunks), int(rows)
+
+
+def ledger_rate(conn, spec: BackfillSpec) -> float | None:
+    """Rows per second per chunk over the target's ledger rows (chunk seconds, not wall clock); None if none."""
+    ledger = TableName.parse(spec.ledger_table)
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, ledger):
+            return None
+        cur.execute(
+            sql.SQL("SELECT sum(rows_extracted), sum(seconds) FROM {t} WHERE target_table = %s").format(
+                t=sql.Identifier(*ledger.parts)
+            ),
+            (str(spec.staging_target),),
+        )
+        rows, seconds = cur.fetchone()
+    conn.rollback()
+    return float(rows) / seconds if rows and seconds else None
+
+
+def read_validation(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None) -> dict | None:
+    """The latest validation summary row of the run (or of the DAG when ``run_id`` is None), as a dict."""
+    table = TableName.parse(spec.validation.report_table)
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, table):
+            return None
+        where = sql.SQL("dag_id = %s") + (sql.SQL(" AND run_id = %s") if run_id else sql.SQL(""))
+        cur.execute(
+            sql.SQL(
+                "SELECT run_id, validated_at, status, days, days_warn, days_fail, source_rows, destination_rows, "
+                "worst_day, worst_metric, worst_diff, totals FROM {t} WHERE {w} ORDER BY validated_at DESC, id DESC LIMIT 1"
+            ).format(t=sql.Identifier(*table.parts), w=where),
+            (dag_id, run_id) if run_id else (dag_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        keys = ("run_id", "validated_at", "status", "days", "days_warn", "days_fail", "source_rows",
+                "destination_rows", "worst_day", "worst_metric", "worst_diff", "totals")  # fmt: skip
+        return dict(zip(keys, row))
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class ChunkProgress:
+    chunk_id: str
+    start: pendulum.DateTime
+    end: pendulum.DateTime
+    state: str
+    ti_state: str | None = None
+    rows: int | None = None
+    seconds: float | None = None
+    tries: int = 0
+
+    @property
+    def rows_per_s(self) -> float | None:
+        if self.rows is None or not self.seconds:
+            return None
+        return self.rows / self.seconds
+
+
+@dataclass
+class DayCell:
+    day: dt.date
+    state: str
+    chunks: int
+    rows: int
+    validation: str | None = None  # 'fail' / 'warn' when validation found this day off
+
+
+@dataclass
+class Progress:
+    dag_id: str
+    run: RunInfo | None
+    chunks: list[ChunkProgress]
+    counts: dict[str, int]
+    rows_loaded: int  # rows committed by this run's chunks
+    rows_done: int  # loaded + skipped-as-done
+    rate_rows_s: float | None  # rows of this run per wall-clock second since the run started
+    eta_s: float | None
+    eta_note: str
+    days: list[DayCell]
+    validation: dict | None
+    worst_days: list[dict] = field(default_factory=list)  # validation, worst first
+
+    @property
+    def total(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def done(self) -> int:
+        return self.counts["loaded"] + self.counts["skipped"]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 0.0
+
+    def to_dict(self, *, max_chunks: int | None = None) -> dict:
+        """JSON for the page's API; chunks as compact columns (20k chunks stay a few hundred kB)."""
+        chunks = self.chunks if max_chunks is None else self.chunks[:max_chunks]
+        return {
+            "dag_id": self.dag_id,
+            "run_id": self.run.run_id if self.run else None,
+            "run_state": self.run.state if self.run else None,
+            "total": self.total,
+            "done": self.done,
+            "percent": round(self.percent, 1),
+            "counts": self.counts,
+            "rows_loaded": self.rows_loaded,
+            "rows_done": self.rows_done,
+            "rate_rows_s": self.rate_rows_s,
+            "eta_s": self.eta_s,
+            "eta": format_eta(self.eta_s, self.eta_note),
+            "validation": _jsonable(self.validation),
+            "worst_days": self.worst_days,
+            "days": [[c.day.isoformat(), c.state, c.chunks, c.rows, c.validation] for c in self.days],
+            "chunks": {
+                "columns": ["chunk_id", "start", "state", "ti_state", "rows", "seconds", "tries"],
+                "rows": [
+                    [c.chunk_id, c.start.isoformat(), c.state, c.ti_state, c.rows,
+                     None if c.seconds is None else round(c.seconds, 3), c.tries]
+                    for c in chunks
+                ],  # fmt: skip
+            },
+        }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return value
+
+
+def _ts(value) -> float:
+    return value.timestamp()
+
+
+def planned_chunks(spec: BackfillSpec, run: RunInfo | None) -> list[tuple[str, pendulum.DateTime, pendulum.DateTime]]:
+    """The run's chunks as the plan cut them (before skipping done ones): pure, from the run's range."""
+    if run is None or run.start is None or run.end is None:
+        return []
+    lo = to_datetime(run.start, spec.timezone, what="start")
+    hi = to_datetime(run.end, spec.timezone, what="end")
+    if hi <= lo:
+        return []
+    chunks = list(iter_chunks(lo, hi, run.granularity or spec.granularity, spec.timezone))
+    bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
+    if bounds:
+        chunks = split_at(chunks, bounds)
+    return [(c.chunk_id, c.start, c.end) for c in chunks]
+
+
+def build_progress(
+    spec: BackfillSpec,
+    *,
+    dag_id: str,
+    run: RunInfo | None,
+    ledger_rows: Iterable[LedgerRow],
+    task_states: Iterable[TaskState],
+    validation: dict | None,
+    now: dt.datetime | None = None,
+) -> Progress:
+    """Combine the inputs into one run's progress (see the module docstring for the states)."""
+    now = now or pendulum.now("UTC")
+    by_range = {(_ts(r.start), _ts(r.end)): r for r in ledger_rows}
+    tis = {t.chunk_id: t for t in task_states}
+    chunks: list[ChunkProgress] = []
+    seen: set[str] = set()
+    for chunk_id, start, end in planned_chunks(spec, run):
+        seen.add(chunk_id)
+        chunks.append(_chunk(chunk_id, start, end, tis.get(chunk_id), by_range.get((_ts(start), _ts(end))), run))
+    # task instances the computed plan does not know (e.g. the range was clipped differently): still show them
+    for chunk_id, ti in tis.items():
+        if chunk_id not in seen:
+            row = next((r for r in by_range.values() if r.chunk_id == chunk_id), None)
+            start = pendulum.instance(row.start) if row else pendulum.instance(ti.start_date or now)
+            end = pendulum.instance(row.end) if row else start
+            chunks.append(_chunk(chunk_id, start, end, ti, row, run))
+    chunks.sort(key=lambda c: (_ts(c.start), c.chunk_id))
+
+    counts = {s: 0 for s in STATES}
+    for c in chunks:
+        counts[c.state] += 1
+    rows_loaded = sum(c.rows or 0 for c in chunks if c.state == "loaded")
+    rows_done = rows_loaded + sum(c.rows or 0 for c in chunks if c.state == "skipped")
+    rate, eta, note = _eta(chunks, counts, rows_loaded, run, now)
+    worst = _worst_days(validation)
+    return Progress(
+        dag_id=dag_id, run=run, chunks=chunks, counts=counts, rows_loaded=rows_loaded, rows_done=rows_done,
+        rate_rows_s=rate, eta_s=eta, eta_note=note, days=_days(spec, chunks, worst), validation=validation,
+        worst_days=worst,
+    )
+
+
+def _chunk(chunk_id, start, end, ti: TaskState | None, row: LedgerRow | None, run: RunInfo | None) -> ChunkProgress:
+    rows = row.rows if row else None
+    seconds = row.seconds if row else None
+    if ti is not None and ti.state:
+        state = _TI_STATE.get(ti.state, "pending")
+    elif row is not None:
+        # no task instance for it in this run: the plan skipped it as done, unless this run wrote it
+        state = "loaded" if run is not None and row.run_id == run.run_id else "skipped"
+    else:
+        state = "pending"
+    return ChunkProgress(
+        chunk_id, pendulum.instance(start), pendulum.instance(end), state, ti.state if ti else None, rows, seconds,
+        ti.try_number if ti else 0,
+    )
+
+
+def _eta(chunks, counts, rows_loaded, run, now) -> tuple[float | None, float | None, str]:
+    """Rate = this run's rows per wall-clock second since its first chunk started; ETA = rows left / rate.
+
+    Rows left are estimated from the mean rows of the chunks loaded so far (chunks are calendar slices,
+    so this is a per-period mean). Parallel chunks are measured together: wall clock, not chunk seconds.
+    """
+    remaining = counts["pending"] + counts["running"] + counts["deferred"]
+    loaded = [c for c in chunks if c.state == "loaded" and c.rows is not None]
+    started = [c for c in chunks if c.state == "loaded"]
+    begin = run.started_at if run and run.started_at else None
+    end = run.ended_at if run and run.ended_at and remaining == 0 else now
+    elapsed = (_ts(end) - _ts(begin)) if begin else None
+    rate = rows_loaded / elapsed if elapsed and elapsed > 0 and rows_loaded else None
+    if remaining == 0:
+        note = f"{counts['failed']} failed chunk(s) to clear" if counts["failed"] else "done"
+        return rate, 0.0 if not counts["failed"] else None, note
+    if not loaded or not rate:
+        return rate, None, "no chunk loaded yet: no rate to extrapolate" if not started else "no rate yet"
+    mean_rows = sum(c.rows for c in loaded) / len(loaded)
+    eta = remaining * mean_rows / rate
+    note = f"{remaining} chunk(s) left at {rate:,.0f} rows/s"
+    if counts["failed"]:
+        note += f"; {counts['failed']} failed chunk(s) need a clear"
+    return rate, eta, note
+
+
+def _worst_days(validation: dict | None) -> list[dict]:
+    """Validation's non-passing days, worst first (the summary row stores them ranked)."""
+    if not validation:
+        return []
+    totals = validation.get("totals") or {}
+    return list(totals.get("days_not_passing") or [])
+
+
+def _days(spec: BackfillSpec, chunks: list[ChunkProgress], worst: list[dict]) -> list[DayCell]:
+    """One calendar cell per local day a chunk covers; a day shows its most telling chunk's state."""
+    tz = pendulum.timezone(spec.timezone)
+    cells: dict[dt.date, DayCell] = {}
+    for c in chunks:
+        first = c.start.in_timezone(tz).date()
+        last = (c.end.in_timezone(tz) - dt.timedelta(microseconds=1)).date() if c.end > c.start else first
+        ndays = (last - first).days + 1
+        for i in range(ndays):
+            day = first + dt.timedelta(days=i)
+            cell = cells.get(day)
+            if cell is None:
+                cells[day] = cell = DayCell(day, c.state, 0, 0)
+            elif _RANK[c.state] < _RANK[cell.state]:
+                cell.state = c.state
+            cell.chunks += 1
+            if c.rows and i == 0:
+                cell.rows += c.rows
+    for d in worst:
+        try:
+            day = dt.date.fromisoformat(str(d.get("day")))
+        except ValueError:
+            continue
+        if day in cells:
+            cells[day].validation = d.get("status")
+    return [cells[k] for k in sorted(cells)]
+
+
+# ------------------------------------------------------------------------------------------ text
+def format_eta(seconds: float | None, note: str = "") -> str:
+    if seconds is None:
+        return f"unknown ({note})" if note else "unknown"
+    if seconds == 0:
+        return note or "done"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_text(p: Progress, *, worst: int = 10) -> str:
+    """What ``python -m airflow_backfill_provider status`` prints."""
+    lines = []
+    run = p.run
+    lines.append(f"{p.dag_id}  run {run.run_id if run else '-'}  ({run.state if run else 'no run'})")
+    if run and run.start is not None:
+        lines.append(f"range [{run.start.isoformat()}, {run.end.isoformat()})  {run.granularity or ''}")
+    lines.append(
+        f"chunks: {p.done}/{p.total} done ({p.percent:.0f}%)  "
+        + "  ".join(f"{s} {p.counts[s]}" for s in STATES if p.counts[s])
+    )
+    rate = f"{p.rate_rows_s:,.0f} rows/s" if p.rate_rows_s else "-"
+    lines.append(f"rows: {p.rows_loaded:,} loaded by this run, {p.rows_done:,} done in range; rate {rate}")
+    lines.append(f"ETA: {format_eta(p.eta_s, p.eta_note)}")
+    failed = [c for c in p.chunks if c.state == "failed"]
+    if failed:
+        lines.append("failed chunks: " + ", ".join(c.chunk_id for c in failed[:20]) + (" ..." if len(failed) > 20 else ""))
+    waiting = [c for c in p.chunks if c.state == "deferred"]
+    if waiting:
+        lines.append(f"waiting for the source (deferred): {len(waiting)} chunk(s): "
+                     + ", ".join(c.chunk_id for c in waiting[:10]))  # fmt: skip
+    v = p.validation
+    if v:
+        lines.append(
+            f"validation ({v.get('run_id')}): {str(v['status']).upper()}, {v['days']} day(s), "
+            f"{v['days_warn']} warn, {v['days_fail']} fail; source {v['source_rows']:,} rows, "
+            f"destination {v['destination_rows']:,}"
+        )
+        if p.worst_days:
+            lines.append("worst days:")
+            for d in p.worst_days[:worst]:
+                diffs = d.get("diffs") or {}
+                metric = max(diffs, key=diffs.get) if diffs else "rows"
+                lines.append(
+                    f"  {d['day']}  {str(d['status']).upper():4}  src {d.get('source_rows')}  dst "
+                    f"{d.get('destination_rows')}  {metric} off by {diffs.get(metric, 0):.2%}"
+                )
+    else:
+        lines.append("validation: not run yet")
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""The progress page: a small FastAPI app mounted in Airflow 3's API server by the provider's plugin.
+
+Read-only, and behind Airflow's own auth: every route depends on Airflow's auth dependencies
+(``airflow.api_fastapi.core_api.security``), because a plugin's FastAPI app is not protected by Airflow
+automatically. A request without a valid token (bearer header or the UI's ``_token`` cookie) gets 401/403;
+the DAG routes also need read access to the DAG's task instances.
+
+Each page load is one metadata query for the chunk task states, one for the run (and its plan XCom), and
+one destination query each for the ledger and the validation summary; the HTML is rendered server-side
+(one cell per calendar day, at most ``TABLE_ROWS`` chunk rows), so 20k chunks stay one small page.
+The JSON route returns every chunk in compact columns.
+"""
+
+from __future__ import annotations
+
+import html
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, JSONResponse
+
+TABLE_ROWS = 200
+COLORS = {
+    "failed": "#d9534f", "running": "#5bc0de", "deferred": "#9b59b6", "pending": "#e4e4e4",
+    "loaded": "#5cb85c", "skipped": "#a8d5a8",
+}  # fmt: skip
+
+
+def create_app() -> FastAPI:
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import requires_access_dag, requires_authenticated
+
+    app = FastAPI(title="Backfill progress", docs_url=None, redoc_url=None, openapi_url=None)
+    can_read_dag = [Depends(requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE))]
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(requires_authenticated())])
+    def index() -> str:
+        from airflow_backfill_provider.airflow_state import backfill_dag_ids
+
+        items = "".join(
+            f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in backfill_dag_ids()
+        )
+        return _page("Backfill progress", f"<h1>Backfill progress</h1><ul>{items or '<li>no backfill DAGs</li>'}</ul>")
+
+    @app.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=can_read_dag)
+    def dag_page(dag_id: str, run_id: str | None = None) -> str:
+        from airflow_backfill_provider.airflow_state import runs
+
+        progress = _collect(dag_id, run_id)
+        return _page(f"Backfill progress: {dag_id}", render(progress, runs(dag_id, limit=20)), refresh=10)
+
+    @app.get("/api/dags/{dag_id}", dependencies=can_read_dag)
+    def dag_json(dag_id: str, run_id: str | None = None) -> JSONResponse:
+        return JSONResponse(_collect(dag_id, run_id).to_dict())
+
+    return app
+
+
+def _collect(dag_id: str, run_id: str | None):
+    from airflow_backfill_provider.airflow_state import collect
+    from airflow_backfill_provider.exceptions import BackfillError
+
+    try:
+        return collect(dag_id, run_id or None)
+    except BackfillError as err:
+        raise HTTPException(status_code=404, detail=str(err)) from err
+
+
+# ------------------------------------------------------------------------------------------ HTML
+CSS = """
+body{font-family:system-ui,sans-serif;margin:16px;color:#222}
+h1{font-size:20px;margin:0 0 8px} h2{font-size:16px;margin:18px 0 6px}
+.totals span{display:inline-block;margin-right:18px} .big{font-size:18px;font-weight:600}
+.legend i,.cal td.c{display:inline-block;width:14px;height:14px;border-radius:2px}
+.legend span{margin-right:12px}
+table.cal{border-collapse:separate;border-spacing:2px} table.cal td{padding:0;font-size:11px}
+table.cal td.c{width:14px;height:14px;display:table-cell}
+td.v-fail{outline:2px solid #000;outline-offset:-1px} td.v-warn{outline:2px dashed #f0ad4e;outline-offset:-1px}
+table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
+table.t td:first-child,table.t th:first-child{text-align:left}
+.runs a{margin-right:8px}
+"""
+
+
+def _page(title: str, body: str, refresh: int | None = None) -> str:
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>{body}</body></html>"
+    )
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def render(p, runs: list[dict]) -> str:
+    """The page body for one run's :class:`~airflow_backfill_provider.progress.Progress`."""
+    from airflow_backfill_provider.progress import STATES, format_eta
+
+    e = html.escape
+    run = p.run
+    out = [f"<h1>Backfill progress: {e(p.dag_id)}</h1>"]
+    if runs:
+        links = "".join(
+            f'<a href="?run_id={quote(r["run_id"])}">{"<b>" if run and r["run_id"] == run.run_id else ""}'
+            f'{e(r["run_id"])} ({e(r["state"])}){"</b>" if run and r["run_id"] == run.run_id else ""}</a>'
+            for r in runs[:10]
+        )
+        out.append(f'<div class="runs">Runs: {links}</div>')
+    if run is None:
+        out.append("<p>No run yet.</p>")
+        return "".join(out)
+    rng = f"[{run.start.date()}, {run.end.date()})" if run.start and run.end else "range not planned yet"
+    out.append(f'<p id="run">Run <b>{e(run.run_id)}</b> ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>')
+    rate = f"{p.rate_rows_s:,.0f} rows/s" if p.rate_rows_s else "-"
+    out.append(
+        '<div class="totals">'
+        f'<span class="big" id="done">{p.done}/{p.total} chunks done ({p.percent:.0f}%)</span>'
+        f'<span id="rows">{p.rows_loaded:,} rows loaded by this run ({p.rows_done:,} done in range)</span>'
+        f'<span id="rate">rate {e(rate)}</span>'
+        f'<span class="big" id="eta">ETA {e(format_eta(p.eta_s, p.eta_note))}</span></div>'
+    )
+    out.append(
+        '<div class="legend" id="counts">'
+        + "".join(
+            f'<span data-state="{s}"><i style="background:{COLORS[s]}"></i> {s} {p.counts[s]}</span>' for s in STATES
+        )
+        + '<span><i style="outline:2px solid #000;outline-offset:-1px"></i> validation failed</span></div>'
+    )
+    if p.counts["deferred"]:
+        out.append(f'<p id="waits">{p.counts["deferred"]} chunk(s) waiting for the source (deferred, no worker slot held)</p>')
+    out.append("<h2>Calendar</h2>" + _calendar(p))
+    out.append(_validation(p))
+    out.append(_chunks_table(p))
+    return "".join(out)
+
+
+def _calendar(p) -> str:
+    """One row per month, one cell per day; a cell shows the day's most telling chunk state."""
+    e = html.escape
+    months: dict[tuple[int, int], dict[int, object]] = {}
+    for cell in p.days:
+        months.setdefault((cell.day.year, cell.day.month), {})[cell.day.day] = cell
+    rows = ["<table class='cal' id='calendar'><tr><td></td>" + "".join(f"<td>{d}</td>" for d in range(1, 32)) + "</tr>"]
+    for (y, m), cells in sorted(months.items()):
+        tds = []
+        for d in range(1, 32):
+            cell = cells.get(d)
+            if cell is None:
+                tds.append("<td></td>")
+                continue
+            v = f" v-{cell.validation}" if cell.validation else ""
+            title = f"{cell.day} {cell.state}: {cell.chunks} chunk(s), {cell.rows:,} rows"
+            title += f", validation {cell.validation}" if cell.validation else ""
+            tds.append(
+                f'<td class="c{v}" data-day="{cell.day}" data-state="{cell.state}" '
+                f'data-validation="{cell.validation or ""}" style="background:{COLORS[cell.state]}" title="{e(title)}"></td>'
+            )
+        rows.append(f"<tr><td>{y}-{m:02d}</td>{''.join(tds)}</tr>")
+    return "".join(rows) + "</table>"
+
+
+def _validation(p) -> str:
+    e = html.escape
+    v = p.validation
+    if not v:
+        return '<h2>Validation</h2><p id="validation">Not run yet for this run.</p>'
+    head = (
+        f'<p id="validation">Validation <b>{e(str(v["status"]).upper())}</b>: {v["days"]} day(s), '
+        f'{v["days_warn"]} warn, {v["days_fail"]} fail; source {_num(v["source_rows"])} rows, destination '
+        f'{_num(v["destination_rows"])} rows</p>'
+    )
+    if not p.worst_days:
+        return "<h2>Validation</h2>" + head
+    rows = "".join(
+        f'<tr><td>{e(str(d.get("day")))}</td><td>{e(str(d.get("status")).upper())}</td>'
+        f'<td>{_num(d.get("source_rows"))}</td><td>{_num(d.get("destination_rows"))}</td>'
+        f'<td>{e(_worst_metric(d))}</td></tr>'
+        for d in p.worst_days[:50]
+    )
+    return (
+        "<h2>Validation: worst days first</h2>" + head + "<table class='t' id='worst-days'><tr><th>day</th>"
+        "<th>status</th><th>source rows</th><th>destination rows</th><th>worst difference</th></tr>" + rows + "</table>"
+    )
+
+
+def _worst_metric(d: dict) -> str:
+    diffs = d.get("diffs") or {}
+    if not diffs:
+        return "-"
+    metric = max(diffs, key=diffs.get)
+    return f"{metric} {diffs[metric]:.2%}"
+
+
+def _chunks_table(p) -> str:
+    """Failed, then running/deferred chunks, then the latest loaded ones: at most TABLE_ROWS rows."""
+    e = html.escape
+    order = {"failed": 0, "running": 1, "deferred": 2, "loaded": 3, "pending": 4, "skipped": 5}
+    shown = sorted(p.chunks, key=lambda c: (order[c.state], -c.start.timestamp()))[:TABLE_ROWS]
+    rows = "".join(
+        f'<tr data-chunk="{e(c.chunk_id)}" data-state="{c.state}"><td>{e(c.chunk_id)}</td><td>{c.state}</td>'
+        f'<td>{e(c.ti_state or "-")}</td><td>{_num(c.rows)}</td>'
+        f'<td>{"-" if c.seconds is None else f"{c.seconds:.2f}"}</td><td>{_num(c.rows_per_s)}</td><td>{c.tries}</td></tr>'
+        for c in shown
+    )
+    more = f"<p>{len(p.chunks) - len(shown)} more chunk(s) in the JSON API.</p>" if len(p.chunks) > len(shown) else ""
+    return (
+        "<h2>Chunks</h2><table class='t' id='chunks'><tr><th>chunk</th><th>state</th><th>task state</th><th>rows</th>"
+        "<th>seconds</th><th>rows/s</th><th>tries</th></tr>" + rows + "</table>" + more
+    )

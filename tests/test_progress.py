@@ -1,0 +1,198 @@
+"""The progress read model: chunk states, calendar days, ETA, and ledger/validation reads on real PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pendulum
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_backfill_provider import ledger
+from airflow_backfill_provider.progress import (
+    STATES,
+    LedgerRow,
+    RunInfo,
+    TaskState,
+    build_progress,
+    format_text,
+    read_ledger,
+    read_validation,
+)
+from airflow_backfill_provider.spec import TableName, load_spec
+
+UTC = dt.timezone.utc
+
+
+def make_spec(**overrides):
+    data = dict(
+        name="orders", source_conn_id="unused_src", destination_conn_id="unused_dst",
+        source_table="public.orders", destination_table="public.orders", time_column="created_at",
+        key_columns=["id"], version_column="updated_at", timezone="UTC", granularity="day",
+    )  # fmt: skip
+    data.update(overrides)
+    return load_spec(data)
+
+
+def day(i: int) -> dt.datetime:
+    return dt.datetime(2024, 1, 1, tzinfo=UTC) + dt.timedelta(days=i)
+
+
+def run(n_days: int, run_id: str = "r1", **kw) -> RunInfo:
+    return RunInfo(run_id=run_id, state="running", start=day(0), end=day(n_days), granularity="day", **kw)
+
+
+def lrow(i: int, rows: int = 100, seconds: float = 1.0, run_id: str = "r1") -> LedgerRow:
+    return LedgerRow(f"2024-01-{i + 1:02d}", day(i), day(i + 1), rows, seconds, run_id, day(40))
+
+
+# (task-instance state, ledger row written by: this run / an earlier run / none) -> chunk state
+STATE_MATRIX = [
+    ("success", "this", "loaded"),
+    ("success", None, "loaded"),
+    ("failed", None, "failed"),
+    ("upstream_failed", None, "failed"),
+    ("running", None, "running"),
+    ("queued", None, "running"),
+    ("up_for_retry", None, "running"),
+    ("deferred", None, "deferred"),
+    (None, None, "pending"),
+    ("<no ti>", None, "pending"),
+    ("<no ti>", "earlier", "skipped"),
+    ("<no ti>", "this", "loaded"),
+]
+
+
+@pytest.mark.parametrize("ti_state,ledger_by,expected", STATE_MATRIX)
+def test_chunk_state_matrix(ti_state, ledger_by, expected):
+    rows = [] if ledger_by is None else [lrow(0, run_id="r1" if ledger_by == "this" else "r0")]
+    tis = [] if ti_state == "<no ti>" else [TaskState("2024-01-01", ti_state)]
+    p = build_progress(make_spec(), dag_id="d", run=run(1), ledger_rows=rows, task_states=tis, validation=None)
+    assert [c.state for c in p.chunks] == [expected]
+    assert p.counts[expected] == 1 and sum(p.counts.values()) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["success", "failed", "running", "deferred", None, "<skip>"]), min_size=1, max_size=40))
+def test_counts_and_calendar_cells_match_the_chunks(states):
+    """Hour chunks: each day's cell shows its most telling chunk; counts add up to the plan."""
+    spec = make_spec(granularity="hour")
+    hours = len(states)
+    info = RunInfo("r1", "running", day(0), day(0) + dt.timedelta(hours=hours), "hour")
+    tis, rows = [], []
+    for h, s in enumerate(states):
+        start = day(0) + dt.timedelta(hours=h)
+        cid = pendulum.instance(start).format("YYYY-MM-DDTHH:mmZ")
+        if s == "<skip>":
+            rows.append(LedgerRow(cid, start, start + dt.timedelta(hours=1), 10, 0.1, "r0", day(1)))
+        else:
+            tis.append(TaskState(cid, s))
+    p = build_progress(spec, dag_id="d", run=info, ledger_rows=rows, task_states=tis, validation=None)
+    assert p.total == hours and sum(p.counts.values()) == hours
+    assert [c.chunk_id for c in p.chunks] == sorted(c.chunk_id for c in p.chunks)
+    for cell in p.days:
+        of_day = [c.state for c in p.chunks if c.start.date() == cell.day]
+        assert cell.state == min(of_day, key=STATES.index)
+        assert cell.chunks == len(of_day)
+
+
+def test_eta_extrapolates_the_measured_wall_clock_rate():
+    """10 days planned, 4 loaded (100 rows each) in 40 s of wall clock: 10 rows/s, 6 x 100 rows left -> 60 s."""
+    started = day(50)
+    now = started + dt.timedelta(seconds=40)
+    rows = [lrow(i) for i in range(4)]
+    tis = [TaskState(f"2024-01-{i + 1:02d}", "success") for i in range(4)]
+    tis += [TaskState("2024-01-05", "running"), TaskState("2024-01-06", "failed")]
+    p = build_progress(
+        make_spec(), dag_id="d", run=run(10, started_at=started), ledger_rows=rows, task_states=tis,
+        validation=None, now=now,
+    )
+    assert p.counts == {"failed": 1, "running": 1, "deferred": 0, "pending": 4, "loaded": 4, "skipped": 0}
+    assert p.rows_loaded == 400 and p.rate_rows_s == pytest.approx(10.0)
+    assert p.eta_s == pytest.approx(5 * 100 / 10.0)  # failed chunks are not counted as work left
+    assert "failed" in p.eta_note
+    text = format_text(p)
+    assert "ETA: 50 s" in text and "failed chunks: 2024-01-06" in text and "4/10 done (40%)" in text
+
+
+def test_finished_run_with_failures_has_no_eta_but_says_why():
+    tis = [TaskState("2024-01-01", "success"), TaskState("2024-01-02", "failed")]
+    p = build_progress(make_spec(), dag_id="d", run=run(2, started_at=day(50)), ledger_rows=[lrow(0)],
+                       task_states=tis, validation=None, now=day(51))  # fmt: skip
+    assert p.eta_s is None and p.eta_note == "1 failed chunk(s) to clear"
+
+
+def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
+    """The ledger as chunks write it and the validation summary as validation stores it, read back."""
+    from airflow_backfill_provider.validate import FAIL, PASS, WARN, DayResult, ValidationReport, store_summary
+
+    spec = make_spec(destination_conn_id=dst_url)
+    conn = pg(dst_url)
+    conn.autocommit = False
+    assert read_ledger(conn, spec) == [] and read_validation(conn, spec, dag_id="d", run_id=None) is None
+    ledger.ensure_table(conn, TableName.parse(spec.ledger_table))
+    with conn.cursor() as cur:
+        for i in range(3):
+            ledger.record(
+                cur, TableName.parse(spec.ledger_table), target="public.orders", chunk_id=f"2024-01-{i + 1:02d}",
+                start=day(i), end=day(i + 1), dag_id="d", run_id="r1",
+                stats={"extracted": 100 + i, "inserted": 100 + i, "updated": 0, "unchanged": 0, "seconds": 0.5},
+            )
+        ledger.record(  # another table's row must not show up
+            cur, TableName.parse(spec.ledger_table), target="public.other", chunk_id="x", start=day(0),
+            end=day(1), dag_id="o", run_id="r9",
+            stats={"extracted": 5, "inserted": 5, "updated": 0, "unchanged": 0, "seconds": 0.5},
+        )
+    conn.commit()
+    rows = read_ledger(conn, spec)
+    assert sorted((r.chunk_id, r.rows, r.run_id) for r in rows) == [
+        ("2024-01-01", 100, "r1"), ("2024-01-02", 101, "r1"), ("2024-01-03", 102, "r1"),
+    ]  # fmt: skip
+
+    days = [
+        DayResult(dt.date(2024, 1, 1), 100, 100, {}, {"rows": 0.0}, PASS),
+        DayResult(dt.date(2024, 1, 2), 100, 90, {}, {"rows": 0.10}, FAIL),
+        DayResult(dt.date(2024, 1, 3), 100, 99, {}, {"rows": 0.01}, WARN),
+        DayResult(dt.date(2024, 1, 4), 100, 50, {}, {"rows": 0.50}, FAIL),
+    ]
+    report = ValidationReport("public.orders", "UTC", pendulum.instance(day(0)), pendulum.instance(day(4)),
+                              0.001, 0.05, [], days)  # fmt: skip
+    store_summary(conn, TableName.parse(spec.validation.report_table), report, dag_id="d", run_id="r1")
+    v = read_validation(conn, spec, dag_id="d", run_id="r1")
+    assert v["status"] == FAIL and v["days_fail"] == 2
+    assert read_validation(conn, spec, dag_id="d", run_id="other") is None
+
+    tis = [TaskState(f"2024-01-{i + 1:02d}", "success") for i in range(3)] + [TaskState("2024-01-04", "failed")]
+    p = build_progress(spec, dag_id="d", run=run(4), ledger_rows=rows, task_states=tis, validation=v)
+    assert [d["day"] for d in p.worst_days] == ["2024-01-04", "2024-01-02", "2024-01-03"]  # worst first
+    assert {c.day.isoformat(): c.validation for c in p.days} == {
+        "2024-01-01": None, "2024-01-02": "fail", "2024-01-03": "warn", "2024-01-04": "fail",
+    }  # fmt: skip
+    text = format_text(p)
+    assert text.index("2024-01-04  FAIL") < text.index("2024-01-02  FAIL") < text.index("2024-01-03  WARN")
+    payload = p.to_dict()
+    assert payload["days"][3] == ["2024-01-04", "failed", 1, 0, "fail"]
+    assert payload["chunks"]["rows"][0][:5] == ["2024-01-01", "2024-01-01T00:00:00+00:00", "loaded", "success", 100]
+
+
+def test_twenty_thousand_hour_chunks_build_in_one_pass():
+    """A 20k-chunk plan (hours over 2.3 years) with a ledger row and a task state per chunk."""
+    spec = make_spec(granularity="hour")
+    n = 20_000
+    t0 = pendulum.datetime(2022, 1, 1, tz="UTC")
+    rows, tis = [], []
+    for h in range(n):
+        start = t0.add(hours=h)
+        cid = start.format("YYYY-MM-DDTHH:mmZ")
+        if h % 2:
+            rows.append(LedgerRow(cid, start, start.add(hours=1), 10, 0.1, "r1", t0))
+            tis.append(TaskState(cid, "success"))
+        else:
+            tis.append(TaskState(cid, "failed" if h % 1000 == 0 else "running"))
+    info = RunInfo("r1", "running", t0, t0.add(hours=n), "hour", started_at=t0)
+    p = build_progress(spec, dag_id="d", run=info, ledger_rows=rows, task_states=tis, validation=None,
+                       now=t0.add(hours=1))  # fmt: skip
+    assert p.total == n and p.counts["loaded"] == n // 2 and p.counts["failed"] == n // 1000
+    assert len(p.days) == n // 24 + 1
+    assert next(d for d in p.days if d.day == dt.date(2022, 1, 1)).state == "failed"

@@ -1,0 +1,87 @@
+"""``python -m airflow_backfill_provider status`` on a real dag.test() run with one failed day (3.3 and 2.11)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.conftest import REPO
+
+FAULT = """
+CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.created_at AT TIME ZONE 'UTC')::date = DATE '2023-01-03' THEN RAISE EXCEPTION 'injected'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER fault BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION fault();
+"""
+
+
+@pytest.fixture()
+def failed_run(airflow_db, src_url, dst_url, pg, monkeypatch):
+    seed_orders(pg(src_url), rows=600, days=6, start=dt.date(2023, 1, 1))
+    create_orders(pg(dst_url))
+    pg(dst_url).cursor().execute(FAULT)
+    monkeypatch.setenv("AIRFLOW_CONN_BACKFILL_SOURCE_PG", src_url)
+    monkeypatch.setenv("AIRFLOW_CONN_BACKFILL_DEST_PG", dst_url)
+    from airflow_backfill_provider.loader import load_backfill_dags
+
+    dag = load_backfill_dags(REPO / "dags" / "configs", strict=True).dags["backfill_orders"]
+    for task in dag.tasks:  # fail the faulty chunk at once instead of after retries
+        task.retries = 0
+        if hasattr(task, "partial_kwargs"):
+            task.partial_kwargs["retries"] = 0
+    run = dag.test(run_conf={"start": "2023-01-01", "end": "2023-01-06"})
+    assert str(getattr(run.state, "value", run.state)) == "failed"
+    return run
+
+
+def status(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it: its own process, the same environment (metadata DB, connections).
+
+    The dags folder is the repo's: 2.11's dag.test() does not serialize the DAG, so there the command
+    parses the DAG file to find the spec, as the ``airflow`` CLI would.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "airflow_backfill_provider", "status", *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")},
+    )
+
+
+def test_status_names_the_failed_day_and_counts_rows(failed_run):
+    out = status("backfill_orders", "--config", str(REPO / "dags" / "configs"))
+    assert out.returncode == 1, out.stderr  # 1: some chunk failed
+    text = out.stdout
+    assert f"run {failed_run.run_id}" in text
+    assert "chunks: 4/5 done (80%)" in text and "failed 1" in text and "loaded 4" in text
+    assert "failed chunks: 2023-01-03" in text
+    assert "rows: 400 loaded by this run" in text
+    assert "ETA: unknown (1 failed chunk(s) to clear)" in text
+    assert "validation: not run yet" in text
+
+    out = status("backfill_orders", "--run-id", failed_run.run_id, "--json", "--config", str(REPO / "dags" / "configs"))
+    as_json = json.loads(out.stdout.strip().splitlines()[-1])  # 2.11 logs connection lookups to stdout
+    states = {row[0]: row[2] for row in as_json["chunks"]["rows"]}
+    assert states == {"2023-01-01": "loaded", "2023-01-02": "loaded", "2023-01-03": "failed",
+                      "2023-01-04": "loaded", "2023-01-05": "loaded"}  # fmt: skip
+
+
+def test_status_finds_the_spec_in_the_serialized_dag(failed_run):
+    out = status("backfill_orders")
+    assert out.returncode == 1, out.stderr
+    assert "failed chunks: 2023-01-03" in out.stdout
+
+
+def test_status_refuses_unknown_dag_and_run_with_the_fix(failed_run):
+    out = status("no_such_dag")
+    assert out.returncode == 2 and "'no_such_dag' is not in Airflow's metadata database" in out.stderr
+    assert "--config" in out.stderr
+    out = status("backfill_orders", "--run-id", "nope", "--config", str(REPO / "dags" / "configs"))
+    assert out.returncode == 2 and "has no run 'nope'" in out.stderr
