@@ -99,8 +99,13 @@ class ThrottleSpec(_Strict):
                 f"throttle.poll_max ({self.poll_max}) must be >= throttle.poll_interval ({self.poll_interval})"
             )
         TableName.parse(self.pacing_table)
-        TableName.parse(self.baseline_table)
         return self
+
+    @field_validator("baseline_table")
+    @classmethod
+    def _baseline_table(cls, v: str) -> str:
+        TableName.parse(v)
+        return v
 
 
 class WatermarkSpec(_Strict):
