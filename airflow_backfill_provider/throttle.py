@@ -97,11 +97,12 @@ class LoadSample:
         if self.in_recovery:
             lag = "unknown" if self.replica_lag is None else f"{self.replica_lag:.1f} s"
             text += f", replica lag {lag}"
-        if self.latency_ratio is not None:
-            w = self.window or {}
+        if self.window is not None:
+            w = self.window
             x = w.get("xact_latency_ms")
             text += (
-                f", source latency {self.latency_ratio:.2f}x its quiet baseline (transactions "
+                f", source latency {'-' if self.latency_ratio is None else format(self.latency_ratio, '.2f')}x "
+                f"its quiet baseline (transactions "
                 f"{'-' if x is None else format(x, '.2f')} ms, canary {w.get('canary_ms', 0):.2f} ms, "
                 f"{w.get('xact_rate') or 0:.0f} xact/s server-wide; {self.own_active} chunk(s) of ours reading)"
             )
