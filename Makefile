@@ -5,8 +5,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VENV2 ?= .venv-af2
 PYTEST_ARGS ?=
+# make bench ROWS=100000: both tables at that size (default: 2,000,000 rows and a 1,500,000-row scattered table)
+ROWS ?=
+BENCH_ARGS ?=
 
-.PHONY: venv venv-af2 pg demo test test-af2 test-all race bench clean
+.PHONY: venv venv-af2 pg demo test test-af2 test-all race bench bench-peers bench-source clean
 
 $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +47,20 @@ test-all: test test-af2
 race: venv pg
 	RACE_ROUNDS=$${RACE_ROUNDS:-10} $(VENV)/bin/pytest tests/test_race.py -q $(PYTEST_ARGS)
 
-bench: venv pg
-	$(VENV)/bin/python -m benchmarks.run
+# the peers of (9), Sling and dlt, as optional extras of the bench (never runtime dependencies)
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	touch $@
+
+bench-peers: $(VENV)/.bench-installed
+
+bench: venv pg bench-peers
+	$(VENV)/bin/python -m benchmarks.run $(if $(ROWS),--rows $(ROWS) --scattered-rows $(ROWS)) $(BENCH_ARGS)
+
+# pgbench on the source while a backfill runs under a real scheduler: separate servers (a private source
+# cluster on its own port) and the shared-server case; throttle off and on. ROWS sizes the table.
+bench-source: venv pg
+	$(VENV)/bin/python -m benchmarks.source_impact $(if $(ROWS),--rows $(ROWS)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV2) .demo .pytest_cache

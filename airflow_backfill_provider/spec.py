@@ -78,6 +78,15 @@ class ThrottleSpec(_Strict):
     pacing_slots: int = Field(1, ge=1)
     #: destination table holding the pacing reservations (created on first use)
     pacing_table: str = "public.backfill_pacing"
+    #: wait while the source server's transaction (or canary) latency exceeds this many times its quiet
+    #: baseline (loadsignal.py); off when None. Costs each chunk a load_window_s sampling window.
+    max_latency_ratio: float | None = Field(None, gt=1)
+    #: seconds the latency signal is averaged over, before each chunk and at each re-probe
+    load_window_s: float = Field(2.0, gt=0, le=30)
+    #: the source's quiet transaction latency in ms; default: the lowest seen, kept in baseline_table
+    latency_baseline_ms: float | None = Field(None, gt=0)
+    #: destination table holding the learned baselines, one row per source connection (created on first use)
+    baseline_table: str = "public.backfill_load_baseline"
 
     @model_validator(mode="after")
     def _critical_above_max(self):
@@ -92,6 +101,12 @@ class ThrottleSpec(_Strict):
             )
         TableName.parse(self.pacing_table)
         return self
+
+    @field_validator("baseline_table")
+    @classmethod
+    def _baseline_table(cls, v: str) -> str:
+        TableName.parse(v)
+        return v
 
 
 class WatermarkSpec(_Strict):

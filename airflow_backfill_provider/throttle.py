@@ -66,6 +66,12 @@ class LoadSample:
     #: client sessions whose state the probing user may not see (grant it pg_monitor to count them)
     hidden: int = 0
     in_recovery: bool = False
+    #: the source server's latency over its quiet baseline (loadsignal.py); None when not measured
+    latency_ratio: float | None = None
+    #: our own chunks' sessions active on the source during the window
+    own_active: int = 0
+    #: the window's figures and the baseline (JSON-safe), for the log and XCom
+    window: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe, for trigger events and XCom."""
@@ -81,6 +87,9 @@ class LoadSample:
             sampled_at=dt.datetime.fromisoformat(d["sampled_at"]),
             hidden=int(d.get("hidden", 0)),
             in_recovery=bool(d.get("in_recovery", False)),
+            latency_ratio=None if d.get("latency_ratio") is None else float(d["latency_ratio"]),
+            own_active=int(d.get("own_active", 0)),
+            window=d.get("window"),
         )
 
     def describe(self) -> str:
@@ -88,6 +97,15 @@ class LoadSample:
         if self.in_recovery:
             lag = "unknown" if self.replica_lag is None else f"{self.replica_lag:.1f} s"
             text += f", replica lag {lag}"
+        if self.window is not None:
+            w = self.window
+            x = w.get("xact_latency_ms")
+            text += (
+                f", source latency {'-' if self.latency_ratio is None else format(self.latency_ratio, '.2f')}x "
+                f"its quiet baseline (transactions "
+                f"{'-' if x is None else format(x, '.2f')} ms, canary {w.get('canary_ms', 0):.2f} ms, "
+                f"{w.get('xact_rate') or 0:.0f} xact/s server-wide; {self.own_active} chunk(s) of ours reading)"
+            )
         if self.hidden:
             text += f" ({self.hidden} more hidden from the probe's user: grant it pg_monitor)"
         return text
@@ -174,7 +192,27 @@ def decide(sample: LoadSample, throttle: ThrottleSpec) -> Decision:
         and sample.replica_lag > throttle.max_replica_lag
     ):
         return "wait"
+    if _latency_reason(sample, throttle):
+        return "wait"
     return "go"
+
+
+def _latency_reason(sample: LoadSample, throttle: ThrottleSpec) -> str | None:
+    """Over the latency budget: wait. Past half of it: only one chunk of ours at a time (back off)."""
+    from airflow_backfill_provider.loadsignal import soft_ratio
+
+    budget, ratio = throttle.max_latency_ratio, sample.latency_ratio
+    if budget is None or ratio is None:
+        return None
+    if ratio > budget:
+        return f"source latency {ratio:.2f}x its quiet baseline > throttle.max_latency_ratio={budget:g}"
+    if ratio > soft_ratio(budget) and sample.own_active > 0:
+        return (
+            f"source latency {ratio:.2f}x its quiet baseline > {soft_ratio(budget):g} (half of "
+            f"throttle.max_latency_ratio={budget:g}) and {sample.own_active} chunk(s) of ours already reading: "
+            "one at a time until it recovers"
+        )
+    return None
 
 
 def critical_message(sample: LoadSample, throttle: ThrottleSpec) -> str:
@@ -196,6 +234,9 @@ def wait_reason(sample: LoadSample, throttle: ThrottleSpec) -> str:
         and sample.replica_lag > throttle.max_replica_lag
     ):
         parts.append(f"replica lag {sample.replica_lag:.1f} s > throttle.max_replica_lag={throttle.max_replica_lag}")
+    latency = _latency_reason(sample, throttle)
+    if latency:
+        parts.append(latency)
     return "; ".join(parts) or "load within limits"
 
 
@@ -206,7 +247,8 @@ def timeout_message(sample: LoadSample | None, throttle: ThrottleSpec, waited_s:
     return (
         f"source stayed busy for {waited_s:.0f} s >= throttle.max_wait={throttle.max_wait:g} s: "
         f"last probe saw {seen}{reason}{err}. The chunk gives up (Airflow may retry it later); "
-        "raise throttle.max_wait or throttle.max_active if this load is normal for the source."
+        "raise throttle.max_wait, throttle.max_active or throttle.max_latency_ratio if this load is normal "
+        "for the source."
     )
 
 

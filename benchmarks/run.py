@@ -59,12 +59,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a PostgreSQL URL allowed to CREATE DATABASE (env BENCH_PG_URL)")
     p.add_argument("--keep", action="store_true", help="keep the throwaway databases (their names are printed)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (off: machines are noisy)")
+    p.add_argument("--scattered-rows", type=int, default=1_500_000,
+                   help="(9) rows of the time-scattered table loaded end to end by every tool (default 1,500,000)")
+    p.add_argument("--scattered-days", type=int, default=730, help="(9) days its created_at is scattered over")
+    p.add_argument("--skip-scattered", action="store_true", help="skip (9), the end-to-end comparison with peers")
+    p.add_argument("--only-scattered", action="store_true", help="run (9) only")
+    p.add_argument("--skip-peers", action="store_true", help="(9) without Sling and dlt")
     args = p.parse_args(argv)
     if args.quick:
         if "--rows" not in (argv if argv is not None else sys.argv):
             args.rows = 200_000
+        if "--scattered-rows" not in (argv if argv is not None else sys.argv):
+            args.scattered_rows = 100_000
+            if "--scattered-days" not in (argv if argv is not None else sys.argv):
+                args.scattered_days = 60
         args.repeat = 1
-    for name in ("rows", "days", "repeat", "sample_rows", "overhead_chunks"):
+    for name in ("rows", "days", "repeat", "sample_rows", "overhead_chunks", "scattered_rows", "scattered_days"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.chunks is not None and args.chunks < 1:
@@ -301,6 +311,8 @@ class Bench:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.only_scattered:
+        return main_scattered(args)
     t_start = time.perf_counter()
     env = environment(args.admin_url)
     chunks = plan(args)
@@ -320,6 +332,7 @@ def main(argv=None) -> int:
         bench.generic_transfer(range_end)
         bench.rss(range_end)
         overhead = run_overhead(args, bench)
+        scattered = run_scattered(args, bench.log)
         bench.summarize()
         bench.results.update(overhead)
         for key, _ in ROWS:
@@ -336,6 +349,7 @@ def main(argv=None) -> int:
             },
             results=bench.results,
             targets=targets,
+            scattered=scattered,
             total_seconds=round(time.perf_counter() - t_start, 1),
         )
     finally:
@@ -349,7 +363,36 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nJSON: {path}")
-    missed = [t for t in report["targets"] if t["met"] is False and not t.get("info")]
+    missed = [t for t in report["targets"] + report["scattered"].get("targets", []) if t["met"] is False and not t.get("info")]
+    return 1 if (args.check and missed) else 0
+
+
+def run_scattered(args, log) -> dict:
+    """(9) the whole backfill of a time-scattered table under a scheduler, vs Sling and dlt (scattered.py)."""
+    if args.skip_scattered:
+        return {"skipped": "--skip-scattered"}
+    from benchmarks import scattered
+
+    return scattered.measure(args, log)
+
+
+def main_scattered(args) -> int:
+    """``--only-scattered``: (9) alone, printed and written as JSON."""
+    from benchmarks import scattered
+
+    env = environment(args.admin_url)
+    t0 = time.perf_counter()
+    out = run_scattered(args, lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
+    env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"\nenvironment: {env['cpu']} x{env['cpu_count']}, load {env['loadavg_at_start']} -> {env['loadavg_at_end']}; "
+          f"PostgreSQL {env['postgresql']}, Airflow {env['apache-airflow']}; commit {env['git_commit']}")
+    print("\n".join(scattered.report_lines(out)))
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    path = args.json or Path(__file__).parent / "results" / f"bench-scattered-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "scattered": out}, indent=2, default=str))
+    print(f"\nJSON: {path}")
+    missed = [t for t in out.get("targets", []) if t["met"] is False]
     return 1 if (args.check and missed) else 0
 
 
@@ -383,6 +426,13 @@ def print_report(report: dict) -> None:
     print("\nx(2) = rows/s divided by (2)'s; x(3) = divided by (3)'s for the same phase (first load or rerun).")
     print("targets:")
     print("\n".join(target_lines(report["targets"])))
+    if report.get("scattered", {}).get("skipped"):
+        print(f"\n(9) time-scattered table end to end: skipped ({report['scattered']['skipped']})")
+    elif report.get("scattered"):
+        from benchmarks.scattered import report_lines
+
+        print()
+        print("\n".join(report_lines(report["scattered"])))
     print(f"total {report['total_seconds']}s")
 
 

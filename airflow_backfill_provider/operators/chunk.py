@@ -142,6 +142,7 @@ class BackfillChunkOperator(LineageMixin, BaseOperator):
                     started_at=time.time() - waited_load_s,  # max_wait counts all load waits of this try
                     application_name=f"{appname}:probe",
                     carry={"waited_pacing_s": waited_pacing_s},
+                    baseline=(sample.window or {}).get("baseline"),
                 ),
                 method_name="execute_after_wait",
             )
@@ -174,7 +175,12 @@ class BackfillChunkOperator(LineageMixin, BaseOperator):
         conn = None
         try:
             conn = open_source(spec, appname)
-            return conn, probe_load(conn, timeout_s=PROBE_TIMEOUT_S)
+            sample = probe_load(conn, timeout_s=PROBE_TIMEOUT_S)
+            if spec.throttle.max_latency_ratio is not None:  # the server-wide latency signal (loadsignal.py)
+                from airflow_backfill_provider.loadsignal import add_latency
+
+                sample = add_latency(sample, conn, spec, appname)
+            return conn, sample
         except psycopg2.Error as err:  # unreachable or overloaded source: a retry may succeed
             close_all(conn)
             raise AirflowException(

@@ -42,6 +42,8 @@ class SourceLoadTrigger(BaseTrigger):
     :param application_name: the probe session's name (``backfill:<dag_id>:<chunk_id>:probe``).
     :param exclude_application_prefix: sessions whose application_name starts with it are not counted.
     :param carry: a small JSON dict echoed in the event, so the resumed task gets back what it knew.
+    :param baseline: the source's quiet latency baseline the chunk read (``loadsignal.Baseline`` as a
+        dict), for ``throttle.max_latency_ratio``; the trigger compares with it and never writes it.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class SourceLoadTrigger(BaseTrigger):
         application_name: str = "backfill:probe",
         exclude_application_prefix: str | None = "backfill:",
         carry: dict[str, Any] | None = None,
+        baseline: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if dsn_has_password(conn_id):
@@ -63,6 +66,7 @@ class SourceLoadTrigger(BaseTrigger):
         self.application_name = application_name
         self.exclude_application_prefix = exclude_application_prefix
         self.carry = dict(carry or {})
+        self.baseline = dict(baseline) if baseline else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -74,11 +78,13 @@ class SourceLoadTrigger(BaseTrigger):
                 "application_name": self.application_name,
                 "exclude_application_prefix": self.exclude_application_prefix,
                 "carry": self.carry,
+                "baseline": self.baseline,
             },
         )
 
     def _probe_once(self, kwargs: dict[str, Any]):
         from airflow_backfill_provider.connections import open_connection
+        from airflow_backfill_provider.spec import ThrottleSpec
         from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
 
         kwargs = {"connect_timeout": PROBE_TIMEOUT_S, **kwargs}
@@ -87,7 +93,18 @@ class SourceLoadTrigger(BaseTrigger):
         )
         try:
             conn.autocommit = True
-            return probe_load(conn, exclude_application_prefix=self.exclude_application_prefix)
+            sample = probe_load(conn, exclude_application_prefix=self.exclude_application_prefix)
+            throttle = ThrottleSpec.model_validate(self.throttle)
+            if throttle.max_latency_ratio is not None:  # server-wide latency over a window (loadsignal.py)
+                import dataclasses
+
+                from airflow_backfill_provider.loadsignal import Baseline, measure
+
+                sample = dataclasses.replace(sample, **measure(
+                    conn, throttle, baseline=Baseline.from_dict(self.baseline),
+                    exclude_application_prefix=self.exclude_application_prefix or "backfill:",
+                ))
+            return sample
         finally:
             conn.close()
 

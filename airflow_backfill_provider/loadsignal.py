@@ -1,0 +1,263 @@
+"""A load signal that sees the whole source server, averaged over a short window (issue 17).
+
+A snapshot count of active sessions is blind to an OLTP load behind a fixed client pool: its sessions
+are "active" only for the microseconds of each statement. What does move when the server is saturated
+(by the OLTP itself or by our COPY) is the time transactions take. Measured with pgbench on this
+machine (benchmarks/signals.py), the figure that tracked pgbench's own latency best, on separate and
+on shared servers, was the **server-wide transaction latency** by Little's law:
+
+    latency = (client sessions inside a transaction, averaged over the window) / (transactions per second)
+
+both read-only and server-wide: ``pg_stat_activity`` and ``pg_stat_database`` summed over every
+database, ours excluded. It needs no extension and no privilege beyond ``pg_monitor`` for other users'
+sessions. A **canary** (the round trip of ``SELECT 1``, median of short bursts) is sampled in the same
+window and logged, but not decided on: it moved weakly or the wrong way when source and destination were
+on separate servers, and on a small shared host it follows every other process's CPU use. The chunk
+compares the transaction latency with the same source's **quiet baseline**, so the budget reads in user
+terms: ``throttle.max_latency_ratio: 2.0`` = "keep the source's transaction latency under twice its
+quiet value". A window with too few transactions to measure (no OLTP traffic) does not hold a chunk.
+
+The baseline is the lowest window value seen for this source, kept in the destination database (the
+source stays read-only), one row per source connection id, shared by every chunk, worker and DAG
+reading that source; ``throttle.latency_baseline_ms`` sets it instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+from psycopg2 import sql
+
+#: floors under the figures compared: a loopback round trip is ~0.03-0.2 ms and a quiet TPC-B
+#: transaction ~0.3 ms; ratios of numbers below these are noise, not load
+CANARY_FLOOR_MS = 0.2
+XACT_FLOOR_MS = 0.3
+#: fewer transactions than this in a window: too few to estimate their latency (and little OLTP to harm)
+MIN_XACTS = 20
+#: a session inside one transaction for longer than this is not OLTP (a report, a leaked session): not counted
+MAX_XACT_AGE_S = 5.0
+
+_ACTIVITY = sql.SQL(
+    """
+    SELECT count(*) FILTER (WHERE NOT ours AND state IN ('active', 'fastpath function call')),
+           count(*) FILTER (WHERE NOT ours AND xact_start > clock_timestamp() - make_interval(secs => %(age)s)
+                            AND NOT (state LIKE 'idle in transaction%%'
+                                     AND state_change < clock_timestamp() - interval '1 second')),
+           count(*) FILTER (WHERE NOT ours AND (wait_event_type = 'IO'
+                                                OR (wait_event_type = 'LWLock' AND wait_event LIKE 'WAL%%'))),
+           count(*) FILTER (WHERE ours AND state = 'active')
+      FROM (SELECT *, coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false) AS ours
+              FROM pg_stat_activity
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS a
+    """
+)
+_XACTS = "SELECT sum(xact_commit + xact_rollback)::float8 FROM pg_stat_database"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadWindow:
+    """What one window of sampling saw on the whole source server."""
+
+    #: median round trip of ``SELECT 1``, ms
+    canary_ms: float
+    #: server-wide transaction latency by Little's law, ms (None: fewer than MIN_XACTS transactions)
+    xact_latency_ms: float | None
+    #: server-wide transactions/s over the window
+    xact_rate: float | None
+    #: average active client sessions server-wide (ours excluded)
+    aas: float
+    #: average client sessions inside a (young) transaction server-wide (ours excluded)
+    in_xact: float
+    #: average sessions waiting on IO or WAL server-wide (ours excluded)
+    io_wal_waits: float
+    #: our own chunks' sessions active on the source (the most seen in the window)
+    own_active: int
+    window_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _canary_burst(cur, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        cur.execute("SELECT 1")
+        cur.fetchone()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def sample_window(
+    conn, *, window_s: float = 2.0, samples: int = 10, burst: int = 3, exclude_application_prefix: str = "backfill:"
+) -> LoadWindow:
+    """Sample the whole source server for about ``window_s`` seconds on ``conn``; leave it idle.
+
+    ``samples`` times, evenly spread: a burst of ``burst`` canary round trips and one
+    ``pg_stat_activity`` sample; the server-wide transaction counter at both ends. It all runs in one
+    transaction, so the window adds one transaction to the count it measures, not one per statement.
+    The pauses between samples are what makes it a window: a single snapshot is what made the old
+    probe blind.
+    """
+    autocommit = conn.autocommit
+    if autocommit:
+        conn.autocommit = False
+    else:
+        conn.rollback()
+    lat: list[float] = []
+    active: list[int] = []
+    in_xact: list[int] = []
+    waits: list[int] = []
+    own = 0
+    try:
+        with conn.cursor() as cur:
+            cur.execute(_XACTS)
+            x0, t0 = cur.fetchone()[0], time.monotonic()
+            gap = window_s / samples
+            for i in range(samples):
+                s0 = time.monotonic()
+                lat.extend(_canary_burst(cur, burst))
+                cur.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_* are snapshotted per transaction
+                cur.execute(_ACTIVITY, {"prefix": exclude_application_prefix, "age": MAX_XACT_AGE_S})
+                a, x, w, o = cur.fetchone()
+                active.append(a)
+                in_xact.append(x)
+                waits.append(w)
+                own = max(own, o)
+                if i < samples - 1:
+                    time.sleep(max(0.0, gap - (time.monotonic() - s0)))  # spreads the samples; not a wait for load
+            cur.execute(_XACTS)
+            x1, t1 = cur.fetchone()[0], time.monotonic()
+    finally:
+        conn.rollback()
+        conn.autocommit = autocommit
+    n = (x1 - x0) if (x0 is not None and x1 is not None) else 0
+    rate = n / (t1 - t0) if t1 > t0 else None
+    avg_in_xact = statistics.fmean(in_xact)
+    return LoadWindow(
+        canary_ms=statistics.median(lat),
+        xact_latency_ms=1000 * avg_in_xact / rate if (n >= MIN_XACTS and rate) else None,
+        xact_rate=rate,
+        aas=statistics.fmean(active),
+        in_xact=avg_in_xact,
+        io_wal_waits=statistics.fmean(waits),
+        own_active=own,
+        window_s=round(t1 - t0, 3),
+    )
+
+
+# --- baseline and ratio ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The source's quiet values (ms); None where never measured."""
+
+    xact_latency_ms: float | None = None
+    canary_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Baseline":
+        d = d or {}
+        return cls(xact_latency_ms=d.get("xact_latency_ms"), canary_ms=d.get("canary_ms"))
+
+
+def latency_ratio(window: LoadWindow, baseline: Baseline) -> float | None:
+    """Transaction latency over its baseline (both floored); None when the window had too few transactions
+    to measure it: no OLTP traffic on the server, so none to protect.
+
+    The canary is not part of the decision: measured under pgbench (benchmarks/signals.py) it moved weakly
+    or the wrong way when source and destination were on separate servers, and on a shared 2-core host it
+    follows every other process's CPU use, so a budget on it kept chunks waiting after the OLTP load had
+    stopped. It is logged next to the ratio.
+    """
+    now, base = window.xact_latency_ms, baseline.xact_latency_ms
+    if now is None:
+        return None
+    return max(now, XACT_FLOOR_MS) / max(base if base is not None else now, XACT_FLOOR_MS)
+
+
+def _baseline_columns() -> sql.Composable:
+    return sql.SQL(
+        "source_key text PRIMARY KEY, xact_latency_ms float8, canary_ms float8, "
+        "updated_at timestamptz NOT NULL DEFAULT now()"
+    )
+
+
+def learn_baseline(conn, table, key: str, window: LoadWindow) -> Baseline:
+    """Lower the stored baseline of ``key`` to this window's values where lower; return it. Commits.
+
+    ``conn`` is a destination connection (not autocommit); ``table`` the spec's ``throttle.baseline_table``.
+    """
+    from airflow_backfill_provider import ddl
+    from airflow_backfill_provider.spec import TableName
+
+    table = TableName.parse(table)
+    ddl.ensure_table(conn, table, _baseline_columns())
+    t = sql.Identifier(*table.parts)
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                """
+                INSERT INTO {t} AS b (source_key, xact_latency_ms, canary_ms) VALUES (%(k)s, %(x)s, %(c)s)
+                ON CONFLICT (source_key) DO UPDATE
+                   SET xact_latency_ms = least(b.xact_latency_ms, EXCLUDED.xact_latency_ms),
+                       canary_ms = least(b.canary_ms, EXCLUDED.canary_ms),
+                       updated_at = now()
+                RETURNING xact_latency_ms, canary_ms
+                """
+            ).format(t=t),
+            {"k": key, "x": window.xact_latency_ms, "c": window.canary_ms},
+        )
+        x, c = cur.fetchone()
+    conn.commit()
+    return Baseline(xact_latency_ms=x, canary_ms=c)
+
+
+def soft_ratio(max_ratio: float) -> float:
+    """Half-way to the budget: above it only one chunk of ours may read the source at a time."""
+    return 1.0 + (max_ratio - 1.0) / 2.0
+
+
+def measure(conn, throttle, *, baseline: Baseline | None = None, learn=None,
+            exclude_application_prefix: str = "backfill:") -> dict[str, Any]:
+    """Sample a window on the source ``conn`` and rate it against the baseline.
+
+    The baseline is ``learn(window)`` (the operator: lower and read the stored one), else ``baseline``
+    (the trigger: the one the chunk read before it deferred); ``throttle.latency_baseline_ms`` overrides
+    its transaction latency. Returns the LoadSample fields ``latency_ratio``, ``own_active`` and ``window``.
+    """
+    window = sample_window(conn, window_s=throttle.load_window_s, exclude_application_prefix=exclude_application_prefix)
+    if learn is not None:
+        baseline = learn(window)
+    baseline = baseline or Baseline()
+    if throttle.latency_baseline_ms is not None:
+        baseline = dataclasses.replace(baseline, xact_latency_ms=throttle.latency_baseline_ms)
+    ratio = latency_ratio(window, baseline)
+    return {
+        "latency_ratio": None if ratio is None else round(ratio, 3),
+        "own_active": window.own_active,
+        "window": {**window.to_dict(), "baseline": baseline.to_dict()},
+    }
+
+
+def add_latency(sample, conn, spec, appname: str, *, destination: str | None = None):
+    """The chunk's probe, extended: a window on the chunk's own source session, rated against the
+    baseline learned in the destination (``destination``: a DSN in place of the spec's connection id)."""
+    from airflow_backfill_provider.connections import close_all, connect
+
+    def learn(window: LoadWindow) -> Baseline:
+        dst = connect(destination or spec.destination_conn_id, application_name=f"{appname}:baseline",
+                      statement_timeout_s=10, lock_timeout_s=10)
+        try:
+            return learn_baseline(dst, spec.throttle.baseline_table, spec.source_conn_id, window)
+        finally:
+            close_all(dst)
+
+    return dataclasses.replace(sample, **measure(conn, spec.throttle, learn=learn))
