@@ -311,3 +311,16 @@ def test_airflow_connection_without_host_or_database_is_refused(monkeypatch, mis
     with pytest.raises(PermanentChunkError) as info:
         connect("bf_sessions_bad", application_name="t")
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src_url):
+    """The triggerer path (async lookup, then the hook's resolution in a thread) honours extras too."""
+    import asyncio
+
+    from airflow_backfill_provider.triggers.load import SourceLoadTrigger
+
+    _airflow_conn(monkeypatch, "bf_sessions_trig", host="db-that-does-not-resolve.invalid", port=5432,
+                  login="postgres", schema=dbname(src_url), extra={"hostaddr": "127.0.0.1", "sslmode": "disable"})
+    trigger = SourceLoadTrigger(conn_id="bf_sessions_trig", throttle={"max_active": 1000, "max_wait": 10})
+    event = asyncio.run(asyncio.wait_for(trigger.run().__anext__(), 30))
+    assert event.payload["status"] == "ok", event.payload
