@@ -324,3 +324,15 @@ def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src
     trigger = SourceLoadTrigger(conn_id="bf_sessions_trig", throttle={"max_active": 1000, "max_wait": 10})
     event = asyncio.run(asyncio.wait_for(trigger.run().__anext__(), 30))
     assert event.payload["status"] == "ok", event.payload
+
+
+@pytest.mark.parametrize("key", ["source", "destination"])
+def test_validate_operator_refuses_a_connection_url_with_a_password(key):
+    from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
+
+    spec = dict(name="x", source_table="t", destination_table="t", time_column="t", key_columns=["id"],
+                source_conn_id="src_pg", destination_conn_id="dst_pg")
+    with pytest.raises(ValueError) as info:
+        ValidateBackfillOperator(task_id="v", spec=spec, **{key: _SECRET_DSNS[0]})
+    assert key in str(info.value) and "s3cret" not in str(info.value)
+    ValidateBackfillOperator(task_id="v2", spec=spec, **{key: "postgresql://u@db.example/app"})  # no password: fine
