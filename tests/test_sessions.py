@@ -311,3 +311,28 @@ def test_airflow_connection_without_host_or_database_is_refused(monkeypatch, mis
     with pytest.raises(PermanentChunkError) as info:
         connect("bf_sessions_bad", application_name="t")
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src_url):
+    """The triggerer path (async lookup, then the hook's resolution in a thread) honours extras too."""
+    import asyncio
+
+    from airflow_backfill_provider.triggers.load import SourceLoadTrigger
+
+    _airflow_conn(monkeypatch, "bf_sessions_trig", host="db-that-does-not-resolve.invalid", port=5432,
+                  login="postgres", schema=dbname(src_url), extra={"hostaddr": "127.0.0.1", "sslmode": "disable"})
+    trigger = SourceLoadTrigger(conn_id="bf_sessions_trig", throttle={"max_active": 1000, "max_wait": 10})
+    event = asyncio.run(asyncio.wait_for(trigger.run().__anext__(), 30))
+    assert event.payload["status"] == "ok", event.payload
+
+
+@pytest.mark.parametrize("key", ["source", "destination"])
+def test_validate_operator_refuses_a_connection_url_with_a_password(key):
+    from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
+
+    spec = dict(name="x", source_table="t", destination_table="t", time_column="t", key_columns=["id"],
+                source_conn_id="src_pg", destination_conn_id="dst_pg")
+    with pytest.raises(ValueError) as info:
+        ValidateBackfillOperator(task_id="v", spec=spec, **{key: _SECRET_DSNS[0]})
+    assert key in str(info.value) and "s3cret" not in str(info.value)
+    ValidateBackfillOperator(task_id="v2", spec=spec, **{key: "postgresql://u@db.example/app"})  # no password: fine

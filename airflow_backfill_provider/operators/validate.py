@@ -42,6 +42,11 @@ class ValidateBackfillOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
+
+        for key, value in (("source", source), ("destination", destination)):
+            if value and dsn_has_password(value):  # serialized with the DAG: never a secret
+                raise ValueError(password_dsn_message(key))
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
         self.plan_task_id = plan_task_id
         self.start = start
