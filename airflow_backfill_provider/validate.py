@@ -28,7 +28,7 @@ import pendulum
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl, schema
-from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
+from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.connections import close_all, connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
@@ -323,7 +323,7 @@ def validate_range(
     """
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
-    if hi <= lo:
+    if utc(hi) <= utc(lo):
         raise PlanError(f"end ({hi.isoformat()}) must be after start ({lo.isoformat()}); the range is [start, end)")
     dag_id = dag_id or spec.effective_dag_id
     appname = f"backfill:{dag_id}:validate"
