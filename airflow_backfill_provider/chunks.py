@@ -159,7 +159,8 @@ def iter_chunks(start, end, granularity: str, tz_name: str) -> Iterator[Chunk]:
         b = hi if utc(hi) < utc(nxt) else nxt
         whole = utc(a) == utc(cur) and utc(b) == utc(nxt)
         label = _label(cur, granularity) if whole else _partial_label(a, b, granularity)
-        yield Chunk(label, a, b)
+        if utc(a) < utc(b):  # a wall-hour re-alignment after a 30-minute shift can touch lo
+            yield Chunk(label, a, b)
         cur = nxt
 
 
@@ -190,7 +191,8 @@ def split_at(chunks: list[Chunk], boundaries: list[pendulum.DateTime]) -> list[C
     """Split chunks that straddle a boundary (e.g. a historical schema change) into two chunks."""
     out: list[Chunk] = []
     for chunk in chunks:
-        cuts = sorted((b for b in boundaries if utc(chunk.start) < utc(b) < utc(chunk.end)), key=utc)
+        inside = {utc(b): b for b in boundaries if utc(chunk.start) < utc(b) < utc(chunk.end)}  # one per instant
+        cuts = [inside[k] for k in sorted(inside)]
         if not cuts:
             out.append(chunk)
             continue
