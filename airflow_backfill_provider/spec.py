@@ -132,6 +132,8 @@ class ValidationSpec(_Strict):
     warn_threshold: float = Field(0.001, ge=0)
     fail_threshold: float = Field(0.01, ge=0)
     report_table: str = "public.backfill_validation"
+    #: also compare a per-day checksum of every loaded column (an altered value fails its day)
+    checksum: bool = True
 
     @model_validator(mode="after")
     def _order(self):
