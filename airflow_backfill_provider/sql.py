@@ -144,9 +144,13 @@ def incremental_select(
     )
 
 
-def max_of(stage: str, column: str) -> sql.Composed:
-    """The highest cursor value staged by a live run, as timestamptz (the watermark's type)."""
-    return sql.SQL("SELECT max({c})::timestamptz FROM {stage}").format(c=sql.Identifier(column), stage=sql.Identifier(stage))
+def max_of(stage: str, column: str, kind: str = "timestamptz", tz: str = "UTC") -> sql.Composed:
+    """The highest cursor value staged by a live run, as timestamptz (the watermark's type); a naive or
+    date cursor (``kind``) is read in the spec's timezone ``tz`` (timebounds.instant_sql)."""
+    from airflow_backfill_provider.timebounds import instant_sql
+
+    top = instant_sql(kind, sql.SQL("max({c})").format(c=sql.Identifier(column)), tz)
+    return sql.SQL("SELECT {top} FROM {stage}").format(top=top, stage=sql.Identifier(stage))
 
 
 def create_like(parallel: TableName, live: TableName) -> sql.Composed:

@@ -20,8 +20,8 @@ an instant in the first pass maps to the start of the repeat, so the chunk ``[01
 naive 01:xx row. At spring-forward the chunk across the gap spans it (``[01:00, 03:00)``), so a naive
 value inside the gap (which no clock showed) still lands in exactly one chunk. docs/time.md has more.
 
-Every caller that filters by a chunk range (the chunk select, the cast-failure finder, live ingest's
-lower bound) goes through this module. Validation deliberately does not: it buckets by day in SQL on
+Every caller that filters by a chunk range (the chunk select, the cast-failure finder) and live
+ingest (its lower bound, and its watermark read back from a naive or date cursor) go through this module. Validation deliberately does not: it buckets by day in SQL on
 its own (validate.py), so a mistake here shows up there.
 """
 
@@ -154,3 +154,23 @@ def literal(kind: str, instant: dt.datetime, tz_name: str) -> sql.Composed:
     """The bound as an explicitly typed SQL literal (the type name is a constant of this module)."""
     value = bound(kind, instant, tz_name)
     return sql.SQL("{v}::{t}").format(v=sql.Literal(value.isoformat()), t=sql.SQL(kind))
+
+
+def after(kind: str, instant: dt.datetime, tz_name: str):
+    """A value for ``column > value`` that keeps every row at or after ``instant`` (live ingest's lower
+    bound: generous, since re-reading a row is free). A date keeps the whole local day of ``instant``."""
+    if kind == DATE:
+        return wall(instant, tz_name).date() - dt.timedelta(days=1)
+    return bound(kind, instant, tz_name)
+
+
+def instant_sql(kind: str, expr: sql.Composable, tz_name: str) -> sql.Composed:
+    """``expr`` of ``kind`` as a timestamptz: a naive wall time (a date: its midnight) read in the spec's
+    timezone, never in the session's (a cursor's maximum becomes the watermark, an instant)."""
+    if kind == TIMESTAMPTZ:
+        return sql.SQL("({e})").format(e=expr)
+    if kind == TIMESTAMP:
+        return sql.SQL("(({e}) AT TIME ZONE {tz})").format(e=expr, tz=sql.Literal(tz_name))
+    if kind == DATE:
+        return sql.SQL("(({e})::timestamp AT TIME ZONE {tz})").format(e=expr, tz=sql.Literal(tz_name))
+    raise ValueError(f"time kind {kind!r} is not one of {KINDS}")
