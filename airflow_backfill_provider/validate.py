@@ -10,7 +10,7 @@ Independent of the chunk path: days, range edges and the time column's type are 
 SQL, by the column's own type (``d`` for a ``date``; ``ts::date`` for a naive ``timestamp``, which is
 local wall time; ``(tstz AT TIME ZONE '<spec tz>')::date`` for ``timestamptz``), never through the
 chunk filter's bound code (timebounds.py). So a chunk filter that reads the wrong rows shows up here as
-a day that differs. With ``validation.checksum`` (default on) each day also compares an
+a day that differs. With ``validation.checksum`` (default 'fail') each day also compares an
 order-independent checksum of every loaded column (``sum(hashtextextended(ROW(..)::text, 0))``, the
 source side cast to the destination types), so an altered value is named even when counts and sums
 agree. Both sessions pin TimeZone, DateStyle, IntervalStyle, extra_float_digits and bytea_output for the
@@ -290,7 +290,7 @@ def source_query(spec: BackfillSpec, dest_cols: list[schema.Column], src_cols: l
         time_expr=plan.time_filter,
         time_kind=time_kind(conn, table, plan.time_filter),
         sums=tuple(plan.expr_for(c) for c in spec.validation.sum_columns),
-        row=tuple(plan.select_exprs) if spec.validation.checksum else (),
+        row=tuple(plan.select_exprs) if spec.validation.checksum != "off" else (),
     )
 
 
@@ -309,7 +309,7 @@ def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[sche
         time_expr=t,
         time_kind=time_kind(conn, table, t),
         sums=tuple(sql.Identifier(c) for c in spec.validation.sum_columns),
-        row=tuple(sql.Identifier(c) for c in loaded) if spec.validation.checksum else (),
+        row=tuple(sql.Identifier(c) for c in loaded) if spec.validation.checksum != "off" else (),
     )
 
 
@@ -358,7 +358,7 @@ def compare(spec: BackfillSpec, src: Tally, dst: Tally) -> list[DayResult]:
     warn, fail = spec.validation.warn_threshold, spec.validation.fail_threshold
     cols = spec.validation.sum_columns
     out = []
-    checksum = spec.validation.checksum
+    checksum = spec.validation.checksum != "off"
     width = len(cols) + (1 if checksum else 0)
     for day in sorted(set(src) | set(dst)):
         s = src.get(day, [0] + [None] * width)
@@ -368,11 +368,12 @@ def compare(spec: BackfillSpec, src: Tally, dst: Tally) -> list[DayResult]:
         for c in cols:
             diffs[f"sum({c})"] = relative_diff(*sums[c])
         pair = (s[-1], d[-1]) if checksum else None
-        if checksum:
-            # any differing value fails the day: a checksum has no "how much"
-            diffs["checksum"] = 0.0 if pair[0] == pair[1] else 1.0
         res = DayResult(day, s[0], d[0], sums, diffs, checksum=pair)
-        res.status = classify(res.worst_diff, warn, fail)
+        res.status = classify(res.worst_diff, warn, fail)  # thresholds: counts and sums
+        if checksum:
+            diffs["checksum"] = 0.0 if pair[0] == pair[1] else 1.0
+            if res.checksum_differs:  # a checksum has no "how much": the spec says what a difference is
+                res.status = max(res.status, FAIL if spec.validation.checksum == "fail" else WARN, key=_RANK.__getitem__)
         out.append(res)
     return out
 

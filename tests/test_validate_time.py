@@ -111,6 +111,12 @@ def test_correct_chunks_pass_and_an_altered_value_is_named_by_the_checksum(datab
     assert bad[0].checksum_differs and bad[0].worst_metric == "checksum"
     assert report.totals()["checksum_days_differ"] == ["2024-01-02"]
     assert "DIFFERS" in report.format_table()
+    # checksum: warn names the same day as a warning; off does not look
+    warn = spec.model_copy(update={"validation": spec.validation.model_copy(update={"checksum": "warn"})})
+    report = validate_range(warn, "2024-01-01", "2024-01-04", store=False)
+    assert report.status == "warn" and report.totals()["checksum_days_differ"] == ["2024-01-02"]
+    off = spec.model_copy(update={"validation": spec.validation.model_copy(update={"checksum": "off"})})
+    assert validate_range(off, "2024-01-01", "2024-01-04", store=False).status == PASS
 
 
 def test_checksum_does_not_depend_on_the_servers_text_settings(databases):
