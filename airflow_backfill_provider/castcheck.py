@@ -57,7 +57,9 @@ class CastFailure:
 def check_block(
     conn, src_table: TableName, plan: ColumnPlan, key_columns: list[str], start, end
 ) -> sql.Composed:
-    """``DO '<plpgsql>'``: cast each column of each row of the chunk, raise at the first bad value."""
+    """``DO '<plpgsql>'``: cast each column of each row of the chunk, raise at the first bad value.
+
+    ``start``/``end``: the chunk's :func:`timebounds.bounds` (the same rows the chunk's COPY read)."""
     checked = [i for i, raw in enumerate(plan.raw_exprs) if raw is not None]
     key_raws = [plan.raw_exprs[plan.columns.index(k)] for k in key_columns]
     select_list = [sql.SQL("ROW({k})::text AS _key").format(k=sql.SQL(", ").join(key_raws))]

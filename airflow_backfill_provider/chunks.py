@@ -3,6 +3,9 @@
 Pure: no Airflow, no database. Boundaries are local calendar boundaries in the spec's timezone,
 so a ``day`` chunk across a DST change is 23 or 25 hours long, and an ``hour`` chunk on a
 fall-back night is labelled with its UTC offset so the two 01:00 hours stay distinct.
+
+Every comparison goes through :func:`utc`: Python compares aware datetimes that share one tzinfo by
+wall clock, so on a fall-back night ``01:00-04:00 == 01:00-05:00`` (docs/time.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ GRANULARITIES = ("hour", "day", "week", "month")
 #: Airflow's default ``[core] max_map_length``: a mapped task cannot expand to more instances.
 DEFAULT_MAX_CHUNKS = 1024
 
-_STEP = {"hour": {"hours": 1}, "day": {"days": 1}, "week": {"weeks": 1}, "month": {"months": 1}}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class Chunk:
             raise PlanError(
                 f"bad chunk descriptor {d!r}: expected keys chunk_id, start, end (ISO timestamps)"
             ) from err
+
+
+def utc(moment: dt.datetime) -> dt.datetime:
+    """The instant, for comparing: aware datetimes sharing a tzinfo compare by wall clock, not instant."""
+    return moment.astimezone(dt.timezone.utc)
 
 
 def check_granularity(granularity: str) -> str:
@@ -71,7 +78,7 @@ def to_datetime(value, tz_name: str, *, what: str) -> pendulum.DateTime:
         elif isinstance(value, dt.datetime):
             parsed = pendulum.instance(value, tz=tz) if value.tzinfo is None else pendulum.instance(value)
         elif isinstance(value, dt.date):
-            parsed = pendulum.datetime(value.year, value.month, value.day, tz=tz)
+            parsed = day_start(value, tz)
         elif isinstance(value, str) and value.strip():
             parsed = pendulum.parse(value.strip(), tz=tz)
         else:
@@ -83,8 +90,42 @@ def to_datetime(value, tz_name: str, *, what: str) -> pendulum.DateTime:
     return parsed.in_timezone(tz)
 
 
+def day_start(day: dt.date, tz) -> pendulum.DateTime:
+    """The first instant of a local date: a repeated midnight's first pass; a missing midnight (e.g.
+    America/Santiago's spring-forward at 24:00) resolves to the first moment that exists (01:00)."""
+    early = pendulum.datetime(day.year, day.month, day.day, tz=tz, fold=0)
+    return early if early.date() == day else pendulum.datetime(day.year, day.month, day.day, tz=tz, fold=1)
+
+
+def _period_day(day: dt.date, granularity: str) -> dt.date:
+    if granularity == "week":
+        return day - dt.timedelta(days=day.weekday())  # ISO weeks start on Monday
+    if granularity == "month":
+        return day.replace(day=1)
+    return day
+
+
 def _floor(moment: pendulum.DateTime, granularity: str) -> pendulum.DateTime:
-    return moment.start_of(granularity)  # week starts on Monday (ISO)
+    if granularity == "hour":
+        return moment.start_of("hour")
+    # not pendulum's start_of/add(days=1): they land on the wrong hour around a missing midnight
+    return day_start(_period_day(moment.date(), granularity), moment.tz)
+
+
+def _next(cur: pendulum.DateTime, granularity: str) -> pendulum.DateTime:
+    """The next period boundary after ``cur``, always a later instant."""
+    if granularity == "hour":
+        nxt = cur.add(hours=1)  # absolute hour; re-aligned to the wall hour after a 30-minute shift
+        aligned = nxt.start_of("hour")
+        return aligned if utc(aligned) > utc(cur) else nxt
+    day = _period_day(cur.date(), granularity)
+    if granularity == "day":
+        day += dt.timedelta(days=1)
+    elif granularity == "week":
+        day += dt.timedelta(weeks=1)
+    else:
+        day = (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return day_start(day, cur.tz)
 
 
 def _label(start: pendulum.DateTime, granularity: str) -> str:
@@ -107,15 +148,19 @@ def iter_chunks(start, end, granularity: str, tz_name: str) -> Iterator[Chunk]:
     check_granularity(granularity)
     lo = to_datetime(start, tz_name, what="start")
     hi = to_datetime(end, tz_name, what="end")
-    if hi <= lo:
+    if utc(hi) <= utc(lo):
         raise PlanError(f"end ({hi.isoformat()}) must be after start ({lo.isoformat()}); the range is [start, end)")
     cur = _floor(lo, granularity)
-    step = _STEP[granularity]
-    while cur < hi:
-        nxt = cur.add(**step)
-        a, b = max(cur, lo), min(nxt, hi)
-        label = _label(cur, granularity) if (a == cur and b == nxt) else _partial_label(a, b, granularity)
-        yield Chunk(label, a, b)
+    if utc(cur) > utc(lo):  # cannot happen for whole periods; a guard so a chunk never starts after lo
+        cur = lo
+    while utc(cur) < utc(hi):
+        nxt = _next(cur, granularity)
+        a = lo if utc(lo) > utc(cur) else cur
+        b = hi if utc(hi) < utc(nxt) else nxt
+        whole = utc(a) == utc(cur) and utc(b) == utc(nxt)
+        label = _label(cur, granularity) if whole else _partial_label(a, b, granularity)
+        if utc(a) < utc(b):  # a wall-hour re-alignment after a 30-minute shift can touch lo
+            yield Chunk(label, a, b)
         cur = nxt
 
 
@@ -139,14 +184,15 @@ def clip_end(end: pendulum.DateTime, watermark: pendulum.DateTime | None) -> pen
     """The backfill never goes past the live watermark: live ingest owns everything at or after it."""
     if watermark is None:
         return end
-    return min(end, watermark)
+    return watermark if utc(watermark) < utc(end) else end
 
 
 def split_at(chunks: list[Chunk], boundaries: list[pendulum.DateTime]) -> list[Chunk]:
     """Split chunks that straddle a boundary (e.g. a historical schema change) into two chunks."""
     out: list[Chunk] = []
     for chunk in chunks:
-        cuts = sorted(b for b in boundaries if chunk.start < b < chunk.end)
+        inside = {utc(b): b for b in boundaries if utc(chunk.start) < utc(b) < utc(chunk.end)}  # one per instant
+        cuts = [inside[k] for k in sorted(inside)]
         if not cuts:
             out.append(chunk)
             continue

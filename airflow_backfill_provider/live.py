@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from psycopg2 import sql
 
-from airflow_backfill_provider import ddl, schema
+from airflow_backfill_provider import ddl, schema, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -92,8 +92,9 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) ->
     return cur.fetchone()[0]
 
 
-def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
-    """Same destination-is-truth column plan as a backfill chunk, against the live table and current source."""
+def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, str, str]:
+    """Same destination-is-truth column plan as a backfill chunk, against the live table and current source;
+    and the cursor's kind (date / timestamp / timestamptz) on the source and in the destination."""
     live = spec.destination
     dest_cols, dest_keys = schema.describe_table(dst_conn, live, side="destination")
     schema.check_destination(spec, dest_cols, dest_keys, live)
@@ -109,7 +110,12 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
             f"destination table {str(live)!r} has no column {cursor!r} (live.cursor_column); the watermark is "
             "computed from the loaded rows, so the cursor column must be loaded too"
         )
-    return schema.plan_columns(spec, dest_cols, src_cols)
+    kinds = []
+    for conn, cols, table in ((src_conn, src_cols, spec.source), (dst_conn, dest_cols, live)):
+        kind = timebounds.kind_of_type(next(c.type_sql for c in cols if c.name == cursor))
+        kinds.append(kind or timebounds.probe_kind(
+            conn, q.ident(table), sql.Identifier(cursor), what=f"live.cursor_column {cursor!r} of {table}"))
+    return schema.plan_columns(spec, dest_cols, src_cols), kinds[0], kinds[1]
 
 
 def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
@@ -149,7 +155,7 @@ def run_live_ingest(
             lock_timeout_s=spec.lock_timeout_s,
         )
         ensure_watermark_table(dst_conn, wm_table)
-        plan = _columns(spec, src_conn, dst_conn)
+        plan, src_kind, dst_kind = _columns(spec, src_conn, dst_conn)
         cursor_col = spec.live_cursor_column
         lookback = dt.timedelta(seconds=spec.live.lookback_s)
         with dst_conn.cursor() as cur:
@@ -157,7 +163,9 @@ def run_live_ingest(
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
             cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
-            select = q.incremental_select(spec.source, plan.select_exprs, cursor_col, lower)
+            # a literal of the cursor's own type (a naive cursor is wall time in the spec's timezone)
+            after = timebounds.after(src_kind, lower, spec.timezone)
+            select = q.incremental_select(spec.source, plan.select_exprs, cursor_col, after)
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
             )
@@ -167,7 +175,7 @@ def run_live_ingest(
             inserted, updated = upsert_counted(
                 cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy
             )
-            cur.execute(q.max_of(_STAGE, cursor_col))
+            cur.execute(q.max_of(_STAGE, cursor_col, dst_kind, spec.timezone))
             seen = cur.fetchone()[0]
             new = max(base, seen) if seen is not None else base
             current = advance_watermark(cur, wm_table, target, new)

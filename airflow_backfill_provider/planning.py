@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pendulum
 
 from airflow_backfill_provider import ledger, watermark
-from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, plan_chunks, split_at, to_datetime
+from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, plan_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
@@ -64,7 +64,7 @@ def resolve_range(
     if run_type != "manual" and interval_start is not None and interval_end is not None:
         lo = to_datetime(interval_start, spec.timezone, what="data_interval_start")
         hi = to_datetime(interval_end, spec.timezone, what="data_interval_end")
-        if hi <= lo:
+        if utc(hi) <= utc(lo):  # instants: on a fall-back night 01:00-04:00 == 01:00-05:00 by wall clock
             raise PlanError(
                 f"data interval [{lo}, {hi}) is empty; the DAG's timetable must be a data-interval timetable "
                 "(the factory uses CronDataIntervalTimetable; a plain '@daily' gives zero-width intervals on Airflow 3)"
@@ -89,7 +89,7 @@ def build_plan(
     granularity = check_granularity(granularity or spec.granularity)
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
-    if hi <= lo:
+    if utc(hi) <= utc(lo):  # instants: on a fall-back night 01:00-04:00 == 01:00-05:00 by wall clock
         raise PlanError(f"end ({hi.date()}) must be after start ({lo.date()}); the range is [start, end)")
     notes: list[str] = []
     wm = None
@@ -98,7 +98,7 @@ def build_plan(
         raw = watermark.read_watermark(dst_conn, TableName.parse(spec.watermark.table), str(spec.destination))
         if raw is not None:
             wm = pendulum.instance(raw).in_timezone(spec.timezone)
-            if hi > wm:
+            if utc(hi) > utc(wm):
                 if spec.watermark.policy == "refuse":
                     raise WatermarkError(
                         f"range end {hi.isoformat()} is after the live watermark {wm.isoformat()} of "
@@ -107,7 +107,7 @@ def build_plan(
                 clipped = True
                 notes.append(f"end clipped from {hi.isoformat()} to the live watermark {wm.isoformat()}")
                 hi = clip_end(hi, wm)
-                if hi <= lo:
+                if utc(hi) <= utc(lo):  # instants: on a fall-back night 01:00-04:00 == 01:00-05:00 by wall clock
                     notes.append("the whole range is at or after the live watermark: nothing to backfill")
                     return Plan(lo, lo, granularity, [], [], wm, True, notes)
     chunks = plan_chunks(lo, hi, granularity, spec.timezone, max_chunks=spec.max_chunks)

@@ -37,6 +37,10 @@ class ColumnPlan:
     raw_exprs: list[sql.Composable | None] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
     time_filter: sql.Composable | None = None
+    #: the source's catalog type of a plain time column (None for a historical expression)
+    time_source_type: str | None = None
+    #: date / timestamp / timestamptz of ``time_filter`` on the source, set by transfer.prepare (timebounds.py)
+    time_kind: str | None = None
 
     def expr_for(self, column: str) -> sql.Composable:
         """The select expression (cast to the destination type) of one destination column."""
@@ -171,6 +175,7 @@ def plan_columns(
     return ColumnPlan(
         columns=list(wanted), select_exprs=exprs, decisions=decisions, raw_exprs=raws,
         types=[by_name[n].type_sql for n in wanted], time_filter=time_filter,
+        time_source_type=None if t in expressions else src_types.get(t),
     )
 
 

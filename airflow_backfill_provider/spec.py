@@ -148,6 +148,14 @@ class ValidationSpec(_Strict):
     warn_threshold: float = Field(0.001, ge=0)
     fail_threshold: float = Field(0.01, ge=0)
     report_table: str = "public.backfill_validation"
+    #: per-day checksum of every loaded column: a day whose checksum differs 'fail's (default) or 'warn's;
+    #: 'off' skips it (e.g. destination triggers or defaults legitimately change loaded rows)
+    checksum: Literal["fail", "warn", "off"] = "fail"
+
+    @field_validator("checksum", mode="before")
+    @classmethod
+    def _checksum_bool(cls, v):
+        return {True: "fail", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _order(self):

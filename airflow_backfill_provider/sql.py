@@ -8,6 +8,7 @@ by the spec author (documented as trusted SQL; never from DAG params).
 
 from __future__ import annotations
 
+import datetime
 from typing import Sequence
 
 from psycopg2 import sql
@@ -31,8 +32,13 @@ def chunk_select(
     """``SELECT <exprs> FROM source WHERE t >= start AND t < end``: half-open, values as literals.
 
     ``time_column`` is a column name, or (historical mode) the spec author's expression for it.
+    ``start``/``end`` are :func:`timebounds.bounds` values of the column's own type (date, naive wall
+    time, UTC instant); never a chunk's local datetimes, which would compare in the session TimeZone.
     Literals, not parameters: COPY cannot take bind parameters. ``sql.Literal`` quotes datetimes safely.
     """
+    for b in (start, end):
+        if isinstance(b, datetime.datetime) and b.utcoffset() not in (None, datetime.timedelta(0)):
+            raise ValueError(f"chunk bound {b.isoformat()} is local time: pass timebounds.bounds(...) values")
     return sql.SQL("SELECT {exprs} FROM {src} WHERE {t} >= {lo} AND {t} < {hi}").format(
         exprs=sql.SQL(", ").join(select_exprs),
         src=ident(source),
@@ -138,9 +144,13 @@ def incremental_select(
     )
 
 
-def max_of(stage: str, column: str) -> sql.Composed:
-    """The highest cursor value staged by a live run, as timestamptz (the watermark's type)."""
-    return sql.SQL("SELECT max({c})::timestamptz FROM {stage}").format(c=sql.Identifier(column), stage=sql.Identifier(stage))
+def max_of(stage: str, column: str, kind: str = "timestamptz", tz: str = "UTC") -> sql.Composed:
+    """The highest cursor value staged by a live run, as timestamptz (the watermark's type); a naive or
+    date cursor (``kind``) is read in the spec's timezone ``tz`` (timebounds.instant_sql)."""
+    from airflow_backfill_provider.timebounds import instant_sql
+
+    top = instant_sql(kind, sql.SQL("max({c})").format(c=sql.Identifier(column)), tz)
+    return sql.SQL("SELECT {top} FROM {stage}").format(top=top, stage=sql.Identifier(stage))
 
 
 def create_like(parallel: TableName, live: TableName) -> sql.Composed:

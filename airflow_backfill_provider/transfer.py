@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg2
 
-from airflow_backfill_provider import castcheck, encoding, ledger, schema, swap
+from airflow_backfill_provider import castcheck, encoding, ledger, schema, swap, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -64,9 +64,9 @@ def application_name(dag_id: str, chunk_id: str) -> str:
 def source_for(spec: BackfillSpec, chunk: Chunk) -> tuple[TableName, dict[str, str]]:
     """Historical mode: the first range whose ``until`` is after the chunk start decides table/expressions."""
     for rng in spec.historical:
-        from airflow_backfill_provider.chunks import to_datetime
+        from airflow_backfill_provider.chunks import to_datetime, utc
 
-        if chunk.start < to_datetime(rng.until, spec.timezone, what="historical.until"):
+        if utc(chunk.start) < utc(to_datetime(rng.until, spec.timezone, what="historical.until")):
             table = TableName.parse(rng.source_table) if rng.source_table else spec.source
             return table, dict(rng.column_expressions)
     return spec.source, {}
@@ -79,7 +79,11 @@ def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[Table
     schema.check_destination(spec, dest_cols, dest_keys, target)
     src_table, expressions = source_for(spec, chunk)
     src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
-    return src_table, schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    # chunk bounds are literals of the filtered column's own type (timebounds.py)
+    plan.time_kind = timebounds.source_kind(src_conn, src_table, plan)
+    timebounds.check_granularity(plan.time_kind, spec.granularity, column=spec.time_column)
+    return src_table, plan
 
 
 class _Writer(threading.Thread):
@@ -145,7 +149,8 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
             source or spec.source_conn_id, application_name=f"{appname}:castcheck", readonly=True, timezone=spec.timezone,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
-        return castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, chunk.start, chunk.end)
+        lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
+        return castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, lo, hi)
     except Exception:  # noqa: BLE001 - diagnosis is best effort; the original error is raised anyway
         log.warning("chunk %s: could not locate the value behind the data error", chunk.chunk_id, exc_info=True)
         return None
@@ -236,7 +241,8 @@ def transfer_chunk(
             swap.ensure_parallel_table(dst_conn, spec)  # <table>_backfill, if not there yet
             src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
         target = spec.staging_target
-        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, chunk.start, chunk.end)
+        lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
+        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, lo, hi)
         with dst_conn.cursor() as cur:
             cur.execute(q.advisory_xact_lock(), (f"{target}|{chunk.start.isoformat()}|{chunk.end.isoformat()}",))
             cur.execute(q.create_staging(_STAGE, target, plan.columns))

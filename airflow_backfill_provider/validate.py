@@ -6,6 +6,16 @@ reads exactly what the transfer reads: the same table (or the historical table o
 the same column expressions, cast to the destination's types, with the same time filter. So a
 difference means rows were lost, duplicated or changed, not that validation looked elsewhere.
 
+Independent of the chunk path: days, range edges and the time column's type are worked out here, in
+SQL, by the column's own type (``d`` for a ``date``; ``ts::date`` for a naive ``timestamp``, which is
+local wall time; ``(tstz AT TIME ZONE '<spec tz>')::date`` for ``timestamptz``), never through the
+chunk filter's bound code (timebounds.py). So a chunk filter that reads the wrong rows shows up here as
+a day that differs. With ``validation.checksum`` (default 'fail') each day also compares an
+order-independent checksum of every loaded column (``sum(hashtextextended(ROW(..)::text, 0))``, the
+source side cast to the destination types), so an altered value is named even when counts and sums
+agree. Both sessions pin TimeZone, DateStyle, IntervalStyle, extra_float_digits and bytea_output for the
+checksum's text (SET LOCAL, inside validation's own read transaction).
+
 Relative difference of a metric on a day: ``|source - destination| / |source|`` (the source is the
 truth); if the source is 0 it is relative to the destination, so a day present on only one side is a
 100% difference. A day passes at or under ``warn_threshold``, fails over ``fail_threshold``, warns in
@@ -28,7 +38,7 @@ import pendulum
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl, schema
-from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime
+from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.connections import close_all, connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
@@ -55,13 +65,22 @@ class DayResult:
     destination_rows: int
     #: column -> (source sum, destination sum); None when every value is NULL (or no rows)
     sums: dict[str, tuple[Decimal | None, Decimal | None]]
-    #: metric ("rows" or "sum(col)") -> relative difference (0.0 .. )
+    #: metric ("rows" or "sum(col)") -> relative difference (0.0 .. ); "checksum": 0.0 equal, 1.0 not
     diffs: dict[str, float]
     status: str = PASS
+    #: (source, destination) order-independent checksum of the loaded columns; None when disabled
+    checksum: tuple[Decimal | None, Decimal | None] | None = None
+
+    @property
+    def checksum_differs(self) -> bool:
+        return self.checksum is not None and self.checksum[0] != self.checksum[1]
 
     @property
     def worst_metric(self) -> str:
-        return max(self.diffs, key=lambda m: self.diffs[m])
+        # a count or sum that differs says more than the checksum (which only says "something differs")
+        measured = {m: x for m, x in self.diffs.items() if m != "checksum" and x > 0}
+        pool = measured or self.diffs
+        return max(pool, key=lambda m: pool[m])
 
     @property
     def worst_diff(self) -> float:
@@ -120,6 +139,7 @@ class ValidationReport:
             "worst_day": worst.day.isoformat() if worst else None,
             "worst_metric": worst.worst_metric if worst else None,
             "worst_diff": round(worst.worst_diff, 6) if worst else 0.0,
+            "checksum_days_differ": [d.day.isoformat() for d in self.ranked() if d.checksum_differs][:XCOM_MAX_DAYS],
             "failed_days": failed[:XCOM_MAX_DAYS],
             "failed_days_more": max(0, len(failed) - XCOM_MAX_DAYS),
         }
@@ -135,6 +155,9 @@ class ValidationReport:
         headers = ["day", "status", "src rows", "dst rows", "rows diff"]
         for col in self.sum_columns:
             headers += [f"src sum({col})", f"dst sum({col})", f"sum({col}) diff"]
+        with_checksum = any(d.checksum is not None for d in self.days)
+        if with_checksum:
+            headers.append("checksum")
         ranked = self.ranked()
         rows = []
         for d in ranked[:max_lines]:
@@ -142,6 +165,8 @@ class ValidationReport:
             for col in self.sum_columns:
                 s, t = d.sums[col]
                 row += [_num(s), _num(t), _pct(d.diffs[f"sum({col})"])]
+            if with_checksum:
+                row.append("DIFFERS" if d.checksum_differs else "equal")
             rows.append(row)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
         # numbers right-aligned, day/status left-aligned
@@ -188,41 +213,69 @@ def classify(diff: float, warn: float, fail: float) -> str:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SideQuery:
-    """How one side is read for a segment of the range: table, time filter, day and sum expressions."""
+    """How one side is read for a segment of the range: table, time expression, sums, checksum row."""
 
     table: TableName
-    time_filter: sql.Composable  # compared with [lo, hi): the same expression the transfer filters on
-    time_value: sql.Composable  # the value that lands in the destination's time column (for the day)
-    time_type: str
+    time_expr: sql.Composable  # what is bucketed and range-filtered on this side
+    time_kind: str  # date / timestamp / timestamptz of time_expr on this side
     sums: tuple[sql.Composable, ...]
+    row: tuple[sql.Composable, ...] = ()  # the loaded columns, for the checksum (empty: no checksum)
+
+
+_OID_KINDS = {1082: "date", 1114: "timestamp", 1184: "timestamptz"}
+
+
+def time_kind(conn, table: TableName, expr: sql.Composable) -> str:
+    """The type the server computes for ``expr`` (``LIMIT 0`` reads no row); validation's own answer."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT {e} FROM {t} LIMIT 0").format(e=expr, t=sql.Identifier(*table.parts)))
+        oid = cur.description[0][1]
+    if oid not in _OID_KINDS:
+        raise PermanentChunkError(
+            f"validation: the time column of {table} is not a date, timestamp or timestamptz (type oid {oid})"
+        )
+    return _OID_KINDS[oid]
+
+
+def _first_date_at_or_after(p: str) -> sql.Composed:
+    """SQL: the first local date (spec tz) whose midnight is at or after the instant ``%(p)s``."""
+    return sql.SQL(
+        "(SELECT CASE WHEN (x::timestamp AT TIME ZONE %(tz)s) < {p}::timestamptz THEN x + 1 ELSE x END"
+        " FROM (SELECT ({p}::timestamptz AT TIME ZONE %(tz)s)::date AS x) AS b)"
+    ).format(p=sql.Placeholder(p))
 
 
 def per_day_sql(side: SideQuery) -> sql.Composed:
-    """``SELECT day, count(*), sum(..).. FROM t WHERE time >= lo AND time < hi GROUP BY 1``.
+    """``SELECT day, count(*), sum(..).., [checksum] FROM t WHERE <in [lo, hi)> GROUP BY 1``.
 
-    The day is the local calendar day in the spec's timezone (bound parameter ``tz``). A ``date`` time
-    column already is a day; ``timestamp`` is read as the session does when the transfer compares it.
+    The day and the range test follow the time expression's own type, in the spec's timezone
+    (parameter ``tz``; ``lo``/``hi`` are instants): a ``date`` is its local day (and is in the range
+    when its local midnight is), a ``timestamp`` is local wall time, a ``timestamptz`` an instant.
     """
-    if side.time_type == "date":
-        day = sql.SQL("({v})::date").format(v=side.time_value)
+    v = side.time_expr
+    if side.time_kind == "date":
+        day = sql.SQL("({v})").format(v=v)
+        lo, hi = _first_date_at_or_after("lo"), _first_date_at_or_after("hi")
+    elif side.time_kind == "timestamp":
+        day = sql.SQL("({v})::date").format(v=v)
+        lo = sql.SQL("(%(lo)s::timestamptz AT TIME ZONE %(tz)s)")
+        hi = sql.SQL("(%(hi)s::timestamptz AT TIME ZONE %(tz)s)")
     else:
-        day = sql.SQL("((({v})::timestamptz) AT TIME ZONE %(tz)s)::date").format(v=side.time_value)
+        day = sql.SQL("(({v}) AT TIME ZONE %(tz)s)::date").format(v=v)
+        lo, hi = sql.SQL("%(lo)s::timestamptz"), sql.SQL("%(hi)s::timestamptz")
     metrics = [sql.SQL("count(*)")] + [sql.SQL("sum({e})").format(e=e) for e in side.sums]
-    return sql.SQL("SELECT {day} AS day, {metrics} FROM {t} WHERE {f} >= %(lo)s AND {f} < %(hi)s GROUP BY 1").format(
-        day=day,
-        metrics=sql.SQL(", ").join(metrics),
-        t=sql.Identifier(*side.table.parts),
-        f=side.time_filter,
+    if side.row:
+        # order-independent: a sum of per-row hashes (numeric: no overflow), of the row's text
+        metrics.append(sql.SQL("sum(hashtextextended(ROW({r})::text, 0))").format(r=sql.SQL(", ").join(side.row)))
+    return sql.SQL("SELECT {day} AS day, {metrics} FROM {t} WHERE {v} >= {lo} AND {v} < {hi} GROUP BY 1").format(
+        day=day, metrics=sql.SQL(", ").join(metrics), t=sql.Identifier(*side.table.parts), v=v, lo=lo, hi=hi,
     )
 
 
 def source_query(spec: BackfillSpec, dest_cols: list[schema.Column], src_cols: list[schema.Column],
-                 table: TableName, expressions: dict[str, str], notes: list[str]) -> SideQuery:
-    """Source side, exactly as the transfer selects it: :func:`schema.plan_columns` builds both.
-
-    So a historical table, a spec-author expression, a column missing in the source (``NULL``) and the
-    cast to the destination type are the same here as in the chunk's ``COPY (SELECT ...)``.
-    """
+                 table: TableName, expressions: dict[str, str], notes: list[str], conn=None) -> SideQuery:
+    """Source side: the transfer's table and column expressions (:func:`schema.plan_columns`), cast to
+    the destination's types; the time expression's type asked from the source (``conn``)."""
     plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
     not_loaded = [c for c in spec.validation.sum_columns if c not in plan.columns]
     if not_loaded:
@@ -232,17 +285,16 @@ def source_query(spec: BackfillSpec, dest_cols: list[schema.Column], src_cols: l
         )
     for decision in plan.decisions:
         _note(notes, f"{table}: {decision}")
-    time_type = next(c.type_sql for c in dest_cols if c.name == spec.time_column)
     return SideQuery(
         table=table,
-        time_filter=plan.time_filter,
-        time_value=plan.expr_for(spec.time_column),
-        time_type=time_type,
+        time_expr=plan.time_filter,
+        time_kind=time_kind(conn, table, plan.time_filter),
         sums=tuple(plan.expr_for(c) for c in spec.validation.sum_columns),
+        row=tuple(plan.select_exprs) if spec.validation.checksum != "off" else (),
     )
 
 
-def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[schema.Column]) -> SideQuery:
+def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[schema.Column], conn=None) -> SideQuery:
     names = {c.name: c.type_sql for c in dest_cols}
     missing = [c for c in [spec.time_column, *spec.validation.sum_columns] if c not in names]
     if missing:
@@ -250,13 +302,14 @@ def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[sche
             f"destination table {str(table)!r} has no column(s) {missing} (time_column / validation.sum_columns); "
             f"its columns are {sorted(names)}"
         )
-    t = spec.time_column
+    t = sql.Identifier(spec.time_column)
+    loaded = spec.columns or [c.name for c in dest_cols]  # the transfer's column list (schema.plan_columns)
     return SideQuery(
         table=table,
-        time_filter=sql.Identifier(t),
-        time_value=sql.Identifier(t),
-        time_type=names[t],
+        time_expr=t,
+        time_kind=time_kind(conn, table, t),
         sums=tuple(sql.Identifier(c) for c in spec.validation.sum_columns),
+        row=tuple(sql.Identifier(c) for c in loaded) if spec.validation.checksum != "off" else (),
     )
 
 
@@ -268,7 +321,7 @@ def _note(notes: list[str], text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # running it
 # ----------------------------------------------------------------------------------------------
-Tally = dict[dt.date, list]  # day -> [count, sum1, sum2, ...]
+Tally = dict[dt.date, list]  # day -> [count, sum1, sum2, ..., checksum (when enabled)]
 
 
 def _add(into: Tally, rows) -> None:
@@ -278,6 +331,20 @@ def _add(into: Tally, rows) -> None:
         for i, v in enumerate(metrics[1:], start=1):
             if v is not None:
                 cur[i] = v if cur[i] is None else cur[i] + v
+
+
+_TEXT_SETTINGS = (
+    # the checksum hashes each row's text: make that text the same on both sides whatever the servers'
+    # defaults (SET LOCAL: this read transaction only; rolled back with it)
+    "SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, YMD'", "SET LOCAL IntervalStyle = 'postgres'",
+    "SET LOCAL extra_float_digits = 3", "SET LOCAL bytea_output = 'hex'",
+)
+
+
+def _pin_text_settings(conn) -> None:
+    with conn.cursor() as cur:
+        for statement in _TEXT_SETTINGS:
+            cur.execute(statement)
 
 
 def segments(spec: BackfillSpec, start: pendulum.DateTime, end: pendulum.DateTime):
@@ -291,15 +358,22 @@ def compare(spec: BackfillSpec, src: Tally, dst: Tally) -> list[DayResult]:
     warn, fail = spec.validation.warn_threshold, spec.validation.fail_threshold
     cols = spec.validation.sum_columns
     out = []
+    checksum = spec.validation.checksum != "off"
+    width = len(cols) + (1 if checksum else 0)
     for day in sorted(set(src) | set(dst)):
-        s = src.get(day, [0] + [None] * len(cols))
-        d = dst.get(day, [0] + [None] * len(cols))
+        s = src.get(day, [0] + [None] * width)
+        d = dst.get(day, [0] + [None] * width)
         sums = {c: (s[i + 1], d[i + 1]) for i, c in enumerate(cols)}
         diffs = {"rows": relative_diff(s[0], d[0])}
         for c in cols:
             diffs[f"sum({c})"] = relative_diff(*sums[c])
-        res = DayResult(day, s[0], d[0], sums, diffs)
-        res.status = classify(res.worst_diff, warn, fail)
+        pair = (s[-1], d[-1]) if checksum else None
+        res = DayResult(day, s[0], d[0], sums, diffs, checksum=pair)
+        res.status = classify(res.worst_diff, warn, fail)  # thresholds: counts and sums
+        if checksum:
+            diffs["checksum"] = 0.0 if pair[0] == pair[1] else 1.0
+            if res.checksum_differs:  # a checksum has no "how much": the spec says what a difference is
+                res.status = max(res.status, FAIL if spec.validation.checksum == "fail" else WARN, key=_RANK.__getitem__)
         out.append(res)
     return out
 
@@ -323,7 +397,7 @@ def validate_range(
     """
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
-    if hi <= lo:
+    if utc(hi) <= utc(lo):
         raise PlanError(f"end ({hi.isoformat()}) must be after start ({lo.isoformat()}); the range is [start, end)")
     dag_id = dag_id or spec.effective_dag_id
     appname = f"backfill:{dag_id}:validate"
@@ -339,8 +413,10 @@ def validate_range(
             destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
+        for conn in (src_conn, dst_conn):
+            _pin_text_settings(conn)
         dest_cols = schema.table_columns(dst_conn, target, side="destination")
-        dst_side = destination_query(spec, target, dest_cols)
+        dst_side = destination_query(spec, target, dest_cols, dst_conn)
         src_cols_cache: dict[TableName, list[schema.Column]] = {}
         src_tally: Tally = {}
         dst_tally: Tally = {}
@@ -349,8 +425,8 @@ def validate_range(
             table, expressions = source_for(spec, seg)  # the transfer's own choice of table/expressions
             if table not in src_cols_cache:
                 src_cols_cache[table] = schema.table_columns(src_conn, table, side="source")
-            src_side = source_query(spec, dest_cols, src_cols_cache[table], table, expressions, notes)
-            params = {"lo": seg.start, "hi": seg.end, "tz": spec.timezone}
+            src_side = source_query(spec, dest_cols, src_cols_cache[table], table, expressions, notes, src_conn)
+            params = {"lo": utc(seg.start), "hi": utc(seg.end), "tz": spec.timezone}
             if i and pause:
                 time.sleep(pause)  # pacing: the same lever the chunks use
             for conn, side, tally in ((src_conn, src_side, src_tally), (dst_conn, dst_side, dst_tally)):

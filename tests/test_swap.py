@@ -38,7 +38,9 @@ def swap_setup(src_url, dst_url, pg):
                   (900, 1, 'live', 9.99, '2024-01-03 23:00', now()),
                   (5000, 1, 'live-only', 1.00, now(), now()), (5001, 1, 'live-only', 1.00, now(), now())"""
     )
-    return src_url, dst_url, make_spec(src_url, dst_url)
+    # the live rows above are newer than the source's (simulated live ingest): validation's checksum names
+    # their days; here a warning, not a failure
+    return src_url, dst_url, make_spec(src_url, dst_url, validation={"checksum": "warn"})
 
 
 def exists(dst, table):

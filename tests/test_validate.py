@@ -138,15 +138,18 @@ def test_difference_between_thresholds_warns(copied, pg):
     with pg(dst).cursor() as cur:
         # +12.00 on a day whose amount sum is ~2,8xx: about 0.4%, between 0.1% and 1%
         cur.execute("UPDATE public.orders SET amount = amount + 12 WHERE id = 100")
-    report = run(make_spec(), utc(2024, 1, 1), utc(2024, 1, 11), src, dst)
+    # thresholds apply to counts and sums; the checksum (on by default) fails any altered value
+    assert day(run(make_spec(), utc(2024, 1, 1), utc(2024, 1, 11), src, dst), "2024-01-05").status == FAIL
+    no_checksum = {"sum_columns": ["amount", "qty"], "checksum": False}
+    report = run(make_spec(validation=no_checksum), utc(2024, 1, 1), utc(2024, 1, 11), src, dst)
     assert report.status == WARN
     warned = [d for d in report.days if d.status == WARN]
     assert len(warned) == 1 and warned[0].day == dt.date(2024, 1, 5)
     assert 0.001 < warned[0].worst_diff < 0.01
     # the same difference passes under looser thresholds and fails under tighter ones
-    loose = make_spec(validation={"sum_columns": ["amount"], "warn_threshold": 0.005, "fail_threshold": 0.05})
+    loose = make_spec(validation={"sum_columns": ["amount"], "warn_threshold": 0.005, "fail_threshold": 0.05, "checksum": False})
     assert run(loose, utc(2024, 1, 1), utc(2024, 1, 11), src, dst, store=False).status == PASS
-    tight = make_spec(validation={"sum_columns": ["amount"], "warn_threshold": 0.0, "fail_threshold": 0.001})
+    tight = make_spec(validation={"sum_columns": ["amount"], "warn_threshold": 0.0, "fail_threshold": 0.001, "checksum": False})
     assert run(tight, utc(2024, 1, 1), utc(2024, 1, 11), src, dst, store=False).status == FAIL
 
 
@@ -170,7 +173,7 @@ def test_days_are_local_days_in_the_spec_timezone(src_url, dst_url, pg):
             cur.execute(ORDERS)
             cur.execute(
                 "INSERT INTO public.orders SELECT g, timestamptz '2024-03-08 00:00+00' + g * interval '1 hour',"
-                " now(), 10, 1 FROM generate_series(0, 24 * 6 - 1) AS g"
+                " timestamptz '2024-03-20 00:00+00', 10, 1 FROM generate_series(0, 24 * 6 - 1) AS g"
             )
     spec = make_spec(timezone="America/New_York")
     ny = lambda *a: pendulum.datetime(*a, tz="America/New_York")  # noqa: E731

@@ -49,6 +49,7 @@ class PlanBackfillOperator(BaseOperator):
         from airflow_backfill_provider.planning import build_plan, resolve_range
         from airflow_backfill_provider.schema import time_column_indexed
         from airflow_backfill_provider.swap import as_live, ensure_parallel_table
+        from airflow_backfill_provider.timebounds import check_granularity
         from airflow_backfill_provider.transfer import prepare
 
         spec = load_spec(self.spec)
@@ -81,6 +82,7 @@ class PlanBackfillOperator(BaseOperator):
                 # (swap mode: against the live table; the parallel one is created LIKE it, below)
                 for chunk in _one_per_source(spec, plan.chunks):
                     src_table, cplan = prepare(as_live(spec), src, dst, chunk)
+                    check_granularity(cplan.time_kind, plan.granularity, column=spec.time_column)  # a param override
                     for decision in cplan.decisions:
                         self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
                     # historical mode may filter on another column (e.g. created_at: "created")

@@ -78,7 +78,9 @@ class ValidateBackfillOperator(BaseOperator):
                 f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
                 f"({totals['worst_metric']} off by {totals['worst_diff']:.2%}); failed days: "
                 f"{', '.join(totals['failed_days'])}{' ...' if totals['failed_days_more'] else ''}. "
-                "Reload those days (trigger with start/end around them and reprocess=true); if the destination "
+                + (f"The checksum of the loaded columns differs on {', '.join(totals['checksum_days_differ'])} "
+                   "(a value was altered, or rows differ). " if totals.get("checksum_days_differ") else "")
+                + "Reload those days (trigger with start/end around them and reprocess=true); if the destination "
                 "has rows the source no longer has, look for deletes in the source since the load."
             )
             raise AirflowFailException(str(err)) from err

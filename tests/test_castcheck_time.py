@@ -1,0 +1,35 @@
+"""The cast-failure finder re-reads the chunk's own rows: same bound rule as the chunk (timebounds.py)."""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from airflow_backfill_provider.chunks import plan_chunks
+from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.spec import load_spec
+from airflow_backfill_provider.transfer import transfer_chunk
+
+
+@pytest.mark.parametrize("kind, value", [("date", "2024-01-01"), ("timestamp", "2024-01-01 02:00")])
+def test_a_bad_value_on_a_new_york_day_is_named_with_the_source_in_utc(src_url, dst_url, pg, kind, value):
+    admin = pg(src_url)
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("ALTER DATABASE {} SET timezone = 'UTC'").format(sql.Identifier(src_url.rsplit("/", 1)[1])))
+    conn = psycopg2.connect(src_url)  # a new session: the database's TimeZone applies
+    with conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, amount text)").format(sql.SQL(kind)))
+        # 2024-01-01 (New York) has one bad amount; 2024-01-02 is clean
+        cur.execute("INSERT INTO ev VALUES (1, %s, '1.50'), (2, %s, '12,50'), (3, %s::date + 1, '2')", (value, value, value))
+    conn.close()
+    with pg(dst_url).cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, amount numeric)").format(sql.SQL(kind)))
+    spec = load_spec(dict(
+        name="ev", source_conn_id=src_url, destination_conn_id=dst_url, source_table="ev", destination_table="ev",
+        time_column="t", key_columns=["id"], timezone="America/New_York",
+    ))
+    first, second = plan_chunks("2024-01-01", "2024-01-03", "day", spec.timezone)
+    with pytest.raises(PermanentChunkError, match=r"chunk 2024-01-01: column 'amount' cannot take value '12,50'.*\(id\)=\(2\)"):
+        transfer_chunk(spec, first)
+    assert transfer_chunk(spec, second).rows_extracted == 1
