@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 from airflow_backfill_provider import sql as q
-from airflow_backfill_provider.schema import ColumnPlan, cast_type
+from airflow_backfill_provider.schema import ColumnPlan
 from airflow_backfill_provider.spec import TableName
 
 _MARK = "backfill cast check"  # MESSAGE of the exception the block raises with its finding
@@ -58,7 +58,8 @@ def check_block(
     conn, src_table: TableName, plan: ColumnPlan, key_columns: list[str], start, end
 ) -> sql.Composed:
     """``DO '<plpgsql>'``: cast each column of each row of the chunk, raise at the first bad value."""
-    checked = [i for i, raw in enumerate(plan.raw_exprs) if raw is not None]
+    # columns cast on the source (a type only the destination has is cast there, see casts.py)
+    checked = [i for i, raw in enumerate(plan.raw_exprs) if raw is not None and plan.check_types[i] is not None]
     key_raws = [plan.raw_exprs[plan.columns.index(k)] for k in key_columns]
     select_list = [sql.SQL("ROW({k})::text AS _key").format(k=sql.SQL(", ").join(key_raws))]
     select_list += [sql.SQL("{r} AS {a}").format(r=plan.raw_exprs[i], a=sql.Identifier(f"c{i}")) for i in checked]
@@ -66,14 +67,14 @@ def check_block(
 
     declares = [
         # a variable of the exact destination type: assigning to it enforces typmods (length, precision)
-        sql.SQL("{v} {t};").format(v=sql.Identifier(f"v{i}"), t=sql.SQL(plan.types[i])) for i in checked
+        sql.SQL("{v} {t};").format(v=sql.Identifier(f"v{i}"), t=sql.SQL(plan.check_types[i][0])) for i in checked
     ]
     steps = [
         sql.SQL("col := {name}; val := r.{c}::text; {v} := r.{c}::{cast};").format(
             name=sql.Literal(plan.columns[i]),
             c=sql.Identifier(f"c{i}"),
             v=sql.Identifier(f"v{i}"),
-            cast=sql.SQL(cast_type(plan.types[i])),  # the same cast the transfer's SELECT applies
+            cast=sql.SQL(plan.check_types[i][1]),  # the same cast the transfer applies
         )
         for i in checked
     ]
@@ -131,3 +132,40 @@ def find_cast_failure(
         )
     conn.rollback()
     return None
+
+
+def check_rounding(cur, plan: ColumnPlan, stage: str, key_columns: list[str], what: str) -> None:
+    """Before the upsert: fail if a cast that may round (``plan.lossy``) would change a staged value.
+
+    One scan of the (temporary) staging table, only for plans with such a cast. Raises
+    PermanentChunkError naming the column, both types, the key, the value before and after, and
+    the fixes; the caller rolls back, so nothing of the chunk is written.
+    """
+    if not plan.lossy:
+        return
+    from airflow_backfill_provider.exceptions import PermanentChunkError
+
+    key = sql.SQL("ROW({k})::text").format(k=q.cols(key_columns))
+    outputs = [key]
+    for lc in plan.lossy:
+        outputs += [lc.changes, sql.SQL("{c}::text").format(c=sql.Identifier(lc.column)), sql.SQL("{a}::text").format(a=lc.after)]
+    cur.execute(
+        sql.SQL("SELECT {out} FROM {stage} WHERE {any} LIMIT 1").format(
+            out=sql.SQL(", ").join(outputs),
+            stage=sql.Identifier(stage),
+            any=sql.SQL(" OR ").join(sql.SQL("({p})").format(p=lc.changes) for lc in plan.lossy),
+        )
+    )
+    row = cur.fetchone()
+    if row is None:
+        return
+    for n, lc in enumerate(plan.lossy):
+        changed, before, after = row[1 + 3 * n: 4 + 3 * n]
+        if changed:
+            raise PermanentChunkError(
+                f"{what}: column {lc.column!r}: casting source type {lc.source_type} to destination type "
+                f"{lc.type_sql} would change value {before!r} to {after!r} at key ({', '.join(key_columns)})="
+                f"{row[0]}. Nothing was loaded for this chunk; widen the destination column, map the value "
+                f"explicitly with a historical.column_expressions entry (e.g. round(...)), or accept the "
+                f"rounding with allow_lossy_casts: [{lc.column}] in the spec"
+            )

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from psycopg2 import sql
 
-from airflow_backfill_provider import ddl, schema
+from airflow_backfill_provider import castcheck, ddl, schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -109,7 +109,10 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
             f"destination table {str(live)!r} has no column {cursor!r} (live.cursor_column); the watermark is "
             "computed from the loaded rows, so the cursor column must be loaded too"
         )
-    return schema.plan_columns(spec, dest_cols, src_cols)
+    return schema.plan_columns(
+        spec, dest_cols, src_cols,
+        dest_types=schema.describe_types(dst_conn, live), src_types=schema.describe_types(src_conn, spec.source),
+    )
 
 
 def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
@@ -153,16 +156,17 @@ def run_live_ingest(
             previous = lock_watermark(cur, wm_table, target)
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
-            cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
-            select = q.incremental_select(spec.source, plan.select_exprs, cursor_col, lower)
+            cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns, plan.stage_types))
+            select = q.incremental_select(spec.source, plan.copy_exprs, cursor_col, lower)
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
             )
+            castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"live run of {target}")
             # with a version column: newer wins, as in the backfill. Without one, live rows are the latest
             # by definition, so live ingest overwrites when different (the backfill's policy decides its side).
             policy = "backfill_wins" if spec.version_column is None else spec.conflict_policy
             inserted, updated = upsert_counted(
-                cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy
+                cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy, plan
             )
             cur.execute(q.max_of(_STAGE, cursor_col))
             seen = cur.fetchone()[0]

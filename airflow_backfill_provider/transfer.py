@@ -79,7 +79,10 @@ def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[Table
     schema.check_destination(spec, dest_cols, dest_keys, target)
     src_table, expressions = source_for(spec, chunk)
     src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
-    return src_table, schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    return src_table, schema.plan_columns(
+        spec, dest_cols, src_cols, expressions=expressions,
+        dest_types=schema.describe_types(dst_conn, target), src_types=schema.describe_types(src_conn, src_table),
+    )
 
 
 class _Writer(threading.Thread):
@@ -153,13 +156,17 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
         close_all(conn)
 
 
-def upsert_counted(cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy) -> tuple[int, int]:
+def upsert_counted(
+    cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy, plan=None
+) -> tuple[int, int]:
     """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
-    own per-table counters before and after it (free, and right for partitioned targets too)."""
+    own per-table counters before and after it (free, and right for partitioned targets too).
+    ``plan`` (a schema.ColumnPlan): casts run in the destination and the exact per-type change test."""
     counters = {"table": q.ident(target).as_string(cur)}
     cur.execute(q.xact_write_counts(), counters)
     ins0, upd0 = cur.fetchone()
-    cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy))
+    extra = {"insert_exprs": plan.insert_exprs, "changed": plan.changed} if plan is not None else {}
+    cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy, **extra))
     cur.execute(q.xact_write_counts(), counters)
     ins1, upd1 = cur.fetchone()
     return ins1 - ins0, upd1 - upd0
@@ -211,18 +218,19 @@ def transfer_chunk(
             swap.ensure_parallel_table(dst_conn, spec)  # <table>_backfill, if not there yet
             src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
         target = spec.staging_target
-        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, chunk.start, chunk.end)
+        select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, chunk.start, chunk.end)
         with dst_conn.cursor() as cur:
             cur.execute(q.advisory_xact_lock(), (f"{target}|{chunk.start.isoformat()}|{chunk.end.isoformat()}",))
-            cur.execute(q.create_staging(_STAGE, target, plan.columns))
+            cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
             extracted, staged = stream_copy(
                 src_conn,
                 cur,
                 q.copy_out(select, spec.copy_format),
                 q.copy_in(_STAGE, plan.columns, spec.copy_format),
             )
+            castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
             inserted, updated = upsert_counted(
-                cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy
+                cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy, plan
             )
             seconds = time.monotonic() - t0
             stats = {
