@@ -1,4 +1,5 @@
-"""After a chunk failed with a data error (SQLSTATE class 22): which column, which row, which value.
+"""After a chunk failed with a data error (SQLSTATE class 22, or 0A000 such as NaN -> integer): which
+column, which row, which value. Also the rounding check that runs before a chunk's upsert.
 
 A failed COPY only says e.g. ``invalid input syntax for type numeric: "12,50"``, without the column
 or the row, and nothing of the chunk is loaded (one destination transaction). This check re-reads
@@ -67,32 +68,36 @@ def check_block(
 
     declares = [
         # a variable of the exact destination type: assigning to it enforces typmods (length, precision)
-        sql.SQL("{v} {t};").format(v=sql.Identifier(f"v{i}"), t=sql.SQL(plan.check_types[i][0])) for i in checked
+        sql.SQL("{v} {t};").format(v=sql.Identifier(f"bf_v{i}"), t=sql.SQL(plan.check_types[i][0])) for i in checked
     ]
     steps = [
-        sql.SQL("col := {name}; val := r.{c}::text; {v} := r.{c}::{cast};").format(
+        sql.SQL("bf_col := {name}; bf_val := bf_row.{c}::text; {v} := bf_row.{c}::{cast};").format(
             name=sql.Literal(plan.columns[i]),
             c=sql.Identifier(f"c{i}"),
-            v=sql.Identifier(f"v{i}"),
+            v=sql.Identifier(f"bf_v{i}"),
             cast=sql.SQL(plan.check_types[i][1]),  # the same cast the transfer applies
         )
         for i in checked
     ]
     # OPEN/FETCH, not FOR: a FOR loop prefetches rows, so an expression failing in row n would surface
     # before the loop has seen rows n-10..n-1; FETCH evaluates exactly one row at a time.
+    # use_column: in the chunk's SELECT a name is the table's column, never one of these variables
+    # (a source column named like one made the block fail, and the diagnosis was lost)
     body = sql.SQL(
-        "DECLARE c refcursor; r record; k text; col text; val text; {declares}\n"
+        "#variable_conflict use_column\n"
+        "DECLARE bf_cur refcursor; bf_row record; bf_key text; bf_col text; bf_val text; {declares}\n"
         "BEGIN\n"
-        "  OPEN c NO SCROLL FOR {rows};\n"
+        "  OPEN bf_cur NO SCROLL FOR {rows};\n"
         "  LOOP\n"
-        "    FETCH c INTO r;\n"  # a failure here is a historical expression's (k: the previous row)
+        "    FETCH bf_cur INTO bf_row;\n"  # a failure here is a historical expression's (key: the previous row)
         "    EXIT WHEN NOT FOUND;\n"
-        "    k := r._key; {steps}\n"
-        "    col := NULL; val := NULL;\n"
+        "    bf_key := bf_row._key; {steps}\n"
+        "    bf_col := NULL; bf_val := NULL;\n"
         "  END LOOP;\n"
-        "EXCEPTION WHEN data_exception THEN\n"
+        "EXCEPTION WHEN data_exception OR feature_not_supported THEN\n"  # 0A000: e.g. NaN -> integer
+
         "  RAISE EXCEPTION USING MESSAGE = {mark}, DETAIL = json_build_object(\n"
-        "    'column', col, 'value', val, 'key', k, 'error', SQLERRM, 'sqlstate', SQLSTATE)::text;\n"
+        "    'column', bf_col, 'value', bf_val, 'key', bf_key, 'error', SQLERRM, 'sqlstate', SQLSTATE)::text;\n"
         "END"
     ).format(
         declares=sql.SQL(" ").join(declares),

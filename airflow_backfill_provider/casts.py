@@ -94,8 +94,10 @@ class TypeInfo:
 
     @property
     def portable(self) -> bool:
-        """Binary COPY carries it between databases. Arrays and composites write their element type's OID
-        into the stream, and a receiver refuses another OID: user-defined element types must go as text."""
+        """Binary COPY carries it between databases without relying on OIDs: arrays and composites write
+        their element types' OIDs into the stream, and a user-defined type has another OID in each
+        database. PostgreSQL 15 ignores that OID on receive (tried), but nothing promises it: such
+        columns go as text, which names types by label, not OID. Scalars (enum, domain, range) are fine."""
         if self.base_typtype == "c":
             return False
         return not (self.elem_name and not self.elem_builtin)

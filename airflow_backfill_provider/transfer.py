@@ -141,7 +141,7 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
 
 
 def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
-    """Name the column, row and value behind a data error (SQLSTATE 22xxx); None if not found."""
+    """Name the column, row and value behind a data error (SQLSTATE 22xxx, 0A000); None if not found."""
     conn = None
     try:
         conn = connect(
@@ -258,7 +258,8 @@ def transfer_chunk(
         rollback_quietly(dst_conn)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        if plan is not None and str(getattr(err, "pgcode", "") or "").startswith("22"):
+        code = str(getattr(err, "pgcode", "") or "")
+        if plan is not None and (code.startswith("22") or code == "0A000"):  # 0A000: e.g. NaN -> integer
             found = _explain_cast_failure(spec, chunk, source, appname, src_table, plan)
             if found is not None:
                 raise PermanentChunkError(found.describe(chunk.chunk_id, spec.key_columns)) from err
