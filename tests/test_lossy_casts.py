@@ -173,3 +173,78 @@ def test_allow_lossy_casts_is_validated(lossy_dbs):
     with pytest.raises(PermanentChunkError, match=r"allow_lossy_casts lists \['amount'\].*loaded: \['id', 'at', 'c'\]"):
         transfer_chunk(spec, CHUNK)
     assert loaded(lossy_dbs[2][lossy_dbs[1]], table) == ([], [])
+
+
+# ------------------------------------------------------------------------------------------------
+# The "cannot lose information" table (casts.lossless) against the server itself: every pair it calls
+# lossless either keeps each sample value exactly (cast there and back) or raises. Pairs it does not
+# call lossless are checked value by value in the chunk path (the matrix above).
+# ------------------------------------------------------------------------------------------------
+SAMPLES = {
+    "smallint": ["0", "-32768", "32767"],
+    "integer": ["0", "-2147483648", "2147483647", "16777217"],
+    "bigint": ["0", "9007199254740993", "-9223372036854775808"],
+    "numeric": ["1.5", "1e20", "NaN", "0.000000000000000000001", "Infinity"],
+    "numeric(12,4)": ["1.2345", "-99999999.9999", "NaN"],
+    "numeric(12,2)": ["1.25", "NaN"],
+    "numeric(6,2)": ["9999.99"],
+    "real": ["0.1", "NaN", "-0", "Infinity", "16777217", "3.4028235e38"],
+    "double precision": ["0.1", "NaN", "-0", "-Infinity", "1e300", "9007199254740993"],
+    "date": ["2024-02-29", "infinity", "4713-01-01 BC"],
+    "timestamp": ["2024-01-01 10:00:00.123456", "infinity"],
+    "timestamp(0)": ["2024-01-01 10:00:01"],
+    "timestamptz": ["2024-01-01 10:00:00.5+00", "-infinity"],
+    "time": ["10:00:00.25", "24:00"],
+    "time(0)": ["10:00:01"],
+    "interval": ["1.5 seconds", "1 mon -2 days"],
+    "bit(4)": ["1010"],
+    "varbit": ["101", ""],
+    "money": ["12.34", "-0.01"],
+    "boolean": ["true"],
+    "json": ['{"a": 1}'],
+    "jsonb": ['{"a": 1.0}'],
+    "inet": ["10.0.0.1/8"],
+    "cidr": ["10.0.0.0/8"],
+}
+TARGETS = [*SAMPLES, "text", "varchar(5)"]
+
+
+def test_every_pair_called_lossless_keeps_values_or_raises(lossy_dbs):
+    from airflow_backfill_provider import casts, schema
+    from airflow_backfill_provider.spec import TableName
+
+    src, dst, conns = lossy_dbs
+    conn = conns[dst]
+    names = {t: f"t{i}" for i, t in enumerate(TARGETS)}
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE type_probe ({})").format(
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(names[t]), sql.SQL(t)) for t in TARGETS)
+        ))
+    info = {t: schema.describe_types(conn, TableName(name="type_probe"))[names[t]] for t in TARGETS}
+    violations, checked = [], 0
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        for s_type, values in SAMPLES.items():
+            for t_type in TARGETS:
+                if s_type == t_type or not casts.lossless(info[s_type], info[t_type]):
+                    continue
+                for v in values:
+                    cur.execute("SAVEPOINT p")
+                    try:
+                        # as the chunk path does it: cast to T without a length, assign into a T column
+                        cur.execute(
+                            sql.SQL(
+                                "INSERT INTO type_probe ({c}) SELECT (%s::{s})::{u} RETURNING (({c})::{s})::text, (%s::{s})::text"
+                            ).format(c=sql.Identifier(names[t_type]), s=sql.SQL(s_type), u=sql.SQL(casts.unbounded(info[t_type]))),
+                            (v, v),
+                        )
+                        back, original = cur.fetchone()
+                        cur.execute("ROLLBACK TO SAVEPOINT p")
+                        checked += 1
+                        if back != original:
+                            violations.append(f"{s_type} -> {t_type}: {original!r} came back as {back!r}")
+                    except Exception:  # noqa: BLE001 - raising is the allowed outcome (overflow, length)
+                        cur.execute("ROLLBACK TO SAVEPOINT p")
+        cur.execute("ROLLBACK")
+    assert checked > 50
+    assert violations == []
