@@ -248,3 +248,17 @@ def test_every_pair_called_lossless_keeps_values_or_raises(lossy_dbs):
         cur.execute("ROLLBACK")
     assert checked > 50
     assert violations == []
+
+
+def test_live_ingest_refuses_a_rounding_cast_and_keeps_its_watermark(lossy_dbs):
+    from airflow_backfill_provider.live import run_live_ingest
+
+    spec, table = make_case(lossy_dbs, "numeric(12,4)", "numeric(12,2)", "1.2345")
+    spec = load_spec({**spec.model_dump(by_alias=True, exclude={"live"}), "live": {"enabled": True, "start_from": "2020-01-01"}})
+    with pytest.raises(PermanentChunkError, match=r"live run of lossy_case_\d+_t: column 'c': casting source type numeric\(12,4\)"):
+        run_live_ingest(spec)
+    conn = lossy_dbs[2][lossy_dbs[1]]
+    assert loaded(conn, table)[0] == []
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM public.backfill_watermarks w WHERE w::text LIKE %s", (f"%{table}%",))
+        assert cur.fetchone()[0] == 0
