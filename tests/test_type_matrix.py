@@ -202,3 +202,105 @@ def test_matrix_covers_citext_or_says_why(matrix_dbs):
     *_, citext = matrix_dbs
     if not citext:
         pytest.skip("the citext extension is not installed on this PostgreSQL server (pg_available_extensions)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Property: the upsert's change test says "changed" exactly when the representation differs (the text
+# of the value under one session), for types whose '=' is not identity or does not exist.
+# ------------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_digits = st.integers(min_value=-10**6, max_value=10**6)
+_scale = st.integers(min_value=0, max_value=4)
+
+
+def _numeric(n, s):
+    sign = "-" if n < 0 else ""
+    text = str(abs(n)).rjust(s + 1, "0")
+    return f"{sign}{text[:-s]}.{text[-s:]}" if s else f"{sign}{text}"
+
+
+def _more_zeros(v: str) -> str:
+    """The same number written with one more trailing zero (1.5 -> 1.50, 2 -> 2.0)."""
+    return v if not v.lstrip("-").replace(".", "").isdigit() else (v + "0" if "." in v else v + ".0")
+
+
+def _float(width):
+    return st.one_of(
+        st.floats(allow_nan=False, width=width).map(repr).map(lambda r: r.replace("inf", "Infinity")),
+        st.sampled_from(["NaN", "-0", "0", "Infinity", "-Infinity"]),
+    )
+
+
+NUM = st.builds(_numeric, _digits, _scale)
+NUMERIC = st.one_of(NUM, st.sampled_from(["NaN", "Infinity", "-Infinity", "0", "-0.0"]))
+FLOAT = _float(64)
+# (values, an equal value written differently: '=' says equal, the representation differs)
+PROPERTY_TYPES = {
+    "numeric": (NUMERIC, _more_zeros),
+    "double precision": (FLOAT, lambda v: {"0": "-0", "-0": "0", "0.0": "-0.0", "-0.0": "0.0"}.get(v, v)),
+    "real": (_float(32), lambda v: {"0": "-0", "-0": "0", "0.0": "-0.0", "-0.0": "0.0"}.get(v, v)),
+    "interval": (
+        st.builds(lambda d, h: f"{d} days {h} hours", st.integers(-40, 40), st.integers(-48, 48)),
+        lambda v: "{} hours".format(24 * int(v.split()[0]) + int(v.split()[2])),
+    ),
+    "jsonb": (NUM.map(lambda n: '{"a": %s}' % n), lambda v: '{"a": %s}' % _more_zeros(v[6:-1])),
+    "json": (NUM.map(lambda n: '{"a": %s}' % n), lambda v: '{"a":%s}' % v[6:-1]),
+    "numeric[]": (
+        st.lists(NUMERIC.filter(lambda v: "Inf" not in v), max_size=3).map(lambda xs: "{" + ",".join(xs) + "}"),
+        lambda v: "{" + ",".join(_more_zeros(x) for x in v[1:-1].split(",") if x) + "}",
+    ),
+    "numrange": (
+        st.tuples(NUM, NUM).map(lambda p: f"[{min(p, key=float)},{max(p, key=float)})"),
+        lambda v: "[" + ",".join(_more_zeros(x) for x in v[1:-1].split(",")) + ")",
+    ),
+    "point": (st.tuples(FLOAT, FLOAT).map(lambda p: f"({p[0]},{p[1]})"), lambda v: v.replace("(0,", "(-0,")),
+}
+CITEXT_CASE = (st.sampled_from(["abc", "ABC", "Abc", "äbc", "ÄBC", ""]), str.swapcase)
+
+
+@pytest.fixture(scope="module")
+def probe(matrix_dbs):
+    from airflow_backfill_provider import schema
+    from airflow_backfill_provider.spec import TableName
+
+    _, dst, conns, _, citext = matrix_dbs
+    types = dict(PROPERTY_TYPES)
+    if citext:
+        types["citext"] = CITEXT_CASE
+    names = {t: f"p{i}" for i, t in enumerate(types)}
+    conn = conns[dst]
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE change_probe ({})").format(
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(names[t]), sql.SQL(t)) for t in types)
+        ))
+    infos = schema.describe_types(conn, TableName(name="change_probe"))
+    return conn, types, names, infos
+
+
+@pytest.mark.parametrize("type_sql", [*PROPERTY_TYPES, "citext"])
+def test_change_test_is_exactly_a_change_of_representation(probe, type_sql):
+    from airflow_backfill_provider import casts
+
+    conn, types, names, infos = probe
+    if type_sql not in types:
+        pytest.skip("the citext extension is not installed on this PostgreSQL server (pg_available_extensions)")
+    col = names[type_sql]
+    query = sql.SQL(
+        "SELECT {test}, t.{c}::text IS DISTINCT FROM excluded.{c}::text, t.{c}::text, excluded.{c}::text"
+        " FROM (SELECT %s::{ty} AS {c}) t, (SELECT %s::{ty} AS {c}) excluded"
+    ).format(test=casts.change_test(col, infos[col]), c=sql.Identifier(col), ty=sql.SQL(type_sql))
+
+    values, variant = types[type_sql]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(a=values, b=values, mode=st.sampled_from(["same", "other", "equal_but_written_differently"]))
+    def check(a, b, mode):
+        b = {"same": a, "other": b}.get(mode) or variant(a)
+        with conn.cursor() as cur:
+            cur.execute(query, (a, b))
+            changed, oracle, left, right = cur.fetchone()
+        assert changed == oracle, (left, right)
+
+    check()
