@@ -65,19 +65,22 @@ def check_block(
     select_list = [sql.SQL("ROW({k})::text AS _key").format(k=sql.SQL(", ").join(key_raws))]
     select_list += [sql.SQL("{r} AS {a}").format(r=plan.raw_exprs[i], a=sql.Identifier(f"c{i}")) for i in checked]
     rows = q.chunk_select(src_table, select_list, plan.time_filter, start, end)
+    # a variable of the exact destination type: assigning to it enforces typmods (length, precision)
+    return _block(conn, plan, rows, [(i, *plan.check_types[i]) for i in checked])
 
-    declares = [
-        # a variable of the exact destination type: assigning to it enforces typmods (length, precision)
-        sql.SQL("{v} {t};").format(v=sql.Identifier(f"bf_v{i}"), t=sql.SQL(plan.check_types[i][0])) for i in checked
-    ]
+
+def _block(conn, plan: ColumnPlan, rows: sql.Composable, items, extra_conditions: str = "") -> sql.Composed:
+    """The DO block: for each row of ``rows`` (``_key`` and ``c<i>`` columns), assign ``c<i>`` cast to
+    ``cast`` to a variable of type ``declare``, for each ``(i, declare, cast)`` of ``items``."""
+    declares = [sql.SQL("{v} {t};").format(v=sql.Identifier(f"bf_v{i}"), t=sql.SQL(declare)) for i, declare, _ in items]
     steps = [
         sql.SQL("bf_col := {name}; bf_val := bf_row.{c}::text; {v} := bf_row.{c}::{cast};").format(
             name=sql.Literal(plan.columns[i]),
             c=sql.Identifier(f"c{i}"),
             v=sql.Identifier(f"bf_v{i}"),
-            cast=sql.SQL(plan.check_types[i][1]),  # the same cast the transfer applies
+            cast=sql.SQL(cast),  # the same cast the transfer applies
         )
-        for i in checked
+        for i, _, cast in items
     ]
     # OPEN/FETCH, not FOR: a FOR loop prefetches rows, so an expression failing in row n would surface
     # before the loop has seen rows n-10..n-1; FETCH evaluates exactly one row at a time.
@@ -94,8 +97,7 @@ def check_block(
         "    bf_key := bf_row._key; {steps}\n"
         "    bf_col := NULL; bf_val := NULL;\n"
         "  END LOOP;\n"
-        "EXCEPTION WHEN data_exception OR feature_not_supported THEN\n"  # 0A000: e.g. NaN -> integer
-
+        "EXCEPTION WHEN data_exception OR feature_not_supported{extra} THEN\n"  # 0A000: e.g. NaN -> integer
         "  RAISE EXCEPTION USING MESSAGE = {mark}, DETAIL = json_build_object(\n"
         "    'column', bf_col, 'value', bf_val, 'key', bf_key, 'error', SQLERRM, 'sqlstate', SQLSTATE)::text;\n"
         "END"
@@ -103,9 +105,28 @@ def check_block(
         declares=sql.SQL(" ").join(declares),
         rows=rows,
         steps=sql.SQL(" ").join(steps),
+        extra=sql.SQL(extra_conditions),  # constant condition names from this module
         mark=sql.Literal(_MARK),
     )
     return sql.SQL("DO {}").format(sql.Literal(body.as_string(conn)))
+
+
+def _finding(err, plan: ColumnPlan, source_expr) -> CastFailure | None:
+    """The block's finding from its error, or None if the error is not the block's own."""
+    if err.diag.message_primary != _MARK or not err.diag.message_detail:
+        return None
+    found = json.loads(err.diag.message_detail)
+    col = found.get("column")
+    idx = plan.columns.index(col) if col in plan.columns else None
+    return CastFailure(
+        column=col,
+        source_expr=source_expr(idx) if idx is not None else None,
+        type_sql=plan.types[idx] if idx is not None else None,
+        value=found.get("value"),
+        key=found.get("key"),
+        error=found.get("error") or "",
+        sqlstate=found.get("sqlstate") or "22000",
+    )
 
 
 def find_cast_failure(
@@ -121,21 +142,48 @@ def find_cast_failure(
             cur.execute(block)
     except psycopg2.Error as err:
         conn.rollback()
-        if err.diag.message_primary != _MARK or not err.diag.message_detail:
-            return None
-        found = json.loads(err.diag.message_detail)
-        col = found.get("column")
-        idx = plan.columns.index(col) if col in plan.columns else None
-        return CastFailure(
-            column=col,
-            source_expr=plan.raw_exprs[idx].as_string(conn) if idx is not None else None,
-            type_sql=plan.types[idx] if idx is not None else None,
-            value=found.get("value"),
-            key=found.get("key"),
-            error=found.get("error") or "",
-            sqlstate=found.get("sqlstate") or "22000",
-        )
+        return _finding(err, plan, lambda i: plan.raw_exprs[i].as_string(conn))
     conn.rollback()
+    return None
+
+
+def casts_in_destination(plan: ColumnPlan) -> list[int]:
+    """Columns whose cast runs in the destination's upsert (types only the destination has, rounding casts)."""
+    return [i for i, t in enumerate(plan.stage_types) if t is not None]
+
+
+SAVEPOINT = "backfill_upsert"
+
+
+def find_failure_in_stage(cur, plan: ColumnPlan, stage: str, key_columns: list[str], err) -> CastFailure | None:
+    """After the upsert failed on a value (class 22, 0A000, or a domain's CHECK, 23514) with casts that
+    run in the destination: roll back to the savepoint taken before the upsert and cast each such
+    column of each staged row, as the upsert does, to name the column, key and value. None if the
+    error was something else, or no staged value fails (then the caller keeps the original error)."""
+    import psycopg2
+
+    code = str(getattr(err, "pgcode", "") or "")
+    items = casts_in_destination(plan)
+    if not items or not (code.startswith("22") or code in ("0A000", "23514")):
+        return None
+    try:
+        cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(sql.Identifier(SAVEPOINT)))
+    except psycopg2.Error:  # diagnosis is best effort: the caller raises the original error
+        return None
+    key = sql.SQL("ROW({k})::text AS _key").format(k=q.cols(key_columns))
+    rows = sql.SQL("SELECT {cols} FROM {stage}").format(
+        cols=sql.SQL(", ").join(
+            [key, *[sql.SQL("{c} AS {a}").format(c=sql.Identifier(plan.columns[i]), a=sql.Identifier(f"c{i}")) for i in items]]
+        ),
+        stage=sql.Identifier(stage),
+    )
+    # the destination column's own type: assignment applies its length and its domain's constraints
+    block = _block(cur.connection, plan, rows, [(i, plan.types[i], plan.dest_casts[i]) for i in items],
+                   " OR check_violation")
+    try:
+        cur.execute(block)
+    except psycopg2.Error as found_err:
+        return _finding(found_err, plan, lambda i: f"{plan.columns[i]} staged as {plan.stage_types[i]}")
     return None
 
 

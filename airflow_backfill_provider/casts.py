@@ -180,6 +180,9 @@ def lossless(s: TypeInfo, t: TypeInfo) -> bool:
 def change_test(column: str, t: TypeInfo, left: str = "t", right: str = "excluded") -> sql.Composed:
     """``left.c`` and ``right.c`` differ in representation (NULLs compare as values)."""
     lc, rc = sql.Identifier(left, column), sql.Identifier(right, column)
+    if t.type_sql != t.base_sql:  # a domain: compare as its base type (no '=' resolves for a domain over an enum)
+        base = sql.SQL(t.base_sql)  # from the destination catalog
+        lc, rc = (sql.SQL("{}::{}").format(x, base) for x in (lc, rc))
     if t.identity_eq:
         return sql.SQL("{l} IS DISTINCT FROM {r}").format(l=lc, r=rc)
     if t.send_fn:
@@ -197,7 +200,8 @@ def rounding_test(column: str, wire: TypeInfo, wire_sql: str, t: TypeInfo) -> tu
     """(predicate, value after the cast) over a staging column of type ``wire_sql`` holding the source
     value: true where casting it to T changes it. None when there is nothing that could be compared."""
     c = sql.Identifier(column)
-    cast_t = sql.SQL(t.type_sql)  # from the destination catalog
+    # T's base type (typmods included): a domain's own constraints are checked when the row is written
+    cast_t = sql.SQL(t.base_sql)  # from the destination catalog
     after = sql.SQL("({c}::{t})").format(c=c, t=cast_t)
     if wire.scalar in _STRING:
         if t.base_mod == -1:

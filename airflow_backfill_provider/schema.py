@@ -53,6 +53,7 @@ class ColumnPlan:
     copy_exprs: list[sql.Composable] = field(default_factory=list)  # what the source COPY selects
     stage_types: list[str | None] = field(default_factory=list)  # staging column type; None: the destination's
     insert_exprs: list[sql.Composable] = field(default_factory=list)  # staging -> destination (cast if needed)
+    dest_casts: list[str | None] = field(default_factory=list)  # the type cast to in the destination, if any
     # castcheck on the source: (variable type, cast type) per column; None: not cast on the source
     check_types: list[tuple[str, str] | None] = field(default_factory=list)
     lossy: list[LossyCast] = field(default_factory=list)  # casts to verify value by value on the staging table
@@ -203,6 +204,7 @@ def plan_columns(
         columns=list(wanted), select_exprs=exprs, decisions=decisions, raw_exprs=raws,
         types=[by_name[n].type_sql for n in wanted], time_filter=time_filter,
         copy_exprs=list(exprs), stage_types=[None] * len(wanted), insert_exprs=[sql.Identifier(n) for n in wanted],
+        dest_casts=[None] * len(wanted),
         check_types=[(by_name[n].type_sql, cast_type(by_name[n].type_sql)) for n in wanted],
     )
     if dest_types is not None and src_types is not None:
@@ -230,8 +232,9 @@ def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: di
             continue
         col = sql.Identifier(name)
         raw = plan.raw_exprs[i]
-        # the source can produce T's wire format by a cast to a built-in type: stage as T itself
-        source_side = t.base_builtin and t.portable
+        # the source can produce T's wire format by a cast to a built-in type: stage as T itself.
+        # Not for a domain: its constraints are checked in the upsert, where a failure can be named.
+        source_side = t.base_builtin and t.portable and t.type_sql == t.base_sql
         to_t = sql.SQL(casts.unbounded(t))  # destination catalog text, not user input
         s = src_types.get(name) if isinstance(raw, sql.Identifier) else None
         if s is not None and s.type_sql == t.type_sql:
@@ -249,6 +252,7 @@ def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: di
                 plan.copy_exprs[i] = sql.SQL("{c}::text").format(c=col)
             plan.stage_types[i] = wire
             plan.insert_exprs[i] = sql.SQL("{c}::{t}").format(c=col, t=to_t)
+            plan.dest_casts[i] = casts.unbounded(t)
             plan.check_types[i] = (t.base_sql, casts.unbounded(t)) if t.base_builtin else None
             lossy = not casts.lossless(s, t) and wire_info is not None
             if lossy and _lossy_allowed(spec, name):
@@ -268,6 +272,7 @@ def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: di
             plan.copy_exprs[i] = sql.SQL("NULL::text") if raw is None else sql.SQL("{r}::text").format(r=raw)
             plan.stage_types[i] = "text"
             plan.insert_exprs[i] = sql.SQL("{c}::{t}").format(c=col, t=to_t)
+            plan.dest_casts[i] = casts.unbounded(t)
             plan.check_types[i] = None
     non_keys = [c for c in plan.columns if c not in spec.key_columns]
     if non_keys and all(c in dest_types for c in non_keys):

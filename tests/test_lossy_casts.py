@@ -20,7 +20,11 @@ from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 
 BOTH = "CREATE DOMAIN vc5 AS varchar(5); CREATE DOMAIN money2 AS numeric(12,2);"
-DEST_ONLY = "CREATE DOMAIN dvc5 AS varchar(5); CREATE DOMAIN dnum2 AS numeric(12,2) CHECK (VALUE >= 0);"
+DEST_ONLY = """
+CREATE DOMAIN dvc5 AS varchar(5); CREATE DOMAIN dnum2 AS numeric(12,2) CHECK (VALUE >= 0);
+CREATE TYPE dmood AS ENUM ('happy', 'sad'); CREATE DOMAIN demail AS text CHECK (VALUE LIKE '%@%');
+CREATE DOMAIN dmood5 AS dmood;
+"""
 
 REFUSED, KEPT = "refused", "kept"
 # (source type, destination type, source value, expectation, destination text when kept)
@@ -34,6 +38,14 @@ CASES = [
     ("text", "dvc5", "abcdefg", REFUSED, None),  # a domain only the destination has
     ("text", "dvc5", "abc", KEPT, "abc"),
     ("text", "char(3)", "abcd", REFUSED, None),
+    # types only the destination has: cast there; a value it rejects is named like any other
+    ("text", "dmood", "purple", REFUSED, None),
+    ("text", "dmood", "happy", KEPT, "happy"),
+    ("text", "dmood5", "purple", REFUSED, None),
+    ("text", "demail", "nope", REFUSED, None),
+    ("text", "demail", "a@b", KEPT, "a@b"),
+    ("text[]", "dmood[]", "{happy,purple}", REFUSED, None),
+    ("numeric(12,4)", "dnum2", "-1.5000", REFUSED, None),
     ("numeric(12,4)", "numeric(12,2)", "1.2345", REFUSED, None),
     ("numeric(12,4)", "numeric(12,2)", "1.2300", KEPT, "1.23"),
     ("numeric(12,4)", "money2", "1.2345", REFUSED, None),

@@ -20,6 +20,9 @@ from airflow_backfill_provider.transfer import transfer_chunk
 TYPES_BOTH = """
 CREATE TYPE mood AS ENUM ('happy', 'sad', 'ok');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE DOMAIN mood_d AS mood;
+CREATE DOMAIN json_d AS json;
+CREATE TYPE pair AS (m mood, n numeric);
 """
 TYPES_SOURCE_ONLY = "CREATE TYPE src_mood AS ENUM ('red', 'green');"
 TYPES_DEST_ONLY = """
@@ -59,6 +62,9 @@ SAME = [
     ("en", "mood", ["happy", "sad", "ok"]),
     ("ena", "mood[]", ["{happy,sad}", "{}", "{NULL}"]),
     ("dom", "posint", ["1", "2147483647", "42"]),
+    ("domen", "mood_d", ["sad", "ok", "happy"]),
+    ("domjs", "json_d", ['{"a":  1}', "[]", "1.50"]),
+    ("comp", "pair", ["(happy,1.50)", "(,)", "(sad,NaN)"]),
     ("r4", "int4range", ["[1,5)", "empty", "(,)"]),
     ("rn", "numrange", ["(1.0,2.00]", "[0,)", "empty"]),
     ("rt", "tstzrange", ["[2024-01-01 00:00+00,2024-02-01 00:00+00)", "empty", "(,infinity]"]),
@@ -83,7 +89,7 @@ CITEXT = ("dc", "text", "citext", ["Abc", "", "ÄÖÜ"])
 REPRESENTATION_CHANGES = [
     (1, "num", "1.00"), (1, "jb", '{"a": 1.00}'), (1, "js", '{"b":1,"a":[1,2.50]}'), (1, "x", '<a  b="1">t</a>'),
     (1, "pt", "(1.5,0)"), (1, "an", "{1.00,1.0}"), (2, "iv", "24 hours"), (3, "f4", "0"), (3, "rn", "empty"),
-    (2, "rn", "[0.0,)"),
+    (2, "rn", "[0.0,)"), (3, "domjs", "1.5"), (3, "comp", "(sad,NaN)"), (1, "comp", "(happy,1.5)"),
 ]
 
 
