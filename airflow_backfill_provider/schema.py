@@ -244,7 +244,9 @@ def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: di
             source_side = False
         elif s is not None and not (casts.lossless(s, t) and source_side):
             # may round, or T only exists in the destination: stage the source's own value, cast there
-            if s.base_builtin and s.portable:
+            # text when T holds user-defined elements: an explicit array cast to a length-limited domain
+            # element cuts silently, while parsing the array's text checks every element
+            if s.base_builtin and s.portable and t.portable:
                 wire_info, wire = s, s.base_sql
                 plan.copy_exprs[i] = col if s.type_sql == s.base_sql else sql.SQL("{c}::{w}").format(c=col, w=sql.SQL(wire))
             else:

@@ -45,6 +45,8 @@ CASES = [
     ("text", "demail", "nope", REFUSED, None),
     ("text", "demail", "a@b", KEPT, "a@b"),
     ("text[]", "dmood[]", "{happy,purple}", REFUSED, None),
+    ("text[]", "dvc5[]", "{abcdefg}", REFUSED, None),
+    ("text[]", "dvc5[]", "{abc,NULL}", KEPT, "{abc,NULL}"),
     ("numeric(12,4)", "dnum2", "-1.5000", REFUSED, None),
     ("numeric(12,4)", "numeric(12,2)", "1.2345", REFUSED, None),
     ("numeric(12,4)", "numeric(12,2)", "1.2300", KEPT, "1.23"),
