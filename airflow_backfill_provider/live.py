@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from psycopg2 import sql
 
-from airflow_backfill_provider import ddl, schema, timebounds
+from airflow_backfill_provider import castcheck, ddl, schema, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -115,7 +115,11 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan,
         kind = timebounds.kind_of_type(next(c.type_sql for c in cols if c.name == cursor))
         kinds.append(kind or timebounds.probe_kind(
             conn, q.ident(table), sql.Identifier(cursor), what=f"live.cursor_column {cursor!r} of {table}"))
-    return schema.plan_columns(spec, dest_cols, src_cols), kinds[0], kinds[1]
+    plan = schema.plan_columns(
+        spec, dest_cols, src_cols,
+        dest_types=schema.describe_types(dst_conn, live), src_types=schema.describe_types(src_conn, spec.source),
+    )
+    return plan, kinds[0], kinds[1]
 
 
 def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
@@ -162,18 +166,19 @@ def run_live_ingest(
             previous = lock_watermark(cur, wm_table, target)
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
-            cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
+            cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns, plan.stage_types))
             # a literal of the cursor's own type (a naive cursor is wall time in the spec's timezone)
             after = timebounds.after(src_kind, lower, spec.timezone)
-            select = q.incremental_select(spec.source, plan.select_exprs, cursor_col, after)
+            select = q.incremental_select(spec.source, plan.copy_exprs, cursor_col, after)
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
             )
+            castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"live run of {target}")
             # with a version column: newer wins, as in the backfill. Without one, live rows are the latest
             # by definition, so live ingest overwrites when different (the backfill's policy decides its side).
             policy = "backfill_wins" if spec.version_column is None else spec.conflict_policy
             inserted, updated = upsert_counted(
-                cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy
+                cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy, plan
             )
             cur.execute(q.max_of(_STAGE, cursor_col, dst_kind, spec.timezone))
             seen = cur.fetchone()[0]

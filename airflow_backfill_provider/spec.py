@@ -228,6 +228,10 @@ class BackfillSpec(_Strict):
     #: tables without version_column: 'live_wins' (DO NOTHING) or 'backfill_wins' (overwrite if different)
     conflict_policy: Literal["live_wins", "backfill_wins"] = "live_wins"
     copy_format: Literal["binary", "text"] = "binary"
+    #: casts that may round (numeric scale, float precision, fractions to integers, time precision,
+    #: timestamp -> date) fail the chunk when a value would change; true, or a list of destination
+    #: columns, accepts the rounding. Lengths are never cut, whatever this says.
+    allow_lossy_casts: bool | list[str] = False
     statement_timeout_s: float = Field(600.0, gt=0)
     lock_timeout_s: float = Field(5.0, gt=0)
     ledger_table: str = "public.backfill_ledger"
@@ -270,6 +274,17 @@ class BackfillSpec(_Strict):
     def _name(cls, v: str) -> str:
         if not _DAG_ID.match(v):
             raise ValueError(f"{v!r} may only contain letters, digits, '_', '.', '-' (it becomes part of the dag_id)")
+        return v
+
+    @field_validator("allow_lossy_casts")
+    @classmethod
+    def _lossy(cls, v: bool | list[str]) -> bool | list[str]:
+        if isinstance(v, list):
+            if not v or any(not isinstance(c, str) or not c for c in v):
+                raise ValueError("must be true, false, or a non-empty list of destination column names")
+            dupes = sorted({c for c in v if v.count(c) > 1})
+            if dupes:
+                raise ValueError(f"lists {dupes} more than once")
         return v
 
     @field_validator("key_columns", "columns")

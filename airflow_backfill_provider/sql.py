@@ -63,10 +63,23 @@ def _fmt(fmt: str) -> sql.SQL:
     return sql.SQL(fmt)  # constant from a closed set
 
 
-def create_staging(stage: str, destination: TableName, columns: Sequence[str]) -> sql.Composed:
-    """A temp table with exactly the destination's column types, dropped at commit (or rollback)."""
+def create_staging(
+    stage: str, destination: TableName, columns: Sequence[str], stage_types: Sequence[str | None] | None = None
+) -> sql.Composed:
+    """A temp table with exactly the destination's column types, dropped at commit (or rollback).
+
+    ``stage_types[i]`` (from the catalogs, see casts.py): another type for column i, the one the source
+    sends, when the cast to the destination type runs in the destination.
+    """
+    if stage_types and any(stage_types):
+        select = sql.SQL(", ").join(
+            sql.Identifier(c) if t is None else sql.SQL("NULL::{t} AS {c}").format(t=sql.SQL(t), c=sql.Identifier(c))
+            for c, t in zip(columns, stage_types)
+        )
+    else:
+        select = cols(columns)
     return sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {c} FROM {dest} WITH NO DATA").format(
-        stage=sql.Identifier(stage), c=cols(columns), dest=ident(destination)
+        stage=sql.Identifier(stage), c=select, dest=ident(destination)
     )
 
 
@@ -77,8 +90,14 @@ def upsert(
     keys: Sequence[str],
     version_column: str | None,
     conflict_policy: str,
+    insert_exprs: Sequence[sql.Composable] | None = None,
+    changed: sql.Composable | None = None,
 ) -> sql.Composed:
     """Stage -> destination, newer wins, and an unchanged row is never rewritten (no dead tuples on rerun).
+
+    ``insert_exprs``: per column, what is selected from the stage (a cast run in the destination).
+    ``changed``: "a non-key column differs" compared exactly per type (casts.changed_predicate); without
+    it, the row comparison ``(t.*) IS DISTINCT FROM (EXCLUDED.*)``, which needs ``=`` on every type.
 
     Rows the WHERE filters out are "unchanged" (or older). Inserted vs updated counts come from
     :func:`xact_write_counts` around it, not from ``RETURNING``: returning every inserted row into a CTE
@@ -86,27 +105,30 @@ def upsert(
     """
     non_keys = [c for c in columns if c not in keys]
     target = sql.Identifier("t")
+    if changed is None:
+        changed = sql.SQL("({tcols}) IS DISTINCT FROM ({ecols})").format(
+            tcols=cols(non_keys, "t"), ecols=cols(non_keys, "excluded")
+        )
     if version_column:
         v = sql.Identifier(version_column)
         # newer wins; equal version rewrites only if something differs; NULL in the table loses to a value
         where = sql.SQL(
             "EXCLUDED.{v} > t.{v} OR (t.{v} IS NULL AND EXCLUDED.{v} IS NOT NULL)"
-            " OR (EXCLUDED.{v} IS NOT DISTINCT FROM t.{v} AND ({tcols}) IS DISTINCT FROM ({ecols}))"
-        ).format(v=v, tcols=cols(non_keys, "t"), ecols=cols(non_keys, "excluded"))
+            " OR (EXCLUDED.{v} IS NOT DISTINCT FROM t.{v} AND {changed})"
+        ).format(v=v, changed=changed)
         action = _do_update(non_keys, where)
     elif conflict_policy == "backfill_wins":
-        where = sql.SQL("({tcols}) IS DISTINCT FROM ({ecols})").format(
-            tcols=cols(non_keys, "t"), ecols=cols(non_keys, "excluded")
-        )
-        action = _do_update(non_keys, where)
+        action = _do_update(non_keys, changed)
     else:  # live_wins: a row already there (e.g. written by live ingest) is never touched
         action = sql.SQL("DO NOTHING")
     if not non_keys:
         action = sql.SQL("DO NOTHING")
+    select = sql.SQL(", ").join(insert_exprs) if insert_exprs else cols(columns)
     return sql.SQL(
-        "INSERT INTO {dest} AS {t} ({c}) SELECT {c} FROM {stage} ON CONFLICT ({k}) {action}"
+        "INSERT INTO {dest} AS {t} ({c}) SELECT {s} FROM {stage} ON CONFLICT ({k}) {action}"
     ).format(
-        dest=ident(destination), t=target, c=cols(columns), stage=sql.Identifier(stage), k=cols(keys), action=action
+        dest=ident(destination), t=target, c=cols(columns), s=select, stage=sql.Identifier(stage), k=cols(keys),
+        action=action,
     )
 
 
@@ -125,6 +147,10 @@ def xact_write_counts() -> sql.SQL:
 def _do_update(non_keys: Sequence[str], where: sql.Composable) -> sql.Composed:
     sets = sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in non_keys)
     return sql.SQL("DO UPDATE SET {sets} WHERE {where}").format(sets=sets, where=where)
+
+
+def savepoint(name: str) -> sql.Composed:
+    return sql.SQL("SAVEPOINT {}").format(sql.Identifier(name))
 
 
 def advisory_xact_lock() -> sql.SQL:

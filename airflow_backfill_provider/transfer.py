@@ -79,7 +79,10 @@ def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[Table
     schema.check_destination(spec, dest_cols, dest_keys, target)
     src_table, expressions = source_for(spec, chunk)
     src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
-    plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    plan = schema.plan_columns(
+        spec, dest_cols, src_cols, expressions=expressions,
+        dest_types=schema.describe_types(dst_conn, target), src_types=schema.describe_types(src_conn, src_table),
+    )
     # chunk bounds are literals of the filtered column's own type (timebounds.py)
     plan.time_kind = timebounds.source_kind(src_conn, src_table, plan)
     timebounds.check_granularity(plan.time_kind, spec.granularity, column=spec.time_column)
@@ -142,7 +145,7 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
 
 
 def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
-    """Name the column, row and value behind a data error (SQLSTATE 22xxx); None if not found."""
+    """Name the column, row and value behind a data error (SQLSTATE 22xxx, 0A000); None if not found."""
     conn = None
     try:
         conn = connect(
@@ -167,7 +170,8 @@ def _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_tab
             source or spec.source_conn_id, application_name=f"{appname}:encoding", readonly=True,
             timezone=spec.timezone, statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
-        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, chunk.start, chunk.end)
+        lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
+        select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
         return encoding.describe(
             err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, src_conn=conn, select=select,
             columns=plan.columns, keys=spec.key_columns,
@@ -179,13 +183,17 @@ def _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_tab
         close_all(conn)
 
 
-def upsert_counted(cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy) -> tuple[int, int]:
+def upsert_counted(
+    cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy, plan=None
+) -> tuple[int, int]:
     """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
-    own per-table counters before and after it (free, and right for partitioned targets too)."""
+    own per-table counters before and after it (free, and right for partitioned targets too).
+    ``plan`` (a schema.ColumnPlan): casts run in the destination and the exact per-type change test."""
     counters = {"table": q.ident(target).as_string(cur)}
     cur.execute(q.xact_write_counts(), counters)
     ins0, upd0 = cur.fetchone()
-    cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy))
+    extra = {"insert_exprs": plan.insert_exprs, "changed": plan.changed} if plan is not None else {}
+    cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy, **extra))
     cur.execute(q.xact_write_counts(), counters)
     ins1, upd1 = cur.fetchone()
     return ins1 - ins0, upd1 - upd0
@@ -242,19 +250,29 @@ def transfer_chunk(
             src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
         target = spec.staging_target
         lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
-        select = q.chunk_select(src_table, plan.select_exprs, plan.time_filter, lo, hi)
+        select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
         with dst_conn.cursor() as cur:
             cur.execute(q.advisory_xact_lock(), (f"{target}|{chunk.start.isoformat()}|{chunk.end.isoformat()}",))
-            cur.execute(q.create_staging(_STAGE, target, plan.columns))
+            cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
             extracted, staged = stream_copy(
                 src_conn,
                 cur,
                 q.copy_out(select, spec.copy_format),
                 q.copy_in(_STAGE, plan.columns, spec.copy_format),
             )
-            inserted, updated = upsert_counted(
-                cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy
-            )
+            castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
+            in_destination = castcheck.casts_in_destination(plan)
+            if in_destination:  # to name a value the destination-side cast rejects (castcheck.find_failure_in_stage)
+                cur.execute(q.savepoint(castcheck.SAVEPOINT))
+            try:
+                inserted, updated = upsert_counted(
+                    cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy, plan
+                )
+            except psycopg2.Error as err:
+                found = castcheck.find_failure_in_stage(cur, plan, _STAGE, spec.key_columns, err) if in_destination else None
+                if found is not None:
+                    raise PermanentChunkError(found.describe(chunk.chunk_id, spec.key_columns)) from err
+                raise
             seconds = time.monotonic() - t0
             stats = {
                 "extracted": staged,
@@ -283,7 +301,8 @@ def transfer_chunk(
             raise
         if plan is not None and getattr(err, "pgcode", None) in encoding.ENCODING_ERRORS:
             raise PermanentChunkError(_explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan)) from err
-        if plan is not None and str(getattr(err, "pgcode", "") or "").startswith("22"):
+        code = str(getattr(err, "pgcode", "") or "")
+        if plan is not None and (code.startswith("22") or code == "0A000"):  # 0A000: e.g. NaN -> integer
             found = _explain_cast_failure(spec, chunk, source, appname, src_table, plan)
             if found is not None:
                 raise PermanentChunkError(found.describe(chunk.chunk_id, spec.key_columns)) from err
