@@ -207,7 +207,7 @@ def plan_columns(
     plan = ColumnPlan(
         columns=list(wanted), select_exprs=exprs, decisions=decisions, raw_exprs=raws,
         types=[by_name[n].type_sql for n in wanted], time_filter=time_filter,
-        time_source_type=None if t in expressions else src_types.get(t),
+        time_source_type=None if t in expressions else src_type_sql.get(t),
         copy_exprs=list(exprs), stage_types=[None] * len(wanted), insert_exprs=[sql.Identifier(n) for n in wanted],
         dest_casts=[None] * len(wanted),
         check_types=[(by_name[n].type_sql, cast_type(by_name[n].type_sql)) for n in wanted],
