@@ -64,8 +64,9 @@ def _load(spec, start="2024-01-01", end="2024-01-04"):
 
 
 def _old_rule(kind, start, end, tz):
-    """The bug of issue 12 item 1: the chunk's instants as timestamptz literals, whatever the column."""
-    return utc(start), utc(end)
+    """The bug of issue 12 item 1 as it read rows in a UTC session: the chunk's instants compared as UTC
+    wall time, whatever the column (naive literals, so session pinning cannot mask it)."""
+    return utc(start).replace(tzinfo=None), utc(end).replace(tzinfo=None)
 
 
 @pytest.mark.parametrize("kind", ["date", "timestamp"])
