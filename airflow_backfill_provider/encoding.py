@@ -31,7 +31,7 @@ _CODECS = {
     "EUC_JIS_2004": "euc_jis_2004",
 }
 
-_CONTEXT_COLUMN = re.compile(r"\bcolumn (\S+?)[:\s]")
+_CONTEXT_COLUMN = re.compile(r"\bcolumn (\S+?)(?::|\s|$)")
 
 
 def _storable(raw: bytes, codec: str | None) -> str | None:
