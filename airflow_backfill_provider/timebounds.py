@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 from psycopg2 import sql
 
+from airflow_backfill_provider.chunks import day_start
 from airflow_backfill_provider.exceptions import PermanentChunkError
 
 DATE, TIMESTAMP, TIMESTAMPTZ = "date", "timestamp", "timestamptz"
@@ -125,8 +126,6 @@ def wall(instant: dt.datetime, tz_name: str) -> dt.datetime:
 
 def local_date(instant: dt.datetime, tz_name: str) -> dt.date:
     """The first local date whose first instant is at or after ``instant`` (a date is its midnight)."""
-    from airflow_backfill_provider.chunks import day_start  # pure module; local import keeps this one light
-
     day = wall(instant, tz_name).date()
     if day_start(day, tz_name).timestamp() < instant.timestamp():
         day += dt.timedelta(days=1)

@@ -2,9 +2,9 @@
 
 For every day of the backfilled half-open range ``[start, end)`` (days in the spec's timezone) both
 sides are asked for ``count(*)`` and ``sum(col)`` of the configured numeric columns. The source side
-reads exactly what the transfer reads: the same table (or the historical table of that date range),
-the same column expressions, cast to the destination's types, with the same time filter. So a
-difference means rows were lost, duplicated or changed, not that validation looked elsewhere.
+reads the transfer's table (or the historical table of that date range) and column expressions,
+cast to the destination's types. So a difference means rows were lost, duplicated or changed, not
+that validation looked elsewhere.
 
 Independent of the chunk path: days, range edges and the time column's type are worked out here, in
 SQL, by the column's own type (``d`` for a ``date``; ``ts::date`` for a naive ``timestamp``, which is
