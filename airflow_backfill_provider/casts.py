@@ -6,9 +6,11 @@ Three questions per column, answered here so the transfer, live ingest and the c
    (``int -> bigint``, ``text -> varchar(n)``, ...) to a type the source knows: on the source, as
    before. Anything else, i.e. a cast that may round (``numeric(12,4) -> numeric(12,2)``,
    ``numeric -> integer``, ``float8 -> float4``, ``timestamp(6) -> timestamp(0)``,
-   ``timestamptz -> date``) or a type only the destination has (an enum, citext, ...): the source
-   sends its own representation into a staging column of that type and the destination casts, so
-   (a) the cast runs where the type exists and (b) the value can be checked before it is written.
+   ``timestamptz -> date``), a type only the destination has (an enum, citext, ...) or a domain: the
+   source sends its own representation (a built-in type; text for anything else) into a staging
+   column of that type and the destination casts in the upsert, so (a) the cast runs where the
+   type exists, (b) a rounding can be checked before anything is written, and (c) a value the type
+   rejects (enum label, domain CHECK) can be named (castcheck.find_failure_in_stage).
 2. **Is a length ever cut?** Never. An explicit cast to ``varchar(n)``, ``char(n)``, ``bit(n)``
    (also inside arrays and domains) silently truncates or pads; casts here go to the type *without*
    its length, and the length is enforced by COPY into the typed staging column or by assignment
