@@ -98,8 +98,9 @@ class TypeInfo:
     def portable(self) -> bool:
         """Binary COPY carries it between databases without relying on OIDs: arrays and composites write
         their element types' OIDs into the stream, and a user-defined type has another OID in each
-        database. PostgreSQL 15 ignores that OID on receive (tried), but nothing promises it: such
-        columns go as text, which names types by label, not OID. Scalars (enum, domain, range) are fine."""
+        database. The receiver checks that OID for some types (bit vs varbit arrays: refused) and not
+        for others (enum arrays across databases: accepted, tried on 15); such columns go as text,
+        which names types by label, not OID. Scalars (enum, domain, range) are fine."""
         if self.base_typtype == "c":
             return False
         return not (self.elem_name and not self.elem_builtin)
@@ -142,6 +143,14 @@ def unbounded(t: TypeInfo) -> str:
     if t.elem_name is None and t.base_name in _UNBOUNDED:
         return _UNBOUNDED[t.base_name]
     return t.base_sql
+
+
+def source_castable(t: TypeInfo) -> bool:
+    """The source can send T's binary form itself, by a cast to :func:`unbounded` of T: a built-in,
+    non-domain type (a domain's constraints are checked in the destination's upsert, where a failing
+    value can be named), and not ``bit(n)[]``, whose unbounded form ``varbit[]`` carries another
+    element OID, which the destination's binary COPY refuses (tried)."""
+    return t.base_builtin and t.portable and t.type_sql == t.base_sql and t.elem_name != "bit"
 
 
 def _numeric_scale(mod: int) -> int:

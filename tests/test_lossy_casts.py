@@ -34,6 +34,9 @@ CASES = [
     ("varbit", "bit(4)", "101", REFUSED, None),
     ("varbit", "bit(4)", "10100", REFUSED, None),
     ("varbit", "bit(4)", "1010", KEPT, "1010"),
+    ("varbit[]", "bit(4)[]", "{101}", REFUSED, None),
+    ("varbit[]", "bit(4)[]", "{1010,NULL}", KEPT, "{1010,NULL}"),
+    ("text[]", "char(2)[]", "{abc}", REFUSED, None),
     ("text", "vc5", "abcdefg", REFUSED, None),
     ("text", "dvc5", "abcdefg", REFUSED, None),  # a domain only the destination has
     ("text", "dvc5", "abc", KEPT, "abc"),
