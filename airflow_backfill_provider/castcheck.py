@@ -189,6 +189,25 @@ def find_failure_in_stage(cur, plan: ColumnPlan, stage: str, key_columns: list[s
     return None
 
 
+def upsert_naming_bad_values(cur, plan: ColumnPlan, stage: str, key_columns: list[str], chunk_id: str, upsert):
+    """Run ``upsert()`` (the staging -> destination statement); if a cast that runs in the destination
+    rejects a value, raise PermanentChunkError naming column, key and value instead of the bare error."""
+    import psycopg2
+
+    from airflow_backfill_provider.exceptions import PermanentChunkError
+
+    in_destination = casts_in_destination(plan)
+    if in_destination:
+        cur.execute(sql.SQL("SAVEPOINT {}").format(sql.Identifier(SAVEPOINT)))
+    try:
+        return upsert()
+    except psycopg2.Error as err:
+        found = find_failure_in_stage(cur, plan, stage, key_columns, err) if in_destination else None
+        if found is not None:
+            raise PermanentChunkError(found.describe(chunk_id, key_columns)) from err
+        raise
+
+
 def check_rounding(cur, plan: ColumnPlan, stage: str, key_columns: list[str], what: str) -> None:
     """Before the upsert: fail if a cast that may round (``plan.lossy``) would change a staged value.
 

@@ -6,9 +6,11 @@ Three questions per column, answered here so the transfer, live ingest and the c
    (``int -> bigint``, ``text -> varchar(n)``, ...) to a type the source knows: on the source, as
    before. Anything else, i.e. a cast that may round (``numeric(12,4) -> numeric(12,2)``,
    ``numeric -> integer``, ``float8 -> float4``, ``timestamp(6) -> timestamp(0)``,
-   ``timestamptz -> date``) or a type only the destination has (an enum, citext, ...): the source
-   sends its own representation into a staging column of that type and the destination casts, so
-   (a) the cast runs where the type exists and (b) the value can be checked before it is written.
+   ``timestamptz -> date``), a type only the destination has (an enum, citext, ...) or a domain: the
+   source sends its own representation (a built-in type; text for anything else) into a staging
+   column of that type and the destination casts in the upsert, so (a) the cast runs where the
+   type exists, (b) a rounding can be checked before anything is written, and (c) a value the type
+   rejects (enum label, domain CHECK) can be named (castcheck.find_failure_in_stage).
 2. **Is a length ever cut?** Never. An explicit cast to ``varchar(n)``, ``char(n)``, ``bit(n)``
    (also inside arrays and domains) silently truncates or pads; casts here go to the type *without*
    its length, and the length is enforced by COPY into the typed staging column or by assignment
@@ -96,8 +98,9 @@ class TypeInfo:
     def portable(self) -> bool:
         """Binary COPY carries it between databases without relying on OIDs: arrays and composites write
         their element types' OIDs into the stream, and a user-defined type has another OID in each
-        database. PostgreSQL 15 ignores that OID on receive (tried), but nothing promises it: such
-        columns go as text, which names types by label, not OID. Scalars (enum, domain, range) are fine."""
+        database. The receiver checks that OID for some types (bit vs varbit arrays: refused) and not
+        for others (enum arrays across databases: accepted, tried on 15); such columns go as text,
+        which names types by label, not OID. Scalars (enum, domain, range) are fine."""
         if self.base_typtype == "c":
             return False
         return not (self.elem_name and not self.elem_builtin)
@@ -140,6 +143,14 @@ def unbounded(t: TypeInfo) -> str:
     if t.elem_name is None and t.base_name in _UNBOUNDED:
         return _UNBOUNDED[t.base_name]
     return t.base_sql
+
+
+def source_castable(t: TypeInfo) -> bool:
+    """The source can send T's binary form itself, by a cast to :func:`unbounded` of T: a built-in,
+    non-domain type (a domain's constraints are checked in the destination's upsert, where a failing
+    value can be named), and not ``bit(n)[]``, whose unbounded form ``varbit[]`` carries another
+    element OID, which the destination's binary COPY refuses (tried)."""
+    return t.base_builtin and t.portable and t.type_sql == t.base_sql and t.elem_name != "bit"
 
 
 def _numeric_scale(mod: int) -> int:

@@ -177,8 +177,11 @@ def run_live_ingest(
             # with a version column: newer wins, as in the backfill. Without one, live rows are the latest
             # by definition, so live ingest overwrites when different (the backfill's policy decides its side).
             policy = "backfill_wins" if spec.version_column is None else spec.conflict_policy
-            inserted, updated = upsert_counted(
-                cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy, plan
+            inserted, updated = castcheck.upsert_naming_bad_values(
+                cur, plan, _STAGE, spec.key_columns, f"live {target}",
+                lambda: upsert_counted(
+                    cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy, plan
+                ),
             )
             cur.execute(q.max_of(_STAGE, cursor_col, dst_kind, spec.timezone))
             seen = cur.fetchone()[0]

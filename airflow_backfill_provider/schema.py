@@ -237,9 +237,8 @@ def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: di
             continue
         col = sql.Identifier(name)
         raw = plan.raw_exprs[i]
-        # the source can produce T's wire format by a cast to a built-in type: stage as T itself.
-        # Not for a domain: its constraints are checked in the upsert, where a failure can be named.
-        source_side = t.base_builtin and t.portable and t.type_sql == t.base_sql
+        # the source can produce T's wire format by a cast to a built-in type: stage as T itself
+        source_side = casts.source_castable(t)
         to_t = sql.SQL(casts.unbounded(t))  # destination catalog text, not user input
         s = src_types.get(name) if isinstance(raw, sql.Identifier) else None
         if s is not None and s.type_sql == t.type_sql:

@@ -149,10 +149,6 @@ def _do_update(non_keys: Sequence[str], where: sql.Composable) -> sql.Composed:
     return sql.SQL("DO UPDATE SET {sets} WHERE {where}").format(sets=sets, where=where)
 
 
-def savepoint(name: str) -> sql.Composed:
-    return sql.SQL("SAVEPOINT {}").format(sql.Identifier(name))
-
-
 def advisory_xact_lock() -> sql.SQL:
     """Serialize two runs of the same chunk on the destination; released at commit/rollback."""
     return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")

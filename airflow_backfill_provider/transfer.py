@@ -261,18 +261,12 @@ def transfer_chunk(
                 q.copy_in(_STAGE, plan.columns, spec.copy_format),
             )
             castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
-            in_destination = castcheck.casts_in_destination(plan)
-            if in_destination:  # to name a value the destination-side cast rejects (castcheck.find_failure_in_stage)
-                cur.execute(q.savepoint(castcheck.SAVEPOINT))
-            try:
-                inserted, updated = upsert_counted(
+            inserted, updated = castcheck.upsert_naming_bad_values(
+                cur, plan, _STAGE, spec.key_columns, chunk.chunk_id,
+                lambda: upsert_counted(
                     cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy, plan
-                )
-            except psycopg2.Error as err:
-                found = castcheck.find_failure_in_stage(cur, plan, _STAGE, spec.key_columns, err) if in_destination else None
-                if found is not None:
-                    raise PermanentChunkError(found.describe(chunk.chunk_id, spec.key_columns)) from err
-                raise
+                ),
+            )
             seconds = time.monotonic() - t0
             stats = {
                 "extracted": staged,

@@ -34,6 +34,9 @@ CASES = [
     ("varbit", "bit(4)", "101", REFUSED, None),
     ("varbit", "bit(4)", "10100", REFUSED, None),
     ("varbit", "bit(4)", "1010", KEPT, "1010"),
+    ("varbit[]", "bit(4)[]", "{101}", REFUSED, None),
+    ("varbit[]", "bit(4)[]", "{1010,NULL}", KEPT, "{1010,NULL}"),
+    ("text[]", "char(2)[]", "{abc}", REFUSED, None),
     ("text", "vc5", "abcdefg", REFUSED, None),
     ("text", "dvc5", "abcdefg", REFUSED, None),  # a domain only the destination has
     ("text", "dvc5", "abc", KEPT, "abc"),
@@ -276,3 +279,14 @@ def test_live_ingest_refuses_a_rounding_cast_and_keeps_its_watermark(lossy_dbs):
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM public.backfill_watermarks w WHERE w::text LIKE %s", (f"%{table}%",))
         assert cur.fetchone()[0] == 0
+
+
+def test_live_ingest_names_a_value_a_destination_only_type_rejects(lossy_dbs):
+    from airflow_backfill_provider.live import run_live_ingest
+
+    spec, table = make_case(lossy_dbs, "text", "dmood", "purple")
+    spec = load_spec({**spec.model_dump(by_alias=True, exclude={"live"}), "live": {"enabled": True, "start_from": "2020-01-01"}})
+    with pytest.raises(PermanentChunkError) as err:
+        run_live_ingest(spec)
+    assert "column 'c' cannot take value 'purple'" in str(err.value) and "at key (id)=(1)" in str(err.value)
+    assert loaded(lossy_dbs[2][lossy_dbs[1]], table)[0] == []
