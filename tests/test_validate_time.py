@@ -71,7 +71,7 @@ def _old_rule(kind, start, end, tz):
 
 @pytest.mark.parametrize("kind", ["date", "timestamp"])
 def test_validation_fails_and_names_the_day_when_the_chunk_filter_reads_the_wrong_rows(databases, monkeypatch, kind):
-    spec, src, dst = _setup(databases, kind)
+    spec, _src, _dst = _setup(databases, kind)
     monkeypatch.setattr(timebounds, "bounds", _old_rule)
     _load(spec)
     monkeypatch.undo()
@@ -85,7 +85,7 @@ def test_validation_fails_and_names_the_day_when_the_chunk_filter_reads_the_wron
 
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_correct_chunks_pass_and_an_altered_value_is_named_by_the_checksum(databases, kind):
-    spec, src, dst = _setup(databases, kind)
+    spec, _src, dst = _setup(databases, kind)
     _load(spec)
     report = validate_range(spec, "2024-01-01", "2024-01-04", store=False)
     assert report.status == PASS, report.format_table()
