@@ -31,7 +31,7 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.transfer import stream_copy, upsert_counted
-from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
+from airflow_backfill_provider.watermark import WATERMARK_COLUMNS, target_key
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,22 @@ def ensure_watermark_table(conn, table: TableName) -> None:
     ddl.ensure_table(conn, table, sql.SQL(WATERMARK_COLUMNS))
 
 
-def lock_watermark(cur, table: TableName, target: str) -> dt.datetime | None:
-    """Serialize live runs of one target and read its watermark (row locked until commit)."""
+def lock_watermark(cur, table: TableName, target: str, legacy: str | None = None) -> dt.datetime | None:
+    """Serialize live runs of one target and read its watermark (row locked until commit).
+
+    ``target`` is the resolved relation (``watermark.target_key``); ``legacy`` the spec's spelling, under
+    which the previous release kept the row: such a row is re-keyed here, in the run's transaction.
+    """
     # the advisory lock also covers the first run, when there is no row to lock yet
     cur.execute(q.advisory_xact_lock(), (f"live|{target}",))
+    if legacy is not None and legacy != target:
+        cur.execute(
+            sql.SQL(
+                "UPDATE {t} SET target_table = %s WHERE target_table = %s"
+                " AND NOT EXISTS (SELECT 1 FROM {t} WHERE target_table = %s)"
+            ).format(t=q.ident(table)),
+            (target, legacy, target),
+        )
     cur.execute(
         sql.SQL("SELECT watermark FROM {t} WHERE target_table = %s FOR UPDATE").format(t=q.ident(table)), (target,)
     )
@@ -134,7 +146,7 @@ def run_live_ingest(
     Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
     """
     dag_id = dag_id or spec.live_dag_id
-    target = str(spec.destination)
+    target = str(spec.destination)  # as spelled until resolved on the destination (error messages)
     wm_table = TableName.parse(spec.watermark.table)
     appname = f"live:{dag_id}"
     t0 = time.monotonic()
@@ -147,10 +159,11 @@ def run_live_ingest(
         dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
         ensure_watermark_table(dst_conn, wm_table)
         plan = _columns(spec, src_conn, dst_conn)
+        target = target_key(dst_conn, spec.destination)
         cursor_col = spec.live_cursor_column
         lookback = dt.timedelta(seconds=spec.live.lookback_s)
         with dst_conn.cursor() as cur:
-            previous = lock_watermark(cur, wm_table, target)
+            previous = lock_watermark(cur, wm_table, target, legacy=str(spec.destination))
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
             cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
