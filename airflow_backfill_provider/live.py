@@ -157,8 +157,8 @@ def run_live_ingest(
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
         dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
+        plan = _columns(spec, src_conn, dst_conn)  # catalog checks first: a refused spec writes nothing
         ensure_watermark_table(dst_conn, wm_table)
-        plan = _columns(spec, src_conn, dst_conn)
         target = target_key(dst_conn, spec.destination)
         cursor_col = spec.live_cursor_column
         lookback = dt.timedelta(seconds=spec.live.lookback_s)
