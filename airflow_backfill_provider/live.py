@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+import pendulum
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl, schema
@@ -104,8 +105,21 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) ->
     return cur.fetchone()[0]
 
 
-def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
-    """Same destination-is-truth column plan as a backfill chunk, against the live table and current source."""
+def time_lower_bound(type_sql: str, lower: dt.datetime, tz_name: str):
+    """``lower`` as a value of the source time column's own type, read in the spec's timezone, rounded DOWN
+    (the time arm uses ``>=``: reading a little more is free, reading less would lose rows)."""
+    local = pendulum.instance(lower).in_timezone(tz_name)
+    if type_sql == "date":
+        return local.date()
+    if type_sql.startswith("timestamp") and "with time zone" not in type_sql:
+        return dt.datetime(local.year, local.month, local.day, local.hour, local.minute, local.second, local.microsecond)
+    return lower
+
+
+def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, dict[str, str]]:
+    """Same destination-is-truth column plan as a backfill chunk, against the live table and current source.
+
+    Also returns the source's column types (name -> type), for the time column's bound."""
     live = spec.destination
     dest_cols, dest_keys = schema.describe_table(dst_conn, live, side="destination")
     schema.check_destination(spec, dest_cols, dest_keys, live)
@@ -121,7 +135,7 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> schema.ColumnPlan:
             f"destination table {str(live)!r} has no column {cursor!r} (live.cursor_column); the watermark is "
             "computed from the loaded rows, so the cursor column must be loaded too"
         )
-    return schema.plan_columns(spec, dest_cols, src_cols)
+    return schema.plan_columns(spec, dest_cols, src_cols), {c.name: c.type_sql for c in src_cols}
 
 
 def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
@@ -157,7 +171,7 @@ def run_live_ingest(
             statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
         )
         dst_conn = connect(destination or spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
-        plan = _columns(spec, src_conn, dst_conn)  # catalog checks first: a refused spec writes nothing
+        plan, src_types = _columns(spec, src_conn, dst_conn)  # catalog checks first: a refused spec writes nothing
         ensure_watermark_table(dst_conn, wm_table)
         target = target_key(dst_conn, spec.destination)
         cursor_col = spec.live_cursor_column
@@ -167,7 +181,13 @@ def run_live_ingest(
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
             cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
-            select = q.incremental_select(spec.source, plan.select_exprs, cursor_col, lower)
+            # rows at or after the backfill's clip belong to live ingest whatever their cursor says: a NULL
+            # cursor (never updated) or one older than the time column is read through the time column
+            time_col = spec.time_column if spec.time_column != cursor_col else None
+            select = q.incremental_select(
+                spec.source, plan.select_exprs, cursor_col, lower, time_column=time_col,
+                time_lower=time_lower_bound(src_types.get(spec.time_column, ""), lower, spec.timezone),
+            )
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
             )
