@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import pendulum
 from psycopg2 import sql
 
-from airflow_backfill_provider import ddl, schema
+from airflow_backfill_provider import ddl, identity, schema
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -58,6 +58,37 @@ class LiveResult:
 def ensure_watermark_table(conn, table: TableName) -> None:
     """Create the watermark table if missing (WATERMARK_COLUMNS is a constant of this package)."""
     ddl.ensure_table(conn, table, sql.SQL(WATERMARK_COLUMNS))
+    with conn.cursor() as cur:  # a previous release's table has no ``source`` column: add it (DDL lock)
+        cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'source'"
+            " AND NOT attisdropped)",
+            (q.ident(table).as_string(cur),),
+        )
+        current = cur.fetchone()[0]
+    if not current:
+        ddl.run_locked(
+            conn, table, sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS source text").format(t=q.ident(table))
+        )
+
+
+def claim_watermark(cur, table: TableName, target: str, source: str) -> None:
+    """Refuse a second live ingest from another source into ``target``; record the source on first use.
+
+    One watermark per target: live ingest from ``orders_us`` moving it would make live ingest from
+    ``orders_eu`` skip every eu row stamped below it. Call after :func:`lock_watermark` (row locked).
+    """
+    cur.execute(sql.SQL("SELECT source FROM {t} WHERE target_table = %s").format(t=q.ident(table)), (target,))
+    row = cur.fetchone()
+    if row is None:
+        return  # first run: advance_watermark records it
+    if row[0] is None:  # a row of the previous release, or written without a source
+        cur.execute(sql.SQL("UPDATE {t} SET source = %s WHERE target_table = %s").format(t=q.ident(table)), (source, target))
+    elif row[0] != source:
+        raise PermanentChunkError(
+            f"the watermark of {target!r} in {str(table)!r} belongs to live ingest from {row[0]!r}, and this spec reads "
+            f"{source!r}: two live ingests sharing one watermark skip each other's rows. Give each source its own "
+            "watermark table (watermark.table in this spec, used by its backfill too), or load both through one source"
+        )
 
 
 def lock_watermark(cur, table: TableName, target: str, legacy: str | None = None) -> dt.datetime | None:
@@ -83,7 +114,7 @@ def lock_watermark(cur, table: TableName, target: str, legacy: str | None = None
     return row[0] if row else None
 
 
-def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) -> dt.datetime:
+def advance_watermark(cur, table: TableName, target: str, value: dt.datetime, source: str | None = None) -> dt.datetime:
     """THE watermark writer. Moves forward only; a value at or below the stored one changes nothing.
 
     Call it inside the live run's transaction, after the upsert, so rows and watermark commit together.
@@ -91,12 +122,12 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) ->
     """
     cur.execute(
         sql.SQL(
-            "INSERT INTO {t} AS w (target_table, watermark) VALUES (%s, %s)"
+            "INSERT INTO {t} AS w (target_table, watermark, source) VALUES (%s, %s, %s)"
             " ON CONFLICT (target_table) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now()"
             " WHERE EXCLUDED.watermark > w.watermark"
             " RETURNING watermark"
         ).format(t=q.ident(table)),
-        (target, value),
+        (target, value, source),
     )
     row = cur.fetchone()
     if row is not None:
@@ -178,6 +209,11 @@ def run_live_ingest(
         lookback = dt.timedelta(seconds=spec.live.lookback_s)
         with dst_conn.cursor() as cur:
             previous = lock_watermark(cur, wm_table, target, legacy=str(spec.destination))
+            source_key = (
+                f"{identity.source_database(src_conn, source or spec.source_conn_id)}"
+                f"|{identity.resolve(src_conn, spec.source, side='source')}"
+            )
+            claim_watermark(cur, wm_table, target, source_key)
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
             cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns))
@@ -200,7 +236,7 @@ def run_live_ingest(
             cur.execute(q.max_of(_STAGE, cursor_col))
             seen = cur.fetchone()[0]
             new = max(base, seen) if seen is not None else base
-            current = advance_watermark(cur, wm_table, target, new)
+            current = advance_watermark(cur, wm_table, target, new, source_key)
         dst_conn.commit()
         src_conn.rollback()  # read-only: nothing to keep
         result = LiveResult(

@@ -14,7 +14,12 @@ from psycopg2 import sql
 from airflow_backfill_provider import ddl, identity
 from airflow_backfill_provider.spec import TableName
 
-WATERMARK_COLUMNS = "target_table text PRIMARY KEY, watermark timestamptz NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()"
+#: ``source``: which source live ingest reads for this target (database identity + resolved relation); a
+#: second live ingest from another source into the same target is refused (it would skip rows)
+WATERMARK_COLUMNS = (
+    "target_table text PRIMARY KEY, watermark timestamptz NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(),"
+    " source text"
+)
 
 
 def target_key(conn, destination: TableName) -> str:

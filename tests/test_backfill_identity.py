@@ -13,7 +13,7 @@ from psycopg2 import sql
 from airflow_backfill_provider import identity, ledger
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.demo import create_orders, seed_orders
-from airflow_backfill_provider.exceptions import TransientChunkError
+from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import TableName, load_spec
@@ -161,7 +161,9 @@ def test_orders_and_public_orders_share_ledger_and_watermark(src_url, dst_url, p
     for c in DAYS[:2]:
         transfer_chunk(bare, c)
     run_live_ingest(bare)  # writes the watermark, keyed by the resolved relation
-    assert fetch_all(dst_url, "SELECT target_table FROM backfill_watermarks") == [("public.orders",)]
+    assert fetch_all(dst_url, "SELECT target_table, source LIKE 'sysid:%|public.orders' FROM backfill_watermarks") == [
+        ("public.orders", True)
+    ]
     plan = build_plan(qualified, "2024-01-01", "2024-01-10", dst_conn=pg(dst_url))
     assert plan.clipped and plan.watermark is not None  # the watermark is found
     assert [c.chunk_id for c in plan.skipped] == ["2024-01-01", "2024-01-02"]  # the ledger rows too
@@ -182,4 +184,29 @@ def test_a_watermark_row_of_the_previous_release_is_read_and_rekeyed_not_restart
     result = run_live_ingest(bare)  # continues from the stored watermark (not from now(): no gap)
     assert result.previous_watermark.startswith("2024-01-04")
     assert result.rows_extracted == fetch_all(src_url, "SELECT count(*) FROM orders WHERE updated_at > '2024-01-04Z'")[0][0]
-    assert fetch_all(dst_url, "SELECT target_table FROM backfill_watermarks") == [("public.orders",)]
+    assert fetch_all(dst_url, "SELECT target_table, source LIKE 'sysid:%|public.orders' FROM backfill_watermarks") == [
+        ("public.orders", True)
+    ]
+
+
+def test_a_second_live_ingest_from_another_source_is_refused_not_silently_skipping(src_url, dst_url, pg):
+    """One watermark per table: live ingest from orders_us moving it would make live ingest from orders_eu skip rows."""
+    src = pg(src_url)
+    seed_orders(src, rows=300, days=3, start=dt.date(2024, 1, 1), table="orders_us", first_id=1)
+    seed_orders(src, rows=200, days=3, start=dt.date(2024, 1, 2), table="orders_eu", first_id=10_001)
+    create_orders(pg(dst_url))
+    live = {"enabled": True, "start_from": "2023-12-31T00:00:00Z", "lookback_s": 0}
+    us = spec_for(src_url, dst_url, name="us", source_table="orders_us", live=live)
+    eu = spec_for(src_url, dst_url, name="eu", source_table="orders_eu", live=live)
+    assert run_live_ingest(us).rows_extracted == 300
+    before = fetch_all(dst_url, "SELECT t::text, xmin::text FROM backfill_watermarks t")
+    with pytest.raises(PermanentChunkError, match="belongs to live ingest from .*orders_us.* watermark table"):
+        run_live_ingest(eu)  # before the fix: read eu rows above us's watermark only, 0 of 200
+    assert fetch_all(dst_url, "SELECT t::text, xmin::text FROM backfill_watermarks t") == before
+    assert count(dst_url) == 300
+    # the fix it names: a watermark table per source
+    eu_own = spec_for(src_url, dst_url, name="eu", source_table="orders_eu", live=live,
+                      watermark={"table": "public.eu_watermarks"})
+    assert run_live_ingest(eu_own).rows_extracted == 200
+    assert run_live_ingest(us).rows_extracted == 0  # us still runs on its own
+    assert count(dst_url) == 500
