@@ -42,6 +42,22 @@ SELECT current_database(),
             THEN (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) END
 """
 
+# the source side of a fingerprint in one round trip: database identity and every source relation resolved
+# (a missing relation comes back NULL); same resolution rule as _RESOLVE
+_SOURCE_SIDE = """
+SELECT current_database(),
+       CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
+            THEN (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) END,
+       (SELECT array_agg(CASE WHEN coalesce(u.s, f.nsp) IS NOT NULL THEN format('%%I.%%I', coalesce(u.s, f.nsp), u.n) END
+                         ORDER BY u.ord)
+          FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS u(s, n, ord)
+          LEFT JOIN LATERAL (
+                SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relname = u.n AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+                   AND n.nspname = ANY (current_schemas(false))
+                 ORDER BY array_position(current_schemas(false), n.nspname) LIMIT 1) AS f(nsp) ON u.s IS NULL)
+"""
+
 #: spec fields that decide which source rows a chunk selects (and how they are read); a field another
 #: release adds (e.g. a row filter) is picked up by name when present
 SELECTION_FIELDS = ("time_column", "timezone", "historical", "row_filter", "where")
@@ -84,6 +100,10 @@ def source_database(conn, conn_id: str) -> str:
     with conn.cursor() as cur:
         cur.execute(_SOURCE_DB)
         dbname, sysid = cur.fetchone()
+    return _database_key(dbname, sysid, conn_id)
+
+
+def _database_key(dbname: str, sysid: str | None, conn_id: str) -> str:
     if sysid:
         return f"sysid:{sysid}/{dbname}"
     # a DSN may carry a password: the ledger stores a digest of it, never the text
@@ -114,7 +134,14 @@ def source_tables(spec: BackfillSpec) -> list[TableName]:
 def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = None) -> BackfillIdentity:
     """The backfill ``spec`` describes, resolved on these sessions (two or three catalog lookups)."""
     target = resolve(dst_conn, spec.staging_target, side="destination", missing_ok=spec.mode == "swap")
-    sources = {str(t): resolve(src_conn, t, side="source") for t in source_tables(spec)}
+    tables = source_tables(spec)
+    with src_conn.cursor() as cur:
+        cur.execute(_SOURCE_SIDE, {"schemas": [t.schema_ for t in tables], "names": [t.name for t in tables]})
+        dbname, sysid, resolved = cur.fetchone()
+    for table, name in zip(tables, resolved):
+        if name is None:
+            resolve(src_conn, table, side="source")  # raises the missing-table error
+    sources = {str(t): name for t, name in zip(tables, resolved)}
     dumped = spec.model_dump(mode="json")
     selection = {f: dumped[f] for f in SELECTION_FIELDS if dumped.get(f) not in (None, [], {})}
     # historical ranges name their table as spelled: replace with the resolved relation
@@ -122,7 +149,7 @@ def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = N
         if rng.get("source_table"):
             rng["source_table"] = sources[str(TableName.parse(rng["source_table"]))]
     description = {
-        "source_database": source_database(src_conn, source_conn_id or spec.source_conn_id),
+        "source_database": _database_key(dbname, sysid, source_conn_id or spec.source_conn_id),
         "source": sources[str(spec.source)],
         "destination": target,
         "selection": selection,
