@@ -77,24 +77,6 @@ def resolve(conn, table: TableName, *, side: str, missing_ok: bool = False) -> s
     return row[0]
 
 
-def resolved_name(conn, table: TableName, *, side: str, missing_ok: bool = False) -> TableName:
-    """:func:`resolve` as a schema-qualified TableName (for SQL through ``sql.Identifier``)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.oid = to_regclass(%s)",
-            (resolve(conn, table, side=side, missing_ok=missing_ok),),
-        )
-        row = cur.fetchone()
-    if row is not None:
-        return TableName(schema_=row[0], name=row[1])
-    if table.schema_:
-        return table
-    with conn.cursor() as cur:
-        cur.execute("SELECT current_schema()")
-        return TableName(schema_=cur.fetchone()[0], name=table.name)
-
-
 def source_database(conn, conn_id: str) -> str:
     """The source database's identity: system identifier + database name (conn id if the former is hidden)."""
     with conn.cursor() as cur:

@@ -24,9 +24,6 @@ from airflow_backfill_provider import ddl
 from airflow_backfill_provider.identity import BackfillIdentity
 from airflow_backfill_provider.spec import TableName
 
-#: the key of rows written before backfills were fingerprinted: matches no backfill
-LEGACY_KEY = ""
-
 _COLUMNS = sql.SQL(
     """target_table   text        NOT NULL,
     backfill_key   text        NOT NULL DEFAULT '',
@@ -62,7 +59,7 @@ def ensure_table(conn, ledger: TableName) -> None:
         return
     if not present:
         ddl.ensure_table(conn, ledger, _COLUMNS)
-        # a concurrent first chunk may have created an old-shape table meanwhile: fall through to migrate
+        # a worker of the previous release may have created it meanwhile (rolling upgrade): then migrate
         with conn.cursor() as cur:
             cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
             if cur.fetchone()[1]:
