@@ -7,6 +7,8 @@ one is created in its own short transaction under one shared advisory lock, beca
 
 from __future__ import annotations
 
+from typing import Callable
+
 from psycopg2 import sql
 
 from airflow_backfill_provider.spec import TableName
@@ -19,13 +21,20 @@ def exists(cur, table: TableName) -> bool:
     return cur.fetchone()[0] is not None
 
 
-def run_locked(conn, table: TableName, create: sql.Composable) -> None:
-    """Run ``create`` (idempotent DDL for ``table``) under the DDL lock, creating its schema; commit."""
+def run_locked(conn, table: TableName, create: sql.Composable | Callable) -> None:
+    """Run ``create`` (idempotent DDL for ``table``) under the DDL lock, creating its schema; commit.
+
+    ``create`` may be a function of the cursor, for DDL that must look at the catalog first (migrations,
+    "create unless a foreign table is there"); it runs under the lock, in the same transaction.
+    """
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
         if table.schema_:
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.schema_)))
-        cur.execute(create)
+        if callable(create):
+            create(cur)
+        else:
+            cur.execute(create)
     conn.commit()
 
 

@@ -21,9 +21,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+import pendulum
 from psycopg2 import sql
 
-from airflow_backfill_provider import castcheck, ddl, schema, timebounds
+from airflow_backfill_provider import castcheck, ddl, identity, schema, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -31,7 +32,7 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.transfer import stream_copy, upsert_counted
-from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
+from airflow_backfill_provider.watermark import WATERMARK_COLUMNS, target_key
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,55 @@ class LiveResult:
 def ensure_watermark_table(conn, table: TableName) -> None:
     """Create the watermark table if missing (WATERMARK_COLUMNS is a constant of this package)."""
     ddl.ensure_table(conn, table, sql.SQL(WATERMARK_COLUMNS))
+    with conn.cursor() as cur:  # a previous release's table has no ``source`` column: add it (DDL lock)
+        cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'source'"
+            " AND NOT attisdropped)",
+            (q.ident(table).as_string(cur),),
+        )
+        current = cur.fetchone()[0]
+    if not current:
+        ddl.run_locked(
+            conn, table, sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS source text").format(t=q.ident(table))
+        )
 
 
-def lock_watermark(cur, table: TableName, target: str) -> dt.datetime | None:
-    """Serialize live runs of one target and read its watermark (row locked until commit)."""
+def claim_watermark(cur, table: TableName, target: str, source: str) -> None:
+    """Refuse a second live ingest from another source into ``target``; record the source on first use.
+
+    One watermark per target: live ingest from ``orders_us`` moving it would make live ingest from
+    ``orders_eu`` skip every eu row stamped below it. Call after :func:`lock_watermark` (row locked).
+    """
+    cur.execute(sql.SQL("SELECT source FROM {t} WHERE target_table = %s").format(t=q.ident(table)), (target,))
+    row = cur.fetchone()
+    if row is None:
+        return  # first run: advance_watermark records it
+    if row[0] is None:  # a row of the previous release, or written without a source
+        cur.execute(sql.SQL("UPDATE {t} SET source = %s WHERE target_table = %s").format(t=q.ident(table)), (source, target))
+    elif row[0] != source:
+        raise PermanentChunkError(
+            f"the watermark of {target!r} in {str(table)!r} belongs to live ingest from {row[0]!r}, and this spec reads "
+            f"{source!r}: two live ingests sharing one watermark skip each other's rows. Give each source its own "
+            "watermark table (watermark.table in this spec, used by its backfill too), or load both through one source"
+        )
+
+
+def lock_watermark(cur, table: TableName, target: str, legacy: str | None = None) -> dt.datetime | None:
+    """Serialize live runs of one target and read its watermark (row locked until commit).
+
+    ``target`` is the resolved relation (``watermark.target_key``); ``legacy`` the spec's spelling, under
+    which the previous release kept the row: such a row is re-keyed here, in the run's transaction.
+    """
     # the advisory lock also covers the first run, when there is no row to lock yet
     cur.execute(q.advisory_xact_lock(), (f"live|{target}",))
+    if legacy is not None and legacy != target:
+        cur.execute(
+            sql.SQL(
+                "UPDATE {t} SET target_table = %s WHERE target_table = %s"
+                " AND NOT EXISTS (SELECT 1 FROM {t} WHERE target_table = %s)"
+            ).format(t=q.ident(table)),
+            (target, legacy, target),
+        )
     cur.execute(
         sql.SQL("SELECT watermark FROM {t} WHERE target_table = %s FOR UPDATE").format(t=q.ident(table)), (target,)
     )
@@ -70,7 +114,7 @@ def lock_watermark(cur, table: TableName, target: str) -> dt.datetime | None:
     return row[0] if row else None
 
 
-def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) -> dt.datetime:
+def advance_watermark(cur, table: TableName, target: str, value: dt.datetime, source: str | None = None) -> dt.datetime:
     """THE watermark writer. Moves forward only; a value at or below the stored one changes nothing.
 
     Call it inside the live run's transaction, after the upsert, so rows and watermark commit together.
@@ -78,12 +122,12 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) ->
     """
     cur.execute(
         sql.SQL(
-            "INSERT INTO {t} AS w (target_table, watermark) VALUES (%s, %s)"
+            "INSERT INTO {t} AS w (target_table, watermark, source) VALUES (%s, %s, %s)"
             " ON CONFLICT (target_table) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now()"
             " WHERE EXCLUDED.watermark > w.watermark"
             " RETURNING watermark"
         ).format(t=q.ident(table)),
-        (target, value),
+        (target, value, source),
     )
     row = cur.fetchone()
     if row is not None:
@@ -92,9 +136,21 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime) ->
     return cur.fetchone()[0]
 
 
-def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, str, str]:
+def time_lower_bound(type_sql: str, lower: dt.datetime, tz_name: str):
+    """``lower`` as a value of the source time column's own type, read in the spec's timezone, rounded DOWN
+    (the time arm uses ``>=``: reading a little more is free, reading less would lose rows)."""
+    local = pendulum.instance(lower).in_timezone(tz_name)
+    if type_sql == "date":
+        return local.date()
+    if type_sql.startswith("timestamp") and "with time zone" not in type_sql:
+        return dt.datetime(local.year, local.month, local.day, local.hour, local.minute, local.second, local.microsecond)
+    return lower
+
+
+def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, str, str, dict[str, str]]:
     """Same destination-is-truth column plan as a backfill chunk, against the live table and current source;
-    and the cursor's kind (date / timestamp / timestamptz) on the source and in the destination."""
+    the cursor's kind (date / timestamp / timestamptz) on the source and in the destination; and the
+    source's column types (name -> type), for the time column's bound."""
     live = spec.destination
     dest_cols, dest_keys = schema.describe_table(dst_conn, live, side="destination")
     schema.check_destination(spec, dest_cols, dest_keys, live)
@@ -119,7 +175,7 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan,
         spec, dest_cols, src_cols,
         dest_types=schema.describe_types(dst_conn, live), src_types=schema.describe_types(src_conn, spec.source),
     )
-    return plan, kinds[0], kinds[1]
+    return plan, kinds[0], kinds[1], {c.name: c.type_sql for c in src_cols}
 
 
 def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
@@ -144,7 +200,7 @@ def run_live_ingest(
     Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
     """
     dag_id = dag_id or spec.live_dag_id
-    target = str(spec.destination)
+    target = str(spec.destination)  # as spelled until resolved on the destination (error messages)
     wm_table = TableName.parse(spec.watermark.table)
     appname = f"live:{dag_id}"
     t0 = time.monotonic()
@@ -158,18 +214,30 @@ def run_live_ingest(
             destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
             lock_timeout_s=spec.lock_timeout_s,
         )
+        # catalog checks first: a refused spec writes nothing
+        plan, src_kind, dst_kind, src_types = _columns(spec, src_conn, dst_conn)
         ensure_watermark_table(dst_conn, wm_table)
-        plan, src_kind, dst_kind = _columns(spec, src_conn, dst_conn)
+        target = target_key(dst_conn, spec.destination)
         cursor_col = spec.live_cursor_column
         lookback = dt.timedelta(seconds=spec.live.lookback_s)
         with dst_conn.cursor() as cur:
-            previous = lock_watermark(cur, wm_table, target)
+            previous = lock_watermark(cur, wm_table, target, legacy=str(spec.destination))
+            source_key = (
+                f"{identity.source_database(src_conn, source or spec.source_conn_id)}"
+                f"|{identity.resolve(src_conn, spec.source, side='source')}"
+            )
+            claim_watermark(cur, wm_table, target, source_key)
             base = previous if previous is not None else _first_watermark(spec, src_conn)
             lower = base - lookback
             cur.execute(q.create_staging(_STAGE, spec.destination, plan.columns, plan.stage_types))
-            # a literal of the cursor's own type (a naive cursor is wall time in the spec's timezone)
-            after = timebounds.after(src_kind, lower, spec.timezone)
-            select = q.incremental_select(spec.source, plan.copy_exprs, cursor_col, after)
+            # rows at or after the backfill's clip belong to live ingest whatever their cursor says: a NULL
+            # cursor (never updated) or one older than the time column is read through the time column.
+            # Bounds are literals of each column's own type (a naive one is wall time in the spec's timezone)
+            time_col = spec.time_column if spec.time_column != cursor_col else None
+            select = q.incremental_select(
+                spec.source, plan.copy_exprs, cursor_col, timebounds.after(src_kind, lower, spec.timezone),
+                time_column=time_col, time_lower=time_lower_bound(src_types.get(spec.time_column, ""), lower, spec.timezone),
+            )
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
             )
@@ -186,7 +254,7 @@ def run_live_ingest(
             cur.execute(q.max_of(_STAGE, cursor_col, dst_kind, spec.timezone))
             seen = cur.fetchone()[0]
             new = max(base, seen) if seen is not None else base
-            current = advance_watermark(cur, wm_table, target, new)
+            current = advance_watermark(cur, wm_table, target, new, source_key)
         dst_conn.commit()
         src_conn.rollback()  # read-only: nothing to keep
         result = LiveResult(

@@ -84,8 +84,13 @@ def build_plan(
     granularity: str | None = None,
     reprocess: bool = False,
     dst_conn=None,
+    src_conn=None,
 ) -> Plan:
-    """Chunks for ``[start, end)``; with a destination connection: clip to the watermark and skip done chunks."""
+    """Chunks for ``[start, end)``; with a destination connection: clip to the watermark and skip done chunks.
+
+    Skipping needs the backfill's identity, read on the source too: ``src_conn``, else a short
+    read-only session on ``spec.source_conn_id`` is opened for it.
+    """
     granularity = check_granularity(granularity or spec.granularity)
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
@@ -95,7 +100,7 @@ def build_plan(
     wm = None
     clipped = False
     if dst_conn is not None and spec.watermark.enabled:
-        raw = watermark.read_watermark(dst_conn, TableName.parse(spec.watermark.table), str(spec.destination))
+        raw = watermark.read_watermark(dst_conn, TableName.parse(spec.watermark.table), spec.destination)
         if raw is not None:
             wm = pendulum.instance(raw).in_timezone(spec.timezone)
             if utc(hi) > utc(wm):
@@ -115,10 +120,11 @@ def build_plan(
     if bounds:
         chunks = split_at(chunks, bounds)
     skipped: list[Chunk] = []
-    if dst_conn is not None and not reprocess:
+    ledger_table = TableName.parse(spec.ledger_table)
+    if dst_conn is not None and not reprocess and ledger.is_current(dst_conn, ledger_table):
         done = {
             (a.timestamp(), b.timestamp())
-            for a, b in ledger.done_ranges(dst_conn, TableName.parse(spec.ledger_table), str(spec.staging_target))
+            for a, b in ledger.done_ranges(dst_conn, ledger_table, _identity(spec, src_conn, dst_conn))
         }
         todo = []
         for c in chunks:
@@ -127,3 +133,21 @@ def build_plan(
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")
     return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes)
+
+
+def _identity(spec: BackfillSpec, src_conn, dst_conn):
+    """The backfill's identity (``identity.of``), on ``src_conn`` or a short read-only source session."""
+    from airflow_backfill_provider import identity
+    from airflow_backfill_provider.connections import close_all, connect
+
+    if src_conn is not None:
+        return identity.of(spec, src_conn, dst_conn)
+    own = connect(
+        spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
+        statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
+    )
+    try:
+        return identity.of(spec, own, dst_conn)
+    finally:
+        own.rollback()
+        close_all(own)

@@ -155,14 +155,22 @@ def advisory_xact_lock() -> sql.SQL:
 
 
 def incremental_select(
-    source: TableName, select_exprs: Sequence[sql.Composable], cursor_column: str, lower
+    source: TableName, select_exprs: Sequence[sql.Composable], cursor_column: str, lower,
+    *, time_column: str | None = None, time_lower=None,
 ) -> sql.Composed:
     """Live ingest: ``SELECT <exprs> FROM source WHERE cursor > lower`` (open lower bound, no upper bound).
 
+    With ``time_column``: ``... OR time_column >= time_lower`` too, so a row at or after the backfill's
+    clip is read even when its cursor is NULL or older than its time column (see live.py).
     A literal, not a parameter, for the same reason as :func:`chunk_select` (COPY takes no parameters).
     """
-    return sql.SQL("SELECT {exprs} FROM {src} WHERE {c} > {lo}").format(
-        exprs=sql.SQL(", ").join(select_exprs), src=ident(source), c=sql.Identifier(cursor_column), lo=sql.Literal(lower)
+    where = sql.SQL("{c} > {lo}").format(c=sql.Identifier(cursor_column), lo=sql.Literal(lower))
+    if time_column is not None:
+        where = sql.SQL("({w} OR {t} >= {tlo})").format(
+            w=where, t=sql.Identifier(time_column), tlo=sql.Literal(time_lower)
+        )
+    return sql.SQL("SELECT {exprs} FROM {src} WHERE {w}").format(
+        exprs=sql.SQL(", ").join(select_exprs), src=ident(source), w=where
     )
 
 

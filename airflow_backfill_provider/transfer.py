@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg2
 
-from airflow_backfill_provider import castcheck, encoding, ledger, schema, swap, timebounds
+from airflow_backfill_provider import castcheck, encoding, identity, ledger, schema, swap, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -243,16 +243,19 @@ def transfer_chunk(
         # pre-flight (catalog reads only) before the first write, the ledger DDL: a bad spec writes nothing
         # (swap mode: checked against the live table, which the parallel one is created LIKE)
         src_table, plan = prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
+        if spec.mode == "swap":
+            # <table>_backfill, if not there yet; refuses one the provider did not create (before any write)
+            swap.ensure_parallel_table(dst_conn, spec)
+            src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
+        backfill = identity.of(spec, src_conn, dst_conn, source_conn_id=source)
         ledger_table = TableName.parse(spec.ledger_table)
         ledger.ensure_table(dst_conn, ledger_table)
-        if spec.mode == "swap":
-            swap.ensure_parallel_table(dst_conn, spec)  # <table>_backfill, if not there yet
-            src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
         target = spec.staging_target
         lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
         select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
         with dst_conn.cursor() as cur:
-            cur.execute(q.advisory_xact_lock(), (f"{target}|{chunk.start.isoformat()}|{chunk.end.isoformat()}",))
+            # the same backfill's runs of this range serialize; another backfill into the table does not wait
+            cur.execute(q.advisory_xact_lock(), (backfill.lock_key(chunk.start, chunk.end),))
             cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
             extracted, staged = stream_copy(
                 src_conn,
@@ -276,7 +279,7 @@ def transfer_chunk(
                 "seconds": seconds,
             }
             ledger.record(
-                cur, ledger_table, target=str(target), chunk_id=chunk.chunk_id, start=chunk.start,
+                cur, ledger_table, backfill=backfill, chunk_id=chunk.chunk_id, start=chunk.start,
                 end=chunk.end, stats=stats, dag_id=dag_id, run_id=run_id,
             )
         dst_conn.commit()

@@ -76,7 +76,7 @@ class PlanBackfillOperator(BaseOperator):
             try:
                 plan = build_plan(
                     spec, start, end, granularity=_blank_to_none(self.granularity),
-                    reprocess=reprocess, dst_conn=dst,
+                    reprocess=reprocess, dst_conn=dst, src_conn=src,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
                 # (swap mode: against the live table; the parallel one is created LIKE it, below)

@@ -11,7 +11,7 @@ import time
 import psycopg2
 import pytest
 
-from airflow_backfill_provider import transfer
+from airflow_backfill_provider import identity, transfer
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.demo import seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
@@ -264,8 +264,11 @@ def test_same_chunk_twice_at_once_is_serialized(big_src, dst_url):
     appname = application_name(spec.effective_dag_id, DAY2.chunk_id)
     # hold the chunk's lock so that both workers are provably inside the same chunk at the same time
     gate = psycopg2.connect(dst_url)
+    src = psycopg2.connect(big_src)
+    key = identity.of(spec, src, gate).lock_key(DAY2.start, DAY2.end)  # the backfill's own chunk lock
+    src.close()
     with gate.cursor() as cur:
-        cur.execute(transfer.q.advisory_xact_lock(), (f"{spec.staging_target}|{DAY2.start.isoformat()}|{DAY2.end.isoformat()}",))
+        cur.execute(transfer.q.advisory_xact_lock(), (key,))
     procs = [start_chunk_process(spec, DAY2) for _ in range(2)]
     try:
         _wait_until(lambda: _waiting_on_advisory_lock(dst_url, appname) == 2, "both workers waiting on the chunk lock")

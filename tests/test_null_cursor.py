@@ -1,0 +1,123 @@
+"""No row falls between the backfill and live ingest (issue 12 item 4), and what "late" means.
+
+The contract (docs/live-and-swap.md): the backfill loads rows whose time column is before the
+watermark W; live ingest loads rows whose cursor is after W - lookback OR whose time column is at or
+after W - lookback. So a row created after W is loaded by live ingest whatever its cursor: NULL
+(never updated), or older than its time column. Before the fix live ingest read ``cursor > W - lookback``
+only, and such rows were loaded by neither path.
+"""
+
+import datetime as dt
+
+import pytest
+from psycopg2 import sql
+
+from airflow_backfill_provider.live import advance_watermark, ensure_watermark_table, run_live_ingest
+from airflow_backfill_provider.planning import build_plan
+from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.transfer import transfer_chunk
+from tests.conftest import fetch_all
+
+W = "2024-01-05T00:00:00+00:00"  # live ingest starts here (start_from): the backfill is clipped at it
+
+
+def make_spec(src, dst, **over):
+    return load_spec(
+        dict(
+            name="ev", source_conn_id=src, destination_conn_id=dst, source_table="ev", destination_table="ev",
+            time_column="created_at", key_columns=["id"], version_column="updated_at",
+            live={"enabled": True, "start_from": W, "lookback_s": 0}, **over,
+        )
+    )
+
+
+def create(conn, time_type):
+    conn.cursor().execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS ev (id int PRIMARY KEY, created_at {t} NOT NULL, updated_at timestamptz, v text)")
+        .format(t=sql.SQL(time_type))  # a constant of this test
+    )
+
+
+def set_watermark(dst, value):
+    """As live ingest leaves it after a run up to ``value`` (through the one writer)."""
+    table = TableName.parse("public.backfill_watermarks")
+    ensure_watermark_table(dst, table)
+    with dst.cursor() as cur:
+        advance_watermark(cur, table, "public.ev", dt.datetime.fromisoformat(value))
+
+
+# cursor (updated_at) of each row, relative to its time column: all kinds must be loaded by one path
+CURSORS = {
+    "normal": "created_at::timestamptz + interval '1 minute'",
+    "null": "NULL",
+    "older than its time column": "'2023-06-01Z'",
+}
+
+
+@pytest.mark.parametrize("time_type", ["timestamptz", "timestamp", "date"])
+def test_rows_after_the_watermark_are_live_ingests_whatever_their_cursor(time_type, src_url, dst_url, pg):
+    src, dst = pg(src_url), pg(dst_url)
+    for conn in (src, dst):
+        create(conn, time_type)
+    # 10 days of rows, 2024-01-01 .. 01-10 (W is 01-05): every cursor kind on both sides of W
+    for i, (kind, expr) in enumerate(sorted(CURSORS.items())):
+        src.cursor().execute(
+            sql.SQL(
+                "INSERT INTO ev SELECT g * 10 + %s, ('2024-01-01Z'::timestamptz + (g - 1) * interval '1 day' + interval '3 hours')::{t},"
+                " NULL, %s FROM generate_series(1, 10) g"
+            ).format(t=sql.SQL(time_type)),
+            (i, kind),
+        )
+        src.cursor().execute(sql.SQL("UPDATE ev SET updated_at = {e} WHERE v = %s").format(e=sql.SQL(expr)), (kind,))
+    spec = make_spec(src_url, dst_url)
+    set_watermark(dst, W)  # live ingest has run up to W
+    plan = build_plan(spec, "2024-01-01", "2024-01-11", dst_conn=dst)
+    assert plan.clipped and plan.end.isoformat() == W
+    for chunk in plan.chunks:
+        transfer_chunk(spec, chunk)
+    live = run_live_ingest(spec)  # its next run
+    q = "SELECT v, count(*) FROM ev GROUP BY v ORDER BY v"
+    assert fetch_all(dst_url, q) == fetch_all(src_url, q) == [(k, 10) for k in sorted(CURSORS)]
+    assert fetch_all(dst_url, "SELECT t::text FROM ev t ORDER BY id") == fetch_all(src_url, "SELECT t::text FROM ev t ORDER BY id")
+    # live ingest took every row at or after W: 6 days x 3 cursor kinds (before the fix: the 6 "normal" ones)
+    assert live.rows_extracted == 18
+
+
+def test_a_late_update_older_than_the_lookback_needs_a_reprocess_of_its_range(src_url, dst_url, pg):
+    """A change whose cursor is older than W - lookback when it becomes visible, to a row from before W: live
+    ingest never reads it (by contract); the backfill does when its chunk is loaded again (reprocess)."""
+    src, dst = pg(src_url), pg(dst_url)
+    for conn in (src, dst):
+        create(conn, "timestamptz")
+    src.cursor().execute(
+        "INSERT INTO ev SELECT g, '2024-01-01Z'::timestamptz + g * interval '1 hour', '2024-01-01Z'::timestamptz"
+        " + g * interval '1 hour', 'v1' FROM generate_series(0, 95) g"
+    )
+    spec = make_spec(src_url, dst_url)
+    run_live_ingest(spec)
+    for chunk in build_plan(spec, "2024-01-01", "2024-01-10", dst_conn=dst).chunks:
+        transfer_chunk(spec, chunk)
+    same = "SELECT t::text FROM ev t ORDER BY id"
+    assert fetch_all(dst_url, same) == fetch_all(src_url, same)
+    # a backdated correction (e.g. a replayed import) to a row of 01-02, stamped long before W - lookback
+    src.cursor().execute("UPDATE ev SET v = 'late', updated_at = '2024-01-02T12:00Z' WHERE id = 30")
+    assert run_live_ingest(spec).rows_extracted == 0  # the documented limit: live ingest does not see it
+    assert build_plan(spec, "2024-01-02", "2024-01-03", dst_conn=dst).chunks == []  # that day is in the ledger
+    again = build_plan(spec, "2024-01-02", "2024-01-03", reprocess=True, dst_conn=dst)
+    assert [transfer_chunk(spec, c).updated for c in again.chunks] == [1]  # only the late row is rewritten
+    assert fetch_all(dst_url, same) == fetch_all(src_url, same)
+
+
+@pytest.mark.parametrize(
+    "type_sql, expected",
+    [
+        ("timestamp with time zone", "2024-03-10T06:30:00+00:00"),  # an instant stays an instant
+        ("timestamp without time zone", "2024-03-10T01:30:00"),  # wall time in the spec's timezone (EST)
+        ("date", "2024-03-10"),  # the local day containing it (>= that day: a superset, never less)
+    ],
+)
+def test_the_time_arm_bound_is_read_in_the_columns_own_type_and_the_spec_timezone(type_sql, expected):
+    from airflow_backfill_provider.live import time_lower_bound
+
+    lower = dt.datetime(2024, 3, 10, 6, 30, tzinfo=dt.timezone.utc)
+    assert time_lower_bound(type_sql, lower, "America/New_York").isoformat() == expected
