@@ -158,7 +158,7 @@ def test_a_cast_never_changes_a_value_silently(lossy_dbs, src_type, dst_type, va
 
 
 def test_the_refusal_names_both_types_the_key_the_values_and_the_fixes(lossy_dbs):
-    spec, table = make_case(lossy_dbs, "numeric(12,4)", "numeric(12,2)", "1.2345")
+    spec, _ = make_case(lossy_dbs, "numeric(12,4)", "numeric(12,2)", "1.2345")
     with pytest.raises(PermanentChunkError) as err:
         transfer_chunk(spec, CHUNK)
     assert str(err.value) == (
@@ -230,7 +230,7 @@ def test_every_pair_called_lossless_keeps_values_or_raises(lossy_dbs):
     from airflow_backfill_provider import casts, schema
     from airflow_backfill_provider.spec import TableName
 
-    src, dst, conns = lossy_dbs
+    _, dst, conns = lossy_dbs
     conn = conns[dst]
     names = {t: f"t{i}" for i, t in enumerate(TARGETS)}
     with conn.cursor() as cur:

@@ -215,8 +215,8 @@ def test_matrix_covers_citext_or_says_why(matrix_dbs):
 # Property: the upsert's change test says "changed" exactly when the representation differs (the text
 # of the value under one session), for types whose '=' is not identity or does not exist.
 # ------------------------------------------------------------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 _digits = st.integers(min_value=-10**6, max_value=10**6)
 _scale = st.integers(min_value=0, max_value=4)
@@ -250,10 +250,10 @@ PROPERTY_TYPES = {
     "real": (_float(32), lambda v: {"0": "-0", "-0": "0", "0.0": "-0.0", "-0.0": "0.0"}.get(v, v)),
     "interval": (
         st.builds(lambda d, h: f"{d} days {h} hours", st.integers(-40, 40), st.integers(-48, 48)),
-        lambda v: "{} hours".format(24 * int(v.split()[0]) + int(v.split()[2])),
+        lambda v: f"{24 * int(v.split()[0]) + int(v.split()[2])} hours",
     ),
-    "jsonb": (NUM.map(lambda n: '{"a": %s}' % n), lambda v: '{"a": %s}' % _more_zeros(v[6:-1])),
-    "json": (NUM.map(lambda n: '{"a": %s}' % n), lambda v: '{"a":%s}' % v[6:-1]),
+    "jsonb": (NUM.map(lambda n: f'{{"a": {n}}}'), lambda v: f'{{"a": {_more_zeros(v[6:-1])}}}'),
+    "json": (NUM.map(lambda n: f'{{"a": {n}}}'), lambda v: f'{{"a":{v[6:-1]}}}'),
     "numeric[]": (
         st.lists(NUMERIC.filter(lambda v: "Inf" not in v), max_size=3).map(lambda xs: "{" + ",".join(xs) + "}"),
         lambda v: "{" + ",".join(_more_zeros(x) for x in v[1:-1].split(",") if x) + "}",
