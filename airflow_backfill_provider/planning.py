@@ -84,9 +84,16 @@ def build_plan(
     granularity: str | None = None,
     reprocess: bool = False,
     dst_conn=None,
+    src_conn=None,
 ) -> Plan:
-    """Chunks for ``[start, end)``; with a destination connection: clip to the watermark and skip done chunks."""
-    granularity = check_granularity(granularity or spec.granularity)
+    """Chunks for ``[start, end)``; with a destination connection: clip to the watermark and skip done chunks.
+
+    With a source connection: size chunks from its statistics (``granularity: auto``, ``chunk_by: key``)
+    and add advice on the chosen size and the table's physical order to the notes (chunkplan.py).
+    """
+    granularity = granularity or spec.granularity
+    if granularity != "auto" and spec.chunk_by == "time":
+        check_granularity(granularity)
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
     if hi <= lo:
@@ -110,19 +117,19 @@ def build_plan(
                 if hi <= lo:
                     notes.append("the whole range is at or after the live watermark: nothing to backfill")
                     return Plan(lo, lo, granularity, [], [], wm, True, notes)
-    chunks = plan_chunks(lo, hi, granularity, spec.timezone, max_chunks=spec.max_chunks)
+    from airflow_backfill_provider import chunkplan
+
+    chunks, granularity = chunkplan.make_chunks(spec, lo, hi, granularity, notes, src_conn=src_conn, dst_conn=dst_conn)
     bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
     if bounds:
         chunks = split_at(chunks, bounds)
     skipped: list[Chunk] = []
     if dst_conn is not None and not reprocess:
-        done = {
-            (a.timestamp(), b.timestamp())
-            for a, b in ledger.done_ranges(dst_conn, TableName.parse(spec.ledger_table), str(spec.staging_target))
-        }
+        # covered by the union of ledger ranges, whatever chunking loaded them (coverage.py)
+        done = chunkplan.done_coverage(spec, dst_conn)
         todo = []
         for c in chunks:
-            (skipped if (c.start.timestamp(), c.end.timestamp()) in done else todo).append(c)
+            (skipped if chunkplan.is_done(done, c) else todo).append(c)
         chunks = todo
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")

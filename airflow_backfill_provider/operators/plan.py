@@ -70,7 +70,7 @@ class PlanBackfillOperator(BaseOperator):
             try:
                 plan = build_plan(
                     spec, start, end, granularity=_blank_to_none(self.granularity),
-                    reprocess=reprocess, dst_conn=dst,
+                    reprocess=reprocess, dst_conn=dst, src_conn=src,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
                 # (swap mode: against the live table; the parallel one is created LIKE it, below)
@@ -106,12 +106,21 @@ class PlanBackfillOperator(BaseOperator):
             spec.destination, plan.start, plan.end, plan.granularity, len(plan.chunks), len(plan.skipped),
             " (DRY RUN: nothing will be written)" if dry_run else "",
         )
-        for chunk in plan.chunks:
+        from airflow_backfill_provider import batches
+
+        for chunk in batches.loggable(plan.chunks):
             self.log.info("  chunk %-24s [%s, %s)", chunk.chunk_id, chunk.start, chunk.end)
         context["ti"].xcom_push(key="plan", value=plan.summary(dry_run=dry_run))
+        mapped = batches.descriptors(spec, plan.chunks, granularity=plan.granularity, reprocess=reprocess)
+        if len(mapped) < len(plan.chunks):
+            self.log.info(
+                "%d chunks run in %d batches (mapped task instances) of up to %d: over max_mapped_chunks=%d; "
+                "each chunk commits on its own, a retried batch skips the chunks already in the ledger",
+                len(plan.chunks), len(mapped), batches.batch_size(spec, len(plan.chunks)), spec.max_mapped_chunks,
+            )
         if dry_run:
             return []
-        return [c.to_descriptor() for c in plan.chunks]
+        return mapped
 
 
 def _one_per_source(spec: BackfillSpec, chunks):
