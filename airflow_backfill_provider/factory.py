@@ -61,8 +61,9 @@ def backfill_params(spec: BackfillSpec) -> dict[str, Any]:
             description="Day after the last day to load, YYYY-MM-DD: [start, end) is loaded.",
         ),
         "granularity": Param(
-            spec.granularity, type="string", enum=list(GRANULARITIES), title="Chunk size",
-            description="One mapped task instance per chunk.",
+            spec.granularity, type="string", enum=[*GRANULARITIES, "auto"], title="Chunk size",
+            description="One mapped task instance per chunk ('auto': sized from the source's statistics; "
+            "beyond max_mapped_chunks chunks run in batches). Ignored with chunk_by: key.",
         ),
         "reprocess": Param(False, type="boolean", title="Reprocess", description="Load chunks the ledger marks done."),
         "dry_run": Param(False, type="boolean", title="Dry run", description="List the chunks; write nothing."),
