@@ -11,7 +11,7 @@ Pure: estimates come in as functions and numbers (sourcestats.py reads them from
 
 So every chunk but the last holds between 0.5x and 1.5x the target *by estimate* (an hour that alone
 holds more than the target is its own chunk). Estimates come from a 100-bucket histogram; measured
-against real counts on a skewed table (tests/test_sizing.py) chunks stay within 0.25x-2x.
+against real counts on a skewed table (tests/test_sizing.py) chunks stay within 1/3x-2x.
 """
 
 from __future__ import annotations
