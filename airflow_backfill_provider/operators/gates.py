@@ -108,6 +108,8 @@ class ChunkGatesMixin:
                 self._window_gate(spec)  # a long batch may run into a blackout: stop between chunks
                 if src is None or src.closed:
                     src = open_source(spec, appname)
+                    # read-only by session default; autocommit spares a BEGIN and a ROLLBACK per chunk
+                    src.autocommit = True
                 if dst.closed:
                     dst = connect(spec.destination_conn_id, application_name=appname, lock_timeout_s=spec.lock_timeout_s)
                 if time.monotonic() - last_check >= spec.throttle.poll_interval:
