@@ -131,9 +131,10 @@ def done_rects(conn, ledger: TableName, target: str, key_column: str | None = No
             q = sql.SQL("SELECT range_start, range_end, key_column, key_lo, key_hi FROM {t} WHERE target_table = %s")
         else:
             q = sql.SQL("SELECT range_start, range_end, NULL, NULL, NULL FROM {t} WHERE target_table = %s")
+        q = q.format(t=t)
         if run_id is not None:  # a reprocess batch resuming: skip only what this run already loaded
             q = q + sql.SQL(" AND run_id = %s")
-        cur.execute(q.format(t=t), (target,) if run_id is None else (target, run_id))
+        cur.execute(q, (target,) if run_id is None else (target, run_id))
         out = []
         for a, b, col, lo, hi in cur.fetchall():
             lo = None if lo is None or lo == KEY_MIN else lo

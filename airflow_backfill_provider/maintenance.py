@@ -11,7 +11,6 @@ The progress views show other users' rows only to superusers and members of ``pg
 
 from __future__ import annotations
 
-import psycopg2
 from psycopg2 import sql
 
 from airflow_backfill_provider.spec import TableName
@@ -27,12 +26,10 @@ _QUERY = sql.SQL(
 def running(conn, table: TableName) -> list[str]:
     """What maintenance runs on ``table`` now, e.g. ``['VACUUM (scanning heap) pid 4242']``; [] when none.
 
-    Leaves a non-autocommit connection as it found it (no transaction left open).
+    On a non-autocommit session it runs in the caller's transaction (the chunk's COPY follows in the same
+    one, read committed: no snapshot is held over), sparing a round trip per chunk.
     """
-    was_idle = conn.autocommit or conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     with conn.cursor() as cur:
         cur.execute(_QUERY.format(t=sql.Literal(sql.Identifier(*table.parts).as_string(conn))))
         rows = cur.fetchall()
-    if was_idle and not conn.autocommit:
-        conn.rollback()
     return [f"{what} pid {pid}" for what, pid in rows]
