@@ -140,3 +140,29 @@ def test_a_key_in_physical_order_is_recommended_over_scattered_time_chunks(src_u
                  "2023-01-01", "2024-01-01")
     note = [n for n in plan.notes if "not in created_at order" in n]
     assert note and "use chunk_by: key (id has correlation 1.00, indexed)" in note[0], plan.notes
+
+
+def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
+    """target_chunk_seconds: once the ledger holds chunks, target = measured rows/s x seconds."""
+    import datetime as dt
+
+    from airflow_backfill_provider import ledger
+    from airflow_backfill_provider.spec import TableName
+
+    src, dst = skewed
+    spec = _spec(src, dst, granularity="auto", target_chunk_rows=500, target_chunk_seconds=2)
+    first = _plan(spec, src, dst, "2022-01-01", "2024-01-01")
+    assert any("no chunk in the ledger yet" in n for n in first.notes)
+    conn = psycopg2.connect(dst)
+    t = TableName.parse(spec.ledger_table)
+    ledger.ensure_table(conn, t)
+    with conn.cursor() as cur:  # one chunk measured 2,000 rows in 1 s, outside the planned range
+        day = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+        ledger.record(cur, t, target="orders", chunk_id="x", start=day, end=day + dt.timedelta(days=1),
+                      stats={"extracted": 2000, "inserted": 2000, "updated": 0, "unchanged": 0, "seconds": 1.0},
+                      dag_id="d", run_id="r")
+    conn.commit()
+    conn.close()
+    second = _plan(spec, src, dst, "2022-01-01", "2024-01-01")
+    assert any("target 4000 rows per chunk = 2,000 rows/s measured over the last 1 chunk(s)" in n for n in second.notes)
+    assert len(second.chunks) < len(first.chunks) / 4
