@@ -64,6 +64,13 @@ def create_staging(stage: str, destination: TableName, columns: Sequence[str]) -
     )
 
 
+def create_staging_kept(stage: str, destination: TableName, columns: Sequence[str]) -> sql.Composed:
+    """Like :func:`create_staging`, kept for the session and emptied at each commit (a batch's chunks)."""
+    return sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT DELETE ROWS AS SELECT {c} FROM {dest} WITH NO DATA").format(
+        stage=sql.Identifier(stage), c=cols(columns), dest=ident(destination)
+    )
+
+
 def upsert(
     destination: TableName,
     stage: str,
