@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pendulum
 
-from airflow_backfill_provider import ledger, watermark
-from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, plan_chunks, split_at, to_datetime
+from airflow_backfill_provider import watermark
+from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, split_at, to_datetime
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
@@ -92,8 +92,8 @@ def build_plan(
     and add advice on the chosen size and the table's physical order to the notes (chunkplan.py).
     """
     granularity = granularity or spec.granularity
-    if granularity != "auto" and spec.chunk_by == "time":
-        check_granularity(granularity)
+    if granularity != "auto":
+        check_granularity(granularity)  # also with chunk_by: key (which ignores it): refuse junk params
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
     if hi <= lo:

@@ -92,9 +92,8 @@ class BackfillChunkOperator(ChunkGatesMixin, BaseOperator):
         from airflow_backfill_provider.chunks import Chunk
         from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.transfer import application_name
-
         from airflow_backfill_provider.batches import is_batch
+        from airflow_backfill_provider.transfer import application_name
 
         spec = load_spec(self.spec)
         if is_batch(self.chunk):
