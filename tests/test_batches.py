@@ -138,3 +138,34 @@ def test_17520_hours_from_one_trigger_then_the_failed_hour_alone(two_years_of_ho
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger WHERE finished_at > %s", (fixed_at,)) == [(1,)]
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger") == [(17520,)]
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(17520,)]
+
+
+def test_a_batch_goes_past_a_bad_chunk_and_its_retry_loads_only_that_chunk(src_url, dst_url, pg):
+    """The batch semantics of the 17,520-hour test, fast: 120 hours in batches of 40, one bad hour."""
+    from airflow_backfill_provider.compat import DAG, AirflowFailException
+    from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
+
+    seed_orders(pg(src_url), rows=240, days=5, start=dt.date(2022, 1, 1))  # two rows per hour
+    create_orders(pg(dst_url))
+    pg(dst_url).cursor().execute("ALTER TABLE orders ALTER status TYPE varchar(8)")
+    pg(src_url).cursor().execute("UPDATE orders SET status = 'cancelled-by-fraud-check' WHERE id = 50")
+    spec = load_spec({**BASE, "source_conn_id": src_url, "destination_conn_id": dst_url, "granularity": "hour",
+                      "max_mapped_chunks": 10, "max_batches": 3, "watermark": {"enabled": False}})
+    mapped = batches.descriptors(spec, plan_chunks("2022-01-01", "2022-01-06", "hour", "UTC"), granularity="hour")
+    assert len(mapped) == 3
+
+    def run(descriptor):
+        with DAG(dag_id="bf_batch", schedule=None, start_date=pendulum.datetime(2022, 1, 1)):
+            op = BackfillChunkOperator(task_id="load_chunk", spec=spec.model_dump(mode="json"), chunk=descriptor)
+        return op.execute({})
+
+    with pytest.raises(AirflowFailException, match=r"1 of 40 chunk\(s\) failed, the other 39 are committed") as err:
+        run(mapped[0])
+    assert "2022-01-02T00:00+00:00" in str(err.value) and "status" in str(err.value)
+    assert [run(d)["loaded"] for d in mapped[1:]] == [40, 40]
+    assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger") == [(119,)]
+    pg(src_url).cursor().execute("UPDATE orders SET status = 'new' WHERE id = 50")
+    fixed_at = fetch_all(dst_url, "SELECT now()")[0][0]
+    assert run(mapped[0]) == {"batch": mapped[0]["chunk_id"], "chunks": 40, "loaded": 1, "rows": 2}
+    assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger WHERE finished_at > %s", (fixed_at,)) == [(1,)]
+    assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(240,)]
