@@ -43,7 +43,7 @@ def seed(url: str, rows: int) -> None:
                    ((g * 37) %% 100000) / 100.0, t, t + (g %% 3600) * interval '1 second',
                    'order ' || g || ': ' || repeat(md5(g::text), 2)
                FROM (SELECT g, %(start)s::timestamptz + random() * interval '731 days' AS t
-                     FROM generate_series(1, %(rows)s) g) s""",
+                     FROM generate_series(1::bigint, %(rows)s) g) s""",
             {"start": START, "rows": rows},
         )
         cur.execute("ALTER TABLE orders ADD PRIMARY KEY (id)")
