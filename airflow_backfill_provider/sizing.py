@@ -132,7 +132,8 @@ def advice(
                 if key_column and key_corr is not None and abs(key_corr) > 0.9 else ""
             )
             notes.append(
-                f"the table is not in {time_column} order (pg_stats.correlation {time_corr if time_corr is not None else 'unknown'}"
+                f"the table is not in {time_column} order (pg_stats.correlation "
+                f"{'unknown' if time_corr is None else format(time_corr, '.2f')}"
                 f"): each time chunk of ~{per_chunk:,.0f} rows would read ~{touched / pages:.0%} of the table's "
                 f"{pages:,} pages, so every chunk costs about a full scan{key_hint}."
             )
