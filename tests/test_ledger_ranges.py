@@ -66,3 +66,33 @@ def test_measured_rate_reads_recent_non_empty_chunks(dst_url):
         assert ledger.measured_rate(conn, T, "public.orders") == (2000.0, 2)
     finally:
         conn.close()
+
+
+def test_day_chunks_in_the_ledger_cover_a_week_plan_on_real_postgres(src_url, dst_url, pg):
+    """Resume across plan changes: switching day -> week reloads nothing already covered."""
+    from airflow_backfill_provider.demo import create_orders, seed_orders
+    from airflow_backfill_provider.planning import build_plan
+    from airflow_backfill_provider.spec import load_spec
+    from airflow_backfill_provider.transfer import transfer_chunk
+
+    seed_orders(pg(src_url), rows=600, days=31, start=dt.date(2024, 1, 1))
+    create_orders(pg(dst_url))
+    spec = load_spec(dict(
+        name="orders", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
+        destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
+        watermark={"enabled": False},
+    ))
+
+    def plan(granularity, start="2024-01-01", end="2024-01-15"):
+        d = psycopg2.connect(dst_url)
+        try:
+            return build_plan(spec, start, end, granularity=granularity, dst_conn=d)
+        finally:
+            d.close()
+
+    for c in plan("day").chunks:  # 14 days: 2024-01-01 (a Monday) .. 2024-01-14
+        transfer_chunk(spec, c)
+    weeks = plan("week")
+    assert weeks.chunks == [] and len(weeks.skipped) == 2
+    month = plan("month", end="2024-02-01")
+    assert [c.chunk_id for c in month.chunks] == ["2024-01"]  # partly covered: loaded again, idempotently
