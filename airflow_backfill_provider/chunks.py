@@ -11,7 +11,7 @@ wall clock, so on a fall-back night ``01:00-04:00 == 01:00-05:00`` (docs/time.md
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import pendulum
@@ -31,18 +31,35 @@ class Chunk:
     chunk_id: str
     start: pendulum.DateTime
     end: pendulum.DateTime
+    #: chunk_by: key (keyranges.py): the chunk is also ``key_column >= key_lo AND key_column < key_hi``;
+    #: None = unbounded on that side, so the key ranges of a plan cover every key exactly once
+    key_column: str | None = None
+    key_lo: int | None = None
+    key_hi: int | None = None
 
-    def to_descriptor(self) -> dict[str, str]:
+    @property
+    def keyed(self) -> bool:
+        return self.key_column is not None
+
+    def to_descriptor(self) -> dict:
         """The small, JSON-safe dict that travels through XCom to one mapped task instance."""
-        return {"chunk_id": self.chunk_id, "start": self.start.isoformat(), "end": self.end.isoformat()}
+        d = {"chunk_id": self.chunk_id, "start": self.start.isoformat(), "end": self.end.isoformat()}
+        if self.keyed:
+            d["key"] = [self.key_column, self.key_lo, self.key_hi]
+        return d
 
     @classmethod
     def from_descriptor(cls, d: dict) -> "Chunk":
         try:
-            return cls(str(d["chunk_id"]), pendulum.parse(d["start"]), pendulum.parse(d["end"]))
-        except (KeyError, TypeError, ValueError) as err:
+            key = d.get("key") or [None, None, None]
+            col, lo, hi = str(key[0]) if key[0] is not None else None, key[1], key[2]
+            if any(v is not None and not isinstance(v, int) for v in (lo, hi)):
+                raise TypeError("key bounds must be integers or null")
+            return cls(str(d["chunk_id"]), pendulum.parse(d["start"]), pendulum.parse(d["end"]), col, lo, hi)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
             raise PlanError(
                 f"bad chunk descriptor {d!r}: expected keys chunk_id, start, end (ISO timestamps)"
+                " and optionally key: [column, lo, hi]"
             ) from err
 
 
@@ -174,8 +191,9 @@ def plan_chunks(start, end, granularity: str, tz_name: str, *, max_chunks: int =
             hint = f"use a coarser granularity ({' or '.join(repr(g) for g in coarser)}), " if coarser else ""
             raise PlanError(
                 f"range [{start}, {end}) at granularity={granularity!r} makes more than max_chunks={max_chunks} "
-                f"chunks (Airflow's [core] max_map_length caps mapped tasks); {hint}a shorter range, "
-                "or raise [core] max_map_length and the spec's max_chunks together"
+                f"chunks (a safety cap on one plan; beyond max_mapped_chunks, under Airflow's [core] "
+                f"max_map_length, chunks already run in batches); {hint}granularity: auto, a shorter range, "
+                "or raise the spec's max_chunks"
             )
     return chunks
 
@@ -198,5 +216,5 @@ def split_at(chunks: list[Chunk], boundaries: list[pendulum.DateTime]) -> list[C
             continue
         edges = [chunk.start, *cuts, chunk.end]
         for a, b in zip(edges, edges[1:]):
-            out.append(Chunk(f"{chunk.chunk_id}@{a.format('YYYY-MM-DDTHH:mm')}", a, b))
+            out.append(replace(chunk, chunk_id=f"{chunk.chunk_id}@{a.format('YYYY-MM-DDTHH:mm')}", start=a, end=b))
     return out

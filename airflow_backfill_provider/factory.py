@@ -34,6 +34,8 @@ Chunks of one **{gran}** (timezone `{tz}`), half-open `[start, end)`, loaded new
   and writes nothing; `reprocess` loads chunks again even if the ledger says they are done.
 * **Backfill command** over a range uses each run's data interval (one {gran} per run).
 * **Retry a chunk**: clear its failed mapped task instance (labelled by its date) in the grid.
+* **Many chunks** (more than {maxmapped}): each mapped task instance is a batch of consecutive chunks,
+  labelled by its range; each chunk commits alone, and clearing a batch reruns only its chunks not in the ledger.
 * **Deferred** (purple) chunks are waiting for the source's load to drop or for their pacing turn,
   without holding a worker; a chunk that met critical load failed on purpose and is not retried.
 {swap}
@@ -62,8 +64,9 @@ def backfill_params(spec: BackfillSpec) -> dict[str, Any]:
             description="Day after the last day to load, YYYY-MM-DD: [start, end) is loaded.",
         ),
         "granularity": Param(
-            spec.granularity, type="string", enum=list(GRANULARITIES), title="Chunk size",
-            description="One mapped task instance per chunk.",
+            spec.granularity, type="string", enum=[*GRANULARITIES, "auto"], title="Chunk size",
+            description="One mapped task instance per chunk ('auto': sized from the source's statistics; "
+            "beyond max_mapped_chunks chunks run in batches). Ignored with chunk_by: key.",
         ),
         "reprocess": Param(False, type="boolean", title="Reprocess", description="Load chunks the ledger marks done."),
         "dry_run": Param(False, type="boolean", title="Dry run", description="List the chunks; write nothing."),
@@ -92,6 +95,7 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
         doc_md=DOC.format(
             dest=spec.destination_table, src=spec.source_table, gran=spec.granularity, tz=spec.timezone,
             version=spec.version_column or f"no version column: {spec.conflict_policy}", pool=spec.pool,
+            maxmapped=spec.max_mapped_chunks,
             swap=SWAP_DOC.format(dest=spec.destination_table, par=spec.staging_target) if spec.mode == "swap" else "",
         ),
         max_active_tasks=16,

@@ -39,13 +39,20 @@ _COLUMNS = sql.SQL(
     run_id         text,
     finished_at    timestamptz NOT NULL DEFAULT now(),
     backfill       jsonb,
-    PRIMARY KEY (target_table, backfill_key, range_start, range_end)"""
+    key_column     text,
+    key_lo         bigint      NOT NULL DEFAULT -9223372036854775808,
+    key_hi         bigint      NOT NULL DEFAULT 9223372036854775807,
+    PRIMARY KEY (target_table, backfill_key, range_start, range_end, key_lo, key_hi)"""
 )
 
-# one lookup per chunk: does the ledger exist, and is it of this release (has backfill_key)?
+#: a chunk's key range [key_lo, key_hi) in the ledger; time chunks (and open ends) use these sentinels
+KEY_MIN, KEY_MAX = -(2**63), 2**63 - 1
+_PK = ("target_table", "backfill_key", "range_start", "range_end", "key_lo", "key_hi")
+
+# one lookup per chunk: does the ledger exist, and is it of this release (backfill_key and key ranges)?
 _STATE = """
-SELECT r IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute
-                               WHERE attrelid = r AND attname = 'backfill_key' AND NOT attisdropped)
+SELECT r IS NOT NULL, (SELECT count(*) = 2 FROM pg_attribute
+                        WHERE attrelid = r AND attname IN ('backfill_key', 'key_hi') AND NOT attisdropped)
 FROM (SELECT to_regclass(%s) AS r) AS t
 """
 
@@ -68,44 +75,54 @@ def ensure_table(conn, ledger: TableName) -> None:
 
 
 def _migrate(cur, ledger: TableName) -> None:
-    """Previous release -> this one: add the key columns, re-key the primary key. Idempotent."""
+    """Previous releases -> this one: add the identity and key-range columns, re-key the primary key. Idempotent."""
     t = sql.Identifier(*ledger.parts)
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS backfill_key text NOT NULL DEFAULT ''").format(t=t))
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS backfill jsonb").format(t=t))
+    cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_column text").format(t=t))
+    cur.execute(sql.SQL(
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_lo bigint NOT NULL DEFAULT -9223372036854775808").format(t=t))
+    cur.execute(sql.SQL(
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_hi bigint NOT NULL DEFAULT 9223372036854775807").format(t=t))
     cur.execute(
-        """SELECT c.conname, 'backfill_key' = ANY (SELECT a.attname FROM pg_attribute a
-                                                 WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey))
+        """SELECT c.conname, ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                   WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) ORDER BY a.attname)
              FROM pg_constraint c WHERE c.conrelid = to_regclass(%s) AND c.contype = 'p'""",
         (t.as_string(cur),),
     )
     row = cur.fetchone()
-    if row is not None and row[1]:
+    if row is not None and sorted(row[1]) == sorted(_PK):
         return
     if row is not None:
         cur.execute(sql.SQL("ALTER TABLE {t} DROP CONSTRAINT {c}").format(t=t, c=sql.Identifier(row[0])))
-    cur.execute(
-        sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY (target_table, backfill_key, range_start, range_end)").format(t=t)
-    )
+    cur.execute(sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY ({k})").format(t=t, k=sql.SQL(", ").join(map(sql.Identifier, _PK))))
 
 
-def record(cur, ledger: TableName, *, backfill: BackfillIdentity, chunk_id: str, start, end, stats: dict, dag_id, run_id) -> None:
+def record(
+    cur, ledger: TableName, *, backfill: BackfillIdentity, chunk_id: str, start, end, stats: dict, dag_id, run_id,
+    key_column: str | None = None, key_lo: int | None = None, key_hi: int | None = None,
+) -> None:
     """Insert or refresh this chunk's row; call inside the chunk's transaction, before commit."""
     cur.execute(
         sql.SQL(
             """INSERT INTO {t} AS l (target_table, backfill_key, range_start, range_end, chunk_id, rows_extracted,
-                   rows_inserted, rows_updated, rows_unchanged, seconds, dag_id, run_id, backfill)
+                   rows_inserted, rows_updated, rows_unchanged, seconds, dag_id, run_id, backfill,
+                   key_column, key_lo, key_hi)
                VALUES (%(target)s, %(key)s, %(start)s, %(end)s, %(chunk_id)s, %(extracted)s, %(inserted)s,
-                   %(updated)s, %(unchanged)s, %(seconds)s, %(dag_id)s, %(run_id)s, %(backfill)s)
-               ON CONFLICT (target_table, backfill_key, range_start, range_end) DO UPDATE SET
+                   %(updated)s, %(unchanged)s, %(seconds)s, %(dag_id)s, %(run_id)s, %(backfill)s,
+                   %(key_column)s, %(key_lo)s, %(key_hi)s)
+               ON CONFLICT (target_table, backfill_key, range_start, range_end, key_lo, key_hi) DO UPDATE SET
                    chunk_id = EXCLUDED.chunk_id, rows_extracted = EXCLUDED.rows_extracted,
                    rows_inserted = EXCLUDED.rows_inserted, rows_updated = EXCLUDED.rows_updated,
                    rows_unchanged = EXCLUDED.rows_unchanged, seconds = EXCLUDED.seconds,
                    dag_id = EXCLUDED.dag_id, run_id = EXCLUDED.run_id, finished_at = now(),
-                   backfill = EXCLUDED.backfill"""
+                   backfill = EXCLUDED.backfill, key_column = EXCLUDED.key_column"""
         ).format(t=sql.Identifier(*ledger.parts)),
         {
             "target": backfill.target, "key": backfill.key, "backfill": json.dumps(backfill.description),
-            "start": start, "end": end, "chunk_id": chunk_id, "dag_id": dag_id, "run_id": run_id, **stats,
+            "start": start, "end": end, "chunk_id": chunk_id, "dag_id": dag_id, "run_id": run_id,
+            "key_column": key_column, "key_lo": KEY_MIN if key_lo is None else key_lo,
+            "key_hi": KEY_MAX if key_hi is None else key_hi, **stats,
         },
     )
 
@@ -119,17 +136,65 @@ def is_current(conn, ledger: TableName) -> bool:
 
 
 def done_ranges(conn, ledger: TableName, backfill: BackfillIdentity) -> set[tuple[dt.datetime, dt.datetime]]:
-    """Ranges this backfill already loaded; an absent (or legacy-only) ledger means nothing is done yet."""
+    """Time ranges this backfill already loaded (whole key space); an absent or legacy ledger: nothing yet."""
     if not is_current(conn, ledger):
         return set()
     with conn.cursor() as cur:
         cur.execute(
-            sql.SQL("SELECT range_start, range_end FROM {t} WHERE target_table = %s AND backfill_key = %s").format(
-                t=sql.Identifier(*ledger.parts)
-            ),
-            (backfill.target, backfill.key),
+            sql.SQL("SELECT range_start, range_end FROM {t} WHERE target_table = %s AND backfill_key = %s"
+                    " AND key_lo = %s AND key_hi = %s").format(t=sql.Identifier(*ledger.parts)),
+            (backfill.target, backfill.key, KEY_MIN, KEY_MAX),
         )
         return {(a, b) for a, b in cur.fetchall()}
+
+
+def done_rects(conn, ledger: TableName, backfill: BackfillIdentity, key_column: str | None = None,
+               run_id: str | None = None):
+    """This backfill's ledger rows as coverage rectangles (coverage.py); read-only. An absent or
+    previous-release ledger covers nothing (its rows count as done for no backfill). Rows cut on another
+    key column than ``key_column`` cover nothing here (their ranges mean other rows)."""
+    from airflow_backfill_provider.coverage import rect
+
+    if not is_current(conn, ledger):
+        return []
+    q = sql.SQL(
+        "SELECT range_start, range_end, key_column, key_lo, key_hi FROM {t}"
+        " WHERE target_table = %s AND backfill_key = %s"
+    ).format(t=sql.Identifier(*ledger.parts))
+    args: tuple = (backfill.target, backfill.key)
+    if run_id is not None:  # a reprocess batch resuming: skip only what this run already loaded
+        q = q + sql.SQL(" AND run_id = %s")
+        args += (run_id,)
+    with conn.cursor() as cur:
+        cur.execute(q, args)
+        out = []
+        for a, b, col, lo, hi in cur.fetchall():
+            lo = None if lo is None or lo == KEY_MIN else lo
+            hi = None if hi is None or hi == KEY_MAX else hi
+            if (lo is not None or hi is not None) and col != key_column:
+                continue
+            out.append(rect(a, b, lo, hi))
+        return out
+
+
+def measured_rate(conn, ledger: TableName, target: str, *, last: int = 50) -> tuple[float, int] | None:
+    """(rows/s, chunks) over the last ``last`` non-trivial chunks into ``target`` (resolved relation, any
+    backfill): what auto sizing learns from."""
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, ledger):
+            return None
+        cur.execute(
+            sql.SQL(
+                "SELECT sum(rows_extracted), sum(seconds), count(*) FROM (SELECT rows_extracted, seconds FROM {t}"
+                " WHERE target_table = %s AND rows_extracted > 0 AND seconds > 0"
+                " ORDER BY finished_at DESC LIMIT %s) AS recent"
+            ).format(t=sql.Identifier(*ledger.parts)),
+            (target, last),
+        )
+        rows, seconds, n = cur.fetchone()
+    if not n or not seconds:
+        return None
+    return float(rows) / float(seconds), int(n)
 
 
 def forget(conn, ledger: TableName, target: str) -> None:

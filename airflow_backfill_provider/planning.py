@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pendulum
 
 from airflow_backfill_provider import ledger, watermark
-from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, plan_chunks, split_at, to_datetime, utc
+from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, split_at, to_datetime, utc
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
@@ -89,9 +89,13 @@ def build_plan(
     """Chunks for ``[start, end)``; with a destination connection: clip to the watermark and skip done chunks.
 
     Skipping needs the backfill's identity, read on the source too: ``src_conn``, else a short
-    read-only session on ``spec.source_conn_id`` is opened for it.
+    read-only session on ``spec.source_conn_id`` is opened for it. With a source connection: size
+    chunks from its statistics (``granularity: auto``, ``chunk_by: key``) and add advice on the chosen
+    size and the table's physical order to the notes (chunkplan.py).
     """
-    granularity = check_granularity(granularity or spec.granularity)
+    granularity = granularity or spec.granularity
+    if granularity != "auto":
+        check_granularity(granularity)  # also with chunk_by: key (which ignores it): refuse junk params
     lo = to_datetime(start, spec.timezone, what="start")
     hi = to_datetime(end, spec.timezone, what="end")
     if utc(hi) <= utc(lo):  # instants: on a fall-back night 01:00-04:00 == 01:00-05:00 by wall clock
@@ -115,20 +119,19 @@ def build_plan(
                 if utc(hi) <= utc(lo):  # instants: on a fall-back night 01:00-04:00 == 01:00-05:00 by wall clock
                     notes.append("the whole range is at or after the live watermark: nothing to backfill")
                     return Plan(lo, lo, granularity, [], [], wm, True, notes)
-    chunks = plan_chunks(lo, hi, granularity, spec.timezone, max_chunks=spec.max_chunks)
+    from airflow_backfill_provider import chunkplan
+
+    chunks, granularity = chunkplan.make_chunks(spec, lo, hi, granularity, notes, src_conn=src_conn, dst_conn=dst_conn)
     bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
     if bounds:
         chunks = split_at(chunks, bounds)
     skipped: list[Chunk] = []
-    ledger_table = TableName.parse(spec.ledger_table)
-    if dst_conn is not None and not reprocess and ledger.is_current(dst_conn, ledger_table):
-        done = {
-            (a.timestamp(), b.timestamp())
-            for a, b in ledger.done_ranges(dst_conn, ledger_table, _identity(spec, src_conn, dst_conn))
-        }
+    if dst_conn is not None and not reprocess and ledger.is_current(dst_conn, TableName.parse(spec.ledger_table)):
+        # covered by the union of this backfill's ledger ranges, whatever chunking loaded them (coverage.py)
+        done = chunkplan.done_coverage(spec, dst_conn, backfill=_identity(spec, src_conn, dst_conn))
         todo = []
         for c in chunks:
-            (skipped if (c.start.timestamp(), c.end.timestamp()) in done else todo).append(c)
+            (skipped if chunkplan.is_done(done, c) else todo).append(c)
         chunks = todo
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")

@@ -202,6 +202,30 @@ class HistoricalRange(_Strict):
         return v
 
 
+class WindowsSpec(_Strict):
+    """Maintenance windows (docs/chunking.md): when chunks may start, and waiting out VACUUM/ANALYZE.
+
+    ``allowed``: daily ranges ``"HH:MM-HH:MM"`` (seconds optional; may wrap midnight) in which a chunk
+    may start; empty means any time. ``blackout``: daily ranges, or absolute ones
+    ``"YYYY-MM-DDTHH:MM/YYYY-MM-DDTHH:MM"``, in which no chunk starts. Outside, a chunk defers (no worker
+    slot) until the window opens. ``wait_for_maintenance``: while the source table is being vacuumed or
+    analyzed, a chunk defers, bounded by ``throttle.max_wait`` like the load wait.
+    """
+
+    allowed: list[str] = Field(default_factory=list)
+    blackout: list[str] = Field(default_factory=list)
+    #: IANA timezone of the windows; default: the spec's timezone
+    timezone: str | None = None
+    wait_for_maintenance: bool = True
+
+    @model_validator(mode="after")
+    def _parse(self):
+        from airflow_backfill_provider.windows import parse_windows
+
+        parse_windows(self.allowed, self.blackout, self.timezone or "UTC")  # raises naming the bad entry
+        return self
+
+
 class BackfillSpec(_Strict):
     """Everything needed to backfill one table. Build with :func:`load_spec` for readable errors."""
 
@@ -215,14 +239,28 @@ class BackfillSpec(_Strict):
     key_columns: list[str] = Field(min_length=1)
     version_column: str | None = None
     columns: list[str] | None = None
-    granularity: Literal["hour", "day", "week", "month"] = "day"
+    granularity: Literal["hour", "day", "week", "month", "auto"] = "day"
+    #: 'time': calendar chunks of time_column; 'key': half-open ranges of an integer key (docs/chunking.md)
+    chunk_by: Literal["time", "key"] = "time"
+    #: chunk_by: key: the integer column to cut; default: the single key column
+    key_column: str | None = None
+    #: auto sizing (granularity: auto, chunk_by: key): rows per chunk to aim for, from source statistics
+    target_chunk_rows: int = Field(200_000, ge=1)
+    #: auto sizing from the ledger's measured rows/s once chunks have run (overrides target_chunk_rows then)
+    target_chunk_seconds: float | None = Field(None, gt=0)
+    #: above this many chunks, chunks run in batches (several per mapped task instance, each committed alone)
+    max_mapped_chunks: int = Field(DEFAULT_MAX_CHUNKS, ge=1, le=DEFAULT_MAX_CHUNKS)
+    #: how many mapped task instances (batches) at most when chunks run in batches
+    max_batches: int = Field(256, ge=1, le=DEFAULT_MAX_CHUNKS)
+    windows: WindowsSpec = Field(default_factory=WindowsSpec)
     timezone: str = "UTC"
     #: earliest date the DAG's timetable knows (backfill commands need a start_date)
     start_date: dt.date = dt.date(2020, 1, 1)
     #: cron for scheduled/backfill runs; default follows granularity (one run per chunk period)
     schedule: str | None = None
     pool: str = "backfill_source"
-    max_chunks: int = Field(DEFAULT_MAX_CHUNKS, ge=1)
+    #: safety cap on one plan (chunks beyond max_mapped_chunks run in batches)
+    max_chunks: int = Field(100_000, ge=1)
     #: Pattern A 'upsert' into the live table, or Pattern B 'swap' via <table>_backfill and a final merge
     mode: Literal["upsert", "swap"] = "upsert"
     #: tables without version_column: 'live_wins' (DO NOTHING) or 'backfill_wins' (overwrite if different)
@@ -308,12 +346,25 @@ class BackfillSpec(_Strict):
         cursor = self.live_cursor_column
         if self.columns is not None and cursor not in self.columns:
             raise ValueError(f"live.cursor_column {cursor!r} must be one of columns {self.columns}")
+        if self.chunk_by == "key" and self.key_column is None and len(self.key_columns) != 1:
+            raise ValueError(
+                f"chunk_by: key needs key_column (an integer column) when key_columns has several ({self.key_columns})"
+            )
         bounds = [h.until for h in self.historical]
         if bounds != sorted(bounds):
             raise ValueError("historical ranges must be listed in increasing 'until' order")
         return self
 
     # --- derived -------------------------------------------------------------------------------
+    @property
+    def effective_key_column(self) -> str:
+        """chunk_by: key cuts this column (checked to be an integer at plan time)."""
+        return self.key_column or self.key_columns[0]
+
+    @property
+    def windows_timezone(self) -> str:
+        return self.windows.timezone or self.timezone
+
     @property
     def effective_dag_id(self) -> str:
         return self.dag_id or f"backfill_{self.name}"
@@ -350,6 +401,7 @@ class BackfillSpec(_Strict):
             "day": "0 0 * * *",
             "week": "0 0 * * 1",
             "month": "0 0 1 * *",
+            "auto": "0 0 * * *",
         }[self.granularity]
 
 
@@ -359,6 +411,7 @@ _NESTED = {
     "live": LiveSpec,
     "validation": ValidationSpec,
     "historical": HistoricalRange,
+    "windows": WindowsSpec,
 }
 
 

@@ -64,9 +64,11 @@ def _fmt(fmt: str) -> sql.SQL:
 
 
 def create_staging(
-    stage: str, destination: TableName, columns: Sequence[str], stage_types: Sequence[str | None] | None = None
+    stage: str, destination: TableName, columns: Sequence[str], stage_types: Sequence[str | None] | None = None,
+    *, keep: bool = False,
 ) -> sql.Composed:
-    """A temp table with exactly the destination's column types, dropped at commit (or rollback).
+    """A temp table with exactly the destination's column types, dropped at commit (or rollback); with
+    ``keep``: kept for the session and emptied at each commit (a batch's chunks).
 
     ``stage_types[i]`` (from the catalogs, see casts.py): another type for column i, the one the source
     sends, when the cast to the destination type runs in the destination.
@@ -78,8 +80,9 @@ def create_staging(
         )
     else:
         select = cols(columns)
-    return sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {c} FROM {dest} WITH NO DATA").format(
-        stage=sql.Identifier(stage), c=select, dest=ident(destination)
+    on_commit = sql.SQL("DELETE ROWS" if keep else "DROP")  # constant from a closed set
+    return sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT {oc} AS SELECT {c} FROM {dest} WITH NO DATA").format(
+        stage=sql.Identifier(stage), oc=on_commit, c=select, dest=ident(destination)
     )
 
 

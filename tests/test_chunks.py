@@ -71,7 +71,7 @@ def test_too_many_chunks_says_what_to_change():
     with pytest.raises(PlanError) as err:
         plan_chunks("2000-01-01", "2026-01-01", "day", "UTC")
     msg = str(err.value)
-    assert "max_chunks=1024" in msg and "max_map_length" in msg and "'week'" in msg
+    assert "max_chunks=1024" in msg and "batches" in msg and "'week'" in msg
 
 
 def test_descriptor_round_trip_is_small_and_exact():

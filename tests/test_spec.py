@@ -22,7 +22,7 @@ def test_valid_spec_and_defaults():
 @pytest.mark.parametrize(
     "change, fragments",
     [
-        ({"granularity": "year"}, ["granularity", "'hour', 'day', 'week' or 'month'"]),
+        ({"granularity": "year"}, ["granularity", "'hour', 'day', 'week', 'month' or 'auto'"]),
         ({"timezone": "Mars/Olympus"}, ["timezone", "IANA"]),
         ({"key_columns": []}, ["key_columns"]),
         ({"mode": "merge"}, ["mode", "'upsert' or 'swap'"]),

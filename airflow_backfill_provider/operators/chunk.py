@@ -7,13 +7,14 @@ from typing import Any, Sequence
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
 from airflow_backfill_provider.connections import close_all
 from airflow_backfill_provider.lineage import LineageMixin
+from airflow_backfill_provider.operators.gates import ChunkGatesMixin
 from airflow_backfill_provider.spec import BackfillSpec
 
 #: label each mapped task instance by its chunk in the grid (instead of 0, 1, 2 ...)
 MAP_INDEX_TEMPLATE = "{{ task.chunk['chunk_id'] }}"
 
 
-class BackfillChunkOperator(LineageMixin, BaseOperator):
+class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
     """Stream one chunk from source to destination and upsert it newer-wins, in one transaction.
 
     Transient failures (connection lost, serialization failure, deadlock, timeouts) raise and are
@@ -29,7 +30,11 @@ class BackfillChunkOperator(LineageMixin, BaseOperator):
     waits inside a worker.
 
     :param spec: the backfill spec (dict or :class:`BackfillSpec`).
-    :param chunk: a descriptor from the plan task: ``{"chunk_id", "start", "end"}``.
+    :param chunk: a descriptor from the plan task: ``{"chunk_id", "start", "end"}`` (plus ``key`` for a
+        key range), or a batch of chunks (``{"chunk_id", "batch"}``, batches.py) run one after the other.
+
+    Before the load probe, a chunk defers outside the spec's maintenance windows and while the source
+    table is vacuumed or analyzed (operators/gates.py).
     """
 
     template_fields: Sequence[str] = ("chunk",)
@@ -94,20 +99,26 @@ class BackfillChunkOperator(LineageMixin, BaseOperator):
         from airflow_backfill_provider.chunks import Chunk
         from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.batches import is_batch
         from airflow_backfill_provider.transfer import application_name
 
         spec = load_spec(self.spec)
+        if is_batch(self.chunk):
+            return self._run_batch(context, spec, paced=paced)
         try:
             chunk = Chunk.from_descriptor(self.chunk)
         except PlanError as err:
             raise AirflowFailException(str(err)) from err
         appname = application_name(self.dag_id, chunk.chunk_id)
+        self._window_gate(spec)  # outside the maintenance window: defer before opening any session
 
         src_conn = None
         if not probed:
             # the probe runs on the session the transfer will use: one source connection per chunk
             src_conn, sample = self._probe(spec, appname)
         try:
+            if src_conn is not None:
+                self._maintenance_gate(spec, src_conn, appname)  # VACUUM/ANALYZE on the table: defer
             return self._decide_and_go(
                 context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced
             )

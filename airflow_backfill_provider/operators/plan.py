@@ -116,12 +116,21 @@ class PlanBackfillOperator(BaseOperator):
             " (DRY RUN: nothing will be written)" if dry_run else "",
         )
         self.log.info("%s", progress_log.plan_message(len(plan.chunks), len(plan.skipped), est_rows, rate))
-        for chunk in plan.chunks:
+        from airflow_backfill_provider import batches
+
+        for chunk in batches.loggable(plan.chunks):
             self.log.info("  chunk %-24s [%s, %s)", chunk.chunk_id, chunk.start, chunk.end)
         context["ti"].xcom_push(key="plan", value=plan.summary(dry_run=dry_run))
+        mapped = batches.descriptors(spec, plan.chunks, granularity=plan.granularity, reprocess=reprocess)
+        if len(mapped) < len(plan.chunks):
+            self.log.info(
+                "%d chunks run in %d batches (mapped task instances) of up to %d: over max_mapped_chunks=%d; "
+                "each chunk commits on its own, a retried batch skips the chunks already in the ledger",
+                len(plan.chunks), len(mapped), batches.batch_size(spec, len(plan.chunks)), spec.max_mapped_chunks,
+            )
         if dry_run:
             return []
-        return progress_log.number([c.to_descriptor() for c in plan.chunks], est_rows)
+        return progress_log.number(mapped, est_rows)
 
 
 def _one_per_source(spec: BackfillSpec, chunks):

@@ -129,7 +129,7 @@ def chunk_case(id, fragments, **overrides):
 
 CASES = [
     # --- the spec --------------------------------------------------------------------------------------
-    spec_case("spec: unknown granularity", "granularity", "fortnight", "'fortnight' is not valid", "'hour', 'day', 'week' or 'month'"),
+    spec_case("spec: unknown granularity", "granularity", "fortnight", "'fortnight' is not valid", "'hour', 'day', 'week', 'month' or 'auto'"),
     spec_case("spec: unknown timezone", "timezone", "Mars/Olympus", "'Mars/Olympus' is not a known IANA timezone", "America/New_York"),
     spec_case("spec: misspelt key", "granularty", "day", "unknown key", "valid keys are", "granularity"),
     spec_case("spec: key_columns not a list", "key_columns", "id", "should be a valid list"),
@@ -148,9 +148,9 @@ CASES = [
     Case("range: end before start", lambda w: build_plan(w.spec(), "2024-01-05", "2024-01-01"), PlanError, ("end (2024-01-01) must be after start (2024-01-05)", "[start, end)")),
     Case("range: empty (end == start)", lambda w: build_plan(w.spec(), "2024-01-05", "2024-01-05"), PlanError, ("must be after start",)),
     Case(
-        "range: more chunks than max_map_length",
-        lambda w: build_plan(w.spec(), "2020-01-01", "2024-01-01", granularity="hour"),
-        PlanError, ("max_chunks=1024", "max_map_length", "coarser granularity ('day' or 'week' or 'month')"),
+        "range: more chunks than max_chunks",
+        lambda w: build_plan(w.spec(), "2000-01-01", "2024-01-01", granularity="hour"),
+        PlanError, ("max_chunks=100000", "batches", "coarser granularity ('day' or 'week' or 'month')"),
     ),
     Case("range: unknown granularity param", lambda w: build_plan(w.spec(), "2024-01-01", "2024-01-02", granularity="day; DROP TABLE x"), PlanError, ("granularity='day; DROP TABLE x' is not valid", "choose one of hour, day, week, month")),
     Case("range: SQL in start", lambda w: manual_range("2024-01-01'; DROP TABLE orders; --", "2024-02-01"), PlanError, ("start=\"2024-01-01'; DROP TABLE orders; --\" is not a date", "YYYY-MM-DD")),
@@ -164,7 +164,7 @@ CASES = [
     Case("plan task: SQL in end", lambda w: run_plan_task(w.spec_dict(), end="2024-01-03'; DROP TABLE x; --"), AirflowFailException, ("DROP TABLE x", "is not a date")),
     Case("plan task: granularity with SQL", lambda w: run_plan_task(w.spec_dict(), granularity="hour; DROP TABLE x"), AirflowFailException, ("granularity='hour; DROP TABLE x' is not valid",)),
     Case("plan task: end before start", lambda w: run_plan_task(w.spec_dict(), start="2024-01-03", end="2024-01-01"), AirflowFailException, ("must be after start",)),
-    Case("plan task: too many chunks", lambda w: run_plan_task(w.spec_dict(), start="2020-01-01", end="2024-01-01", granularity="hour"), AirflowFailException, ("max_chunks=1024",)),
+    Case("plan task: too many chunks", lambda w: run_plan_task(w.spec_dict(), start="2000-01-01", end="2024-01-01", granularity="hour"), AirflowFailException, ("max_chunks=100000",)),
     Case("plan task: unknown source table", lambda w: run_plan_task(w.spec_dict(source_table=INJECT)), AirflowFailException, (f"source table '{INJECT}' does not exist", "check source_table")),
     Case("plan task: no unique key in destination", lambda w: run_plan_task(w.spec_dict(destination_table="nokey")), AirflowFailException, ("no unique constraint", "key_columns=['id']", "ADD PRIMARY KEY (id)")),
     Case("plan task: connection id does not exist", lambda w: run_plan_task(w.spec_dict(destination_conn_id="no_such_dest")), AirflowFailException, ("'no_such_dest' does not exist", "airflow connections add no_such_dest", "AIRFLOW_CONN_NO_SUCH_DEST")),
