@@ -20,7 +20,11 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
     """(chunks, effective granularity label) for ``[lo, hi)``."""
     measured = None
     if spec.target_chunk_seconds and dst_conn is not None:
-        measured = ledger.measured_rate(dst_conn, TableName.parse(spec.ledger_table), str(spec.staging_target))
+        from airflow_backfill_provider import identity
+
+        # the ledger keys rows by the resolved relation (identity.py)
+        target_name = identity.resolve(dst_conn, spec.staging_target, side="destination", missing_ok=True)
+        measured = ledger.measured_rate(dst_conn, TableName.parse(spec.ledger_table), target_name)
     target, why = sizing.target_rows(spec.target_chunk_rows, spec.target_chunk_seconds, measured)
 
     if src_conn is None:  # planning without the source (tests, dry tools): calendar chunks only

@@ -1,4 +1,4 @@
-"""The ledger's key-range columns: a ledger from before them is read as is and migrated in place on first use."""
+"""The ledger's key-range columns: a ledger from before them covers nothing and is migrated in place on first use."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import psycopg2
 
 from airflow_backfill_provider import ledger
 from airflow_backfill_provider.coverage import Coverage, rect
+from airflow_backfill_provider.identity import BackfillIdentity
 from airflow_backfill_provider.spec import TableName
 from tests.conftest import fetch_all
 
@@ -22,6 +23,7 @@ JAN = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 FEB = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
 STATS = {"extracted": 10, "inserted": 10, "updated": 0, "unchanged": 0, "seconds": 0.5}
 T = TableName.parse("backfill_ledger")
+B = BackfillIdentity("public.orders", "k1", {})
 
 
 def test_old_ledger_is_read_then_migrated_and_keeps_its_rows(dst_url, pg):
@@ -31,25 +33,27 @@ def test_old_ledger_is_read_then_migrated_and_keeps_its_rows(dst_url, pg):
     )
     conn = psycopg2.connect(dst_url)
     try:
-        # read-only (a plan, a dry run): old rows cover every key
-        assert Coverage(ledger.done_rects(conn, T, "public.orders", "id")).covers(rect(JAN, FEB, 5, 10))
+        # read-only (a plan, a dry run): a previous release's rows count as done for no backfill
+        assert not Coverage(ledger.done_rects(conn, T, B, "id")).covers(rect(JAN, FEB, 5, 10))
         ledger.ensure_table(conn, T)  # a chunk's first use migrates it
         with conn.cursor() as cur:  # two key ranges of the same month now fit beside the time chunk
             for lo, hi in ((None, 100), (100, None)):
-                ledger.record(cur, T, target="public.orders", chunk_id=f"id {lo}..{hi}", start=JAN, end=FEB,
+                ledger.record(cur, T, backfill=B, chunk_id=f"id {lo}..{hi}", start=JAN, end=FEB,
                               stats=STATS, dag_id="d", run_id="r2", key_column="id", key_lo=lo, key_hi=hi)
         conn.commit()
         ledger.ensure_table(conn, T)  # idempotent
-        rects = ledger.done_rects(conn, T, "public.orders", "id")
-        assert sorted((r.k0, r.k1) for r in rects) == [(-float("inf"), 100), (-float("inf"), float("inf")), (100, float("inf"))]
-        # another key column's ranges mean other rows: they cover nothing for "id"
-        assert len(ledger.done_rects(conn, T, "public.orders", "order_no")) == 1
-        assert len(ledger.done_rects(conn, T, "public.orders", "id", run_id="r2")) == 2
+        rects = ledger.done_rects(conn, T, B, "id")
+        assert sorted((r.k0, r.k1) for r in rects) == [(-float("inf"), 100), (100, float("inf"))]
+        assert Coverage(rects).covers(rect(JAN, FEB, 5, 10))
+        # another key column's ranges mean other rows: they cover nothing for "order_no"
+        assert len(ledger.done_rects(conn, T, B, "order_no")) == 0
+        assert len(ledger.done_rects(conn, T, B, "id", run_id="r2")) == 2
+        assert len(ledger.done_rects(conn, T, BackfillIdentity("public.orders", "other", {}), "id")) == 0
     finally:
         conn.close()
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger") == [(3,)]
     pk = fetch_all(dst_url, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'backfill_ledger'::regclass AND contype = 'p'")
-    assert pk == [("PRIMARY KEY (target_table, range_start, range_end, key_lo, key_hi)",)]
+    assert pk == [("PRIMARY KEY (target_table, backfill_key, range_start, range_end, key_lo, key_hi)",)]
 
 
 def test_measured_rate_reads_recent_non_empty_chunks(dst_url):
@@ -59,7 +63,7 @@ def test_measured_rate_reads_recent_non_empty_chunks(dst_url):
         ledger.ensure_table(conn, T)
         with conn.cursor() as cur:
             for i, (rows, secs) in enumerate(((1000, 1.0), (3000, 1.0), (0, 0.2))):
-                ledger.record(cur, T, target="public.orders", chunk_id=str(i), start=JAN + dt.timedelta(days=i),
+                ledger.record(cur, T, backfill=B, chunk_id=str(i), start=JAN + dt.timedelta(days=i),
                               end=JAN + dt.timedelta(days=i + 1), stats={**STATS, "extracted": rows, "seconds": secs},
                               dag_id="d", run_id="r")
         conn.commit()

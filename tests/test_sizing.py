@@ -147,6 +147,7 @@ def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
     import datetime as dt
 
     from airflow_backfill_provider import ledger
+    from airflow_backfill_provider.identity import BackfillIdentity
     from airflow_backfill_provider.spec import TableName
 
     src, dst = skewed
@@ -158,7 +159,7 @@ def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
     ledger.ensure_table(conn, t)
     with conn.cursor() as cur:  # one chunk measured 2,000 rows in 1 s, outside the planned range
         day = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-        ledger.record(cur, t, target="orders", chunk_id="x", start=day, end=day + dt.timedelta(days=1),
+        ledger.record(cur, t, backfill=BackfillIdentity("public.orders", "any", {}), chunk_id="x", start=day, end=day + dt.timedelta(days=1),
                       stats={"extracted": 2000, "inserted": 2000, "updated": 0, "unchanged": 0, "seconds": 1.0},
                       dag_id="d", run_id="r")
     conn.commit()

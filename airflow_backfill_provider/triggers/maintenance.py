@@ -13,7 +13,7 @@ import time
 from typing import Any, AsyncIterator
 
 from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
-from airflow_backfill_provider.triggers.load import _refuse_password_in_dsn
+from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
 
 
 class MaintenanceTrigger(BaseTrigger):
@@ -27,7 +27,8 @@ class MaintenanceTrigger(BaseTrigger):
         application_name: str = "backfill:maintenance",
     ) -> None:
         super().__init__()
-        _refuse_password_in_dsn(conn_id)
+        if dsn_has_password(conn_id):
+            raise ValueError(password_dsn_message("MaintenanceTrigger conn_id"))
         self.conn_id = conn_id
         self.table = table
         self.throttle = dict(throttle)
