@@ -7,9 +7,9 @@ Airflow plugin, the ``status`` command and the tests all use it, so they show th
 A chunk's state, most telling first:
 
 * ``failed``   its task instance failed (or upstream_failed): clear it to retry;
-* ``running``  running, queued, scheduled, up_for_retry (it will run again);
+* ``running``  running, queued (handed to the executor), up_for_retry (it will run again);
 * ``deferred`` waiting, without a worker slot, for the source's load to drop or its pacing turn;
-* ``pending``  planned, not started;
+* ``pending``  planned, not started (no task state yet, or scheduled: waiting for a pool slot);
 * ``loaded``   committed by this run (a ledger row exists, or the task succeeded);
 * ``skipped``  skipped as done: the plan found it in the ledger from an earlier run.
 """
@@ -35,7 +35,7 @@ _TI_STATE = {
     "upstream_failed": "failed",
     "running": "running",
     "queued": "running",
-    "scheduled": "running",
+    "scheduled": "pending",  # waiting for a pool slot
     "up_for_retry": "running",
     "up_for_reschedule": "running",
     "restarting": "running",

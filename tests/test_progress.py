@@ -55,6 +55,7 @@ STATE_MATRIX = [
     ("upstream_failed", None, "failed"),
     ("running", None, "running"),
     ("queued", None, "running"),
+    ("scheduled", None, "pending"),
     ("up_for_retry", None, "running"),
     ("deferred", None, "deferred"),
     (None, None, "pending"),
