@@ -113,13 +113,17 @@ def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | N
         interval = (dr.data_interval_start, dr.data_interval_end)
         run_type = str(getattr(dr.run_type, "value", dr.run_type))
     plan = plan_summary(dag_id, run_id)
+    descriptors = None
     if plan:
         start, end, gran = plan.get("start"), plan.get("end"), plan.get("granularity")
+        if not plan.get("dry_run"):  # a dry run returns no chunks: show its computed plan instead
+            value = _xcom(dag_id, run_id, PLAN_TASK, "return_value")
+            descriptors = value if isinstance(value, list) else None
     else:
         start, end, gran = _range_without_plan(spec, conf, run_type, interval)
     return RunInfo(
         run_id=run_id, state=state, start=_parse(start), end=_parse(end), granularity=gran,
-        started_at=started, ended_at=ended,
+        started_at=started, ended_at=ended, descriptors=descriptors,
     )
 
 
@@ -175,7 +179,7 @@ def _xcom(dag_id: str, run_id: str, task_id: str, key: str):
         return XCom.get_one(key=key, task_id=task_id, dag_id=dag_id, run_id=run_id, session=session)
 
 
-def task_states(dag_id: str, run_id: str) -> list[TaskState]:
+def task_states(dag_id: str, run_id: str, descriptors: list | None = None) -> list[TaskState]:
     """Every mapped instance of the chunk task in the run, labelled by its chunk id: one query."""
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy import select
@@ -191,7 +195,8 @@ def task_states(dag_id: str, run_id: str) -> list[TaskState]:
     if any(not r[1] for r in rows):
         # a task instance gets its label (the chunk id) when it runs; before that, map index i is the
         # plan's i-th descriptor (one more query, only while some chunks have not started)
-        descriptors = _xcom(dag_id, run_id, PLAN_TASK, "return_value") or []
+        if descriptors is None:
+            descriptors = _xcom(dag_id, run_id, PLAN_TASK, "return_value") or []
         labels = {i: str(d.get("chunk_id")) for i, d in enumerate(descriptors) if isinstance(d, dict)}
     return [
         TaskState(chunk_id=r[1] or labels.get(r[0], str(r[0])), state=str(getattr(r[2], "value", r[2])) if r[2] else None,
@@ -207,7 +212,7 @@ def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None
 
     spec = spec or spec_for_dag(dag_id)
     run = run_info(spec, dag_id, run_id)
-    states = task_states(dag_id, run.run_id) if run else []
+    states = task_states(dag_id, run.run_id, run.descriptors) if run else []
     conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
                    statement_timeout_s=30)  # fmt: skip
     try:
