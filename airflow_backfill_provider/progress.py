@@ -149,7 +149,7 @@ def read_validation(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None
             return None
         keys = ("run_id", "validated_at", "status", "days", "days_warn", "days_fail", "source_rows",
                 "destination_rows", "worst_day", "worst_metric", "worst_diff", "totals")  # fmt: skip
-        return dict(zip(keys, row))
+        return dict(zip(keys, row, strict=True))
 
 
 # ------------------------------------------------------------------------------------------ model
