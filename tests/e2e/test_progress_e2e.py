@@ -9,7 +9,7 @@ One cluster (api-server, scheduler, dag-processor, triggerer; LocalExecutor; Pos
 * OpenLineage's file transport writing every event to a JSON-lines file;
 * a downstream DAG scheduled on the destination table's asset.
 
-The browser test (headless Chromium via Playwright) opens the page while a run with a failed chunk is still
+The browser test (headless Chromium via Playwright) opens the page (directly, and as the run's tab in Airflow's UI) while a run with a failed chunk is still
 loading; its screenshots are saved under the test's tmp dir (and ``E2E_ARTEFACTS`` if set).
 """
 
@@ -254,8 +254,17 @@ def test_browser_sees_the_failed_day_totals_and_eta_during_a_run(env, browser, t
         for shot in shots:
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
+
+        # the same page inside Airflow's UI: the run's "Backfill progress" tab (an external view, iframed)
+        page.goto(f"{cluster.base_url}/dags/{DAG_ID}/runs/{run_id}")
+        page.get_by_role("link", name="Backfill progress").click()  # the tab next to "Details"
+        frame = page.frame_locator("iframe")
+        frame.locator('td[data-day="2023-02-03"][data-state="failed"]').wait_for()
+        assert re.fullmatch(r"\d+/14 chunks done \(\d+%\)", frame.locator("#done").inner_text())
+        for shot in shots:
+            page.screenshot(path=str(shot.with_name("progress-tab-in-airflow-ui.png")), full_page=True)
         if os.environ.get("E2E_UPDATE_DOCS_SCREENSHOT"):
-            shutil.copy(shots[0], DOCS_SHOT)
+            shutil.copy(shots[0].with_name("progress-tab-in-airflow-ui.png"), DOCS_SHOT)
         context.close()
     finally:
         remove_fault(orders)
