@@ -9,8 +9,9 @@ One cluster (api-server, scheduler, dag-processor, triggerer; LocalExecutor; Pos
 * OpenLineage's file transport writing every event to a JSON-lines file;
 * a downstream DAG scheduled on the destination table's asset.
 
-The browser test (headless Chromium via Playwright) opens the page (directly, and as the run's tab in Airflow's UI) while a run with a failed chunk is still
-loading; its screenshots are saved under the test's tmp dir (and ``E2E_ARTEFACTS`` if set).
+The browser test (headless Chromium via Playwright) opens the page, directly and as the run's tab in Airflow's
+UI, while a run with a failed chunk is still loading; its screenshots are saved under the test's tmp dir (and
+``E2E_ARTEFACTS`` if set).
 """
 
 from __future__ import annotations
