@@ -113,13 +113,17 @@ def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | N
         interval = (dr.data_interval_start, dr.data_interval_end)
         run_type = str(getattr(dr.run_type, "value", dr.run_type))
     plan = plan_summary(dag_id, run_id)
+    descriptors = None
     if plan:
         start, end, gran = plan.get("start"), plan.get("end"), plan.get("granularity")
+        if not plan.get("dry_run"):  # a dry run returns no chunks: show its computed plan instead
+            value = _xcom(dag_id, run_id, PLAN_TASK, "return_value")
+            descriptors = value if isinstance(value, list) else None
     else:
         start, end, gran = _range_without_plan(spec, conf, run_type, interval)
     return RunInfo(
         run_id=run_id, state=state, start=_parse(start), end=_parse(end), granularity=gran,
-        started_at=started, ended_at=ended,
+        started_at=started, ended_at=ended, descriptors=descriptors,
     )
 
 
@@ -148,6 +152,11 @@ def _parse(value):
 
 def plan_summary(dag_id: str, run_id: str) -> dict | None:
     """The plan task's XCom 'plan' (range after watermark clipping, granularity, dry_run), or None."""
+    value = _xcom(dag_id, run_id, PLAN_TASK, "plan")
+    return value if isinstance(value, dict) else None
+
+
+def _xcom(dag_id: str, run_id: str, task_id: str, key: str):
     with _session() as session:
         if AIRFLOW_V_3:
             from airflow.models.xcom import XComModel
@@ -155,8 +164,8 @@ def plan_summary(dag_id: str, run_id: str) -> dict | None:
 
             value = session.scalar(
                 select(XComModel.value).where(
-                    XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == PLAN_TASK,
-                    XComModel.key == "plan", XComModel.map_index == -1,
+                    XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
+                    XComModel.key == key, XComModel.map_index == -1,
                 )
             )
             if isinstance(value, str):  # stored JSON-encoded
@@ -164,14 +173,13 @@ def plan_summary(dag_id: str, run_id: str) -> dict | None:
                     value = json.loads(value)
                 except ValueError:
                     return None
-        else:  # Airflow 2.11
-            from airflow.models.xcom import XCom
+            return value
+        from airflow.models.xcom import XCom  # Airflow 2.11
 
-            value = XCom.get_one(key="plan", task_id=PLAN_TASK, dag_id=dag_id, run_id=run_id, session=session)
-    return value if isinstance(value, dict) else None
+        return XCom.get_one(key=key, task_id=task_id, dag_id=dag_id, run_id=run_id, session=session)
 
 
-def task_states(dag_id: str, run_id: str) -> list[TaskState]:
+def task_states(dag_id: str, run_id: str, descriptors: list | None = None) -> list[TaskState]:
     """Every mapped instance of the chunk task in the run, labelled by its chunk id: one query."""
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy import select
@@ -183,8 +191,15 @@ def task_states(dag_id: str, run_id: str) -> list[TaskState]:
                 c.dag_id == dag_id, c.run_id == run_id, c.task_id == CHUNK_TASK, c.map_index >= 0
             )
         ).all()
+    labels: dict[int, str] = {}
+    if any(not r[1] for r in rows):
+        # a task instance gets its label (the chunk id) when it runs; before that, map index i is the
+        # plan's i-th descriptor (one more query, only while some chunks have not started)
+        if descriptors is None:
+            descriptors = _xcom(dag_id, run_id, PLAN_TASK, "return_value") or []
+        labels = {i: str(d.get("chunk_id")) for i, d in enumerate(descriptors) if isinstance(d, dict)}
     return [
-        TaskState(chunk_id=r[1] or str(r[0]), state=str(getattr(r[2], "value", r[2])) if r[2] else None,
+        TaskState(chunk_id=r[1] or labels.get(r[0], str(r[0])), state=str(getattr(r[2], "value", r[2])) if r[2] else None,
                   start_date=r[3], end_date=r[4], try_number=r[5] or 0)
         for r in rows
     ]  # fmt: skip
@@ -197,7 +212,7 @@ def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None
 
     spec = spec or spec_for_dag(dag_id)
     run = run_info(spec, dag_id, run_id)
-    states = task_states(dag_id, run.run_id) if run else []
+    states = task_states(dag_id, run.run_id, run.descriptors) if run else []
     conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
                    statement_timeout_s=30)  # fmt: skip
     try:

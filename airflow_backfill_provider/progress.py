@@ -7,9 +7,9 @@ Airflow plugin, the ``status`` command and the tests all use it, so they show th
 A chunk's state, most telling first:
 
 * ``failed``   its task instance failed (or upstream_failed): clear it to retry;
-* ``running``  running, queued, scheduled, up_for_retry (it will run again);
+* ``running``  running, queued (handed to the executor), up_for_retry (it will run again);
 * ``deferred`` waiting, without a worker slot, for the source's load to drop or its pacing turn;
-* ``pending``  planned, not started;
+* ``pending``  planned, not started (no task state yet, or scheduled: waiting for a pool slot);
 * ``loaded``   committed by this run (a ledger row exists, or the task succeeded);
 * ``skipped``  skipped as done: the plan found it in the ledger from an earlier run.
 """
@@ -19,8 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable
-
-import pendulum
+from zoneinfo import ZoneInfo
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl
@@ -35,7 +34,7 @@ _TI_STATE = {
     "upstream_failed": "failed",
     "running": "running",
     "queued": "running",
-    "scheduled": "running",
+    "scheduled": "pending",  # waiting for a pool slot
     "up_for_retry": "running",
     "up_for_reschedule": "running",
     "restarting": "running",
@@ -77,6 +76,8 @@ class RunInfo:
     granularity: str | None
     started_at: dt.datetime | None = None  # when the DAG run started (for the wall-clock rate)
     ended_at: dt.datetime | None = None
+    #: the plan task's output (chunks to load, in map-index order); None before the plan ran
+    descriptors: list | None = None
 
 
 def read_ledger(conn, spec: BackfillSpec) -> list[LedgerRow]:
@@ -148,15 +149,15 @@ def read_validation(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None
             return None
         keys = ("run_id", "validated_at", "status", "days", "days_warn", "days_fail", "source_rows",
                 "destination_rows", "worst_day", "worst_metric", "worst_diff", "totals")  # fmt: skip
-        return dict(zip(keys, row))
+        return dict(zip(keys, row, strict=True))
 
 
 # ------------------------------------------------------------------------------------------ model
 @dataclass
 class ChunkProgress:
     chunk_id: str
-    start: pendulum.DateTime
-    end: pendulum.DateTime
+    start: dt.datetime
+    end: dt.datetime
     state: str
     ti_state: str | None = None
     rows: int | None = None
@@ -250,7 +251,7 @@ def _ts(value) -> float:
     return value.timestamp()
 
 
-def planned_chunks(spec: BackfillSpec, run: RunInfo | None) -> list[tuple[str, pendulum.DateTime, pendulum.DateTime]]:
+def planned_chunks(spec: BackfillSpec, run: RunInfo | None) -> list[tuple[str, dt.datetime, dt.datetime]]:
     """The run's chunks as the plan cut them (before skipping done ones): pure, from the run's range."""
     if run is None or run.start is None or run.end is None:
         return []
@@ -265,6 +266,25 @@ def planned_chunks(spec: BackfillSpec, run: RunInfo | None) -> list[tuple[str, p
     return [(c.chunk_id, c.start, c.end) for c in chunks]
 
 
+def _iso(value) -> dt.datetime:
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+
+
+def run_chunks(spec: BackfillSpec, run: RunInfo | None, ledger_rows: list[LedgerRow]) -> list[tuple[str, dt.datetime, dt.datetime]]:
+    """The run's chunks: once the plan ran, its descriptors plus the ledger rows in its range it skipped as done
+    (exactly what the plan did, and no calendar arithmetic: fast for 20k chunks); before, the planner's cut."""
+    if run is None or run.descriptors is None or run.start is None or run.end is None:
+        return planned_chunks(spec, run)
+    out = [(str(d["chunk_id"]), _iso(d["start"]), _iso(d["end"])) for d in run.descriptors if isinstance(d, dict)]
+    planned = {(a.timestamp(), b.timestamp()) for _, a, b in out}
+    lo, hi = _iso(run.start).timestamp(), _iso(run.end).timestamp()
+    for r in ledger_rows:
+        a, b = r.start.timestamp(), r.end.timestamp()
+        if lo <= a and b <= hi and (a, b) not in planned:
+            out.append((r.chunk_id, r.start, r.end))
+    return out
+
+
 def build_progress(
     spec: BackfillSpec,
     *,
@@ -276,20 +296,21 @@ def build_progress(
     now: dt.datetime | None = None,
 ) -> Progress:
     """Combine the inputs into one run's progress (see the module docstring for the states)."""
-    now = now or pendulum.now("UTC")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    ledger_rows = list(ledger_rows)
     by_range = {(_ts(r.start), _ts(r.end)): r for r in ledger_rows}
     tis = {t.chunk_id: t for t in task_states}
     chunks: list[ChunkProgress] = []
     seen: set[str] = set()
-    for chunk_id, start, end in planned_chunks(spec, run):
+    for chunk_id, start, end in run_chunks(spec, run, ledger_rows):
         seen.add(chunk_id)
         chunks.append(_chunk(chunk_id, start, end, tis.get(chunk_id), by_range.get((_ts(start), _ts(end))), run))
     # task instances the computed plan does not know (e.g. the range was clipped differently): still show them
     for chunk_id, ti in tis.items():
         if chunk_id not in seen:
             row = next((r for r in by_range.values() if r.chunk_id == chunk_id), None)
-            start = pendulum.instance(row.start) if row else pendulum.instance(ti.start_date or now)
-            end = pendulum.instance(row.end) if row else start
+            start = row.start if row else (ti.start_date or now)
+            end = row.end if row else start
             chunks.append(_chunk(chunk_id, start, end, ti, row, run))
     chunks.sort(key=lambda c: (_ts(c.start), c.chunk_id))
 
@@ -318,7 +339,7 @@ def _chunk(chunk_id, start, end, ti: TaskState | None, row: LedgerRow | None, ru
     else:
         state = "pending"
     return ChunkProgress(
-        chunk_id, pendulum.instance(start), pendulum.instance(end), state, ti.state if ti else None, rows, seconds,
+        chunk_id, start, end, state, ti.state if ti else None, rows, seconds,
         ti.try_number if ti else 0,
     )
 
@@ -359,11 +380,12 @@ def _worst_days(validation: dict | None) -> list[dict]:
 
 def _days(spec: BackfillSpec, chunks: list[ChunkProgress], worst: list[dict]) -> list[DayCell]:
     """One calendar cell per local day a chunk covers; a day shows its most telling chunk's state."""
-    tz = pendulum.timezone(spec.timezone)
+    tz = ZoneInfo(spec.timezone)  # stdlib conversions: pendulum's cost seconds for 20k chunks
     cells: dict[dt.date, DayCell] = {}
     for c in chunks:
-        first = c.start.in_timezone(tz).date()
-        last = (c.end.in_timezone(tz) - dt.timedelta(microseconds=1)).date() if c.end > c.start else first
+        a, b = c.start.timestamp(), c.end.timestamp()
+        first = dt.datetime.fromtimestamp(a, tz).date()
+        last = dt.datetime.fromtimestamp(b - 1e-6, tz).date() if b > a else first
         ndays = (last - first).days + 1
         for i in range(ndays):
             day = first + dt.timedelta(days=i)

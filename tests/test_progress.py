@@ -55,6 +55,7 @@ STATE_MATRIX = [
     ("upstream_failed", None, "failed"),
     ("running", None, "running"),
     ("queued", None, "running"),
+    ("scheduled", None, "pending"),
     ("up_for_retry", None, "running"),
     ("deferred", None, "deferred"),
     (None, None, "pending"),
@@ -176,23 +177,40 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     assert payload["chunks"]["rows"][0][:5] == ["2024-01-01", "2024-01-01T00:00:00+00:00", "loaded", "success", 100]
 
 
-def test_twenty_thousand_hour_chunks_build_in_one_pass():
-    """A 20k-chunk plan (hours over 2.3 years) with a ledger row and a task state per chunk."""
+@pytest.mark.parametrize("from_descriptors", [False, True])
+def test_twenty_thousand_hour_chunks_build_in_one_pass(from_descriptors):
+    """A 20k-chunk plan (hours over 2.3 years) with a ledger row and a task state per chunk.
+
+    The same result from the planner's cut (before the plan task ran) and from the plan's descriptors plus
+    the ledger rows it skipped (after), where every 7th chunk was done by an earlier run.
+    """
     spec = make_spec(granularity="hour")
     n = 20_000
     t0 = pendulum.datetime(2022, 1, 1, tz="UTC")
     rows, tis = [], []
+    descriptors = []
     for h in range(n):
         start = t0.add(hours=h)
         cid = start.format("YYYY-MM-DDTHH:mmZ")
+        if h % 7 == 0:
+            rows.append(LedgerRow(cid, start, start.add(hours=1), 10, 0.1, "r0", t0))
+            continue
+        descriptors.append({"chunk_id": cid, "start": start.isoformat(), "end": start.add(hours=1).isoformat()})
         if h % 2:
             rows.append(LedgerRow(cid, start, start.add(hours=1), 10, 0.1, "r1", t0))
             tis.append(TaskState(cid, "success"))
         else:
             tis.append(TaskState(cid, "failed" if h % 1000 == 0 else "running"))
-    info = RunInfo("r1", "running", t0, t0.add(hours=n), "hour", started_at=t0)
+    info = RunInfo("r1", "running", t0, t0.add(hours=n), "hour", started_at=t0,
+                   descriptors=descriptors if from_descriptors else None)  # fmt: skip
     p = build_progress(spec, dag_id="d", run=info, ledger_rows=rows, task_states=tis, validation=None,
                        now=t0.add(hours=1))  # fmt: skip
-    assert p.total == n and p.counts["loaded"] == n // 2 and p.counts["failed"] == n // 1000
+    skipped = len(range(0, n, 7))
+    loaded = sum(1 for h in range(n) if h % 7 and h % 2)
+    failed = sum(1 for h in range(n) if h % 7 and not h % 2 and h % 1000 == 0)
+    assert p.total == n and p.counts["skipped"] == skipped
+    assert p.counts["loaded"] == loaded and p.counts["failed"] == failed > 0
+    assert [c.chunk_id for c in p.chunks] == [t0.add(hours=h).format("YYYY-MM-DDTHH:mmZ") for h in range(n)]
     assert len(p.days) == n // 24 + 1
-    assert next(d for d in p.days if d.day == dt.date(2022, 1, 1)).state == "failed"
+    first_failed = t0.add(hours=next(h for h in range(n) if h % 7 and h % 1000 == 0)).date()
+    assert next(d for d in p.days if d.day == first_failed).state == "failed"
