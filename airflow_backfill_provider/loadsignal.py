@@ -48,7 +48,7 @@ _ACTIVITY = sql.SQL(
                                      AND state_change < clock_timestamp() - interval '1 second')),
            count(*) FILTER (WHERE NOT ours AND (wait_event_type = 'IO'
                                                 OR (wait_event_type = 'LWLock' AND wait_event LIKE 'WAL%%'))),
-           count(*) FILTER (WHERE ours AND state = 'active')
+           count(*) FILTER (WHERE ours AND state = 'active' AND upper(left(ltrim(query), 4)) = 'COPY')
       FROM (SELECT *, coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false) AS ours
               FROM pg_stat_activity
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS a
@@ -73,7 +73,8 @@ class LoadWindow:
     in_xact: float
     #: average sessions waiting on IO or WAL server-wide (ours excluded)
     io_wal_waits: float
-    #: our own chunks' sessions active on the source (the most seen in the window)
+    #: our own chunks reading the source (sessions named backfill:* running a COPY; the most seen in the
+    #: window; other chunks' probe windows are not reading)
     own_active: int
     window_s: float
 
