@@ -8,8 +8,11 @@ on shared servers, was the **server-wide transaction latency** by Little's law:
 
     latency = (client sessions inside a transaction, averaged over the window) / (transactions per second)
 
-both read-only and server-wide: ``pg_stat_activity`` and ``pg_stat_database`` summed over every
-database, ours excluded. It needs no extension and no privilege beyond ``pg_monitor`` for other users'
+both read-only and server-wide, ours excluded. For writing transactions both terms are exact: sessions
+holding a transaction id (``pg_stat_activity.backend_xid``) and the rate at which ids are assigned
+(``pg_current_snapshot()``'s xmax). A read-mostly server falls back to every session inside a transaction
+and ``pg_stat_database``'s transaction counts, which each backend flushes at most once a second, so a short
+window sees them in steps. It needs no extension and no privilege beyond ``pg_monitor`` for other users'
 sessions. A **canary** (the round trip of ``SELECT 1``, median of short bursts) is sampled in the same
 window and logged, but not decided on: it moved weakly or the wrong way when source and destination were
 on separate servers, and on a small shared host it follows every other process's CPU use. The chunk
@@ -46,15 +49,21 @@ _ACTIVITY = sql.SQL(
            count(*) FILTER (WHERE NOT ours AND xact_start > clock_timestamp() - make_interval(secs => %(age)s)
                             AND NOT (state LIKE 'idle in transaction%%'
                                      AND state_change < clock_timestamp() - interval '1 second')),
+           count(*) FILTER (WHERE NOT ours AND backend_xid IS NOT NULL),
            count(*) FILTER (WHERE NOT ours AND (wait_event_type = 'IO'
                                                 OR (wait_event_type = 'LWLock' AND wait_event LIKE 'WAL%%'))),
-           count(*) FILTER (WHERE ours AND state = 'active')
+           count(*) FILTER (WHERE ours AND state = 'active' AND upper(left(ltrim(query), 4)) = 'COPY')
       FROM (SELECT *, coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false) AS ours
               FROM pg_stat_activity
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS a
     """
 )
-_XACTS = "SELECT sum(xact_commit + xact_rollback)::float8 FROM pg_stat_database"
+# transactions ended (flushed by each backend at most once a second: a short window sees it in steps) and
+# the next transaction id (advances at once with every writing transaction): read together
+_XACTS = (
+    "SELECT (SELECT sum(xact_commit + xact_rollback)::float8 FROM pg_stat_database), "
+    "pg_snapshot_xmax(pg_current_snapshot())::text::float8"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +72,11 @@ class LoadWindow:
 
     #: median round trip of ``SELECT 1``, ms
     canary_ms: float
-    #: server-wide transaction latency by Little's law, ms (None: fewer than MIN_XACTS transactions)
+    #: server-wide transaction latency by Little's law, ms (None: fewer than MIN_XACTS transactions):
+    #: writing transactions (in flight with an xid / xids assigned per second) when there are enough of
+    #: them, else all transactions (in flight / pg_stat_database rate)
     xact_latency_ms: float | None
-    #: server-wide transactions/s over the window
+    #: server-wide transactions/s over the window (pg_stat_database; steps of ~1 s per backend)
     xact_rate: float | None
     #: average active client sessions server-wide (ours excluded)
     aas: float
@@ -73,9 +84,12 @@ class LoadWindow:
     in_xact: float
     #: average sessions waiting on IO or WAL server-wide (ours excluded)
     io_wal_waits: float
-    #: our own chunks' sessions active on the source (the most seen in the window)
+    #: our own chunks reading the source (sessions named backfill:* running a COPY; the most seen in the
+    #: window; other chunks' probe windows are not reading)
     own_active: int
     window_s: float
+    #: transaction ids assigned per second over the window (writing transactions, server-wide)
+    write_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,42 +124,55 @@ def sample_window(
     lat: list[float] = []
     active: list[int] = []
     in_xact: list[int] = []
+    writing: list[int] = []
     waits: list[int] = []
     own = 0
     try:
         with conn.cursor() as cur:
+            # read committed whatever the session's default: pg_current_snapshot() must move in the window
+            cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             cur.execute(_XACTS)
-            x0, t0 = cur.fetchone()[0], time.monotonic()
+            (x0, id0), t0 = cur.fetchone(), time.monotonic()
             gap = window_s / samples
             for i in range(samples):
                 s0 = time.monotonic()
                 lat.extend(_canary_burst(cur, burst))
                 cur.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_* are snapshotted per transaction
                 cur.execute(_ACTIVITY, {"prefix": exclude_application_prefix, "age": MAX_XACT_AGE_S})
-                a, x, w, o = cur.fetchone()
+                a, x, xw, w, o = cur.fetchone()
                 active.append(a)
                 in_xact.append(x)
+                writing.append(xw)
                 waits.append(w)
                 own = max(own, o)
                 if i < samples - 1:
                     time.sleep(max(0.0, gap - (time.monotonic() - s0)))  # spreads the samples; not a wait for load
             cur.execute(_XACTS)
-            x1, t1 = cur.fetchone()[0], time.monotonic()
+            (x1, id1), t1 = cur.fetchone(), time.monotonic()
     finally:
         conn.rollback()
         conn.autocommit = autocommit
+    span = t1 - t0
     n = (x1 - x0) if (x0 is not None and x1 is not None) else 0
-    rate = n / (t1 - t0) if t1 > t0 else None
+    n_write = id1 - id0
+    rate = n / span if span > 0 else None
     avg_in_xact = statistics.fmean(in_xact)
+    if n_write >= MIN_XACTS and span > 0:  # exact, no flush steps: preferred
+        latency = 1000 * statistics.fmean(writing) / (n_write / span)
+    elif n >= MIN_XACTS and rate:
+        latency = 1000 * avg_in_xact / rate
+    else:
+        latency = None
     return LoadWindow(
         canary_ms=statistics.median(lat),
-        xact_latency_ms=1000 * avg_in_xact / rate if (n >= MIN_XACTS and rate) else None,
+        xact_latency_ms=latency,
         xact_rate=rate,
         aas=statistics.fmean(active),
         in_xact=avg_in_xact,
         io_wal_waits=statistics.fmean(waits),
         own_active=own,
-        window_s=round(t1 - t0, 3),
+        window_s=round(span, 3),
+        write_rate=n_write / span if span > 0 else None,
     )
 
 

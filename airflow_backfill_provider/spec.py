@@ -78,7 +78,7 @@ class ThrottleSpec(_Strict):
     pacing_slots: int = Field(1, ge=1)
     #: destination table holding the pacing reservations (created on first use)
     pacing_table: str = "public.backfill_pacing"
-    #: wait while the source server's transaction (or canary) latency exceeds this many times its quiet
+    #: wait while the source server's transaction latency exceeds this many times its quiet
     #: baseline (loadsignal.py); off when None. Costs each chunk a load_window_s sampling window.
     max_latency_ratio: float | None = Field(None, gt=1)
     #: seconds the latency signal is averaged over, before each chunk and at each re-probe

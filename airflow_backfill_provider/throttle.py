@@ -208,7 +208,7 @@ def _latency_reason(sample: LoadSample, throttle: ThrottleSpec) -> str | None:
         return f"source latency {ratio:.2f}x its quiet baseline > throttle.max_latency_ratio={budget:g}"
     if ratio > soft_ratio(budget) and sample.own_active > 0:
         return (
-            f"source latency {ratio:.2f}x its quiet baseline > {soft_ratio(budget):g} (half of "
+            f"source latency {ratio:.2f}x its quiet baseline > {soft_ratio(budget):g} (half-way to "
             f"throttle.max_latency_ratio={budget:g}) and {sample.own_active} chunk(s) of ours already reading: "
             "one at a time until it recovers"
         )

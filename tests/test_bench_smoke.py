@@ -22,7 +22,7 @@ def _run_bench(tmp_path: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--rows", str(ROWS), "--chunks", "3", "--repeat", "1",
-         "--admin-url", ADMIN_URL, "--json", str(out), *extra],
+         "--scattered-rows", str(ROWS), "--scattered-days", "5", "--admin-url", ADMIN_URL, "--json", str(out), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -57,6 +57,16 @@ def test_benchmark_produces_every_row(tmp_path):
     assert {"ours_vs_reference_first", "ours_vs_reference_rerun", "rerun_rows_rewritten", "rss_1m_rows_mb"} <= names
     assert report["environment"]["postgresql"]
     assert report["config"]["chunks"] == 3
+    # (9) the time-scattered table: every path that ran loaded all of it; peers are optional extras
+    paths = report["scattered"]["paths"]
+    assert report["scattered"]["table"]["rows"] == ROWS
+    assert abs(report["scattered"]["table"]["created_at_correlation"]) < 0.2  # really scattered
+    assert paths["copy_pipe"]["rows"] == ROWS and paths["copy_pipe"]["complete"]
+    for key in ("sling_incremental", "dlt_merge"):
+        assert paths[key].get("complete") or "not installed" in paths[key].get("skipped", ""), (key, paths[key])
+    assert paths["ours_scheduler"] == {"skipped": "--skip-airflow"}
+    assert paths["fixed_cost"]["median_ms"] > 0
+    assert {t["name"] for t in report["scattered"]["targets"]} >= {"ours_vs_sling_incremental", "ours_vs_dlt", "fixed_cost_ms"}
 
 
 @pytest.mark.e2e
@@ -72,3 +82,5 @@ def test_benchmark_airflow_rows(tmp_path):
     for key in ("airflow_dags_test", "airflow_scheduler"):
         assert results[key].get("ratio"), (key, results[key])
         assert results[key]["example"]["task_instances"] == 2
+    ours = report["scattered"]["paths"]["ours_scheduler"]
+    assert ours["state"] == "success" and ours["complete"], ours

@@ -119,16 +119,52 @@ def test_loaded_source_makes_the_chunk_wait_and_it_goes_when_the_load_stops(priv
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(300,)]
 
 
-def test_window_counts_sessions_server_wide_and_ours_apart(private_source, databases):
-    """Sessions in another database count (the whole server is shared); sessions named backfill:* are ours."""
+class CopyingSession:
+    """A session named like one of our chunks, running a COPY out (of a pg_sleep) until :meth:`end`."""
+
+    def __init__(self, url: str, application_name: str):
+        import io
+        import threading
+
+        self.conn = psycopg2.connect(url, application_name=application_name)
+        self.pid = self.conn.get_backend_pid()
+        self.url = url
+        self.thread = threading.Thread(target=self._copy, args=(io.BytesIO(),), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not fetch_all(url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (self.pid,))[0][0]:
+            assert time.monotonic() < deadline, "COPY session did not start"
+            time.sleep(0.05)
+
+    def _copy(self, out):
+        try:
+            self.conn.cursor().copy_expert("COPY (SELECT pg_sleep(60)) TO STDOUT", out)
+        except psycopg2.Error:
+            pass  # cancelled by end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        fetch_all(self.url, "SELECT pg_cancel_backend(%s)", (self.pid,))
+        self.thread.join(timeout=10)
+        self.conn.close()
+
+
+def test_window_counts_sessions_server_wide_and_ours_apart(private_source):
+    """Sessions in another database count (the whole server is shared); sessions named backfill:* are ours,
+    and only those running a COPY are "reading" (another chunk's probe is not)."""
     other = private_source.rpartition("/")[0] + "/postgres"
-    with Sleepers(other, 2, application_name="oltp-elsewhere"), Sleepers(private_source, 1, application_name="backfill:x:y"):
+    with Sleepers(other, 2, application_name="oltp-elsewhere"), \
+            Sleepers(private_source, 1, application_name="backfill:d:probing"), \
+            CopyingSession(private_source, "backfill:d:reading"):
         conn = psycopg2.connect(private_source, application_name="backfill:probe")
         try:
             w = sample_window(conn, window_s=0.3, samples=3)
         finally:
             conn.close()
-    assert w.aas >= 2 and w.own_active == 1
+    assert w.aas >= 2 and w.aas < 3  # the two elsewhere; ours are not OLTP
+    assert w.own_active == 1
     assert w.canary_ms > 0
 
 
