@@ -26,9 +26,9 @@ if AIRFLOW_V_3:
     from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 else:  # Airflow 2.11
-    from airflow.models.dag import DAG  # type: ignore[no-redef]
+    from airflow.models.dag import DAG  # type: ignore[no-redef,assignment]
     from airflow.exceptions import AirflowTaskTerminated, AirflowTaskTimeout  # type: ignore[no-redef]
-    from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
+    from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef,assignment]
     from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
 
 __all__ = [

@@ -32,7 +32,7 @@ class InterruptCatchingReader:
     :attr:`interrupt` instead.
     """
 
-    def __init__(self, raw):
+    def __init__(self, raw) -> None:
         self.raw = raw
         self.interrupt: BaseException | None = None
 

@@ -119,7 +119,7 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
     except BaseException as err:
         # If the source failed first (e.g. statement_timeout before the first row), the destination only
         # saw a cut stream ("COPY file signature not recognized"): the source's error is the real one.
-        source_failed_first = writer.error is not None
+        source_error = writer.error
         reader.close()  # writer then fails with EPIPE instead of blocking forever
         try:
             src_conn.cancel()
@@ -130,8 +130,8 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
         interrupt = reader.interrupt or (err if is_interrupt(err) else None)
         if interrupt is not None:
             raise interrupt from None  # the driver error that wraps it is noise
-        if source_failed_first:
-            raise writer.error from err
+        if source_error is not None:
+            raise source_error from err
         raise
     if writer.error is not None:
         # A source that died mid-stream can look like a clean EOF to the destination COPY: never commit then.

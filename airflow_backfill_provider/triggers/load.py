@@ -149,7 +149,7 @@ def _refuse_password_in_dsn(conn_id: str) -> None:
 
     try:
         has_password = bool(parse_dsn(conn_id).get("password"))
-    except Exception:  # unparsable: let the connection attempt report it, but do not store it
+    except Exception:  # noqa: BLE001 - unparsable: let the connection attempt report it, but do not store it
         has_password = True
     if has_password:
         raise ValueError(

@@ -18,7 +18,7 @@ import pytest
 
 from airflow_backfill_provider.compat import AirflowFailException
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
-from tests.faults.conftest import DAY1, connect, create_destination, make_spec, query
+from tests.faults.conftest import DAY1, create_destination, make_spec, query
 from tests.faults.test_bad_inputs import run_plan_task
 
 pytestmark = pytest.mark.faults
