@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from airflow_backfill_provider.chunks import DEFAULT_MAX_CHUNKS, GRANULARITIES, check_timezone
+from airflow_backfill_provider.chunks import DEFAULT_MAX_CHUNKS, check_timezone
 from airflow_backfill_provider.exceptions import PlanError, SpecError
 
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -344,5 +344,3 @@ def load_spec(data: dict[str, Any] | BackfillSpec, *, where: str = "") -> Backfi
     except ValidationError as err:
         raise SpecError(_format_error(err, label)) from None
 
-
-GRANULARITY_CHOICES = GRANULARITIES

@@ -17,7 +17,7 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import TransientChunkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan

@@ -13,7 +13,7 @@ import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.compat import DAG, AirflowException, AirflowFailException, TaskDeferred
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
