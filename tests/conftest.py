@@ -33,7 +33,8 @@ def _admin():
     except psycopg2.OperationalError as err:  # say exactly what to do
         pytest.exit(
             f"PostgreSQL is not reachable at {ADMIN_URL}: {err}\n"
-            "Start one (`make pg` or scripts/ensure_postgres.sh) or set BACKFILL_TEST_PG_URL.",
+            "Run the tests through `make test` (or `scripts/pg.sh run pytest ...`), which starts a private server, "
+            "or set BACKFILL_TEST_PG_URL to a running one.",
             returncode=3,
         )
     conn.autocommit = True
