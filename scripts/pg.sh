@@ -9,7 +9,8 @@
 # Otherwise a PRIVATE server: initdb into .pgdata/ of this checkout (git-ignored), its own free port on 127.0.0.1
 # and its own socket directory, trust auth for this machine only, fsync off (throwaway test data). Nothing of the
 # system's PostgreSQL is touched. initdb refuses root: as root it runs as the `postgres` user (or creates an
-# unprivileged `backfill-pg` user). A server left running by a crashed run is reused, and stopped by the next run.
+# unprivileged `backfill-pg` user). Stopping deletes the data (initdb takes ~1 s). A server left running by a
+# crashed run is reused, then stopped and deleted by the run that adopted it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PGROOT="${BACKFILL_PGDATA_DIR:-$ROOT/.pgdata}"
@@ -81,12 +82,12 @@ start() {  # prints the URL; records this script's pid in .pgdata/owner when it 
   url_of_port "$port"
 }
 
-stop() {
+stop() {  # stop the private server and delete its data: it only ever holds throwaway databases
   BIN="$(pg_bin)"; pick_owner
   if running; then
     as_owner "$BIN/pg_ctl" -D "$DATA" -m fast -w -t 60 stop >/dev/null && echo "PostgreSQL: private server stopped" >&2
   fi
-  rm -f "$PGROOT/owner"
+  rm -rf "$DATA" "$PGROOT/owner"
 }
 
 check_external() {
@@ -108,7 +109,10 @@ case "$cmd" in
     url="$(start)"
     export BACKFILL_TEST_PG_URL="$url"
     # stop it afterwards if this run started (or adopted) it; a server a concurrent live run owns is left to it
-    if [ "$(cat "$PGROOT/owner" 2>/dev/null)" = "$$" ]; then trap stop EXIT; fi
+    if [ "$(cat "$PGROOT/owner" 2>/dev/null)" = "$$" ]; then
+      trap stop EXIT
+      export BACKFILL_TEST_PG_THROWAWAY=1  # the whole server goes at the end: tests need not drop their databases
+    fi
     "$@"
     ;;
   start) if [ -n "${BACKFILL_TEST_PG_URL:-}" ]; then check_external; echo "$BACKFILL_TEST_PG_URL"; else start; fi ;;

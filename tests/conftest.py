@@ -63,6 +63,8 @@ class ThrowawayDatabases:
         return db_url(name)
 
     def drop_all(self):
+        if os.environ.get("BACKFILL_TEST_PG_THROWAWAY") == "1":
+            return  # a private server started for this run (scripts/pg.sh) is deleted whole when it ends
         admin = _admin()
         with admin.cursor() as cur:
             for name in self.created:
@@ -132,3 +134,16 @@ def table_digest(url: str, table: str = "orders", key: str = "id") -> tuple[int,
         t=sql.Identifier(table), k=sql.Identifier(key)
     )
     return fetch_all(url, q)[0]
+
+
+# `make check` leaves out tests marked "slow": those that run Airflow itself (dag.test() through the airflow_db
+# fixture, the airflow CLI in a subprocess) or many rounds. `make test` runs them.
+_SLOW_MODULES = {"test_bench_smoke", "test_compose", "test_provider", "test_race"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+        if "airflow_db" in getattr(item, "fixturenames", ()) or name in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
