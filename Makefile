@@ -3,7 +3,7 @@
 #   make test   - install, start a private PostgreSQL, run the test suite on Airflow 3.3 (and `make test-af2` on 2.11)
 # PostgreSQL: BACKFILL_TEST_PG_URL=postgresql://... uses that server; unset, scripts/pg.sh starts a private one
 # (initdb into .pgdata/, its own port, stopped when the target ends). Quick loop: `make check` (unit tests, lint, types).
-# VENV=/path (or VENV2=/path) on the command line uses that virtualenv as it is, without installing into it.
+# VENV=/path (or VENV2=/path), on the command line or in the environment, uses that virtualenv as it is.
 PYTHON ?= python3
 VENV ?= .venv
 VENV2 ?= .venv-af2
@@ -28,17 +28,18 @@ $(VENV2)/.installed: pyproject.toml requirements/airflow-2.11.txt
 	$(VENV2)/bin/pip install -q -r requirements/airflow-2.11.txt -e '.[test]'
 	touch $@
 
-ifeq ($(origin VENV),command line)
+# a VENV/VENV2 you give (command line or environment) is used as it is: never installed into
+ifeq ($(origin VENV),file)
+venv: $(VENV)/.installed
+else
 venv:
 	@test -x $(VENV)/bin/python || { echo "VENV=$(VENV) has no bin/python"; exit 1; }
-else
-venv: $(VENV)/.installed
 endif
-ifeq ($(origin VENV2),command line)
+ifeq ($(origin VENV2),file)
+venv-af2: $(VENV2)/.installed
+else
 venv-af2:
 	@test -x $(VENV2)/bin/python || { echo "VENV2=$(VENV2) has no bin/python"; exit 1; }
-else
-venv-af2: $(VENV2)/.installed
 endif
 
 # start the private server and leave it running (prints its URL); `make pg-stop` stops it
