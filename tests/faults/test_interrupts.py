@@ -65,7 +65,7 @@ def _world(src_url, dst_url, where: str, name: str):
         src_url, dst_url, name=name, source_table="slow_orders" if where == "source" else "orders",
         retries=3, retry_delay_s=RETRY_DELAY_S, validation={"enabled": False},
     )
-    return spec, (src_url if where == "source" else dst_url)
+    return spec
 
 
 def _start(spec, timeout_s: float, dags_dir: Path) -> subprocess.Popen:
@@ -107,9 +107,9 @@ def _interrupted_try_left_nothing(inv: Invariants, appname: str) -> None:
 
 
 def _finish(proc: subprocess.Popen, inv: Invariants) -> tuple[dict, str]:
-    for url in (inv.src, inv.dst):  # let the retry run fast
-        query(url, "UPDATE fault_switch SET slow = false WHERE to_regclass('fault_switch') IS NOT NULL") if query(
-            url, "SELECT to_regclass('fault_switch') IS NOT NULL")[0][0] else None
+    for url in (inv.src, inv.dst):  # let the retry run fast (the switch is on the side that was made slow)
+        if query(url, "SELECT to_regclass('fault_switch') IS NOT NULL")[0][0]:
+            query(url, "UPDATE fault_switch SET slow = false")
     out, _ = proc.communicate(timeout=240)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert lines, f"run_dag.py printed no result (exit {proc.returncode}):\n{out[-4000:]}"
@@ -154,7 +154,7 @@ def _hold_mid_chunk(where: str, spec, inv: Invariants, appname: str, proc) -> No
 
 @pytest.mark.parametrize("where", ["source", "destination"])
 def test_execution_timeout_mid_chunk_rolls_back_and_is_retried(airflow_db, src_url, dst_url, where, tmp_path):
-    spec, _ = _world(src_url, dst_url, where, name=f"timeout_{where}")
+    spec = _world(src_url, dst_url, where, name=f"timeout_{where}")
     inv = Invariants(src_url, dst_url)
     appname = application_name(spec.effective_dag_id, DAY1.chunk_id)
     proc = _start(spec, EXECUTION_TIMEOUT_S, tmp_path)
@@ -175,7 +175,7 @@ def test_execution_timeout_mid_chunk_rolls_back_and_is_retried(airflow_db, src_u
 
 @pytest.mark.parametrize("where", ["source", "destination"])
 def test_sigterm_mid_chunk_rolls_back_and_is_retried(airflow_db, src_url, dst_url, where, tmp_path):
-    spec, _ = _world(src_url, dst_url, where, name=f"sigterm_{where}")
+    spec = _world(src_url, dst_url, where, name=f"sigterm_{where}")
     inv = Invariants(src_url, dst_url)
     appname = application_name(spec.effective_dag_id, DAY1.chunk_id)
     proc = _start(spec, 0, tmp_path)  # no execution_timeout: only the SIGTERM stops the slow try
