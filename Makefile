@@ -1,51 +1,85 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - install, find/start PostgreSQL, seed 2 years of orders, run the backfill DAG, print the result
-#   make test   - install, find/start PostgreSQL, run the test suite on Airflow 3.3 (and `make test-af2` on 2.11)
-PYTHON ?= python3.11
+#   make demo   - install, start a private PostgreSQL, seed 2 years of orders, run the backfill DAG, print the result
+#   make test   - install, start a private PostgreSQL, run the test suite on Airflow 3.3 (and `make test-af2` on 2.11)
+# PostgreSQL: BACKFILL_TEST_PG_URL=postgresql://... uses that server; unset, scripts/pg.sh starts a private one
+# (initdb into .pgdata/, its own port, stopped when the target ends). Quick loop: `make check` (unit tests, lint, types).
+# VENV=/path (or VENV2=/path), on the command line or in the environment, uses that virtualenv as it is.
+PYTHON ?= python3
 VENV ?= .venv
 VENV2 ?= .venv-af2
 PYTEST_ARGS ?=
 # make bench ROWS=100000: both tables at that size (default: 2,000,000 rows and a 1,500,000-row scattered table)
 ROWS ?=
 BENCH_ARGS ?=
+PG := PYTHON=$(VENV)/bin/python bash scripts/pg.sh
+PG2 := PYTHON=$(VENV2)/bin/python bash scripts/pg.sh
+UNIT := not e2e and not browser and not faults and not slow
 
-.PHONY: venv venv-af2 pg demo test test-af2 test-all race bench bench-peers bench-source clean
+.PHONY: venv venv-af2 pg pg-stop browser demo test test-af2 test-all check lint fmt race bench bench-peers bench-source clean
 
 $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
+	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 needed (pyproject requires-python); set PYTHON=python3.x") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements/airflow-3.3.txt -e '.[test]'
 	touch $@
 
 $(VENV2)/.installed: pyproject.toml requirements/airflow-2.11.txt
+	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 needed (pyproject requires-python); set PYTHON=python3.x") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV2)
 	$(VENV2)/bin/pip install -q --upgrade pip
 	$(VENV2)/bin/pip install -q -r requirements/airflow-2.11.txt -e '.[test]'
 	touch $@
 
+# a VENV/VENV2 you give (command line or environment) is used as it is: never installed into
+ifeq ($(origin VENV),file)
 venv: $(VENV)/.installed
+else
+venv:
+	@test -x $(VENV)/bin/python || { echo "VENV=$(VENV) has no bin/python"; exit 1; }
+endif
+ifeq ($(origin VENV2),file)
 venv-af2: $(VENV2)/.installed
+else
+venv-af2:
+	@test -x $(VENV2)/bin/python || { echo "VENV2=$(VENV2) has no bin/python"; exit 1; }
+endif
 
+# start the private server and leave it running (prints its URL); `make pg-stop` stops it
 pg: venv
-	PYTHON=$(VENV)/bin/python bash scripts/ensure_postgres.sh
+	$(PG) start
+pg-stop:
+	$(PG) stop
 
 browser:
 	bash scripts/ensure_browser.sh
 
-demo: venv pg
-	$(VENV)/bin/python scripts/demo.py
+demo: venv
+	$(PG) run $(VENV)/bin/python scripts/demo.py
 
-test: venv pg browser
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+test: venv browser
+	$(PG) run $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-af2: venv-af2 pg
-	$(VENV2)/bin/pytest -m "not browser" $(PYTEST_ARGS)
+test-af2: venv-af2
+	$(PG2) run $(VENV2)/bin/pytest -m "not browser" $(PYTEST_ARGS)
 
 test-all: test test-af2
 
+# quick loop (< 2 min): lint, types, and the unit tests (no e2e, browser, fault or slow tests)
+check: lint venv
+	$(PG) run $(VENV)/bin/pytest -q -x -m "$(UNIT)" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+
 # the backfill/live-ingest race test, many rounds (each round is bounded to 30 s)
-race: venv pg
-	RACE_ROUNDS=$${RACE_ROUNDS:-10} $(VENV)/bin/pytest tests/test_race.py -q $(PYTEST_ARGS)
+race: venv
+	RACE_ROUNDS=$${RACE_ROUNDS:-10} $(PG) run $(VENV)/bin/pytest tests/test_race.py -q $(PYTEST_ARGS)
 
 # the peers of (9), Sling and dlt, as optional extras of the bench (never runtime dependencies)
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
@@ -54,13 +88,13 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 
 bench-peers: $(VENV)/.bench-installed
 
-bench: venv pg bench-peers
-	$(VENV)/bin/python -m benchmarks.run $(if $(ROWS),--rows $(ROWS) --scattered-rows $(ROWS)) $(BENCH_ARGS)
+bench: venv bench-peers
+	$(PG) run $(VENV)/bin/python -m benchmarks.run $(if $(ROWS),--rows $(ROWS) --scattered-rows $(ROWS)) $(BENCH_ARGS)
 
 # pgbench on the source while a backfill runs under a real scheduler: separate servers (a private source
 # cluster on its own port) and the shared-server case; throttle off and on. ROWS sizes the table.
-bench-source: venv pg
-	$(VENV)/bin/python -m benchmarks.source_impact $(if $(ROWS),--rows $(ROWS)) $(BENCH_ARGS)
+bench-source: venv
+	$(PG) run $(VENV)/bin/python -m benchmarks.source_impact $(if $(ROWS),--rows $(ROWS)) $(BENCH_ARGS)
 
-clean:
-	rm -rf $(VENV) $(VENV2) .demo .pytest_cache
+clean: pg-stop
+	rm -rf $(VENV) $(VENV2) .demo .pytest_cache .pgdata

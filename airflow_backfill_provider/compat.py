@@ -23,11 +23,13 @@ from airflow.providers.common.compat.sdk import (  # noqa: E402
 
 if AIRFLOW_V_3:
     from airflow.sdk import DAG, Asset, CronDataIntervalTimetable
+    from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 else:  # Airflow 2.11
     from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
-    from airflow.models.dag import DAG  # type: ignore[no-redef]
-    from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
+    from airflow.exceptions import AirflowTaskTerminated, AirflowTaskTimeout  # type: ignore[no-redef]
+    from airflow.models.dag import DAG  # type: ignore[no-redef,assignment]
+    from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef,assignment]
     from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
 
 __all__ = [
@@ -36,18 +38,31 @@ __all__ = [
     "AirflowException",
     "AirflowFailException",
     "AirflowSkipException",
+    "AirflowTaskTerminated",
+    "AirflowTaskTimeout",
     "Asset",
     "BaseHook",
     "BaseOperator",
     "BaseTrigger",
     "CronDataIntervalTimetable",
     "DAG",
+    "INTERRUPTS",
     "Param",
+    "SIGTERM_RAISES",
     "TaskDeferred",
     "TriggerEvent",
     "aget_connection",
     "run_type_of",
 ]
+
+
+#: execution_timeout (SIGALRM) and SIGTERM on 2.11: BaseException subclasses on both versions today;
+#: listed so a chunk re-raises them unchanged (retried by Airflow) even if that ever changes.
+INTERRUPTS: tuple[type[BaseException], ...] = (AirflowTaskTimeout, AirflowTaskTerminated)
+
+#: On SIGTERM, 2.11 calls ``on_kill`` and then raises AirflowTaskTerminated (retried); 3.x only calls
+#: ``on_kill`` (and fails AirflowTaskTerminated without retry), so there the operator interrupts itself.
+SIGTERM_RAISES = not AIRFLOW_V_3
 
 
 async def aget_connection(conn_id: str):

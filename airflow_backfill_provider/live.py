@@ -30,6 +30,7 @@ from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.transfer import stream_copy, upsert_counted
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS, target_key
@@ -272,7 +273,7 @@ def run_live_ingest(
         return result
     except BaseException as err:
         rollback_quietly(dst_conn)
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        if is_interrupt(err):  # execution_timeout, SIGTERM: rolled back; Airflow retries it as it is
             raise
         raise classify(err, chunk_id=f"live {target}") from err
     finally:

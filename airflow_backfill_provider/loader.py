@@ -74,7 +74,7 @@ def load_backfill_dags(config_dir: str | os.PathLike, *, strict: bool | None = N
                 if dag.dag_id in result.dags:
                     raise SpecError(f"{where}: dag_id {dag.dag_id!r} is defined twice; give each a unique name")
                 result.dags[dag.dag_id] = dag
-            except Exception as err:  # one bad entry must not break the others
+            except Exception as err:  # noqa: BLE001 - one bad entry must not break the others
                 _fail(result, where, str(err), strict)
     return result
 

@@ -444,5 +444,3 @@ def load_spec(data: dict[str, Any] | BackfillSpec, *, where: str = "") -> Backfi
     except ValidationError as err:
         raise SpecError(_format_error(err, label)) from None
 
-
-GRANULARITY_CHOICES = GRANULARITIES

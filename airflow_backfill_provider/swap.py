@@ -22,6 +22,7 @@ from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, 
         conn.commit()
     except BaseException as err:
         rollback_quietly(conn)
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        if is_interrupt(err):  # execution_timeout, SIGTERM: rolled back; Airflow retries it as it is
             raise
         raise classify(err, chunk_id=f"merge {parallel}") from err
     finally:

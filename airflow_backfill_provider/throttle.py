@@ -39,6 +39,8 @@ from typing import Any, Literal
 import psycopg2.extensions
 from psycopg2 import sql
 
+from airflow_backfill_provider import ddl
+from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.spec import TableName, ThrottleSpec
 
 Decision = Literal["go", "wait", "critical"]
@@ -255,30 +257,17 @@ def timeout_message(sample: LoadSample | None, throttle: ThrottleSpec, waited_s:
 # --- pacing ---------------------------------------------------------------------------------------
 
 
-def _pacing_lock_args(key: str) -> sql.Composed:
-    # two-int advisory lock: a fixed namespace for pacing, and the key's hash
-    return sql.SQL("hashtext({ns}), hashtext({key})").format(
-        ns=sql.Literal("airflow_backfill_provider.pacing"), key=sql.Literal(key)
-    )
+_PACING_COLUMNS = sql.SQL(
+    """pacing_key text NOT NULL,
+    slot int NOT NULL,
+    last_start timestamptz NOT NULL,
+    PRIMARY KEY (pacing_key, slot)"""
+)
 
 
-def ensure_pacing_table(cur, table: TableName) -> None:
-    """Create the pacing table if missing; call under the pacing advisory lock (no create race)."""
-    cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table.parts).as_string(cur),))
-    if cur.fetchone()[0] is not None:
-        return
-    cur.execute(
-        sql.SQL(
-            """
-            CREATE TABLE IF NOT EXISTS {t} (
-                pacing_key text NOT NULL,
-                slot int NOT NULL,
-                last_start timestamptz NOT NULL,
-                PRIMARY KEY (pacing_key, slot)
-            )
-            """
-        ).format(t=sql.Identifier(*table.parts))
-    )
+def ensure_pacing_table(conn, table: TableName) -> None:
+    """Create the pacing table if missing: the provider's one DDL mechanism (ddl.py), its own short transaction."""
+    ddl.ensure_table(conn, table, _PACING_COLUMNS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,10 +276,6 @@ class PacingTurn:
 
     slot: int
     wait_s: float
-
-    def moment(self) -> dt.datetime:
-        """The turn on this process's clock (UTC), for a time-based trigger."""
-        return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.wait_s)
 
 
 def reserve_turn(
@@ -313,10 +298,10 @@ def reserve_turn(
         raise ValueError("reserve_turn needs a non-autocommit connection: the advisory lock is transaction-scoped")
     table = TableName.parse(table)
     t = sql.Identifier(*table.parts)
+    ensure_pacing_table(conn, table)
     with conn:  # one transaction, committed on exit (psycopg2 semantics), rolled back on error
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_pacing_lock_args(key)))
-            ensure_pacing_table(cur, table)
+            cur.execute(q.advisory_xact_lock(), (f"pacing|{key}",))  # turns of one key are taken one at a time
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {t} (pacing_key, slot, last_start) "

@@ -26,6 +26,7 @@ from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
+from airflow_backfill_provider.interrupts import InterruptCatchingReader, is_interrupt
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
@@ -117,24 +118,28 @@ def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]
     r, w = os.pipe()
     writer = _Writer(src_conn.cursor(), copy_out_sql, w)
     writer.start()
-    reader = os.fdopen(r, "rb", buffering=_PIPE_BUFFER)
+    reader = InterruptCatchingReader(os.fdopen(r, "rb", buffering=_PIPE_BUFFER))
     try:
         dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
+        reader.close()
+        writer.join()
     except BaseException as err:
         # If the source failed first (e.g. statement_timeout before the first row), the destination only
         # saw a cut stream ("COPY file signature not recognized"): the source's error is the real one.
-        source_failed_first = writer.error is not None
+        source_error = writer.error
         reader.close()  # writer then fails with EPIPE instead of blocking forever
         try:
             src_conn.cancel()
         except Exception:  # noqa: BLE001 - best effort; the connection is closed by the caller
             pass
         writer.join(timeout=30)
-        if source_failed_first:
-            raise writer.error from err
+        # an interrupt (execution_timeout, SIGTERM) inside read() reaches us as QueryCanceled: raise the interrupt
+        interrupt = reader.interrupt or (err if is_interrupt(err) else None)
+        if interrupt is not None:
+            raise interrupt from None  # the driver error that wraps it is noise
+        if source_error is not None:
+            raise source_error from err
         raise
-    reader.close()
-    writer.join()
     if writer.error is not None:
         # A source that died mid-stream can look like a clean EOF to the destination COPY: never commit then.
         raise writer.error
@@ -324,7 +329,7 @@ def transfer_chunk(
         rollback_quietly(dst_conn)
         if prepared is not None:
             prepared.clear()  # the sessions are closed below: their staging table and checks go with them
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        if is_interrupt(err):  # execution_timeout, SIGTERM, SIGINT: rolled back; Airflow retries it as it is
             raise
         if plan is not None and getattr(err, "pgcode", None) in encoding.ENCODING_ERRORS:
             raise PermanentChunkError(_explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan)) from err

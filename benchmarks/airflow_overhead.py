@@ -132,10 +132,10 @@ class AirflowSandbox:
         raise TimeoutError(f"DAGs not parsed within {timeout}s; dag-processor log:\n{self.tail('dag-processor')}")
 
     def stop_services(self) -> None:
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)  # our own session: the service and its children
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -339,7 +339,7 @@ def measure_overhead(args, bench) -> dict:
             sandbox.wait_idle()
             out["airflow_scheduler"] = _compare(sandbox.trigger, n)
             _net(out["airflow_scheduler"], work, min(POOL_SLOTS, n))
-    except Exception as err:  # report what was measured; say what failed and where
+    except Exception as err:  # noqa: BLE001 - report what was measured; say what failed and where
         bench.log(f"(8) failed: {err}")
         for key in ("airflow_dags_test", "airflow_scheduler"):
             out.setdefault(key, {"skipped": f"failed: {str(err).splitlines()[0][:150]}"})

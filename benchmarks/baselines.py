@@ -60,7 +60,7 @@ def copy_pipe(src_cur, dst_cur, copy_out: sql.Composable, copy_in: sql.Composabl
         try:
             with os.fdopen(w, "wb", buffering=1 << 16) as out:
                 src_cur.copy_expert(copy_out, out)
-        except BaseException as err:  # re-raised in the caller's thread
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(err)
 
     thread = threading.Thread(target=writer, name="copy-out", daemon=True)

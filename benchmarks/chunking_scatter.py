@@ -20,7 +20,7 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import keyranges
 from airflow_backfill_provider import sql as q
-from airflow_backfill_provider.demo import create_orders
+from tests.seed import create_orders
 from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk

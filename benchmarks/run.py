@@ -1,7 +1,7 @@
 """Benchmark: our chunk transfer path against its physical limit, a hand-written reference and the usual loops.
 
-    PYTHONPATH=. /opt/venv-af3/bin/python -m benchmarks.run            # 2,000,000 rows over 730 days
-    PYTHONPATH=. /opt/venv-af3/bin/python -m benchmarks.run --quick    # 200,000 rows, one repetition
+    PYTHONPATH=. .venv/bin/python -m benchmarks.run            # 2,000,000 rows over 730 days
+    PYTHONPATH=. .venv/bin/python -m benchmarks.run --quick    # 200,000 rows, one repetition
 
 One run seeds throwaway source/destination databases, measures every path over the same chunks (each
 measurement in its own child process, for its own peak RSS), prints one table with rows/s, seconds, RSS
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-probe", action="store_true",
                    help="(1) without the operator's source load probe before each chunk (transfer_chunk only)")
     p.add_argument("--airflow2-python", default=os.environ.get("BENCH_AIRFLOW2_PYTHON"),
-                   help="a python with Airflow 2.11 (e.g. /opt/venv-af2/bin/python): (5) again there, where "
+                   help="a python with Airflow 2.11 (e.g. .venv-af2/bin/python): (5) again there, where "
                         "PostgresHook uses psycopg2 (env BENCH_AIRFLOW2_PYTHON)")
     p.add_argument("--skip-overhead", action="store_true", help="skip only (8), the DAG overhead runs (minutes)")
     p.add_argument("--overhead-chunks", type=int, default=24, help="N chunks / task instances for (8)")

@@ -22,7 +22,7 @@ from psycopg2 import sql
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from airflow_backfill_provider.demo import create_orders, seed_orders  # noqa: E402
+from tests.seed import create_orders, seed_orders  # noqa: E402
 
 
 def _exists(cur, table: str) -> bool:

@@ -33,7 +33,8 @@ def _admin():
     except psycopg2.OperationalError as err:  # say exactly what to do
         pytest.exit(
             f"PostgreSQL is not reachable at {ADMIN_URL}: {err}\n"
-            "Start one (`make pg` or scripts/ensure_postgres.sh) or set BACKFILL_TEST_PG_URL.",
+            "Run the tests through `make test` (or `scripts/pg.sh run pytest ...`), which starts a private server, "
+            "or set BACKFILL_TEST_PG_URL to a running one.",
             returncode=3,
         )
     conn.autocommit = True
@@ -62,6 +63,8 @@ class ThrowawayDatabases:
         return db_url(name)
 
     def drop_all(self):
+        if os.environ.get("BACKFILL_TEST_PG_THROWAWAY") == "1":
+            return  # a private server started for this run (scripts/pg.sh) is deleted whole when it ends
         admin = _admin()
         with admin.cursor() as cur:
             for name in self.created:
@@ -131,3 +134,16 @@ def table_digest(url: str, table: str = "orders", key: str = "id") -> tuple[int,
         t=sql.Identifier(table), k=sql.Identifier(key)
     )
     return fetch_all(url, q)[0]
+
+
+# `make check` leaves out tests marked "slow": those that run Airflow itself (dag.test() through the airflow_db
+# fixture, the airflow CLI in a subprocess) or many rounds. `make test` runs them.
+_SLOW_MODULES = {"test_bench_smoke", "test_compose", "test_provider", "test_race"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+        if "airflow_db" in getattr(item, "fixturenames", ()) or name in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -70,3 +70,28 @@ class Sleepers:
 
     def __exit__(self, *exc):
         self.end()
+
+
+def count_probes(trigger) -> list:
+    """Record every load probe a SourceLoadTrigger makes (its real probe still runs): a condition to wait on."""
+    probes: list = []
+    original = trigger._probe_once
+
+    def counting(*args, **kwargs):
+        sample = original(*args, **kwargs)
+        probes.append(sample)
+        return sample
+
+    trigger._probe_once = counting
+    return probes
+
+
+async def wait_until(predicate, what: str, timeout: float = 30, interval: float = 0.02) -> None:
+    """Poll ``predicate`` from async code until it is true; fail after ``timeout`` seconds."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+        await asyncio.sleep(interval)

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from airflow_backfill_provider.compat import AIRFLOW_V_3
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from tests.conftest import REPO
 
 

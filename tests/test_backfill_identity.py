@@ -12,7 +12,7 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import identity, ledger
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan

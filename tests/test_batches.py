@@ -10,7 +10,7 @@ import pytest
 
 from airflow_backfill_provider import batches
 from airflow_backfill_provider.chunks import Chunk, plan_chunks, split_at
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.keyranges import plan_key_chunks
 from airflow_backfill_provider.sizing import auto_time_chunks
 from airflow_backfill_provider.spec import load_spec

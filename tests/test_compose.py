@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 import yaml
 
-from airflow_backfill_provider.demo import create_orders
+from tests.seed import create_orders
 from airflow_backfill_provider.spec import BackfillSpec
 
 ROOT = Path(__file__).resolve().parent.parent

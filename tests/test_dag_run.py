@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from tests.conftest import REPO, fetch_all, table_digest
 
 

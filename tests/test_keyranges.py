@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from airflow_backfill_provider.demo import create_orders
+from tests.seed import create_orders
 from airflow_backfill_provider.exceptions import PlanError
 from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import load_spec

@@ -74,7 +74,7 @@ def test_measured_rate_reads_recent_non_empty_chunks(dst_url):
 
 def test_day_chunks_in_the_ledger_cover_a_week_plan_on_real_postgres(src_url, dst_url, pg):
     """Resume across plan changes: switching day -> week reloads nothing already covered."""
-    from airflow_backfill_provider.demo import create_orders, seed_orders
+    from tests.seed import create_orders, seed_orders
     from airflow_backfill_provider.planning import build_plan
     from airflow_backfill_provider.spec import load_spec
     from airflow_backfill_provider.transfer import transfer_chunk

@@ -14,7 +14,7 @@ from psycopg2.extensions import parse_dsn
 
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.compat import DAG
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from airflow_backfill_provider.operators.live import LiveIngestOperator
 from airflow_backfill_provider.operators.merge import MergeBackfillOperator

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.live import advance_watermark, run_live_ingest
 from airflow_backfill_provider.spec import TableName, load_spec
 from tests.conftest import fetch_all, table_digest

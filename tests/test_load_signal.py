@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_backfill_provider.compat import TaskDeferred
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import SpecError
 from airflow_backfill_provider.loadsignal import Baseline, LoadWindow, learn_baseline, sample_window
 from airflow_backfill_provider.spec import ThrottleSpec, load_spec

@@ -6,7 +6,7 @@ import pendulum
 import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.planning import build_plan, resolve_range
 from airflow_backfill_provider.spec import load_spec

@@ -44,7 +44,7 @@ def test_plan_message():
 
 
 def test_estimate_is_the_source_planners(src_url, pg):
-    from airflow_backfill_provider.demo import seed_orders
+    from tests.seed import seed_orders
     from tests.test_progress import make_spec
 
     conn = pg(src_url)
@@ -57,7 +57,7 @@ def test_estimate_is_the_source_planners(src_url, pg):
 
 
 def test_a_real_run_logs_the_plan_size_and_each_chunks_share(airflow_db, src_url, dst_url, pg, monkeypatch, caplog, capfd):
-    from airflow_backfill_provider.demo import create_orders, seed_orders
+    from tests.seed import create_orders, seed_orders
     from airflow_backfill_provider.loader import load_backfill_dags
     from tests.conftest import REPO
 

@@ -17,7 +17,7 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import TransientChunkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan
@@ -249,8 +249,12 @@ def test_a_write_committed_after_the_watermark_passed_it_is_caught_by_the_lookba
         transfer_chunk(spec, c)
     run_live_ingest(spec)
     slow = psycopg2.connect(src)  # a long application transaction: now() is its start time, T1
-    slow.cursor().execute("UPDATE orders SET status = 'slow', updated_at = now() WHERE id = 7")
-    time.sleep(0.05)
+    slow_cur = slow.cursor()
+    slow_cur.execute("UPDATE orders SET status = 'slow', updated_at = now() WHERE id = 7 RETURNING updated_at")
+    t1 = slow_cur.fetchone()[0]
+    deadline = time.monotonic() + 10  # T2 below must be strictly later than T1: wait for the clock, not a nap
+    while not fetch_all(src, "SELECT clock_timestamp() > %s", (t1,))[0][0]:
+        assert time.monotonic() < deadline, "the server clock did not move past T1"
     fast = pg(src).cursor()
     fast.execute("UPDATE orders SET status = 'fast', updated_at = clock_timestamp() WHERE id = 8")  # T2, committed
     run_live_ingest(spec)  # watermark -> T2; K (id 7) not visible yet

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_backfill_provider.demo import create_orders
+from tests.seed import create_orders
 from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.sizing import auto_time_chunks, target_rows
 from airflow_backfill_provider.spec import load_spec

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from tests.conftest import REPO
 
 FAULT = """

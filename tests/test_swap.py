@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.swap import merge_parallel_table

@@ -24,7 +24,7 @@ from airflow_backfill_provider.throttle import (
     timeout_message,
 )
 from airflow_backfill_provider.triggers.load import SourceLoadTrigger
-from tests.load_helpers import Sleepers
+from tests.load_helpers import Sleepers, count_probes, wait_until
 
 
 def _now():
@@ -187,9 +187,12 @@ def _first_event(trigger):
 def test_trigger_waits_while_busy_then_fires_ok(src_url):
     trigger = SourceLoadTrigger(conn_id=src_url, throttle=_throttle())
 
+    probes = count_probes(trigger)
+
     async def scenario(sleepers):
         task = asyncio.ensure_future(_first_event(trigger))
-        await asyncio.sleep(1.5)
+        # the trigger has seen the busy source twice (a probe and a re-probe) and is still waiting
+        await wait_until(lambda: len(probes) >= 2 or task.done(), "two probes of the busy source")
         assert not task.done(), f"fired while 3 sessions were active: {task.result()}"
         await asyncio.to_thread(sleepers.end)
         return await asyncio.wait_for(task, timeout=15)
@@ -198,7 +201,7 @@ def test_trigger_waits_while_busy_then_fires_ok(src_url):
         event = asyncio.run(scenario(sleepers))
     assert event.payload["status"] == "ok", event.payload
     assert event.payload["sample"]["active"] <= 2
-    assert event.payload["waited_s"] >= 1.4
+    assert event.payload["waited_s"] > 0  # the wait is reported (how long is timing, not asserted)
     json.dumps(event.payload)  # events travel through the metadata DB
 
 

@@ -13,11 +13,11 @@ import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.compat import DAG, AirflowException, AirflowFailException, TaskDeferred
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
-from tests.load_helpers import Sleepers
+from tests.load_helpers import Sleepers, count_probes, wait_until
 
 FAST_POLL = {"poll_interval": 0.2, "poll_max": 0.5}
 
@@ -74,9 +74,12 @@ def test_busy_source_defers_writes_nothing_then_completes(seeded):
         assert _nothing_written(dst)  # deferred before touching the source's table or the destination
         trigger = _rebuild(deferred.value.trigger)
 
+        probes = count_probes(trigger)
+
         async def wait_then_release():
             task = asyncio.ensure_future(_first_event(trigger))
-            await asyncio.sleep(1.5)
+            # the trigger has seen the busy source twice (a probe and a re-probe) and is still waiting
+            await wait_until(lambda: len(probes) >= 2 or task.done(), "two probes of the busy source")
             assert not task.done(), "trigger fired while the source was over max_active"
             await asyncio.to_thread(sleepers.end)
             return await asyncio.wait_for(task, timeout=15)
@@ -85,7 +88,7 @@ def test_busy_source_defers_writes_nothing_then_completes(seeded):
     assert event.payload["status"] == "ok"
     result = op.execute_after_wait({}, event=event.payload)
     assert result["rows_extracted"] == 300 and result["inserted"] == 300
-    assert result["waited_load_s"] >= 1.4
+    assert result["waited_load_s"] > 0  # the wait is reported (how long is timing, not asserted)
     assert fetch_all(dst, "SELECT count(*) FROM orders") == [(300,)]
 
 

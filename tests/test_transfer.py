@@ -7,7 +7,7 @@ import psycopg2
 import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
@@ -33,6 +33,16 @@ def seeded(src_url, dst_url, pg):
 
 def days(start="2024-01-01", end="2024-01-07"):
     return plan_chunks(start, end, "day", "UTC")
+
+
+def wait_chunk_sessions_gone(url, timeout: float = 30) -> None:
+    """Until no chunk session is left: an exiting backend flushes its pending table statistics first
+    (before_shmem_exit), so after this the pg_stat counters include every chunk's writes."""
+    deadline = time.monotonic() + timeout
+    while fetch_all(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND application_name LIKE 'backfill:%%'") != [(0,)]:
+        assert time.monotonic() < deadline, f"chunk sessions still open after {timeout}s"
+        time.sleep(0.02)
 
 
 def tuple_stats(url):
@@ -67,13 +77,13 @@ def test_rerun_rewrites_zero_rows(seeded):
     for c in days():
         transfer_chunk(spec, c)
     xmins_before = fetch_all(dst, "SELECT id, xmin::text FROM orders ORDER BY id")
-    time.sleep(0.6)  # stats are flushed at most every 0.5 s by other backends
+    wait_chunk_sessions_gone(dst)  # a backend flushes its table stats when it exits
     stats_before = tuple_stats(dst)
     results = [transfer_chunk(spec, c) for c in days()]
     assert sum(r.unchanged for r in results) == 6000
     assert sum(r.inserted + r.updated for r in results) == 0
     assert fetch_all(dst, "SELECT id, xmin::text FROM orders ORDER BY id") == xmins_before  # no row rewritten
-    time.sleep(0.6)
+    wait_chunk_sessions_gone(dst)
     stats_after = tuple_stats(dst)
     assert stats_after[1] == stats_before[1], "n_tup_upd grew on a rerun"
 

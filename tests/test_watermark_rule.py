@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import WatermarkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan

@@ -13,7 +13,7 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.compat import TaskDeferred
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import SpecError
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.windows import parse_windows

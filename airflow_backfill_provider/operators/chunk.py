@@ -113,17 +113,36 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         self._window_gate(spec)  # outside the maintenance window: defer before opening any session
 
         src_conn = None
-        if not probed:
-            # the probe runs on the session the transfer will use: one source connection per chunk
-            src_conn, sample = self._probe(spec, appname)
+        self._in_chunk = True  # on_kill (SIGTERM on Airflow 3) interrupts only while the chunk runs
         try:
+            if not probed:
+                # the probe runs on the session the transfer will use: one source connection per chunk
+                src_conn, sample = self._probe(spec, appname)
             if src_conn is not None:
                 self._maintenance_gate(spec, src_conn, appname)  # VACUUM/ANALYZE on the table: defer
             return self._decide_and_go(
                 context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced
             )
         finally:
+            self._in_chunk = False
             close_all(src_conn)  # no-op once the transfer took it (it closes it); closed before any deferral
+
+    def on_kill(self) -> None:
+        """SIGTERM (worker shutdown, pod eviction) while the chunk runs: stop it, roll back, let Airflow retry.
+
+        Airflow 2.11 raises ``AirflowTaskTerminated`` itself right after on_kill. Airflow 3 only calls on_kill
+        (raising AirflowTaskTerminated there would fail the task without retry), so the chunk raises its own
+        interrupt from here: the destination transaction rolls back and the task is retried.
+        """
+        from airflow_backfill_provider.compat import SIGTERM_RAISES
+        from airflow_backfill_provider.interrupts import ChunkTerminated
+
+        if getattr(self, "_in_chunk", False) and not SIGTERM_RAISES:
+            self._in_chunk = False  # once: a second signal while unwinding must not interrupt the rollback
+            raise ChunkTerminated(
+                f"{self.task_id}: terminated (SIGTERM) mid-chunk; its destination transaction is rolled back "
+                "and the chunk will be retried"
+            )
 
     def _decide_and_go(self, context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced):
         import time
@@ -180,6 +199,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         import psycopg2
 
         from airflow_backfill_provider.compat import AirflowException
+        from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
         from airflow_backfill_provider.transfer import open_source
 
@@ -197,6 +217,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             raise AirflowException(
                 f"could not probe the source's load on {spec.source_conn_id!r}: {str(err).strip()}"
             ) from err
+        except PermanentChunkError as err:  # e.g. the connection id does not exist: a retry cannot fix it
+            close_all(conn)
+            raise AirflowFailException(str(err)) from err
 
     def _transfer(self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float, src_conn=None) -> dict:
         from airflow_backfill_provider.exceptions import PermanentChunkError

@@ -45,7 +45,7 @@ class PlanBackfillOperator(BaseOperator):
     def execute(self, context) -> list[dict[str, str]]:
         from airflow_backfill_provider import progress_log
         from airflow_backfill_provider.checks import null_time_rows
-        from airflow_backfill_provider.connections import connect
+        from airflow_backfill_provider.connections import close_all, connect
         from airflow_backfill_provider.planning import build_plan, resolve_range
         from airflow_backfill_provider.schema import time_column_indexed
         from airflow_backfill_provider.swap import as_live, ensure_parallel_table
@@ -64,16 +64,16 @@ class PlanBackfillOperator(BaseOperator):
                 interval_start=context.get("data_interval_start"),
                 interval_end=context.get("data_interval_end"),
             )
-            dst = connect(
-                spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan",
-                timezone=spec.timezone,
-            )
-            src = connect(
-                spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
-                timezone=spec.timezone,
-                statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
-            )
+            dst = src = None
             try:
+                dst = connect(
+                    spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan",
+                    timezone=spec.timezone,
+                )
+                src = connect(
+                    spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
+                    timezone=spec.timezone, statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
+                )
                 plan = build_plan(
                     spec, start, end, granularity=_blank_to_none(self.granularity),
                     reprocess=reprocess, dst_conn=dst, src_conn=src,
@@ -103,8 +103,7 @@ class PlanBackfillOperator(BaseOperator):
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
                 rate = progress_log.measured_rate(dst, spec) if plan.chunks else None
             finally:
-                dst.close()
-                src.close()
+                close_all(dst, src)  # also when the source connect fails: no leaked destination session
         except BackfillError as err:
             raise AirflowFailException(str(err)) from err
 

@@ -73,7 +73,7 @@ class ValidateBackfillOperator(BaseOperator):
         self.log.info("%s", report.format_table())
         totals = report.totals()
         if report.status == FAIL:
-            err = ValidationFailed(
+            failure = ValidationFailed(
                 f"{totals['days_fail']} of {totals['days']} day(s) of {report.table} differ by more than "
                 f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
                 f"({totals['worst_metric']} off by {totals['worst_diff']:.2%}); failed days: "
@@ -83,7 +83,7 @@ class ValidateBackfillOperator(BaseOperator):
                 + "Reload those days (trigger with start/end around them and reprocess=true); if the destination "
                 "has rows the source no longer has, look for deletes in the source since the load."
             )
-            raise AirflowFailException(str(err)) from err
+            raise AirflowFailException(str(failure)) from failure
         if report.status == WARN:
             self.log.warning(
                 "%d day(s) of %s differ by more than warn_threshold=%.2f%% (under fail_threshold)",

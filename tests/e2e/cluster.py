@@ -120,36 +120,56 @@ def _db_url(dbname: str, driver: str = "postgresql") -> str:
 
 
 # --------------------------------------------------------------------------------------------- executors
-def ensure_redis(host: str = "127.0.0.1", port: int = 6379) -> str | None:
-    """Make sure a Redis answers at host:port (start a throwaway, non-persistent one if none does).
+@contextlib.contextmanager
+def redis_server(host: str = "127.0.0.1"):
+    """Yield ``(url, None)`` for a Redis to use, or ``(None, why not)`` (for ``pytest.skip``).
 
-    Returns None when Redis answers, else why not (for ``pytest.skip``).
+    A private, non-persistent redis-server on a free port, stopped (and waited for) on exit: the harness stops
+    what it starts. ``E2E_REDIS_URL`` uses an existing Redis instead, left running.
     """
     try:
         import redis
     except ImportError:
-        return f"the redis client is not installed in {sys.prefix} (pip install apache-airflow-providers-celery)"
+        yield None, f"the redis client is not installed in {sys.prefix} (pip install apache-airflow-providers-celery)"
+        return
 
-    def answers() -> bool:
+    def answers(url: str) -> bool:
         try:
-            with redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2) as client:
+            with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
                 return bool(client.ping())
         except redis.RedisError:
             return False
 
-    if answers():
-        return None
+    if os.environ.get("E2E_REDIS_URL"):
+        url = os.environ["E2E_REDIS_URL"].rstrip("/")
+        yield (url, None) if answers(url) else (None, f"E2E_REDIS_URL={url} does not answer")
+        return
     server = shutil.which("redis-server")
     if server is None:
-        return f"no Redis answers at {host}:{port} and redis-server is not installed to start one"
-    cmd = [server, "--daemonize", "yes", "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
-    started = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if answers():
-            return None
-        time.sleep(0.2)
-    return f"no Redis answers at {host}:{port}; `{' '.join(cmd)}` exited {started.returncode}: {started.stderr.strip()[-500:]}"
+        yield None, "redis-server is not installed (or set E2E_REDIS_URL to an existing Redis)"
+        return
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    url = f"redis://{host}:{port}"
+    cmd = [server, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                yield None, f"`{' '.join(cmd)}` did not answer (exit {proc.poll()}): {(proc.stderr.read() if proc.poll() is not None else '')[-500:]}"
+                return
+            time.sleep(0.05)
+        yield url, None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def celery_missing() -> list[str]:

@@ -21,7 +21,7 @@ import psycopg2
 import yaml
 from psycopg2 import sql
 
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from tests.e2e.cluster import AirflowCluster, CeleryExecutorSetup, LocalExecutorSetup
 
 REPO = Path(__file__).resolve().parents[2]

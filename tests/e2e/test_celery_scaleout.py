@@ -6,8 +6,8 @@ destination equals source (whole-table digest, every row committed exactly once)
 (the task instances' ``hostname``), no more than 3 chunks ever ran at once across the two workers, and after
 the cluster stops no process of it is left and its Redis database is flushed.
 
-Needs apache-airflow-providers-celery in the venv and a Redis at 127.0.0.1:6379 (one is started if none
-answers; the test is skipped if that is impossible).
+Needs apache-airflow-providers-celery in the venv and redis-server: a private one on a free port is started for
+this module and stopped after it (or E2E_REDIS_URL names an existing Redis); skipped if neither is possible.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.e2e import orders_env
-from tests.e2e.cluster import CeleryExecutorSetup, airflow_major, celery_missing, ensure_redis, max_overlap
+from tests.e2e.cluster import CeleryExecutorSetup, airflow_major, celery_missing, max_overlap, redis_server
 from tests.e2e.orders_env import CHUNK_TASK, DAG_ID, POOL, SEED_START, days, table_digest
 from tests.e2e.scenarios import assert_loaded_exactly_once
 
@@ -61,12 +61,18 @@ def small_orders(databases):
     return env
 
 
-def test_two_celery_workers_share_a_backfill_under_one_pool_cap(small_orders, tmp_path):
-    reason = ensure_redis("127.0.0.1", 6379)
-    if reason:
-        pytest.skip(reason)
+@pytest.fixture(scope="module")
+def redis_url():
+    """A private redis-server for the broker, stopped after the module (or E2E_REDIS_URL)."""
+    with redis_server() as (url, reason):
+        if reason:
+            pytest.skip(reason)
+        yield url
+
+
+def test_two_celery_workers_share_a_backfill_under_one_pool_cap(small_orders, redis_url, tmp_path):
     start, end = SEED_START, SEED_START + dt.timedelta(days=DAYS)
-    executor = CeleryExecutorSetup(workers=WORKERS, concurrency=CONCURRENCY)
+    executor = CeleryExecutorSetup(workers=WORKERS, concurrency=CONCURRENCY, redis_url=redis_url)
 
     t0 = time.monotonic()
     cluster = orders_env.start_cluster(
@@ -117,6 +123,6 @@ def test_two_celery_workers_share_a_backfill_under_one_pool_cap(small_orders, tm
     # Nothing of this run left in Redis (its queue and claim are gone; the db may be someone else's by now).
     import redis
 
-    with redis.Redis.from_url(f"redis://127.0.0.1:6379/{redis_db}") as client:
+    with redis.Redis.from_url(f"{redis_url}/{redis_db}") as client:
         assert client.keys(f"*{cluster.tag}*") == []
         assert client.get(CeleryExecutorSetup.CLAIM_KEY) != cluster.tag.encode()

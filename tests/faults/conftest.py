@@ -25,7 +25,7 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 from tests.conftest import REPO

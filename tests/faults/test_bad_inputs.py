@@ -17,7 +17,7 @@ from psycopg2 import sql
 
 from airflow_backfill_provider.compat import AirflowFailException
 from airflow_backfill_provider.connections import connect as open_connection
-from airflow_backfill_provider.demo import seed_orders
+from tests.seed import seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError, SpecError
 from airflow_backfill_provider.factory import build_backfill_dag
 from airflow_backfill_provider.operators.plan import PlanBackfillOperator

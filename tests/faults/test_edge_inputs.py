@@ -15,7 +15,7 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import checks
 from airflow_backfill_provider.chunks import plan_chunks, to_datetime
-from airflow_backfill_provider.demo import create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk

@@ -13,7 +13,7 @@ import pytest
 
 from airflow_backfill_provider import identity, transfer
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.demo import seed_orders
+from tests.seed import seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.transfer import application_name, transfer_chunk
 from tests.faults.conftest import (

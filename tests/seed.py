@@ -1,13 +1,13 @@
-"""Demo data: an ``orders`` table like a production one, seeded server-side (fast, no rows in Python).
+"""Demo and test data: an ``orders`` table like a production one, seeded server-side (fast, no rows in Python).
 
-Used by ``make demo``, the tests and the benchmark, so they all load the same shape.
+Used by ``make demo`` (scripts/demo.py) and the tests, so they load the same shape. Not part of the installed
+package: seed data has no place in a provider's runtime.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-import psycopg2
 from psycopg2 import sql
 
 ORDERS_DDL = """
@@ -56,8 +56,3 @@ def seed_orders(conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1,
         cur.execute(sql.SQL("ANALYZE {t}").format(t=sql.Identifier(table)))
     conn.commit()
 
-
-def count_rows(url: str, table: str = "orders") -> int:
-    with psycopg2.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=sql.Identifier(table)))
-        return cur.fetchone()[0]
