@@ -122,8 +122,14 @@ def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | N
     else:
         start, end, gran = _range_without_plan(spec, conf, run_type, interval)
     return RunInfo(
-        run_id=run_id, state=state, start=_parse(start), end=_parse(end), granularity=gran,
-        started_at=started, ended_at=ended, descriptors=descriptors,
+        run_id=run_id,
+        state=state,
+        start=_parse(start),
+        end=_parse(end),
+        granularity=gran,
+        started_at=started,
+        ended_at=ended,
+        descriptors=descriptors,
     )
 
 
@@ -134,8 +140,12 @@ def _range_without_plan(spec, conf, run_type, interval):
 
     try:
         lo, hi = resolve_range(
-            spec, param_start=conf.get("start") or None, param_end=conf.get("end") or None, run_type=run_type,
-            interval_start=interval[0], interval_end=interval[1],
+            spec,
+            param_start=conf.get("start") or None,
+            param_end=conf.get("end") or None,
+            run_type=run_type,
+            interval_start=interval[0],
+            interval_end=interval[1],
         )
     except BackfillError:
         return None, None, None
@@ -164,8 +174,11 @@ def _xcom(dag_id: str, run_id: str, task_id: str, key: str):
 
             value = session.scalar(
                 select(XComModel.value).where(
-                    XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
-                    XComModel.key == key, XComModel.map_index == -1,
+                    XComModel.dag_id == dag_id,
+                    XComModel.run_id == run_id,
+                    XComModel.task_id == task_id,
+                    XComModel.key == key,
+                    XComModel.map_index == -1,
                 )
             )
             if isinstance(value, str):  # stored JSON-encoded

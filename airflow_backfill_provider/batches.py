@@ -47,7 +47,9 @@ def descriptors(spec: BackfillSpec, chunks: list[Chunk], *, granularity: str, re
             body.update(start=first.start.isoformat(), end=last.end.isoformat(), granularity=granularity)
         elif first.keyed:
             body.update(
-                start=first.start.isoformat(), end=first.end.isoformat(), key=first.key_column,
+                start=first.start.isoformat(),
+                end=first.end.isoformat(),
+                key=first.key_column,
                 runs=_runs(part, lambda c: c.key_lo, lambda c: c.key_hi),
             )
         else:
@@ -85,7 +87,9 @@ def expand(descriptor: dict, spec: BackfillSpec) -> list[Chunk]:
             lo, hi = pendulum.parse(body["start"]), pendulum.parse(body["end"])
             col = str(body["key"])
             return [
-                Chunk(keyranges.label(col, a, b), lo, hi, col, a, b) for run in body["runs"] for a, b in zip(run, run[1:])
+                Chunk(keyranges.label(col, a, b), lo, hi, col, a, b)
+                for run in body["runs"]
+                for a, b in zip(run, run[1:])
             ]
         out = []
         for run in body["runs"]:

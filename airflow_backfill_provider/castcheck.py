@@ -55,9 +55,7 @@ class CastFailure:
         )
 
 
-def check_block(
-    conn, src_table: TableName, plan: ColumnPlan, key_columns: list[str], start, end
-) -> sql.Composed:
+def check_block(conn, src_table: TableName, plan: ColumnPlan, key_columns: list[str], start, end) -> sql.Composed:
     """``DO '<plpgsql>'``: cast each column of each row of the chunk, raise at the first bad value.
 
     ``start``/``end``: the chunk's :func:`timebounds.bounds` (the same rows the chunk's COPY read)."""
@@ -175,13 +173,20 @@ def find_failure_in_stage(cur, plan: ColumnPlan, stage: str, key_columns: list[s
     key = sql.SQL("ROW({k})::text AS _key").format(k=q.cols(key_columns))
     rows = sql.SQL("SELECT {cols} FROM {stage}").format(
         cols=sql.SQL(", ").join(
-            [key, *[sql.SQL("{c} AS {a}").format(c=sql.Identifier(plan.columns[i]), a=sql.Identifier(f"c{i}")) for i in items]]
+            [
+                key,
+                *[
+                    sql.SQL("{c} AS {a}").format(c=sql.Identifier(plan.columns[i]), a=sql.Identifier(f"c{i}"))
+                    for i in items
+                ],
+            ]
         ),
         stage=sql.Identifier(stage),
     )
     # the destination column's own type: assignment applies its length and its domain's constraints
-    block = _block(cur.connection, plan, rows, [(i, plan.types[i], plan.dest_casts[i]) for i in items],
-                   " OR check_violation")
+    block = _block(
+        cur.connection, plan, rows, [(i, plan.types[i], plan.dest_casts[i]) for i in items], " OR check_violation"
+    )
     try:
         cur.execute(block)
     except psycopg2.Error as found_err:
@@ -222,7 +227,11 @@ def check_rounding(cur, plan: ColumnPlan, stage: str, key_columns: list[str], wh
     key = sql.SQL("ROW({k})::text").format(k=q.cols(key_columns))
     outputs = [key]
     for lc in plan.lossy:
-        outputs += [lc.changes, sql.SQL("{c}::text").format(c=sql.Identifier(lc.column)), sql.SQL("{a}::text").format(a=lc.after)]
+        outputs += [
+            lc.changes,
+            sql.SQL("{c}::text").format(c=sql.Identifier(lc.column)),
+            sql.SQL("{a}::text").format(a=lc.after),
+        ]
     cur.execute(
         sql.SQL("SELECT {out} FROM {stage} WHERE {any} LIMIT 1").format(
             out=sql.SQL(", ").join(outputs),
@@ -234,7 +243,7 @@ def check_rounding(cur, plan: ColumnPlan, stage: str, key_columns: list[str], wh
     if row is None:
         return
     for n, lc in enumerate(plan.lossy):
-        changed, before, after = row[1 + 3 * n: 4 + 3 * n]
+        changed, before, after = row[1 + 3 * n : 4 + 3 * n]
         if changed:
             raise PermanentChunkError(
                 f"{what}: column {lc.column!r}: casting source type {lc.source_type} to destination type "

@@ -59,8 +59,28 @@ SELECT c.attname, format_type(c.atttypid, c.atttypmod), c.atttypid < 16384,
 
 # '=' is identity for these (same value <=> same representation), with a deterministic collation
 _IDENTITY_EQ = {
-    "bool", "int2", "int4", "int8", "oid", "text", "varchar", "name", "bytea", "date", "time", "timestamp",
-    "timestamptz", "uuid", "money", "macaddr", "macaddr8", "bit", "varbit", "inet", "cidr", "char",
+    "bool",
+    "int2",
+    "int4",
+    "int8",
+    "oid",
+    "text",
+    "varchar",
+    "name",
+    "bytea",
+    "date",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "uuid",
+    "money",
+    "macaddr",
+    "macaddr8",
+    "bit",
+    "varbit",
+    "inet",
+    "cidr",
+    "char",
 }
 # ... and for these only with a typmod: numeric(p,s) stores every value at scale s; char(n) pads to n
 _IDENTITY_EQ_WITH_TYPMOD = {"numeric", "bpchar"}
@@ -127,9 +147,36 @@ class TypeInfo:
 def type_infos(rows) -> dict[str, TypeInfo]:
     """Column name -> TypeInfo from the rows of :data:`TYPES_SQL`."""
     out = {}
-    for name, type_sql, builtin, base_sql, nomod, base_builtin, mod, bname, btt, ename, ebuiltin, ett, det, nsp, fn in rows:
+    for (
+        name,
+        type_sql,
+        builtin,
+        base_sql,
+        nomod,
+        base_builtin,
+        mod,
+        bname,
+        btt,
+        ename,
+        ebuiltin,
+        ett,
+        det,
+        nsp,
+        fn,
+    ) in rows:
         out[name] = TypeInfo(
-            type_sql, builtin, base_sql, nomod, base_builtin, mod, bname, btt, ename, ebuiltin, ett, det,
+            type_sql,
+            builtin,
+            base_sql,
+            nomod,
+            base_builtin,
+            mod,
+            bname,
+            btt,
+            ename,
+            ebuiltin,
+            ett,
+            det,
             (nsp, fn) if fn else None,
         )
     return out
@@ -182,9 +229,17 @@ def lossless(s: TypeInfo, t: TypeInfo) -> bool:
         return True  # narrowing raises on overflow, never rounds
     if sk in _INTS and tk == "numeric":
         return True  # an integer has no fraction to round; too many digits raise
-    widen = {("int2", "float4"), ("int2", "float8"), ("int4", "float8"), ("float4", "float8"),
-             ("date", "timestamp"), ("date", "timestamptz"), ("bit", "varbit"), ("varbit", "bit"),
-             ("cidr", "inet")}
+    widen = {
+        ("int2", "float4"),
+        ("int2", "float8"),
+        ("int4", "float8"),
+        ("float4", "float8"),
+        ("date", "timestamp"),
+        ("date", "timestamptz"),
+        ("bit", "varbit"),
+        ("varbit", "bit"),
+        ("cidr", "inet"),
+    }
     return (sk, tk) in widen
 
 
@@ -220,7 +275,9 @@ def rounding_test(column: str, wire: TypeInfo, wire_sql: str, t: TypeInfo) -> tu
         # text '1.234' -> numeric(12,2): compare with the same parse without the typmod
         pred = sql.SQL("{a} IS DISTINCT FROM {c}::{n}").format(a=after, c=c, n=sql.SQL(t.base_nomod_sql))
         if not t.semantic_eq:
-            pred = sql.SQL("{a}::text IS DISTINCT FROM ({c}::{n})::text").format(a=after, c=c, n=sql.SQL(t.base_nomod_sql))
+            pred = sql.SQL("{a}::text IS DISTINCT FROM ({c}::{n})::text").format(
+                a=after, c=c, n=sql.SQL(t.base_nomod_sql)
+            )
         return pred, after
     back = sql.SQL("{a}::{w}").format(a=after, w=sql.SQL(wire_sql))
     if wire.semantic_eq:

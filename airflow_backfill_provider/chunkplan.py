@@ -72,7 +72,8 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
         if len(chunks) > spec.max_chunks:
             raise PlanError(f"{len(chunks)} key ranges > max_chunks={spec.max_chunks}: raise target_chunk_rows")
         source = (
-            "pg_stats histogram of " + key_col if len(key_stats.bounds) >= 2
+            "pg_stats histogram of " + key_col
+            if len(key_stats.bounds) >= 2
             else "an even split of the key span (no statistics: run ANALYZE on the source table)"
         )
         notes.append(
@@ -98,28 +99,52 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
                 f"{est_range / max(1, len(chunks)):,.0f} each ({why}; estimated from reltuples and the pg_stats "
                 f"histogram of {spec.time_column})"
             )
-            _advise(spec, notes, "auto", chunks, est_range, target, tstats, time_stats, key_stats, key_is_int,
-                    src_conn, lo, hi)
+            _advise(
+                spec,
+                notes,
+                "auto",
+                chunks,
+                est_range,
+                target,
+                tstats,
+                time_stats,
+                key_stats,
+                key_is_int,
+                src_conn,
+                lo,
+                hi,
+            )
             return chunks, "auto"
 
     chunks = plan_chunks(lo, hi, granularity, spec.timezone, max_chunks=spec.max_chunks)
-    _advise(spec, notes, granularity, chunks, est_range, target, tstats, time_stats, key_stats, key_is_int,
-            src_conn, lo, hi)
+    _advise(
+        spec, notes, granularity, chunks, est_range, target, tstats, time_stats, key_stats, key_is_int, src_conn, lo, hi
+    )
     return chunks, granularity
 
 
-def _advise(spec, notes, granularity, chunks, est_range, target, tstats, time_stats, key_stats, key_is_int,
-            src_conn, lo, hi):
+def _advise(
+    spec, notes, granularity, chunks, est_range, target, tstats, time_stats, key_stats, key_is_int, src_conn, lo, hi
+):
     from airflow_backfill_provider.schema import time_column_indexed
 
     key_indexed = key_is_int and time_column_indexed(src_conn, spec.source, spec.effective_key_column)
     notes.extend(
         sizing.advice(
-            chunk_by="time", granularity=granularity, n_chunks=len(chunks), est_rows=est_range, target=target,
-            pages=tstats.pages, time_corr=time_stats.correlation,
-            key_corr=key_stats.correlation if key_is_int else None, key_indexed=key_indexed,
-            time_column=spec.time_column, key_column=spec.effective_key_column if key_is_int else None,
-            lo=lo, hi=hi, tz=spec.timezone,
+            chunk_by="time",
+            granularity=granularity,
+            n_chunks=len(chunks),
+            est_rows=est_range,
+            target=target,
+            pages=tstats.pages,
+            time_corr=time_stats.correlation,
+            key_corr=key_stats.correlation if key_is_int else None,
+            key_indexed=key_indexed,
+            time_column=spec.time_column,
+            key_column=spec.effective_key_column if key_is_int else None,
+            lo=lo,
+            hi=hi,
+            tz=spec.timezone,
         )
     )
 
@@ -128,7 +153,11 @@ def done_coverage(spec: BackfillSpec, dst_conn, *, backfill, run_id: str | None 
     """What the ledger holds for this backfill (identity.BackfillIdentity); with ``run_id``, only what that
     run loaded."""
     rects = ledger.done_rects(
-        dst_conn, TableName.parse(spec.ledger_table), backfill, key_column=spec.effective_key_column, run_id=run_id,
+        dst_conn,
+        TableName.parse(spec.ledger_table),
+        backfill,
+        key_column=spec.effective_key_column,
+        run_id=run_id,
     )
     return coverage.Coverage(rects)
 

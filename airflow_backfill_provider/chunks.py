@@ -23,7 +23,6 @@ GRANULARITIES = ("hour", "day", "week", "month")
 DEFAULT_MAX_CHUNKS = 1024
 
 
-
 @dataclass(frozen=True)
 class Chunk:
     """One half-open time slice ``[start, end)``; ``chunk_id`` is stable for the same range."""
@@ -156,7 +155,11 @@ def _label(start: pendulum.DateTime, granularity: str) -> str:
 
 
 def _partial_label(start: pendulum.DateTime, end: pendulum.DateTime, granularity: str) -> str:
-    fmt = "YYYY-MM-DDTHH:mmZ" if granularity == "hour" or start.time() != dt.time(0) or end.time() != dt.time(0) else "YYYY-MM-DD"
+    fmt = (
+        "YYYY-MM-DDTHH:mmZ"
+        if granularity == "hour" or start.time() != dt.time(0) or end.time() != dt.time(0)
+        else "YYYY-MM-DD"
+    )
     return f"{start.format(fmt)}..{end.format(fmt)}"
 
 

@@ -85,5 +85,6 @@ def run_type_of(context) -> str:
     run_type = getattr(dag_run, "run_type", None)
     return str(getattr(run_type, "value", run_type) or "manual")
 
+
 #: Airflow 3.3 takes a backoff multiplier (float); 2.11 takes a bool (doubling).
 EXPONENTIAL_BACKOFF = 2.0 if AIRFLOW_V_3 else True

@@ -33,6 +33,7 @@ class Rect:
 
 def rect(t0, t1, k0=None, k1=None) -> Rect:
     """From datetimes (or epoch numbers) and optional integer key bounds."""
+
     def ts(v):
         return float(v) if isinstance(v, (int, float)) else v.timestamp()
 

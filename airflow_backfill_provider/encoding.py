@@ -21,13 +21,38 @@ ENCODING_ERRORS = {"22P05", "22021"}  # untranslatable_character, character_not_
 
 # PostgreSQL server encodings -> Python codecs (a destination with another one gets the column only)
 _CODECS = {
-    "UTF8": "utf-8", "SQL_ASCII": None, "LATIN1": "latin-1", "LATIN2": "iso8859_2", "LATIN3": "iso8859_3",
-    "LATIN4": "iso8859_4", "LATIN5": "iso8859_9", "LATIN6": "iso8859_10", "LATIN7": "iso8859_13",
-    "LATIN8": "iso8859_14", "LATIN9": "iso8859_15", "LATIN10": "iso8859_16", "ISO_8859_5": "iso8859_5",
-    "ISO_8859_6": "iso8859_6", "ISO_8859_7": "iso8859_7", "ISO_8859_8": "iso8859_8", "KOI8R": "koi8_r",
-    "KOI8U": "koi8_u", "WIN866": "cp866", "WIN874": "cp874", "WIN1250": "cp1250", "WIN1251": "cp1251",
-    "WIN1252": "cp1252", "WIN1253": "cp1253", "WIN1254": "cp1254", "WIN1255": "cp1255", "WIN1256": "cp1256",
-    "WIN1257": "cp1257", "WIN1258": "cp1258", "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "EUC_CN": "gb2312",
+    "UTF8": "utf-8",
+    "SQL_ASCII": None,
+    "LATIN1": "latin-1",
+    "LATIN2": "iso8859_2",
+    "LATIN3": "iso8859_3",
+    "LATIN4": "iso8859_4",
+    "LATIN5": "iso8859_9",
+    "LATIN6": "iso8859_10",
+    "LATIN7": "iso8859_13",
+    "LATIN8": "iso8859_14",
+    "LATIN9": "iso8859_15",
+    "LATIN10": "iso8859_16",
+    "ISO_8859_5": "iso8859_5",
+    "ISO_8859_6": "iso8859_6",
+    "ISO_8859_7": "iso8859_7",
+    "ISO_8859_8": "iso8859_8",
+    "KOI8R": "koi8_r",
+    "KOI8U": "koi8_u",
+    "WIN866": "cp866",
+    "WIN874": "cp874",
+    "WIN1250": "cp1250",
+    "WIN1251": "cp1251",
+    "WIN1252": "cp1252",
+    "WIN1253": "cp1253",
+    "WIN1254": "cp1254",
+    "WIN1255": "cp1255",
+    "WIN1256": "cp1256",
+    "WIN1257": "cp1257",
+    "WIN1258": "cp1258",
+    "EUC_JP": "euc_jp",
+    "EUC_KR": "euc_kr",
+    "EUC_CN": "gb2312",
     "EUC_JIS_2004": "euc_jis_2004",
 }
 
@@ -39,13 +64,13 @@ def _storable(raw: bytes, codec: str | None) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return f"bytes {raw[err.start:err.end]!r} are not valid UTF-8"
+        return f"bytes {raw[err.start : err.end]!r} are not valid UTF-8"
     if codec is None:
         return None
     try:
         text.encode(codec)
     except UnicodeEncodeError as err:
-        return f"character {text[err.start:err.end]!r} has no equivalent in the destination encoding"
+        return f"character {text[err.start : err.end]!r} has no equivalent in the destination encoding"
     except LookupError:
         return None
     return None
@@ -59,8 +84,14 @@ def describe(err, *, chunk_id: str, dst_encoding: str, src_conn=None, select=Non
     where = f"column {column!r}" if column else "a text value"
     found = None
     if src_conn is not None and select is not None:
-        found = _first_unstorable(src_conn, select, list(columns), list(keys), [column] if column else list(columns),
-                                  _CODECS.get(dst_encoding.upper(), "utf-8"))
+        found = _first_unstorable(
+            src_conn,
+            select,
+            list(columns),
+            list(keys),
+            [column] if column else list(columns),
+            _CODECS.get(dst_encoding.upper(), "utf-8"),
+        )
     why = ""
     if found is not None:
         column, key, reason = found
@@ -90,7 +121,7 @@ def _first_unstorable(conn, select, columns, keys, check, codec):
         cur.itersize = 5000
         cur.execute(stmt)
         for row in cur:
-            key, values = row[: len(keys)], row[len(keys):]
+            key, values = row[: len(keys)], row[len(keys) :]
             for column, raw in zip(check, values):
                 why = None if raw is None else _storable(bytes(raw), codec)
                 if why:

@@ -56,15 +56,24 @@ def backfill_params(spec: BackfillSpec) -> dict[str, Any]:
     """The trigger form. Dates are validated by the form (format: date) before a run is created."""
     return {
         "start": Param(
-            None, type=["null", "string"], format="date", title="Start (inclusive)",
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Start (inclusive)",
             description="First day to load, YYYY-MM-DD, in the spec's timezone. Leave empty for scheduled/backfill runs.",
         ),
         "end": Param(
-            None, type=["null", "string"], format="date", title="End (exclusive)",
+            None,
+            type=["null", "string"],
+            format="date",
+            title="End (exclusive)",
             description="Day after the last day to load, YYYY-MM-DD: [start, end) is loaded.",
         ),
         "granularity": Param(
-            spec.granularity, type="string", enum=[*GRANULARITIES, "auto"], title="Chunk size",
+            spec.granularity,
+            type="string",
+            enum=[*GRANULARITIES, "auto"],
+            title="Chunk size",
             description="One mapped task instance per chunk ('auto': sized from the source's statistics; "
             "beyond max_mapped_chunks chunks run in batches). Ignored with chunk_by: key.",
         ),
@@ -93,8 +102,12 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
         params=backfill_params(spec),
         tags=["backfill", *spec.tags],
         doc_md=DOC.format(
-            dest=spec.destination_table, src=spec.source_table, gran=spec.granularity, tz=spec.timezone,
-            version=spec.version_column or f"no version column: {spec.conflict_policy}", pool=spec.pool,
+            dest=spec.destination_table,
+            src=spec.source_table,
+            gran=spec.granularity,
+            tz=spec.timezone,
+            version=spec.version_column or f"no version column: {spec.conflict_policy}",
+            pool=spec.pool,
             maxmapped=spec.max_mapped_chunks,
             swap=SWAP_DOC.format(dest=spec.destination_table, par=spec.staging_target) if spec.mode == "swap" else "",
         ),
@@ -123,7 +136,10 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
             # none_failed, not all_success: a run whose chunks are all in the ledger already (zero mapped
             # instances, so load_chunk is skipped) must still merge; a dry run skips itself in the operator
             last = load >> MergeBackfillOperator(
-                task_id="merge", spec=spec_dict, trigger_rule="none_failed", retries=spec.retries,
+                task_id="merge",
+                spec=spec_dict,
+                trigger_rule="none_failed",
+                retries=spec.retries,
                 retry_delay=dt.timedelta(seconds=spec.retry_delay_s),
             )
         if spec.validation.enabled:
@@ -131,7 +147,10 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
             # skipped with them on a dry run (no chunks)
             # a passing (or only warning) validation emits the destination table's asset event (assets.py)
             last >> ValidateBackfillOperator(
-                task_id="validate", spec=spec_dict, retries=1, retry_delay=dt.timedelta(seconds=30),
+                task_id="validate",
+                spec=spec_dict,
+                retries=1,
+                retry_delay=dt.timedelta(seconds=30),
                 outlets=[destination_asset(spec)],
             )
     return dag

@@ -89,7 +89,9 @@ def _database_key(dbname: str, sysid: str | None, conn_id: str) -> str:
     if sysid:
         return f"sysid:{sysid}/{dbname}"
     # a DSN may carry a password: the ledger stores a digest of it, never the text
-    shown = f"dsn:{hashlib.sha256(conn_id.encode()).hexdigest()[:12]}" if ("://" in conn_id or "=" in conn_id) else conn_id
+    shown = (
+        f"dsn:{hashlib.sha256(conn_id.encode()).hexdigest()[:12]}" if ("://" in conn_id or "=" in conn_id) else conn_id
+    )
     return f"conn:{shown}/{dbname}"
 
 

@@ -80,10 +80,16 @@ def _migrate(cur, ledger: TableName) -> None:
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS backfill_key text NOT NULL DEFAULT ''").format(t=t))
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS backfill jsonb").format(t=t))
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_column text").format(t=t))
-    cur.execute(sql.SQL(
-        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_lo bigint NOT NULL DEFAULT -9223372036854775808").format(t=t))
-    cur.execute(sql.SQL(
-        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_hi bigint NOT NULL DEFAULT 9223372036854775807").format(t=t))
+    cur.execute(
+        sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_lo bigint NOT NULL DEFAULT -9223372036854775808").format(
+            t=t
+        )
+    )
+    cur.execute(
+        sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_hi bigint NOT NULL DEFAULT 9223372036854775807").format(
+            t=t
+        )
+    )
     cur.execute(
         """SELECT c.conname, ARRAY(SELECT a.attname::text FROM pg_attribute a
                                    WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) ORDER BY a.attname)
@@ -95,12 +101,25 @@ def _migrate(cur, ledger: TableName) -> None:
         return
     if row is not None:
         cur.execute(sql.SQL("ALTER TABLE {t} DROP CONSTRAINT {c}").format(t=t, c=sql.Identifier(row[0])))
-    cur.execute(sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY ({k})").format(t=t, k=sql.SQL(", ").join(map(sql.Identifier, _PK))))
+    cur.execute(
+        sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY ({k})").format(t=t, k=sql.SQL(", ").join(map(sql.Identifier, _PK)))
+    )
 
 
 def record(
-    cur, ledger: TableName, *, backfill: BackfillIdentity, chunk_id: str, start, end, stats: dict, dag_id, run_id,
-    key_column: str | None = None, key_lo: int | None = None, key_hi: int | None = None,
+    cur,
+    ledger: TableName,
+    *,
+    backfill: BackfillIdentity,
+    chunk_id: str,
+    start,
+    end,
+    stats: dict,
+    dag_id,
+    run_id,
+    key_column: str | None = None,
+    key_lo: int | None = None,
+    key_hi: int | None = None,
 ) -> None:
     """Insert or refresh this chunk's row; call inside the chunk's transaction, before commit."""
     cur.execute(
@@ -119,10 +138,18 @@ def record(
                    backfill = EXCLUDED.backfill, key_column = EXCLUDED.key_column"""
         ).format(t=sql.Identifier(*ledger.parts)),
         {
-            "target": backfill.target, "key": backfill.key, "backfill": json.dumps(backfill.description),
-            "start": start, "end": end, "chunk_id": chunk_id, "dag_id": dag_id, "run_id": run_id,
-            "key_column": key_column, "key_lo": KEY_MIN if key_lo is None else key_lo,
-            "key_hi": KEY_MAX if key_hi is None else key_hi, **stats,
+            "target": backfill.target,
+            "key": backfill.key,
+            "backfill": json.dumps(backfill.description),
+            "start": start,
+            "end": end,
+            "chunk_id": chunk_id,
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "key_column": key_column,
+            "key_lo": KEY_MIN if key_lo is None else key_lo,
+            "key_hi": KEY_MAX if key_hi is None else key_hi,
+            **stats,
         },
     )
 
@@ -141,15 +168,18 @@ def done_ranges(conn, ledger: TableName, backfill: BackfillIdentity) -> set[tupl
         return set()
     with conn.cursor() as cur:
         cur.execute(
-            sql.SQL("SELECT range_start, range_end FROM {t} WHERE target_table = %s AND backfill_key = %s"
-                    " AND key_lo = %s AND key_hi = %s").format(t=sql.Identifier(*ledger.parts)),
+            sql.SQL(
+                "SELECT range_start, range_end FROM {t} WHERE target_table = %s AND backfill_key = %s"
+                " AND key_lo = %s AND key_hi = %s"
+            ).format(t=sql.Identifier(*ledger.parts)),
             (backfill.target, backfill.key, KEY_MIN, KEY_MAX),
         )
         return {(a, b) for a, b in cur.fetchall()}
 
 
-def done_rects(conn, ledger: TableName, backfill: BackfillIdentity, key_column: str | None = None,
-               run_id: str | None = None):
+def done_rects(
+    conn, ledger: TableName, backfill: BackfillIdentity, key_column: str | None = None, run_id: str | None = None
+):
     """This backfill's ledger rows as coverage rectangles (coverage.py); read-only. An absent or
     previous-release ledger covers nothing (its rows count as done for no backfill). Rows cut on another
     key column than ``key_column`` cover nothing here (their ranges mean other rows)."""

@@ -59,10 +59,8 @@ def _dataset(kind: str, conn_id_or_dsn: str, table: TableName, side: str, rows: 
         key = (conn_id_or_dsn, str(table))
         if key not in cache:  # read once: start and complete share it (a swap merge drops its input)
             cache[key] = _fields(conn_id_or_dsn, table, side)
-        facets["schema"] = SchemaDatasetFacet(
-            fields=[SchemaDatasetFacetFields(name=n, type=t) for n, t in cache[key]]
-        )
-    except Exception as err:  # lineage must never fail a task: the table may be gone (swap merge)
+        facets["schema"] = SchemaDatasetFacet(fields=[SchemaDatasetFacetFields(name=n, type=t) for n, t in cache[key]])
+    except Exception as err:  # lineage must never fail a task: the table may be gone (swap merge)  # noqa: BLE001 - best effort: never fails the task
         log.info("No schema facet for %s (%s)", name, str(err).strip())
     if kind == "input":
         return InputDataset(namespace=namespace, name=name, facets=facets)
@@ -90,7 +88,7 @@ class LineageMixin:
             cache = self.__dict__.setdefault("_lineage_fields", {})
             inputs = [_dataset(k, c, t, s, cache=cache) for k, c, t, s in tables if k == "input"]
             outputs = [_dataset(k, c, t, s, rows, cache=cache) for k, c, t, s in tables if k == "output"]
-        except Exception as err:  # never fail a task for lineage
+        except Exception as err:  # never fail a task for lineage  # noqa: BLE001 - best effort: never fails the task
             log.warning("OpenLineage datasets unavailable: %s", err)
             return OperatorLineage()
         return OperatorLineage(inputs=inputs, outputs=outputs)

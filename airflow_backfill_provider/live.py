@@ -83,7 +83,9 @@ def claim_watermark(cur, table: TableName, target: str, source: str) -> None:
     if row is None:
         return  # first run: advance_watermark records it
     if row[0] is None:  # a row of the previous release, or written without a source
-        cur.execute(sql.SQL("UPDATE {t} SET source = %s WHERE target_table = %s").format(t=q.ident(table)), (source, target))
+        cur.execute(
+            sql.SQL("UPDATE {t} SET source = %s WHERE target_table = %s").format(t=q.ident(table)), (source, target)
+        )
     elif row[0] != source:
         raise PermanentChunkError(
             f"the watermark of {target!r} in {str(table)!r} belongs to live ingest from {row[0]!r}, and this spec reads "
@@ -144,7 +146,9 @@ def time_lower_bound(type_sql: str, lower: dt.datetime, tz_name: str):
     if type_sql == "date":
         return local.date()
     if type_sql.startswith("timestamp") and "with time zone" not in type_sql:
-        return dt.datetime(local.year, local.month, local.day, local.hour, local.minute, local.second, local.microsecond)
+        return dt.datetime(
+            local.year, local.month, local.day, local.hour, local.minute, local.second, local.microsecond
+        )
     return lower
 
 
@@ -170,11 +174,18 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan,
     kinds = []
     for conn, cols, table in ((src_conn, src_cols, spec.source), (dst_conn, dest_cols, live)):
         kind = timebounds.kind_of_type(next(c.type_sql for c in cols if c.name == cursor))
-        kinds.append(kind or timebounds.probe_kind(
-            conn, q.ident(table), sql.Identifier(cursor), what=f"live.cursor_column {cursor!r} of {table}"))
+        kinds.append(
+            kind
+            or timebounds.probe_kind(
+                conn, q.ident(table), sql.Identifier(cursor), what=f"live.cursor_column {cursor!r} of {table}"
+            )
+        )
     plan = schema.plan_columns(
-        spec, dest_cols, src_cols,
-        dest_types=schema.describe_types(dst_conn, live), src_types=schema.describe_types(src_conn, spec.source),
+        spec,
+        dest_cols,
+        src_cols,
+        dest_types=schema.describe_types(dst_conn, live),
+        src_types=schema.describe_types(src_conn, spec.source),
     )
     return plan, kinds[0], kinds[1], {c.name: c.type_sql for c in src_cols}
 
@@ -208,11 +219,17 @@ def run_live_ingest(
     src_conn = dst_conn = None
     try:
         src_conn = connect(
-            source or spec.source_conn_id, application_name=appname, timezone=spec.timezone, readonly=True,
-            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+            source or spec.source_conn_id,
+            application_name=appname,
+            timezone=spec.timezone,
+            readonly=True,
+            statement_timeout_s=spec.statement_timeout_s,
+            lock_timeout_s=spec.lock_timeout_s,
         )
         dst_conn = connect(
-            destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
+            destination or spec.destination_conn_id,
+            application_name=appname,
+            timezone=spec.timezone,
             lock_timeout_s=spec.lock_timeout_s,
         )
         # catalog checks first: a refused spec writes nothing
@@ -236,8 +253,12 @@ def run_live_ingest(
             # Bounds are literals of each column's own type (a naive one is wall time in the spec's timezone)
             time_col = spec.time_column if spec.time_column != cursor_col else None
             select = q.incremental_select(
-                spec.source, plan.copy_exprs, cursor_col, timebounds.after(src_kind, lower, spec.timezone),
-                time_column=time_col, time_lower=time_lower_bound(src_types.get(spec.time_column, ""), lower, spec.timezone),
+                spec.source,
+                plan.copy_exprs,
+                cursor_col,
+                timebounds.after(src_kind, lower, spec.timezone),
+                time_column=time_col,
+                time_lower=time_lower_bound(src_types.get(spec.time_column, ""), lower, spec.timezone),
             )
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)
@@ -247,7 +268,11 @@ def run_live_ingest(
             # by definition, so live ingest overwrites when different (the backfill's policy decides its side).
             policy = "backfill_wins" if spec.version_column is None else spec.conflict_policy
             inserted, updated = castcheck.upsert_naming_bad_values(
-                cur, plan, _STAGE, spec.key_columns, f"live {target}",
+                cur,
+                plan,
+                _STAGE,
+                spec.key_columns,
+                f"live {target}",
                 lambda: upsert_counted(
                     cur, spec.destination, _STAGE, plan.columns, spec.key_columns, spec.version_column, policy, plan
                 ),

@@ -39,14 +39,20 @@ def build_live_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -> DA
         max_active_runs=1,
         tags=["live-ingest", *spec.tags],
         doc_md=DOC.format(
-            dest=spec.destination_table, src=spec.source_table, cursor=spec.live_cursor_column,
-            lookback=spec.live.lookback_s, wm=spec.watermark.table, backfill=spec.effective_dag_id,
+            dest=spec.destination_table,
+            src=spec.source_table,
+            cursor=spec.live_cursor_column,
+            lookback=spec.live.lookback_s,
+            wm=spec.watermark.table,
+            backfill=spec.effective_dag_id,
         ),
     )
     defaults.update(dag_kwargs)
     with DAG(**defaults) as dag:
         LiveIngestOperator(
-            task_id="live_ingest", spec=spec.model_dump(mode="json"), retries=spec.retries,
+            task_id="live_ingest",
+            spec=spec.model_dump(mode="json"),
+            retries=spec.retries,
             retry_delay=dt.timedelta(seconds=min(spec.retry_delay_s, 60)),
         )
     return dag

@@ -41,7 +41,10 @@ def _entries(path: Path) -> list[tuple[str, Any]]:
         items = doc["backfills"]
         if not isinstance(items, list):
             raise SpecError(f"{path.name}: 'backfills' must be a list of specs")
-        return [(f"{path.name}[{i}]", {**defaults, **item} if isinstance(item, dict) else item) for i, item in enumerate(items)]
+        return [
+            (f"{path.name}[{i}]", {**defaults, **item} if isinstance(item, dict) else item)
+            for i, item in enumerate(items)
+        ]
     return [(path.name, doc)]
 
 
@@ -86,7 +89,9 @@ def _fail(result: LoadResult, where: str, message: str, strict: bool) -> None:
     log.error("Backfill config %s skipped: %s", where, message)
 
 
-def register(config_dir: str | os.PathLike, namespace: dict[str, Any], *, strict: bool | None = None, build=None) -> LoadResult:
+def register(
+    config_dir: str | os.PathLike, namespace: dict[str, Any], *, strict: bool | None = None, build=None
+) -> LoadResult:
     """Load and put each DAG into ``namespace`` (a DAG file's ``globals()``) so Airflow finds it."""
     result = load_backfill_dags(config_dir, strict=strict, build=build)
     namespace.update(result.dags)

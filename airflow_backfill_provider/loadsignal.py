@@ -252,8 +252,9 @@ def soft_ratio(max_ratio: float) -> float:
     return 1.0 + (max_ratio - 1.0) / 2.0
 
 
-def measure(conn, throttle, *, baseline: Baseline | None = None, learn=None,
-            exclude_application_prefix: str = "backfill:") -> dict[str, Any]:
+def measure(
+    conn, throttle, *, baseline: Baseline | None = None, learn=None, exclude_application_prefix: str = "backfill:"
+) -> dict[str, Any]:
     """Sample a window on the source ``conn`` and rate it against the baseline.
 
     The baseline is ``learn(window)`` (the operator: lower and read the stored one), else ``baseline``
@@ -280,8 +281,12 @@ def add_latency(sample, conn, spec, appname: str, *, destination: str | None = N
     from airflow_backfill_provider.connections import close_all, connect
 
     def learn(window: LoadWindow) -> Baseline:
-        dst = connect(destination or spec.destination_conn_id, application_name=f"{appname}:baseline",
-                      statement_timeout_s=10, lock_timeout_s=10)
+        dst = connect(
+            destination or spec.destination_conn_id,
+            application_name=f"{appname}:baseline",
+            statement_timeout_s=10,
+            lock_timeout_s=10,
+        )
         try:
             return learn_baseline(dst, spec.throttle.baseline_table, spec.source_conn_id, window)
         finally:

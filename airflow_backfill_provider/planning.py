@@ -72,7 +72,7 @@ def resolve_range(
         return lo, hi
     raise PlanError(
         "a manual run needs the params 'start' and 'end' (YYYY-MM-DD, end exclusive): fill them in the trigger "
-        "form, or pass --conf '{\"start\": \"2024-01-01\", \"end\": \"2024-02-01\"}'"
+        'form, or pass --conf \'{"start": "2024-01-01", "end": "2024-02-01"}\''
     )
 
 
@@ -146,8 +146,11 @@ def _identity(spec: BackfillSpec, src_conn, dst_conn):
     if src_conn is not None:
         return identity.of(spec, src_conn, dst_conn)
     own = connect(
-        spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
-        statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
+        spec.source_conn_id,
+        application_name=f"backfill:{spec.effective_dag_id}:plan",
+        readonly=True,
+        statement_timeout_s=30,
+        lock_timeout_s=spec.lock_timeout_s,
     )
     try:
         return identity.of(spec, own, dst_conn)

@@ -229,8 +229,15 @@ class Progress:
             "chunks": {
                 "columns": ["chunk_id", "start", "state", "ti_state", "rows", "seconds", "tries"],
                 "rows": [
-                    [c.chunk_id, c.start.isoformat(), c.state, c.ti_state, c.rows,
-                     None if c.seconds is None else round(c.seconds, 3), c.tries]
+                    [
+                        c.chunk_id,
+                        c.start.isoformat(),
+                        c.state,
+                        c.ti_state,
+                        c.rows,
+                        None if c.seconds is None else round(c.seconds, 3),
+                        c.tries,
+                    ]
                     for c in chunks
                 ],  # fmt: skip
             },
@@ -270,7 +277,9 @@ def _iso(value) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
 
 
-def run_chunks(spec: BackfillSpec, run: RunInfo | None, ledger_rows: list[LedgerRow]) -> list[tuple[str, dt.datetime, dt.datetime]]:
+def run_chunks(
+    spec: BackfillSpec, run: RunInfo | None, ledger_rows: list[LedgerRow]
+) -> list[tuple[str, dt.datetime, dt.datetime]]:
     """The run's chunks: once the plan ran, its descriptors plus the ledger rows in its range it skipped as done
     (exactly what the plan did, and no calendar arithmetic: fast for 20k chunks); before, the planner's cut."""
     if run is None or run.descriptors is None or run.start is None or run.end is None:
@@ -322,8 +331,17 @@ def build_progress(
     rate, eta, note = _eta(chunks, counts, rows_loaded, run, now)
     worst = _worst_days(validation)
     return Progress(
-        dag_id=dag_id, run=run, chunks=chunks, counts=counts, rows_loaded=rows_loaded, rows_done=rows_done,
-        rate_rows_s=rate, eta_s=eta, eta_note=note, days=_days(spec, chunks, worst), validation=validation,
+        dag_id=dag_id,
+        run=run,
+        chunks=chunks,
+        counts=counts,
+        rows_loaded=rows_loaded,
+        rows_done=rows_done,
+        rate_rows_s=rate,
+        eta_s=eta,
+        eta_note=note,
+        days=_days(spec, chunks, worst),
+        validation=validation,
         worst_days=worst,
     )
 
@@ -339,7 +357,13 @@ def _chunk(chunk_id, start, end, ti: TaskState | None, row: LedgerRow | None, ru
     else:
         state = "pending"
     return ChunkProgress(
-        chunk_id, start, end, state, ti.state if ti else None, rows, seconds,
+        chunk_id,
+        start,
+        end,
+        state,
+        ti.state if ti else None,
+        rows,
+        seconds,
         ti.try_number if ti else 0,
     )
 
@@ -436,7 +460,9 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
     lines.append(f"ETA: {format_eta(p.eta_s, p.eta_note)}")
     failed = [c for c in p.chunks if c.state == "failed"]
     if failed:
-        lines.append("failed chunks: " + ", ".join(c.chunk_id for c in failed[:20]) + (" ..." if len(failed) > 20 else ""))
+        lines.append(
+            "failed chunks: " + ", ".join(c.chunk_id for c in failed[:20]) + (" ..." if len(failed) > 20 else "")
+        )
     waiting = [c for c in p.chunks if c.state == "deferred"]
     if waiting:
         lines.append(f"waiting for the source (deferred): {len(waiting)} chunk(s): "

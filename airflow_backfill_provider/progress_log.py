@@ -30,11 +30,11 @@ def estimate_rows(src_conn, spec, start, end) -> int | None:
         below = [_explain_rows(src_conn, spec, bound) for bound in (end, start)]
         src_conn.rollback()
         return max(0, below[0] - below[1])
-    except Exception as err:  # an estimate only: never fail the plan for it
+    except Exception as err:  # an estimate only: never fail the plan for it  # noqa: BLE001 - best effort: never fails the task
         log.info("No row estimate for the plan (%s)", str(err).strip())
         try:
             src_conn.rollback()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort: never fails the task
             pass
         return None
 
@@ -61,11 +61,11 @@ def measured_rate(dst_conn, spec) -> float | None:
 
     try:
         return ledger_rate(dst_conn, spec)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - best effort: never fails the task
         log.info("No measured rate from the ledger (%s)", str(err).strip())
         try:
             dst_conn.rollback()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort: never fails the task
             pass
         return None
 
@@ -86,7 +86,10 @@ def plan_message(n: int, skipped: int, est_rows: int | None, rate: float | None)
 def number(descriptors: list[dict], est_rows: int | None) -> list[dict]:
     """Add position ``i`` (1-based), total ``n`` and the plan's row estimate ``est`` to each descriptor."""
     n = len(descriptors)
-    return [{**d, "i": k, "n": n, **({"est": est_rows} if est_rows is not None else {})} for k, d in enumerate(descriptors, 1)]
+    return [
+        {**d, "i": k, "n": n, **({"est": est_rows} if est_rows is not None else {})}
+        for k, d in enumerate(descriptors, 1)
+    ]
 
 
 def chunk_message(i: int | None, n: int | None, *, rows_done: int, chunks_done: int, est_rows: int | None,
@@ -123,10 +126,16 @@ def log_chunk_share(task_log, spec, descriptor: dict, *, run_id: str | None, run
         elapsed = time.time() - run_started_at.timestamp() if run_started_at is not None else None
         task_log.info(
             "%s",
-            chunk_message(descriptor.get("i"), descriptor.get("n"), rows_done=rows_done, chunks_done=chunks_done,
-                          est_rows=descriptor.get("est"), elapsed_s=elapsed),  # fmt: skip
+            chunk_message(
+                descriptor.get("i"),
+                descriptor.get("n"),
+                rows_done=rows_done,
+                chunks_done=chunks_done,
+                est_rows=descriptor.get("est"),
+                elapsed_s=elapsed,
+            ),  # fmt: skip
         )
-    except Exception as err:  # progress is information: it never fails a committed chunk
+    except Exception as err:  # progress is information: it never fails a committed chunk  # noqa: BLE001 - best effort: never fails the task
         task_log.info("No progress line for this chunk (%s)", str(err).strip())
     finally:
         close_all(conn)

@@ -78,7 +78,9 @@ LIMIT 1
 
 # the table, its columns and its unique keys in one statement (constant SQL; the names are bound parameters)
 _DESCRIBE = (
-    "WITH t AS (" + _FIND_TABLE + """)
+    "WITH t AS ("
+    + _FIND_TABLE
+    + """)
 SELECT t.oid,
        (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull)
                         ORDER BY a.attnum)
@@ -271,10 +273,16 @@ def plan_columns(
     # a historical expression for the time column is also what the chunk range is compared with
     time_filter = sql.SQL("({e})").format(e=sql.SQL(expressions[t])) if t in expressions else sql.Identifier(t)
     plan = ColumnPlan(
-        columns=list(wanted), select_exprs=exprs, decisions=decisions, raw_exprs=raws,
-        types=[by_name[n].type_sql for n in wanted], time_filter=time_filter,
+        columns=list(wanted),
+        select_exprs=exprs,
+        decisions=decisions,
+        raw_exprs=raws,
+        types=[by_name[n].type_sql for n in wanted],
+        time_filter=time_filter,
         time_source_type=None if t in expressions else src_type_sql.get(t),
-        copy_exprs=list(exprs), stage_types=[None] * len(wanted), insert_exprs=[sql.Identifier(n) for n in wanted],
+        copy_exprs=list(exprs),
+        stage_types=[None] * len(wanted),
+        insert_exprs=[sql.Identifier(n) for n in wanted],
         dest_casts=[None] * len(wanted),
         check_types=[(by_name[n].type_sql, cast_type(by_name[n].type_sql)) for n in wanted],
     )
@@ -318,7 +326,9 @@ def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: di
             # element cuts silently, while parsing the array's text checks every element
             if s.base_builtin and s.portable and t.portable:
                 wire_info, wire = s, s.base_sql
-                plan.copy_exprs[i] = col if s.type_sql == s.base_sql else sql.SQL("{c}::{w}").format(c=col, w=sql.SQL(wire))
+                plan.copy_exprs[i] = (
+                    col if s.type_sql == s.base_sql else sql.SQL("{c}::{w}").format(c=col, w=sql.SQL(wire))
+                )
             else:
                 wire_info, wire = None, "text"
                 plan.copy_exprs[i] = sql.SQL("{c}::text").format(c=col)

@@ -107,9 +107,21 @@ def pages_touched(rows_per_chunk: float, pages: int, correlation: float | None) 
 
 
 def advice(
-    *, chunk_by: str, granularity: str, n_chunks: int, est_rows: float | None, target: int, pages: int,
-    time_corr: float | None, key_corr: float | None, key_indexed: bool, time_column: str,
-    key_column: str | None, lo=None, hi=None, tz: str = "UTC",
+    *,
+    chunk_by: str,
+    granularity: str,
+    n_chunks: int,
+    est_rows: float | None,
+    target: int,
+    pages: int,
+    time_corr: float | None,
+    key_corr: float | None,
+    key_indexed: bool,
+    time_column: str,
+    key_column: str | None,
+    lo=None,
+    hi=None,
+    tz: str = "UTC",
 ) -> list[str]:
     """Log lines for the plan: tiny chunks, and time chunks on a table not in time order."""
     notes = []
@@ -129,7 +141,8 @@ def advice(
             key_hint = (
                 f"; use chunk_by: key ({key_column} has correlation {key_corr:.2f}"
                 f"{', indexed' if key_indexed else ', but no index leads on it'}), which reads contiguous pages"
-                if key_column and key_corr is not None and abs(key_corr) > 0.9 else ""
+                if key_column and key_corr is not None and abs(key_corr) > 0.9
+                else ""
             )
             notes.append(
                 f"the table is not in {time_column} order (pg_stats.correlation "

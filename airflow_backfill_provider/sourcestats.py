@@ -97,9 +97,7 @@ def column_stats(conn, table: TableName, column: str, *, as_time_in: str | None 
     A column whose values do not read as numbers/instants, or without statistics, gives an empty
     ColumnStats (``usable`` False): callers fall back and say so.
     """
-    value = (
-        sql.SQL("extract(epoch FROM v::timestamptz)::float8") if as_time_in else sql.SQL("v::numeric::float8")
-    )
+    value = sql.SQL("extract(epoch FROM v::timestamptz)::float8") if as_time_in else sql.SQL("v::numeric::float8")
     query = sql.SQL(
         """SELECT null_frac::float8, correlation::float8,
                   (SELECT array_agg({value} ORDER BY o) FROM unnest(histogram_bounds::text::text[])
@@ -127,7 +125,11 @@ def column_stats(conn, table: TableName, column: str, *, as_time_in: str | None 
         conn.rollback()
         return ColumnStats()
     finally:
-        if was_idle and not conn.autocommit and conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        if (
+            was_idle
+            and not conn.autocommit
+            and conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        ):
             conn.rollback()  # the TimeZone setting was transaction-local; leave no transaction open
     if row is None:
         return ColumnStats()

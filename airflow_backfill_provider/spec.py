@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from airflow_backfill_provider.chunks import DEFAULT_MAX_CHUNKS, GRANULARITIES, check_timezone
+from airflow_backfill_provider.chunks import DEFAULT_MAX_CHUNKS, check_timezone
 from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
 from airflow_backfill_provider.exceptions import PlanError, SpecError
 
@@ -396,13 +396,16 @@ class BackfillSpec(_Strict):
 
     @property
     def effective_schedule(self) -> str:
-        return self.schedule or {
-            "hour": "0 * * * *",
-            "day": "0 0 * * *",
-            "week": "0 0 * * 1",
-            "month": "0 0 1 * *",
-            "auto": "0 0 * * *",
-        }[self.granularity]
+        return (
+            self.schedule
+            or {
+                "hour": "0 * * * *",
+                "day": "0 0 * * *",
+                "week": "0 0 * * 1",
+                "month": "0 0 1 * *",
+                "auto": "0 0 * * *",
+            }[self.granularity]
+        )
 
 
 _NESTED = {
@@ -443,4 +446,3 @@ def load_spec(data: dict[str, Any] | BackfillSpec, *, where: str = "") -> Backfi
         return BackfillSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(_format_error(err, label)) from None
-

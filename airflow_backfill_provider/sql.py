@@ -64,8 +64,12 @@ def _fmt(fmt: str) -> sql.SQL:
 
 
 def create_staging(
-    stage: str, destination: TableName, columns: Sequence[str], stage_types: Sequence[str | None] | None = None,
-    *, keep: bool = False,
+    stage: str,
+    destination: TableName,
+    columns: Sequence[str],
+    stage_types: Sequence[str | None] | None = None,
+    *,
+    keep: bool = False,
 ) -> sql.Composed:
     """A temp table with exactly the destination's column types, dropped at commit (or rollback); with
     ``keep``: kept for the session and emptied at each commit (a batch's chunks).
@@ -127,10 +131,13 @@ def upsert(
     if not non_keys:
         action = sql.SQL("DO NOTHING")
     select = sql.SQL(", ").join(insert_exprs) if insert_exprs else cols(columns)
-    return sql.SQL(
-        "INSERT INTO {dest} AS {t} ({c}) SELECT {s} FROM {stage} ON CONFLICT ({k}) {action}"
-    ).format(
-        dest=ident(destination), t=target, c=cols(columns), s=select, stage=sql.Identifier(stage), k=cols(keys),
+    return sql.SQL("INSERT INTO {dest} AS {t} ({c}) SELECT {s} FROM {stage} ON CONFLICT ({k}) {action}").format(
+        dest=ident(destination),
+        t=target,
+        c=cols(columns),
+        s=select,
+        stage=sql.Identifier(stage),
+        k=cols(keys),
         action=action,
     )
 
@@ -158,8 +165,13 @@ def advisory_xact_lock() -> sql.SQL:
 
 
 def incremental_select(
-    source: TableName, select_exprs: Sequence[sql.Composable], cursor_column: str, lower,
-    *, time_column: str | None = None, time_lower=None,
+    source: TableName,
+    select_exprs: Sequence[sql.Composable],
+    cursor_column: str,
+    lower,
+    *,
+    time_column: str | None = None,
+    time_lower=None,
 ) -> sql.Composed:
     """Live ingest: ``SELECT <exprs> FROM source WHERE cursor > lower`` (open lower bound, no upper bound).
 

@@ -28,7 +28,6 @@ from airflow_backfill_provider.spec import BackfillSpec, TableName
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class MergeResult:
     target: str
@@ -53,7 +52,9 @@ MARKER = "airflow_backfill_provider: parallel table of "
 
 
 def _marker(spec: BackfillSpec, live: str) -> str:
-    return f"{MARKER}{live} (mode: swap, DAG {spec.effective_dag_id}); the merge moves its rows into {live} and drops it"
+    return (
+        f"{MARKER}{live} (mode: swap, DAG {spec.effective_dag_id}); the merge moves its rows into {live} and drops it"
+    )
 
 
 def ownership(cur, spec: BackfillSpec) -> str:
@@ -121,7 +122,9 @@ def _create_marked(cur, spec: BackfillSpec) -> None:
     cur.execute(sql.SQL("COMMENT ON TABLE {t} IS {c}").format(t=q.ident(par), c=sql.Literal(_marker(spec, live_name))))
 
 
-def merge_parallel_table(spec: BackfillSpec, *, destination: str | None = None, dag_id: str | None = None) -> MergeResult:
+def merge_parallel_table(
+    spec: BackfillSpec, *, destination: str | None = None, dag_id: str | None = None
+) -> MergeResult:
     """The final merge of Pattern B, in one destination transaction. Rerunnable.
 
     Raises TransientChunkError (retry) or PermanentChunkError; on any error nothing is applied.

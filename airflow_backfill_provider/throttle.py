@@ -117,9 +117,9 @@ def _probe_query(exclude_application_prefix: str | None) -> sql.Composed:
     exclude = sql.SQL("")
     if exclude_application_prefix:
         # left(...) rather than LIKE: '_' and '%' in the prefix must not act as wildcards.
-        exclude = sql.SQL(
-            " AND (application_name IS NULL OR left(application_name, char_length({p})) <> {p})"
-        ).format(p=sql.Literal(exclude_application_prefix))
+        exclude = sql.SQL(" AND (application_name IS NULL OR left(application_name, char_length({p})) <> {p})").format(
+            p=sql.Literal(exclude_application_prefix)
+        )
     return sql.SQL(
         """
         SELECT count(*) FILTER (WHERE backend_type = 'client backend' AND state IN ({states})) AS active,
@@ -361,14 +361,20 @@ def chunk_summary(
 PROBE_TIMEOUT_S = 10
 
 
-def reserve_destination_turn(conn_id_or_dsn: str, throttle: ThrottleSpec, *, key: str, application_name: str) -> PacingTurn:
+def reserve_destination_turn(
+    conn_id_or_dsn: str, throttle: ThrottleSpec, *, key: str, application_name: str
+) -> PacingTurn:
     """:func:`reserve_turn` on a short destination session, with the spec's pacing settings."""
     from airflow_backfill_provider.connections import connect
 
     conn = connect(conn_id_or_dsn, application_name=application_name, lock_timeout_s=PROBE_TIMEOUT_S)
     try:
         return reserve_turn(
-            conn, key=key, interval_s=throttle.min_query_interval, slots=throttle.pacing_slots, table=throttle.pacing_table
+            conn,
+            key=key,
+            interval_s=throttle.min_query_interval,
+            slots=throttle.pacing_slots,
+            table=throttle.pacing_table,
         )
     finally:
         conn.close()

@@ -72,7 +72,7 @@ def probe_kind(conn, table_sql: sql.Composable, expr: sql.Composable, *, what: s
         raise PermanentChunkError(
             f"{what} is of type {name}; chunks can only filter a date, timestamp or timestamptz. "
             "Map it to one of those with a historical.column_expressions entry for the time column "
-            "(e.g. \"to_timestamp(epoch_s)\"), or choose another time_column"
+            '(e.g. "to_timestamp(epoch_s)"), or choose another time_column'
         )
     return kind
 
@@ -84,7 +84,9 @@ def source_kind(conn, table, plan) -> str:
     if kind is not None:
         return kind
     return probe_kind(
-        conn, sql.Identifier(*table.parts), plan.time_filter,
+        conn,
+        sql.Identifier(*table.parts),
+        plan.time_filter,
         what=f"the time column's source expression {plan.time_filter.as_string(conn)} on {table}",
     )
 

@@ -81,8 +81,12 @@ def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[Table
     src_table, expressions = source_for(spec, chunk)
     src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
     plan = schema.plan_columns(
-        spec, dest_cols, src_cols, expressions=expressions,
-        dest_types=schema.describe_types(dst_conn, target), src_types=schema.describe_types(src_conn, src_table),
+        spec,
+        dest_cols,
+        src_cols,
+        expressions=expressions,
+        dest_types=schema.describe_types(dst_conn, target),
+        src_types=schema.describe_types(src_conn, src_table),
     )
     # chunk bounds are literals of the filtered column's own type (timebounds.py)
     plan.time_kind = timebounds.source_kind(src_conn, src_table, plan)
@@ -154,8 +158,12 @@ def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
     conn = None
     try:
         conn = connect(
-            source or spec.source_conn_id, application_name=f"{appname}:castcheck", readonly=True, timezone=spec.timezone,
-            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+            source or spec.source_conn_id,
+            application_name=f"{appname}:castcheck",
+            readonly=True,
+            timezone=spec.timezone,
+            statement_timeout_s=spec.statement_timeout_s,
+            lock_timeout_s=spec.lock_timeout_s,
         )
         lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
         return castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, lo, hi)
@@ -172,14 +180,23 @@ def _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_tab
     conn = None
     try:
         conn = connect(
-            source or spec.source_conn_id, application_name=f"{appname}:encoding", readonly=True,
-            timezone=spec.timezone, statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+            source or spec.source_conn_id,
+            application_name=f"{appname}:encoding",
+            readonly=True,
+            timezone=spec.timezone,
+            statement_timeout_s=spec.statement_timeout_s,
+            lock_timeout_s=spec.lock_timeout_s,
         )
         lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
         select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
         return encoding.describe(
-            err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, src_conn=conn, select=select,
-            columns=plan.columns, keys=spec.key_columns,
+            err,
+            chunk_id=chunk.chunk_id,
+            dst_encoding=dst_encoding,
+            src_conn=conn,
+            select=select,
+            columns=plan.columns,
+            keys=spec.key_columns,
         )
     except Exception:  # noqa: BLE001 - diagnosis is best effort: the column from the error context is enough
         log.warning("chunk %s: could not locate the row behind the encoding error", chunk.chunk_id, exc_info=True)
@@ -251,7 +268,9 @@ def transfer_chunk(
             src_conn = open_source(spec, appname, source)
         if dst_conn is None:
             dst_conn = connect(
-                destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
+                destination or spec.destination_conn_id,
+                application_name=appname,
+                timezone=spec.timezone,
                 lock_timeout_s=spec.lock_timeout_s,
             )
         ledger_table = TableName.parse(spec.ledger_table)
@@ -277,7 +296,9 @@ def transfer_chunk(
             select = select + keyranges.key_filter(chunk)
         with dst_conn.cursor() as cur:
             # the same backfill's runs of this range serialize; another backfill into the table does not wait
-            cur.execute(q.advisory_xact_lock(), (backfill.lock_key(chunk.start, chunk.end) + keyranges.lock_suffix(chunk),))
+            cur.execute(
+                q.advisory_xact_lock(), (backfill.lock_key(chunk.start, chunk.end) + keyranges.lock_suffix(chunk),)
+            )
             stage_shape = (str(target), tuple(plan.columns), tuple(plan.stage_types))
             if prepared is None:
                 cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
@@ -296,7 +317,11 @@ def transfer_chunk(
             )
             castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
             inserted, updated = castcheck.upsert_naming_bad_values(
-                cur, plan, _STAGE, spec.key_columns, chunk.chunk_id,
+                cur,
+                plan,
+                _STAGE,
+                spec.key_columns,
+                chunk.chunk_id,
                 lambda: upsert_counted(
                     cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy, plan
                 ),
@@ -310,9 +335,18 @@ def transfer_chunk(
                 "seconds": seconds,
             }
             ledger.record(
-                cur, ledger_table, backfill=backfill, chunk_id=chunk.chunk_id, start=chunk.start,
-                end=chunk.end, stats=stats, dag_id=dag_id, run_id=run_id,
-                key_column=chunk.key_column, key_lo=chunk.key_lo, key_hi=chunk.key_hi,
+                cur,
+                ledger_table,
+                backfill=backfill,
+                chunk_id=chunk.chunk_id,
+                start=chunk.start,
+                end=chunk.end,
+                stats=stats,
+                dag_id=dag_id,
+                run_id=run_id,
+                key_column=chunk.key_column,
+                key_lo=chunk.key_lo,
+                key_hi=chunk.key_hi,
             )
         dst_conn.commit()
         try:
@@ -321,9 +355,15 @@ def transfer_chunk(
             pass
         ok = True
         return ChunkResult(
-            chunk_id=chunk.chunk_id, start=chunk.start.isoformat(), end=chunk.end.isoformat(),
-            rows_extracted=staged, inserted=inserted, updated=updated, unchanged=staged - inserted - updated,
-            seconds=time.monotonic() - t0, decisions=plan.decisions,
+            chunk_id=chunk.chunk_id,
+            start=chunk.start.isoformat(),
+            end=chunk.end.isoformat(),
+            rows_extracted=staged,
+            inserted=inserted,
+            updated=updated,
+            unchanged=staged - inserted - updated,
+            seconds=time.monotonic() - t0,
+            decisions=plan.decisions,
         )
     except BaseException as err:
         rollback_quietly(dst_conn)
@@ -332,7 +372,9 @@ def transfer_chunk(
         if is_interrupt(err):  # execution_timeout, SIGTERM, SIGINT: rolled back; Airflow retries it as it is
             raise
         if plan is not None and getattr(err, "pgcode", None) in encoding.ENCODING_ERRORS:
-            raise PermanentChunkError(_explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan)) from err
+            raise PermanentChunkError(
+                _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan)
+            ) from err
         code = str(getattr(err, "pgcode", "") or "")
         if plan is not None and (code.startswith("22") or code == "0A000"):  # 0A000: e.g. NaN -> integer
             found = _explain_cast_failure(spec, chunk, source, appname, src_table, plan)

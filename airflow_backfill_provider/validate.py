@@ -161,7 +161,13 @@ class ValidationReport:
         ranked = self.ranked()
         rows = []
         for d in ranked[:max_lines]:
-            row = [d.day.isoformat(), d.status.upper(), str(d.source_rows), str(d.destination_rows), _pct(d.diffs["rows"])]
+            row = [
+                d.day.isoformat(),
+                d.status.upper(),
+                str(d.source_rows),
+                str(d.destination_rows),
+                _pct(d.diffs["rows"]),
+            ]
             for col in self.sum_columns:
                 s, t = d.sums[col]
                 row += [_num(s), _num(t), _pct(d.diffs[f"sum({col})"])]
@@ -268,12 +274,24 @@ def per_day_sql(side: SideQuery) -> sql.Composed:
         # order-independent: a sum of per-row hashes (numeric: no overflow), of the row's text
         metrics.append(sql.SQL("sum(hashtextextended(ROW({r})::text, 0))").format(r=sql.SQL(", ").join(side.row)))
     return sql.SQL("SELECT {day} AS day, {metrics} FROM {t} WHERE {v} >= {lo} AND {v} < {hi} GROUP BY 1").format(
-        day=day, metrics=sql.SQL(", ").join(metrics), t=sql.Identifier(*side.table.parts), v=v, lo=lo, hi=hi,
+        day=day,
+        metrics=sql.SQL(", ").join(metrics),
+        t=sql.Identifier(*side.table.parts),
+        v=v,
+        lo=lo,
+        hi=hi,
     )
 
 
-def source_query(spec: BackfillSpec, dest_cols: list[schema.Column], src_cols: list[schema.Column],
-                 table: TableName, expressions: dict[str, str], notes: list[str], conn=None) -> SideQuery:
+def source_query(
+    spec: BackfillSpec,
+    dest_cols: list[schema.Column],
+    src_cols: list[schema.Column],
+    table: TableName,
+    expressions: dict[str, str],
+    notes: list[str],
+    conn=None,
+) -> SideQuery:
     """Source side: the transfer's table and column expressions (:func:`schema.plan_columns`), cast to
     the destination's types; the time expression's type asked from the source (``conn``)."""
     plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
@@ -336,8 +354,11 @@ def _add(into: Tally, rows) -> None:
 _TEXT_SETTINGS = (
     # the checksum hashes each row's text: make that text the same on both sides whatever the servers'
     # defaults (SET LOCAL: this read transaction only; rolled back with it)
-    "SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, YMD'", "SET LOCAL IntervalStyle = 'postgres'",
-    "SET LOCAL extra_float_digits = 3", "SET LOCAL bytea_output = 'hex'",
+    "SET LOCAL TimeZone = 'UTC'",
+    "SET LOCAL DateStyle = 'ISO, YMD'",
+    "SET LOCAL IntervalStyle = 'postgres'",
+    "SET LOCAL extra_float_digits = 3",
+    "SET LOCAL bytea_output = 'hex'",
 )
 
 
@@ -373,7 +394,9 @@ def compare(spec: BackfillSpec, src: Tally, dst: Tally) -> list[DayResult]:
         if checksum:
             diffs["checksum"] = 0.0 if pair[0] == pair[1] else 1.0
             if res.checksum_differs:  # a checksum has no "how much": the spec says what a difference is
-                res.status = max(res.status, FAIL if spec.validation.checksum == "fail" else WARN, key=_RANK.__getitem__)
+                res.status = max(
+                    res.status, FAIL if spec.validation.checksum == "fail" else WARN, key=_RANK.__getitem__
+                )
         out.append(res)
     return out
 
@@ -406,12 +429,19 @@ def validate_range(
     src_conn = dst_conn = None
     try:
         src_conn = connect(
-            source or spec.source_conn_id, application_name=appname, timezone=spec.timezone, readonly=True,
-            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+            source or spec.source_conn_id,
+            application_name=appname,
+            timezone=spec.timezone,
+            readonly=True,
+            statement_timeout_s=spec.statement_timeout_s,
+            lock_timeout_s=spec.lock_timeout_s,
         )
         dst_conn = connect(
-            destination or spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
-            statement_timeout_s=spec.statement_timeout_s, lock_timeout_s=spec.lock_timeout_s,
+            destination or spec.destination_conn_id,
+            application_name=appname,
+            timezone=spec.timezone,
+            statement_timeout_s=spec.statement_timeout_s,
+            lock_timeout_s=spec.lock_timeout_s,
         )
         for conn in (src_conn, dst_conn):
             _pin_text_settings(conn)
@@ -436,9 +466,15 @@ def validate_range(
         src_conn.rollback()
         dst_conn.rollback()
         report = ValidationReport(
-            table=str(target), timezone=spec.timezone, range_start=lo, range_end=hi,
-            warn_threshold=spec.validation.warn_threshold, fail_threshold=spec.validation.fail_threshold,
-            sum_columns=list(spec.validation.sum_columns), days=compare(spec, src_tally, dst_tally), notes=notes,
+            table=str(target),
+            timezone=spec.timezone,
+            range_start=lo,
+            range_end=hi,
+            warn_threshold=spec.validation.warn_threshold,
+            fail_threshold=spec.validation.fail_threshold,
+            sum_columns=list(spec.validation.sum_columns),
+            days=compare(spec, src_tally, dst_tally),
+            notes=notes,
         )
         if store:
             store_summary(dst_conn, TableName.parse(spec.validation.report_table), report, dag_id=dag_id, run_id=run_id)
@@ -489,17 +525,30 @@ def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: s
                        %(days)s, %(days_warn)s, %(days_fail)s, %(source_rows)s, %(destination_rows)s,
                        %(worst_day)s, %(worst_metric)s, %(worst_diff)s, %(status)s, %(totals)s)"""
             ).format(t=sql.Identifier(*table.parts)),
-            {**t, "dag_id": dag_id, "run_id": run_id, "range_start": report.range_start,
-             "range_end": report.range_end,
-             # the row keeps what the XCom leaves out: how the source was read, and every non-passing day
-             "totals": json.dumps({
-                 **t,
-                 "schema_decisions": report.notes,
-                 "days_not_passing": [
-                     {"day": d.day.isoformat(), "status": d.status, "source_rows": d.source_rows,
-                      "destination_rows": d.destination_rows, "diffs": d.diffs}
-                     for d in report.ranked() if d.status != PASS
-                 ][:1000],
-             })},
+            {
+                **t,
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "range_start": report.range_start,
+                "range_end": report.range_end,
+                # the row keeps what the XCom leaves out: how the source was read, and every non-passing day
+                "totals": json.dumps(
+                    {
+                        **t,
+                        "schema_decisions": report.notes,
+                        "days_not_passing": [
+                            {
+                                "day": d.day.isoformat(),
+                                "status": d.status,
+                                "source_rows": d.source_rows,
+                                "destination_rows": d.destination_rows,
+                                "diffs": d.diffs,
+                            }
+                            for d in report.ranked()
+                            if d.status != PASS
+                        ][:1000],
+                    }
+                ),
+            },
         )
     conn.commit()

@@ -101,9 +101,7 @@ class Windows:
             day = local.add(days=days)
             edges = [w.start_s for w in self.allowed] + [w.end_s for w in self.blackout if isinstance(w, Daily)]
             for s in edges:
-                candidates.append(
-                    pendulum.datetime(day.year, day.month, day.day, tz=self.tz).add(seconds=s)
-                )
+                candidates.append(pendulum.datetime(day.year, day.month, day.day, tz=self.tz).add(seconds=s))
         candidates += [w.end for w in self.blackout if isinstance(w, Absolute)]
         for c in sorted(c for c in candidates if c.timestamp() > local.timestamp()):
             if self.is_open(c):

@@ -112,7 +112,9 @@ class AirflowSandbox:
             [self.airflow, *args], env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout
         )
         if check and proc.returncode != 0:
-            raise RuntimeError(f"`airflow {' '.join(args)}` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+            raise RuntimeError(
+                f"`airflow {' '.join(args)}` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
         return proc
 
     def start_services(self, timeout: float = 180) -> None:
@@ -126,7 +128,12 @@ class AirflowSandbox:
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"airflow {dead[0]} exited:\n{self.tail(dead[0])}")
-            if self._query("SELECT count(*) FROM serialized_dag WHERE dag_id IN (%s, %s)", (EXAMPLE_DAG, NOOP_DAG))[0][0] == 2:
+            if (
+                self._query("SELECT count(*) FROM serialized_dag WHERE dag_id IN (%s, %s)", (EXAMPLE_DAG, NOOP_DAG))[0][
+                    0
+                ]
+                == 2
+            ):
                 return
             time.sleep(2)
         raise TimeoutError(f"DAGs not parsed within {timeout}s; dag-processor log:\n{self.tail('dag-processor')}")
@@ -189,7 +196,7 @@ class AirflowSandbox:
         raise TimeoutError(f"DAG runs still active after {timeout}s")
 
     def figures(self, dag_id: str, run_id: str) -> dict:
-        (state, start, end), = self._query(
+        ((state, start, end),) = self._query(
             "SELECT state, start_date, end_date FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
         )
         tis = self._query(
@@ -234,7 +241,9 @@ class AirflowSandbox:
             if rows and rows[0] and rows[0][0] in ("success", "failed"):
                 return self.figures(dag_id, run_id)
             time.sleep(1)
-        raise TimeoutError(f"{dag_id} run {run_id} not finished after {timeout}s; scheduler log:\n{self.tail('scheduler')}")
+        raise TimeoutError(
+            f"{dag_id} run {run_id} not finished after {timeout}s; scheduler log:\n{self.tail('scheduler')}"
+        )
 
 
 def _compare(runner, n: int, reps: int = 2) -> dict:
@@ -293,7 +302,9 @@ def dag_parse_seconds(sandbox: "AirflowSandbox", reps: int = 3) -> dict:
     for name, path in (("example", sandbox.dags / "backfill_dags.py"), ("noop", sandbox.dags / f"{NOOP_DAG}.py")):
         times = []
         for _ in range(reps):
-            proc = subprocess.run([sys.executable, "-c", code, str(path)], env=sandbox.env, capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "-c", code, str(path)], env=sandbox.env, capture_output=True, text=True, timeout=120
+            )
             if proc.returncode == 0 and proc.stdout.strip():
                 times.append(float(proc.stdout.strip().splitlines()[-1]))
         out[name] = min(times) if times else None

@@ -93,7 +93,9 @@ def _timed(chunks: list[dict], one_chunk) -> dict:
     return {"rows": rows, "seconds": time.perf_counter() - t0, "chunks": len(chunks), "per_chunk": per_chunk}
 
 
-def physical_copy(src_url: str, dst_url: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders") -> dict:
+def physical_copy(
+    src_url: str, dst_url: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders"
+) -> dict:
     """(2) The physical limit: binary COPY source -> destination table, nothing else."""
 
     def one(chunk):
@@ -142,7 +144,9 @@ def upsert_sql(dst_table: str, stage: str, *, whole_row: bool = False) -> sql.Co
     )
 
 
-def reference_upsert(src_url: str, dst_url: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders") -> dict:
+def reference_upsert(
+    src_url: str, dst_url: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders"
+) -> dict:
     """(3) Hand-written: COPY -> temp staging -> newer-wins upsert, one destination transaction per chunk."""
     stage = "stage"
     upsert = upsert_sql(dst_table, stage)
@@ -173,7 +177,14 @@ def reference_upsert(src_url: str, dst_url: str, chunks: list[dict], src_table: 
     return result
 
 
-def naive_loop(src_url: str, dst_url: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders", batch: int = 1000) -> dict:
+def naive_loop(
+    src_url: str,
+    dst_url: str,
+    chunks: list[dict],
+    src_table: str = "orders",
+    dst_table: str = "orders",
+    batch: int = 1000,
+) -> dict:
     """(4) What a first script does: fetch every row of the chunk, then insert in batches of ``batch``."""
     insert = sql.SQL("INSERT INTO {} ({}) VALUES %s").format(sql.Identifier(dst_table), _cols())
 
@@ -194,7 +205,9 @@ def naive_loop(src_url: str, dst_url: str, chunks: list[dict], src_table: str = 
     return _timed(chunks, one)
 
 
-def generic_transfer(src_conn_id: str, dst_conn_id: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders") -> dict:
+def generic_transfer(
+    src_conn_id: str, dst_conn_id: str, chunks: list[dict], src_table: str = "orders", dst_table: str = "orders"
+) -> dict:
     """(5) Airflow's ``GenericTransfer`` per chunk: ``get_records`` then ``PostgresHook.insert_rows``.
 
     Connections come from ``AIRFLOW_CONN_<ID>`` environment variables set by the caller.

@@ -64,11 +64,20 @@ def pages_of_chunk(src_url: str, spec, chunk) -> int:
 
 
 def run_way(label, src_url, dst_url, **spec_kw) -> dict:
-    spec = load_spec(dict(
-        name="bench", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-        destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
-        watermark={"enabled": False}, **spec_kw,
-    ))
+    spec = load_spec(
+        dict(
+            name="bench",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="orders",
+            destination_table="orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            watermark={"enabled": False},
+            **spec_kw,
+        )
+    )
     with psycopg2.connect(dst_url) as d:
         d.autocommit = True
         d.cursor().execute("TRUNCATE orders; DROP TABLE IF EXISTS backfill_ledger")
@@ -82,14 +91,23 @@ def run_way(label, src_url, dst_url, **spec_kw) -> dict:
     t0 = time.monotonic()
     rows = sum(transfer_chunk(spec, c).rows_extracted for c in plan.chunks)
     wall = time.monotonic() - t0
-    return {"way": label, "chunks": len(plan.chunks), "rows": rows, "wall_s": wall, "rows_per_s": rows / wall,
-            "pages_per_chunk": pages, "notes": plan.notes}
+    return {
+        "way": label,
+        "chunks": len(plan.chunks),
+        "rows": rows,
+        "wall_s": wall,
+        "rows_per_s": rows / wall,
+        "pages_per_chunk": pages,
+        "notes": plan.notes,
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--admin-url", default=os.environ.get("BACKFILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument(
+        "--admin-url", default=os.environ.get("BACKFILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
     args = ap.parse_args(argv)
     dbs = Databases(args.admin_url)
     src, dst = dbs.create()
@@ -100,8 +118,10 @@ def main(argv=None) -> int:
         with psycopg2.connect(src) as conn, conn.cursor() as cur:
             cur.execute("SELECT relpages FROM pg_class WHERE oid = 'orders'::regclass")
             table_pages = cur.fetchone()[0]
-            cur.execute("SELECT attname, round(correlation::numeric, 3) FROM pg_stats WHERE tablename = 'orders'"
-                        " AND attname IN ('id', 'created_at') ORDER BY 1")
+            cur.execute(
+                "SELECT attname, round(correlation::numeric, 3) FROM pg_stats WHERE tablename = 'orders'"
+                " AND attname IN ('id', 'created_at') ORDER BY 1"
+            )
             corr = dict(cur.fetchall())
         print(f"source: {args.rows:,} rows, {table_pages:,} pages; pg_stats.correlation {corr}")
         results = [
@@ -114,8 +134,10 @@ def main(argv=None) -> int:
         ]
         print(f"\n{'way':<20} {'chunks':>6} {'rows':>10} {'wall s':>8} {'rows/s':>9} {'pages/chunk':>12}")
         for r in results:
-            print(f"{r['way']:<20} {r['chunks']:>6} {r['rows']:>10,} {r['wall_s']:>8.1f} {r['rows_per_s']:>9,.0f} "
-                  f"{r['pages_per_chunk']:>12,}")
+            print(
+                f"{r['way']:<20} {r['chunks']:>6} {r['rows']:>10,} {r['wall_s']:>8.1f} {r['rows_per_s']:>9,.0f} "
+                f"{r['pages_per_chunk']:>12,}"
+            )
         for r in results:
             for note in r["notes"]:
                 print(f"  [{r['way']}] {note}")

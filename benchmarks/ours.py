@@ -54,10 +54,18 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
         totals["rows"] += result.rows_extracted
         for key in ("inserted", "updated", "unchanged"):
             totals[key] += getattr(result, key)
-        per_chunk.append({"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(result.seconds, 4)})
+        per_chunk.append(
+            {"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(result.seconds, 4)}
+        )
     seconds = time.perf_counter() - t0
-    return {**totals, "seconds": seconds, "chunks": len(planned), "per_chunk": per_chunk,
-            "probe_decisions": decisions, "probe_seconds": probe_seconds}
+    return {
+        **totals,
+        "seconds": seconds,
+        "chunks": len(planned),
+        "per_chunk": per_chunk,
+        "probe_decisions": decisions,
+        "probe_seconds": probe_seconds,
+    }
 
 
 def idle(import_ours: bool = True) -> dict:

@@ -15,7 +15,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -58,8 +57,14 @@ class PrivateCluster:
         self.dir = ROOT / f"src_{uuid.uuid4().hex[:8]}"
         self.keep = keep
         # small and fast to start; fsync on (production-like commit cost); no background noise
-        self.settings = {"shared_buffers": "128MB", "max_connections": "60", "listen_addresses": "'127.0.0.1'",
-                         "unix_socket_directories": "''", "logging_collector": "off", **(settings or {})}
+        self.settings = {
+            "shared_buffers": "128MB",
+            "max_connections": "60",
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": "''",
+            "logging_collector": "off",
+            **(settings or {}),
+        }
         self.started = False
 
     def _cmd(self, *argv: str) -> list[str]:
@@ -76,15 +81,36 @@ class PrivateCluster:
         if self.run_as:
             pw = pwd.getpwnam(self.run_as)
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self._run(pg_bin("initdb"), "-D", str(self.dir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--locale=C.UTF-8", timeout=300)
+        self._run(
+            pg_bin("initdb"),
+            "-D",
+            str(self.dir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            timeout=300,
+        )
         with open(self.dir / "postgresql.conf", "a") as f:
             f.write("\n# bench: private source cluster\n")
             f.write(f"port = {self.port}\n")
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")
-        self._run(pg_bin("pg_ctl"), "-D", str(self.dir), "-l", str(self.dir / "server.log"), "-w", "-t", "120",
-                  "start", timeout=180)
+        self._run(
+            pg_bin("pg_ctl"),
+            "-D",
+            str(self.dir),
+            "-l",
+            str(self.dir / "server.log"),
+            "-w",
+            "-t",
+            "120",
+            "start",
+            timeout=180,
+        )
         self.started = True
         return self
 

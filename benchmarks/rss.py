@@ -44,7 +44,11 @@ def run_isolated(task: str, kwargs: dict, *, env: dict | None = None, python: st
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [python or sys.executable, "-m", "benchmarks.rss", task, str(args_path), str(out_path)],
-                env=child_env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=child_env,
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)

@@ -36,31 +36,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=2_000_000, help="rows seeded into the source (default 2,000,000)")
     p.add_argument("--days", type=int, default=730, help="days the rows are spread over (default 730)")
-    p.add_argument("--granularity", choices=("hour", "day", "week", "month"), default="month",
-                   help="chunk size as the operator plans it (default month: 24 chunks of ~83k rows)")
-    p.add_argument("--chunks", type=int, default=None,
-                   help="instead of calendar chunks, cut the range into this many equal slices")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="repetitions of (1), (2), (3), interleaved; the best is reported (default 3)")
-    p.add_argument("--sample-rows", type=int, default=20_000,
-                   help="rows for (5) GenericTransfer/insert_rows, which is too slow for the full table")
+    p.add_argument(
+        "--granularity",
+        choices=("hour", "day", "week", "month"),
+        default="month",
+        help="chunk size as the operator plans it (default month: 24 chunks of ~83k rows)",
+    )
+    p.add_argument(
+        "--chunks", type=int, default=None, help="instead of calendar chunks, cut the range into this many equal slices"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="repetitions of (1), (2), (3), interleaved; the best is reported (default 3)",
+    )
+    p.add_argument(
+        "--sample-rows",
+        type=int,
+        default=20_000,
+        help="rows for (5) GenericTransfer/insert_rows, which is too slow for the full table",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here (default benchmarks/results/)")
     p.add_argument("--quick", action="store_true", help="200,000 rows, --repeat 1 (a smaller, faster run)")
-    p.add_argument("--skip-airflow", action="store_true",
-                   help="skip the measurements that need Airflow: (5) GenericTransfer and (8) DAG overhead")
-    p.add_argument("--no-probe", action="store_true",
-                   help="(1) without the operator's source load probe before each chunk (transfer_chunk only)")
-    p.add_argument("--airflow2-python", default=os.environ.get("BENCH_AIRFLOW2_PYTHON"),
-                   help="a python with Airflow 2.11 (e.g. .venv-af2/bin/python): (5) again there, where "
-                        "PostgresHook uses psycopg2 (env BENCH_AIRFLOW2_PYTHON)")
+    p.add_argument(
+        "--skip-airflow",
+        action="store_true",
+        help="skip the measurements that need Airflow: (5) GenericTransfer and (8) DAG overhead",
+    )
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="(1) without the operator's source load probe before each chunk (transfer_chunk only)",
+    )
+    p.add_argument(
+        "--airflow2-python",
+        default=os.environ.get("BENCH_AIRFLOW2_PYTHON"),
+        help="a python with Airflow 2.11 (e.g. .venv-af2/bin/python): (5) again there, where "
+        "PostgresHook uses psycopg2 (env BENCH_AIRFLOW2_PYTHON)",
+    )
     p.add_argument("--skip-overhead", action="store_true", help="skip only (8), the DAG overhead runs (minutes)")
     p.add_argument("--overhead-chunks", type=int, default=24, help="N chunks / task instances for (8)")
-    p.add_argument("--admin-url", default=DEFAULT_ADMIN_URL,
-                   help="a PostgreSQL URL allowed to CREATE DATABASE (env BENCH_PG_URL)")
+    p.add_argument(
+        "--admin-url", default=DEFAULT_ADMIN_URL, help="a PostgreSQL URL allowed to CREATE DATABASE (env BENCH_PG_URL)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the throwaway databases (their names are printed)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (off: machines are noisy)")
-    p.add_argument("--scattered-rows", type=int, default=1_500_000,
-                   help="(9) rows of the time-scattered table loaded end to end by every tool (default 1,500,000)")
+    p.add_argument(
+        "--scattered-rows",
+        type=int,
+        default=1_500_000,
+        help="(9) rows of the time-scattered table loaded end to end by every tool (default 1,500,000)",
+    )
     p.add_argument("--scattered-days", type=int, default=730, help="(9) days its created_at is scattered over")
     p.add_argument("--skip-scattered", action="store_true", help="skip (9), the end-to-end comparison with peers")
     p.add_argument("--only-scattered", action="store_true", help="run (9) only")
@@ -112,7 +139,9 @@ class Bench:
     def log(self, msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    def measure(self, key: str, task: str, chunks: list[dict], *, first_load: bool, env=None, python=None, **extra) -> dict | None:
+    def measure(
+        self, key: str, task: str, chunks: list[dict], *, first_load: bool, env=None, python=None, **extra
+    ) -> dict | None:
         """One measurement in a child: fresh table (first load) or the table as the first load left it (rerun)."""
         if first_load:
             dest.fresh_table(self.dst)
@@ -198,8 +227,14 @@ class Bench:
         self.log("GenericTransfer/insert_rows (5) on Airflow 2.11")
         home2 = os.path.join(home, "airflow2")  # its own AIRFLOW_HOME: 2.11 and 3.3 configs differ
         os.mkdir(home2)
-        r = self.measure("generic_transfer_af2", "generic_transfer", [sample], first_load=True,
-                         env={**env, "AIRFLOW_HOME": home2}, python=self.args.airflow2_python)
+        r = self.measure(
+            "generic_transfer_af2",
+            "generic_transfer",
+            [sample],
+            first_load=True,
+            env={**env, "AIRFLOW_HOME": home2},
+            python=self.args.airflow2_python,
+        )
         if r:
             r["note"] = f"sample: first {r['rows']:,} rows; psycopg2 executemany"
 
@@ -227,7 +262,9 @@ class Bench:
                 row["seconds_all"] = [round(r["seconds"], 3) for r in runs]
                 row["seconds_median"] = statistics.median(r["seconds"] for r in runs)
                 row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
-                row["rows_rewritten"] = max((r["rows_rewritten"] or 0) for r in runs) if best["rows_rewritten"] is not None else None
+                row["rows_rewritten"] = (
+                    max((r["rows_rewritten"] or 0) for r in runs) if best["rows_rewritten"] is not None else None
+                )
                 row["n_tup_upd_delta"] = max(r["n_tup_upd_delta"] for r in runs)
             row["repetitions"] = len(runs)
             self.results[key] = row
@@ -272,9 +309,16 @@ class Bench:
         for phase in ("first", "rerun"):
             value = without_probe(f"ours_{phase}", f"reference_{phase}")
             if value is not None:
-                out.append({"name": f"  same, transfer only ({phase})", "value": value, "op": ">=",
-                            "target_key": f"ours_vs_reference_{phase}",
-                            "note": "information: without the load probe's time (source protection)", "info": True})
+                out.append(
+                    {
+                        "name": f"  same, transfer only ({phase})",
+                        "value": value,
+                        "op": ">=",
+                        "target_key": f"ours_vs_reference_{phase}",
+                        "note": "information: without the load probe's time (source protection)",
+                        "info": True,
+                    }
+                )
         out += [
             {"name": "rerun_rows_rewritten", "value": r.get("ours_rerun", {}).get("rows_rewritten"), "op": "=="},
             {"name": "ours_vs_naive", "value": ratio("ours_first", "naive_first"), "op": ">="},
@@ -288,8 +332,12 @@ class Bench:
         out.append(rss_target)
         for key in ("airflow_dags_test", "airflow_scheduler"):
             row = r.get(key, {})
-            t = {"name": f"airflow_overhead_ratio ({key.split('_', 1)[1]})", "value": row.get("ratio"),
-                 "op": "<=", "target_key": "airflow_overhead_ratio"}
+            t = {
+                "name": f"airflow_overhead_ratio ({key.split('_', 1)[1]})",
+                "value": row.get("ratio"),
+                "op": "<=",
+                "target_key": "airflow_overhead_ratio",
+            }
             if row.get("raw_ratio") is not None:
                 t["note"] = f"net of the chunk's DB work; raw wall-clock ratio {row['raw_ratio']:.2f}"
             out.append(t)
@@ -322,7 +370,9 @@ def main(argv=None) -> int:
     try:
         src_url, dst_url = dbs.create()
         bench = Bench(args, src_url, dst_url, chunks)
-        bench.log(f"databases {dbs.names['src']} -> {dbs.names['dst']}; seeding {args.rows:,} rows over {args.days} days")
+        bench.log(
+            f"databases {dbs.names['src']} -> {dbs.names['dst']}; seeding {args.rows:,} rows over {args.days} days"
+        )
         t0 = time.perf_counter()
         seed_orders(src_url, args.rows, args.days)
         seed_s = time.perf_counter() - t0
@@ -341,10 +391,14 @@ def main(argv=None) -> int:
         env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         report.update(
             config={
-                "rows": args.rows, "days": args.days, "chunks": len(chunks),
+                "rows": args.rows,
+                "days": args.days,
+                "chunks": len(chunks),
                 "chunking": f"{args.chunks} equal slices" if args.chunks else f"granularity={args.granularity}",
-                "rows_per_chunk_avg": args.rows // max(len(chunks), 1), "repeat": args.repeat,
-                "sample_rows": args.sample_rows, "seed_seconds": round(seed_s, 2),
+                "rows_per_chunk_avg": args.rows // max(len(chunks), 1),
+                "repeat": args.repeat,
+                "sample_rows": args.sample_rows,
+                "seed_seconds": round(seed_s, 2),
                 "connections": "opened per chunk by every path, as a task instance does",
             },
             results=bench.results,
@@ -363,7 +417,9 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nJSON: {path}")
-    missed = [t for t in report["targets"] + report["scattered"].get("targets", []) if t["met"] is False and not t.get("info")]
+    missed = [
+        t for t in report["targets"] + report["scattered"].get("targets", []) if t["met"] is False and not t.get("info")
+    ]
     return 1 if (args.check and missed) else 0
 
 
@@ -384,8 +440,10 @@ def main_scattered(args) -> int:
     t0 = time.perf_counter()
     out = run_scattered(args, lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
     env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(f"\nenvironment: {env['cpu']} x{env['cpu_count']}, load {env['loadavg_at_start']} -> {env['loadavg_at_end']}; "
-          f"PostgreSQL {env['postgresql']}, Airflow {env['apache-airflow']}; commit {env['git_commit']}")
+    print(
+        f"\nenvironment: {env['cpu']} x{env['cpu_count']}, load {env['loadavg_at_start']} -> {env['loadavg_at_end']}; "
+        f"PostgreSQL {env['postgresql']}, Airflow {env['apache-airflow']}; commit {env['git_commit']}"
+    )
     print("\n".join(scattered.report_lines(out)))
     print(f"total {time.perf_counter() - t0:.0f}s")
     path = args.json or Path(__file__).parent / "results" / f"bench-scattered-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -77,22 +77,33 @@ class BackfillSandbox(AirflowSandbox):
             if on_poll:
                 on_poll()
             time.sleep(1)
-        raise TimeoutError(f"{dag_id} run {run_id} not finished after {timeout}s; scheduler log:\n{self.tail('scheduler')}")
+        raise TimeoutError(
+            f"{dag_id} run {run_id} not finished after {timeout}s; scheduler log:\n{self.tail('scheduler')}"
+        )
 
     def run_figures(self, dag_id: str, run_id: str) -> dict:
-        (state, start, end), = self._query(
-            "SELECT state, start_date, end_date FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id))
+        ((state, start, end),) = self._query(
+            "SELECT state, start_date, end_date FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
+        )
         tis = self._query(
             "SELECT task_id, state, count(*), sum(coalesce(duration, 0)) FROM task_instance "
-            "WHERE dag_id = %s AND run_id = %s GROUP BY 1, 2", (dag_id, run_id))
-        return {"state": state, "run_seconds": (end - start).total_seconds(), "start": start, "end": end,
-                "tasks": {f"{t}:{s}": n for t, s, n, _ in tis},
-                "chunks": sum(n for t, s, n, _ in tis if t == "load_chunk")}
+            "WHERE dag_id = %s AND run_id = %s GROUP BY 1, 2",
+            (dag_id, run_id),
+        )
+        return {
+            "state": state,
+            "run_seconds": (end - start).total_seconds(),
+            "start": start,
+            "end": end,
+            "tasks": {f"{t}:{s}": n for t, s, n, _ in tis},
+            "chunks": sum(n for t, s, n, _ in tis if t == "load_chunk"),
+        }
 
     def deferred_now(self, dag_id: str, run_id: str) -> int:
         return self._query(
             "SELECT count(*) FROM task_instance WHERE dag_id = %s AND run_id = %s AND state = 'deferred'",
-            (dag_id, run_id))[0][0]
+            (dag_id, run_id),
+        )[0][0]
 
 
 def run_backfill(admin_url: str, src_url: str, dst_url: str, spec: dict, conf: dict, log=print) -> dict:

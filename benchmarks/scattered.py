@@ -40,8 +40,18 @@ from benchmarks.seed import DEFAULT_START
 
 TABLE = "orders_wide"
 COLUMNS = (
-    "id", "customer_id", "status", "currency", "amount", "discount", "items", "created_at", "updated_at",
-    "shipping_city", "shipping_address", "comment",
+    "id",
+    "customer_id",
+    "status",
+    "currency",
+    "amount",
+    "discount",
+    "items",
+    "created_at",
+    "updated_at",
+    "shipping_city",
+    "shipping_address",
+    "comment",
 )
 DDL = """
 CREATE TABLE {t} (
@@ -68,8 +78,11 @@ def create_table(cur, table: str = TABLE, *, keys: bool = True) -> None:
 
 def add_keys(cur, table: str = TABLE) -> None:
     cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(sql.Identifier(table)))
-    cur.execute(sql.SQL("CREATE INDEX {} ON {} (created_at)").format(
-        sql.Identifier(f"{table}_created_at_idx"), sql.Identifier(table)))
+    cur.execute(
+        sql.SQL("CREATE INDEX {} ON {} (created_at)").format(
+            sql.Identifier(f"{table}_created_at_idx"), sql.Identifier(table)
+        )
+    )
 
 
 def _autocommit(url: str):
@@ -116,8 +129,13 @@ def seed(src_url: str, rows: int, days: int, start: dt.datetime = DEFAULT_START)
             total, heap = cur.fetchone()
     finally:
         conn.close()
-    return {"rows": rows, "days": days, "created_at_correlation": round(corr, 4),
-            "heap_mb": round(heap / 2**20, 1), "total_mb": round(total / 2**20, 1)}
+    return {
+        "rows": rows,
+        "days": days,
+        "created_at_correlation": round(corr, 4),
+        "heap_mb": round(heap / 2**20, 1),
+        "total_mb": round(total / 2**20, 1),
+    }
 
 
 def fresh_destination(dst_url: str, table: str = TABLE, drop_schemas=("dlt_bench",)) -> None:
@@ -187,10 +205,27 @@ def sling(src_url: str, dst_url: str, *, mode: str = "incremental") -> dict:
     if not binary:
         return {"skipped": "sling not installed (pip install -e '.[bench]')"}
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
-    env = {**os.environ, "BENCH_SRC": src_url + "?sslmode=disable", "BENCH_DST": dst_url + "?sslmode=disable",
-           "SLING_HOME_DIR": tempfile.mkdtemp(prefix="bench_sling_"), "SLING_DISABLE_TELEMETRY": "true"}
-    argv = [binary, "run", "--src-conn", "BENCH_SRC", "--src-stream", f"public.{TABLE}", "--tgt-conn", "BENCH_DST",
-            "--tgt-object", f"public.{TABLE}", "--mode", mode]
+    env = {
+        **os.environ,
+        "BENCH_SRC": src_url + "?sslmode=disable",
+        "BENCH_DST": dst_url + "?sslmode=disable",
+        "SLING_HOME_DIR": tempfile.mkdtemp(prefix="bench_sling_"),
+        "SLING_DISABLE_TELEMETRY": "true",
+    }
+    argv = [
+        binary,
+        "run",
+        "--src-conn",
+        "BENCH_SRC",
+        "--src-stream",
+        f"public.{TABLE}",
+        "--tgt-conn",
+        "BENCH_DST",
+        "--tgt-object",
+        f"public.{TABLE}",
+        "--mode",
+        mode,
+    ]
     if mode == "incremental":
         argv += ["--primary-key", "id", "--update-key", "updated_at"]
     t0 = time.perf_counter()
@@ -228,8 +263,14 @@ def dlt(src_url: str, dst_url: str) -> dict:
     src = src_url.replace("postgresql://", "postgresql+psycopg2://", 1)
     env = {**os.environ, "DLT_DATA_DIR": str(tmp), "RUNTIME__DLTHUB_TELEMETRY": "false", "DLT_PROJECT_DIR": str(tmp)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", DLT_CHILD, src, dst, TABLE, str(tmp / "pipelines"), str(tmp / "out.json")],
-                          env=env, cwd=tmp, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-c", DLT_CHILD, src, dst, TABLE, str(tmp / "pipelines"), str(tmp / "out.json")],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     seconds = time.perf_counter() - t0  # the process, imports included, as a user runs it
     try:
         if proc.returncode != 0:
@@ -237,17 +278,30 @@ def dlt(src_url: str, dst_url: str) -> dict:
         inner = json.loads((tmp / "out.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"rows": count(dst_url, schema="dlt_bench"), "seconds": seconds, "seconds_in_run": inner["seconds"],
-            "version": inner["version"]}
+    return {
+        "rows": count(dst_url, schema="dlt_bench"),
+        "seconds": seconds,
+        "seconds_in_run": inner["seconds"],
+        "version": inner["version"],
+    }
 
 
 def spec_dict(src_conn: str = "backfill_source_pg", dst_conn: str = "backfill_dest_pg", **over) -> dict:
     """The spec a user writes for the scattered table: nothing about chunking (the default applies)."""
     return {
-        "name": "bench_wide", "source_conn_id": src_conn, "destination_conn_id": dst_conn,
-        "source_table": f"public.{TABLE}", "destination_table": f"public.{TABLE}", "time_column": "created_at",
-        "key_columns": ["id"], "version_column": "updated_at", "timezone": "UTC", "start_date": "2023-01-01",
-        "pool": "backfill_source", "watermark": {"enabled": False}, "validation": {"sum_columns": ["amount"]},
+        "name": "bench_wide",
+        "source_conn_id": src_conn,
+        "destination_conn_id": dst_conn,
+        "source_table": f"public.{TABLE}",
+        "destination_table": f"public.{TABLE}",
+        "time_column": "created_at",
+        "key_columns": ["id"],
+        "version_column": "updated_at",
+        "timezone": "UTC",
+        "start_date": "2023-01-01",
+        "pool": "backfill_source",
+        "watermark": {"enabled": False},
+        "validation": {"sum_columns": ["amount"]},
         **over,
     }
 
@@ -257,16 +311,25 @@ def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
     from benchmarks.rss import run_isolated
 
     day = dt.date(2031, 1, 1)
-    chunks = [{"chunk_id": f"empty-{i}",
-               "start": dt.datetime.combine(day + dt.timedelta(days=i), dt.time(), dt.timezone.utc).isoformat(),
-               "end": dt.datetime.combine(day + dt.timedelta(days=i + 1), dt.time(), dt.timezone.utc).isoformat()}
-              for i in range(n)]
-    r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks,
-                              "spec": spec_dict("bench_src", "bench_dst")})
+    chunks = [
+        {
+            "chunk_id": f"empty-{i}",
+            "start": dt.datetime.combine(day + dt.timedelta(days=i), dt.time(), dt.timezone.utc).isoformat(),
+            "end": dt.datetime.combine(day + dt.timedelta(days=i + 1), dt.time(), dt.timezone.utc).isoformat(),
+        }
+        for i in range(n)
+    ]
+    r = run_isolated(
+        "ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec_dict("bench_src", "bench_dst")}
+    )
     per = sorted(c["seconds"] for c in r["per_chunk"])
     probe_ms = 1000 * r["probe_seconds"] / n
-    return {"chunks": n, "median_ms": 1000 * per[len(per) // 2] + probe_ms, "mean_ms": 1000 * r["seconds"] / n,
-            "probe_ms": probe_ms}
+    return {
+        "chunks": n,
+        "median_ms": 1000 * per[len(per) // 2] + probe_ms,
+        "mean_ms": 1000 * r["seconds"] / n,
+        "probe_ms": probe_ms,
+    }
 
 
 # --- one run of (9) -------------------------------------------------------------------------------
@@ -293,7 +356,7 @@ def measure(args, log) -> dict:
             log(f"(9) {key}")
             try:
                 r = fn(*a, **kw)
-            except Exception as err:  # one failed path is reported, the others still run
+            except Exception as err:  # one failed path is reported, the others still run  # noqa: BLE001 - best effort: never fails the task
                 r = {"skipped": f"failed: {str(err).splitlines()[0][:200]}"}
             if "rows" in r:
                 r["rows_per_s"] = r["rows"] / r["seconds"] if r["seconds"] else None
@@ -315,14 +378,19 @@ def measure(args, log) -> dict:
 
             def ours():
                 f = run_backfill(args.admin_url, src, dst, spec_dict(), conf, log=log)
-                return {"rows": count(dst), "seconds": f["run_seconds"], "chunks": f["chunks"], "state": f["state"],
-                        "tasks": f["tasks"]}
+                return {
+                    "rows": count(dst),
+                    "seconds": f["run_seconds"],
+                    "chunks": f["chunks"],
+                    "state": f["state"],
+                    "tasks": f["tasks"],
+                }
 
             run("ours_scheduler", ours)
         fresh_destination(dst)
         try:
             paths["fixed_cost"] = fixed_cost(src, dst)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - best effort: never fails the task
             paths["fixed_cost"] = {"skipped": f"failed: {str(err).splitlines()[-1][:200]}"}
         out["paths"] = paths
     finally:
@@ -343,14 +411,20 @@ def targets(p: dict) -> list[dict]:
         {"name": "ours_vs_sling_incremental", "value": ratio("ours_scheduler", "sling_incremental"), "op": ">="},
         {"name": "ours_vs_dlt", "value": ratio("ours_scheduler", "dlt_merge"), "op": ">="},
         {"name": "fixed_cost_ms", "value": p.get("fixed_cost", {}).get("median_ms"), "op": "<="},
-        {"name": "key_range_vs_copy", "value": None, "op": ">=",
-         "note": "no key-range chunking in this branch (chunking issue)"},
+        {
+            "name": "key_range_vs_copy",
+            "value": None,
+            "op": ">=",
+            "note": "no key-range chunking in this branch (chunking issue)",
+        },
         {"name": "  ours_vs_copy_pipe (info)", "value": ratio("ours_scheduler", "copy_pipe"), "op": "info"},
     ]
     for t in rows:
         t["target"] = TARGETS.get(t["name"])
         v = t["value"]
-        t["met"] = None if v is None or t["op"] == "info" else (v >= t["target"] if t["op"] == ">=" else v <= t["target"])
+        t["met"] = (
+            None if v is None or t["op"] == "info" else (v >= t["target"] if t["op"] == ">=" else v <= t["target"])
+        )
     return rows
 
 
@@ -385,14 +459,18 @@ def report_lines(out: dict) -> list[str]:
         if r.get("complete") is False:
             note.append("INCOMPLETE")
         x = r["rows_per_s"] / copy if copy and r.get("rows_per_s") else None
-        lines.append(f"{label:<52} {r['rows']:>9} {r['seconds']:>8.1f} {r['rows_per_s']:>9,.0f} "
-                     f"{'-' if x is None else format(x, '.2f'):>7}  {'; '.join(note)}")
+        lines.append(
+            f"{label:<52} {r['rows']:>9} {r['seconds']:>8.1f} {r['rows_per_s']:>9,.0f} "
+            f"{'-' if x is None else format(x, '.2f'):>7}  {'; '.join(note)}"
+        )
     fc = p.get("fixed_cost", {})
     if fc.get("skipped"):
         lines.append(f"{'fixed database work per empty chunk':<52} skipped: {fc['skipped']}")
     elif fc:
-        lines.append(f"{'fixed database work per empty chunk (no Airflow)':<52} median {fc['median_ms']:.1f} ms "
-                     f"(mean {fc['mean_ms']:.1f} ms, of which probe {fc['probe_ms']:.1f} ms; {fc['chunks']} chunks)")
+        lines.append(
+            f"{'fixed database work per empty chunk (no Airflow)':<52} median {fc['median_ms']:.1f} ms "
+            f"(mean {fc['mean_ms']:.1f} ms, of which probe {fc['probe_ms']:.1f} ms; {fc['chunks']} chunks)"
+        )
     lines.append("targets (issue 15), ratios from this run:")
     for tg in out.get("targets", []):
         status = {True: "MET ", False: "MISS", None: "n/a "}[tg["met"]]

@@ -84,7 +84,9 @@ def backfill_like(src_url: str, dst_url: str, stop: threading.Event, threads: in
 def pgbench(url: str, seconds: int) -> subprocess.Popen:
     return subprocess.Popen(
         [pg_bin("pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(seconds), url],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -105,8 +107,9 @@ def main(argv=None) -> None:
         try:
             seed_orders(src_url, args.rows, 730)
             dest.fresh_table(dst_url)
-            subprocess.run([pg_bin("pgbench"), "-i", "-q", "-s", str(args.scale), src_url], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [pg_bin("pgbench"), "-i", "-q", "-s", str(args.scale), src_url], check=True, capture_output=True
+            )
             rows = {}
             for phase in ("idle", "backfill", "pgbench", "pgbench+backfill"):
                 stop = threading.Event()

@@ -68,9 +68,23 @@ class Oltp:
         while not self._stop.is_set():
             self.runs += 1
             proc = subprocess.run(
-                [pg_bin("pgbench"), "-n", "-c", str(self.clients), "-j", str(self.jobs), "-T", str(self.step_s),
-                 "-l", "--log-prefix", str(self.folder / f"pgb{self.runs:05d}"), self.url],
-                cwd=self.folder, capture_output=True, text=True,
+                [
+                    pg_bin("pgbench"),
+                    "-n",
+                    "-c",
+                    str(self.clients),
+                    "-j",
+                    str(self.jobs),
+                    "-T",
+                    str(self.step_s),
+                    "-l",
+                    "--log-prefix",
+                    str(self.folder / f"pgb{self.runs:05d}"),
+                    self.url,
+                ],
+                cwd=self.folder,
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 self.errors.append(proc.stderr[-300:])
@@ -102,8 +116,11 @@ def phase_stats(txns: list[tuple[float, float]], start: float, end: float) -> di
     if not lat or end <= start:
         return {"seconds": round(end - start, 1), "transactions": 0}
     return {
-        "seconds": round(end - start, 1), "transactions": len(lat), "tps": len(lat) / (end - start),
-        "avg_ms": statistics.fmean(lat), "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "seconds": round(end - start, 1),
+        "transactions": len(lat),
+        "tps": len(lat) / (end - start),
+        "avg_ms": statistics.fmean(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
     }
 
 
@@ -127,18 +144,32 @@ def specs(args) -> list[dict]:
     out = []
     for layout in ("separate", "shared"):
         for mode in ("off", "on"):
-            throttle = {} if mode == "off" else {
-                "max_latency_ratio": args.max_latency_ratio, "load_window_s": args.window,
-                "poll_interval": 1.0, "poll_max": 2.0, "max_wait": 3600,
-            }
-            out.append(scattered.spec_dict(
-                src_conn=f"bench_src_{layout}", dst_conn="backfill_dest_pg",
-                name=f"src_{layout}_{mode}", throttle=throttle, validation={"enabled": False},
-            ))
+            throttle = (
+                {}
+                if mode == "off"
+                else {
+                    "max_latency_ratio": args.max_latency_ratio,
+                    "load_window_s": args.window,
+                    "poll_interval": 1.0,
+                    "poll_max": 2.0,
+                    "max_wait": 3600,
+                }
+            )
+            out.append(
+                scattered.spec_dict(
+                    src_conn=f"bench_src_{layout}",
+                    dst_conn="backfill_dest_pg",
+                    name=f"src_{layout}_{mode}",
+                    throttle=throttle,
+                    validation={"enabled": False},
+                )
+            )
     return out
 
 
-def run_scenario(sb, args, layout: str, mode: str, src_url: str, dst_url: str, tmp: Path, mid_load: bool = False) -> dict:
+def run_scenario(
+    sb, args, layout: str, mode: str, src_url: str, dst_url: str, tmp: Path, mid_load: bool = False
+) -> dict:
     dag_id = f"backfill_src_{layout}_{mode}"
     scattered.fresh_destination(dst_url)
     if mode == "on":
@@ -196,8 +227,12 @@ def run_scenario(sb, args, layout: str, mode: str, src_url: str, dst_url: str, t
         marks["end"] = time.time()
         oltp.stop()
     result.update(
-        backfill_seconds=figures["run_seconds"], run_state=figures["state"], chunks=figures["chunks"],
-        rows_loaded=scattered.count(dst_url), pgbench_runs=oltp.runs, pgbench_errors=oltp.errors[:2],
+        backfill_seconds=figures["run_seconds"],
+        run_state=figures["state"],
+        chunks=figures["chunks"],
+        rows_loaded=scattered.count(dst_url),
+        pgbench_runs=oltp.runs,
+        pgbench_errors=oltp.errors[:2],
         max_deferred_at_once=max((n for _, n in deferred_series), default=0),
     )
     txns = oltp.transactions()
@@ -205,7 +240,9 @@ def run_scenario(sb, args, layout: str, mode: str, src_url: str, dst_url: str, t
         on, off = load_on_at or marks["after"], load_off_at or marks["after"]
         result["load_window"] = [round(on - marks["during"], 1), round(off - marks["during"], 1)]
         result["deferred_before_load"] = max((n for t, n in deferred_series if t < on), default=0)
-        result["deferred_during_load"] = max((n for t, n in deferred_series if on + args.window + 2 <= t < off), default=0)
+        result["deferred_during_load"] = max(
+            (n for t, n in deferred_series if on + args.window + 2 <= t < off), default=0
+        )
         late = [n for t, n in deferred_series if t >= off + 2 * args.window + 5]
         result["deferred_after_load"] = max(late, default=0)
         result["seconds_after_load"] = round(marks["after"] - off, 1)
@@ -243,12 +280,18 @@ def report_lines(results: list[dict], target: float) -> list[str]:
             f"{fmt(ratio(d.get('tps'), b.get('tps')), '.2f'):>6} {fmt(ratio(d.get('avg_ms'), b.get('avg_ms')), '.2f'):>6} "
             f"{fmt(ratio(d.get('p99_ms'), b.get('p99_ms')), '.2f'):>6} {fmt(ratio(a.get('p99_ms'), b.get('p99_ms')), '.2f'):>11} "
             f"{r['backfill_seconds']:>10.1f} {r['max_deferred_at_once']:>12}"
-            + ("" if r["run_state"] == "success" and r["rows_loaded"] else f"  RUN {r['run_state']}, {r['rows_loaded']} rows")
+            + (
+                ""
+                if r["run_state"] == "success" and r["rows_loaded"]
+                else f"  RUN {r['run_state']}, {r['rows_loaded']} rows"
+            )
         )
     for layout in ("separate", "shared"):
         if (layout, "on") in walls and (layout, "off") in walls:
-            lines.append(f"{layout}: backfill with the throttle on took {walls[(layout, 'on')] / walls[(layout, 'off')]:.2f}x "
-                         "its time with the throttle off")
+            lines.append(
+                f"{layout}: backfill with the throttle on took {walls[(layout, 'on')] / walls[(layout, 'off')]:.2f}x "
+                "its time with the throttle off"
+            )
     for r in results:
         if r.get("mid_load"):
             lines.append(
@@ -257,17 +300,23 @@ def report_lines(results: list[dict], target: float) -> list[str]:
                 f"{r['deferred_during_load']}, after it (settled) {r['deferred_after_load']}; run {r['run_state']} "
                 f"{r['seconds_after_load']} s after the load stopped, {r['rows_loaded']} rows, wall {r['backfill_seconds']:.1f} s"
             )
-    sep_on = next((r for r in results if r["layout"] == "separate" and r["throttle"] == "on" and not r.get("mid_load")), None)
+    sep_on = next(
+        (r for r in results if r["layout"] == "separate" and r["throttle"] == "on" and not r.get("mid_load")), None
+    )
     if sep_on and "oltp" in sep_on:
         v = ratio(sep_on["oltp"]["during"].get("p99_ms"), sep_on["oltp"]["before"].get("p99_ms"))
         status = "n/a " if v is None else ("MET " if v <= target else "MISS")
-        lines.append(f"target (issue 17): separate servers, throttle on, p99 during / before <= {target}: "
-                     f"[{status}] {'-' if v is None else format(v, '.2f')}")
+        lines.append(
+            f"target (issue 17): separate servers, throttle on, p99 during / before <= {target}: "
+            f"[{status}] {'-' if v is None else format(v, '.2f')}"
+        )
     mid = next((r for r in results if r.get("mid_load")), None)
     if mid:
         ok = mid["deferred_during_load"] > 0 and mid["deferred_after_load"] == 0 and mid["run_state"] == "success"
-        lines.append(f"target (issue 17): backs off under a mid-backfill load and recovers after it, run completes: "
-                     f"[{'MET ' if ok else 'MISS'}]")
+        lines.append(
+            f"target (issue 17): backs off under a mid-backfill load and recovers after it, run completes: "
+            f"[{'MET ' if ok else 'MISS'}]"
+        )
     return lines
 
 
@@ -304,8 +353,12 @@ def main(argv=None) -> int:
             for layout in layouts:
                 log(f"{layout}: seeding {args.rows:,} rows and pgbench scale {args.scale} on the source")
                 scattered.seed(srcs[layout], args.rows, args.days)
-                subprocess.run([pg_bin("pgbench"), "-i", "-q", "-s", str(args.scale), srcs[layout]], check=True,
-                               capture_output=True, timeout=1800)
+                subprocess.run(
+                    [pg_bin("pgbench"), "-i", "-q", "-s", str(args.scale), srcs[layout]],
+                    check=True,
+                    capture_output=True,
+                    timeout=1800,
+                )
             sb = BackfillSandbox(args.admin_url, shared_src, dst, specs(args), log=log)
             sb.env.update({f"AIRFLOW_CONN_BENCH_SRC_{k.upper()}": v for k, v in srcs.items()})
             with sb:
@@ -316,14 +369,18 @@ def main(argv=None) -> int:
                         results.append(run_scenario(sb, args, layout, mode, srcs[layout], dst, Path(tmp)))
                 if "separate" in layouts and not args.skip_mid_load:
                     log("separate, throttle on, pgbench starting mid-backfill")
-                    results.append(run_scenario(sb, args, "separate", "on", srcs["separate"], dst, Path(tmp), mid_load=True))
+                    results.append(
+                        run_scenario(sb, args, "separate", "on", srcs["separate"], dst, Path(tmp), mid_load=True)
+                    )
         finally:
             dbs.drop()
     load_end = [round(x, 2) for x in os.getloadavg()]
     print()
-    print(f"source impact: {args.rows:,} rows over {args.days} days (default chunking), pgbench -c 4 -j 2 scale "
-          f"{args.scale}, throttle on = max_latency_ratio {args.max_latency_ratio}, window {args.window} s; "
-          f"load {load_start} -> {load_end}")
+    print(
+        f"source impact: {args.rows:,} rows over {args.days} days (default chunking), pgbench -c 4 -j 2 scale "
+        f"{args.scale}, throttle on = max_latency_ratio {args.max_latency_ratio}, window {args.window} s; "
+        f"load {load_start} -> {load_end}"
+    )
     print("\n".join(report_lines(results, 1.2)))
     print(f"total {time.perf_counter() - t0:.0f}s")
     path = args.json or Path(__file__).parent / "results" / f"bench-source-{time.strftime('%Y%m%d-%H%M%S')}.json"

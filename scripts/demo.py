@@ -35,7 +35,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--days", type=int, default=730)
     ap.add_argument("--granularity", default="week", choices=["hour", "day", "week", "month"])
-    ap.add_argument("--pg", default=os.environ.get("BACKFILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument(
+        "--pg", default=os.environ.get("BACKFILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
     args = ap.parse_args()
 
     base = args.pg.rpartition("/")[0]
@@ -99,7 +101,8 @@ def main() -> int:
         dst_rows = cur.fetchone()[0]
         cur.execute(
             "SELECT status, days, days_warn, days_fail, worst_diff FROM backfill_validation ORDER BY id DESC LIMIT 1"
-            if _exists(cur, "backfill_validation") else "SELECT NULL, NULL, NULL, NULL, NULL"
+            if _exists(cur, "backfill_validation")
+            else "SELECT NULL, NULL, NULL, NULL, NULL"
         )
         v_status, v_days, v_warn, v_fail, v_worst = cur.fetchone()
     with psycopg2.connect(src_url) as conn, conn.cursor() as cur:
@@ -114,7 +117,9 @@ def main() -> int:
     print(f"source rows          : {src_rows:,}")
     print(f"destination rows     : {dst_rows:,}")
     if v_status is not None:
-        print(f"validation           : {v_status} ({v_days} days compared, {v_warn} warn, {v_fail} fail, worst diff {v_worst:.4%})")
+        print(
+            f"validation           : {v_status} ({v_days} days compared, {v_warn} warn, {v_fail} fail, worst diff {v_worst:.4%})"
+        )
     ok = src_rows == dst_rows == rows
     print("RESULT               : " + ("OK, destination rows == source rows" if ok else "MISMATCH"))
     print(f"logs                 : {REPO / '.demo'}")

@@ -29,7 +29,9 @@ def create_orders(conn, table: str = "orders") -> None:
     conn.commit()
 
 
-def seed_orders(conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1, 1), table: str = "orders", first_id: int = 1) -> None:
+def seed_orders(
+    conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1, 1), table: str = "orders", first_id: int = 1
+) -> None:
     """``rows`` orders spread evenly over ``days`` days from ``start`` (UTC), ids from ``first_id``."""
     create_orders(conn, table)
     span_s = days * 86400
@@ -45,7 +47,12 @@ def seed_orders(conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1,
                           CASE WHEN g %% 10 = 0 THEN 'gift' END
                    FROM generate_series(%(first)s::bigint, %(first)s::bigint + %(rows)s - 1) g"""
             ).format(t=sql.Identifier(table)),
-            {"start": dt.datetime.combine(start, dt.time(), dt.timezone.utc), "span": span_s, "rows": rows, "first": first_id},
+            {
+                "start": dt.datetime.combine(start, dt.time(), dt.timezone.utc),
+                "span": span_s,
+                "rows": rows,
+                "first": first_id,
+            },
         )
         # like production: chunks select by time range, so the time column is indexed
         cur.execute(
@@ -55,4 +62,3 @@ def seed_orders(conn, *, rows: int, days: int, start: dt.date = dt.date(2023, 1,
         )
         cur.execute(sql.SQL("ANALYZE {t}").format(t=sql.Identifier(table)))
     conn.commit()
-

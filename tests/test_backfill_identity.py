@@ -27,9 +27,15 @@ DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
 def spec_for(src, dst, **over):
     return load_spec(
         {
-            "name": "orders", "source_conn_id": src, "destination_conn_id": dst, "source_table": "orders",
-            "destination_table": "public.orders", "time_column": "created_at", "key_columns": ["id"],
-            "version_column": "updated_at", **over,
+            "name": "orders",
+            "source_conn_id": src,
+            "destination_conn_id": dst,
+            "source_table": "orders",
+            "destination_table": "public.orders",
+            "time_column": "created_at",
+            "key_columns": ["id"],
+            "version_column": "updated_at",
+            **over,
         }
     )
 
@@ -69,7 +75,8 @@ VARIANTS = {
     "timezone": (True, lambda w: {"timezone": "America/New_York"}),
     "historical range": (True, lambda w: {"historical": [{"until": "2024-01-02", "source_table": "orders_copy"}]}),
     "historical expression": (
-        True, lambda w: {"historical": [{"until": "2024-01-02", "column_expressions": {"note": "upper(note)"}}]},
+        True,
+        lambda w: {"historical": [{"until": "2024-01-02", "column_expressions": {"note": "upper(note)"}}]},
     ),
     "destination spelled without schema": (False, lambda w: {"destination_table": "orders"}),
     "source spelled with schema": (False, lambda w: {"source_table": "public.orders"}),
@@ -108,8 +115,10 @@ def test_chunk_lock_serializes_one_backfill_not_two(src_url, dst_url, pg):
     gate = psycopg2.connect(dst_url)
     try:
         with gate.cursor() as cur:  # hold us's chunk lock, as a running us chunk would
-            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                        (identity.of(us, pg(src_url), gate).lock_key(day.start, day.end),))
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (identity.of(us, pg(src_url), gate).lock_key(day.start, day.end),),
+            )
         assert transfer_chunk(eu, day).inserted == 67  # another backfill: not blocked
         with pytest.raises(TransientChunkError, match="lock"):
             transfer_chunk(us, day)  # the same backfill and range: waits, here up to lock_timeout
@@ -158,8 +167,13 @@ def test_a_previous_release_ledger_is_migrated_in_place_and_its_rows_count_for_n
 def test_orders_and_public_orders_share_ledger_and_watermark(src_url, dst_url, pg):
     seed_orders(pg(src_url), rows=500, days=5, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
-    bare = spec_for(src_url, dst_url, destination_table="orders", source_table="orders",
-                    live={"enabled": True, "start_from": "2024-01-04T00:00:00Z", "lookback_s": 0})
+    bare = spec_for(
+        src_url,
+        dst_url,
+        destination_table="orders",
+        source_table="orders",
+        live={"enabled": True, "start_from": "2024-01-04T00:00:00Z", "lookback_s": 0},
+    )
     qualified = spec_for(src_url, dst_url, name="q", destination_table="public.orders", source_table="public.orders")
     for c in DAYS[:2]:
         transfer_chunk(bare, c)
@@ -186,7 +200,10 @@ def test_a_watermark_row_of_the_previous_release_is_read_and_rekeyed_not_restart
     assert plan.clipped and plan.end == dt.datetime(2024, 1, 4, tzinfo=dt.timezone.utc)
     result = run_live_ingest(bare)  # continues from the stored watermark (not from now(): no gap)
     assert result.previous_watermark.startswith("2024-01-04")
-    assert result.rows_extracted == fetch_all(src_url, "SELECT count(*) FROM orders WHERE updated_at > '2024-01-04Z'")[0][0]
+    assert (
+        result.rows_extracted
+        == fetch_all(src_url, "SELECT count(*) FROM orders WHERE updated_at > '2024-01-04Z'")[0][0]
+    )
     assert fetch_all(dst_url, "SELECT target_table, source LIKE 'sysid:%|public.orders' FROM backfill_watermarks") == [
         ("public.orders", True)
     ]
@@ -208,8 +225,9 @@ def test_a_second_live_ingest_from_another_source_is_refused_not_silently_skippi
     assert fetch_all(dst_url, "SELECT t::text, xmin::text FROM backfill_watermarks t") == before
     assert count(dst_url) == 300
     # the fix it names: a watermark table per source
-    eu_own = spec_for(src_url, dst_url, name="eu", source_table="orders_eu", live=live,
-                      watermark={"table": "public.eu_watermarks"})
+    eu_own = spec_for(
+        src_url, dst_url, name="eu", source_table="orders_eu", live=live, watermark={"table": "public.eu_watermarks"}
+    )
     assert run_live_ingest(eu_own).rows_extracted == 200
     assert run_live_ingest(us).rows_extracted == 0  # us still runs on its own
     assert count(dst_url) == 500

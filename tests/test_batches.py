@@ -17,8 +17,14 @@ from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
 
 BASE = dict(
-    name="orders", source_conn_id="bf_src", destination_conn_id="bf_dst", source_table="orders",
-    destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
+    name="orders",
+    source_conn_id="bf_src",
+    destination_conn_id="bf_dst",
+    source_table="orders",
+    destination_table="orders",
+    time_column="created_at",
+    key_columns=["id"],
+    version_column="updated_at",
 )
 
 
@@ -42,7 +48,9 @@ def _keys():
     return plan_key_chunks("id", lo, hi, list(range(100, 300_100, 100)), 1)
 
 
-@pytest.mark.parametrize("make, granularity, tz", [(_hours, "hour", "America/New_York"), (_auto, "auto", "UTC"), (_keys, "key", "UTC")])
+@pytest.mark.parametrize(
+    "make, granularity, tz", [(_hours, "hour", "America/New_York"), (_auto, "auto", "UTC"), (_keys, "key", "UTC")]
+)
 @pytest.mark.parametrize("skip_every", [0, 7])  # 7: every 7th chunk is done already (holes in the batches)
 def test_batches_are_few_small_and_expand_to_exactly_the_planned_chunks(make, granularity, tz, skip_every):
     spec = load_spec({**BASE, "timezone": tz})
@@ -106,8 +114,14 @@ def two_years_of_hours(airflow_db, src_url, dst_url, pg, monkeypatch, tmp_path):
     pg(src_url).cursor().execute("UPDATE orders SET status = 'cancelled-by-fraud-check' WHERE id = %s", (BAD_ID,))
     monkeypatch.setenv("AIRFLOW_CONN_BF_SRC", src_url)
     monkeypatch.setenv("AIRFLOW_CONN_BF_DST", dst_url)
-    spec = {**BASE, "name": "hours17520", "granularity": "hour", "validation": {"enabled": False},
-            "watermark": {"enabled": False}, "retries": 0}
+    spec = {
+        **BASE,
+        "name": "hours17520",
+        "granularity": "hour",
+        "validation": {"enabled": False},
+        "watermark": {"enabled": False},
+        "retries": 0,
+    }
     return dag_for_test(spec, tmp_path, monkeypatch), load_spec(spec)
 
 
@@ -119,8 +133,9 @@ def test_17520_hours_from_one_trigger_then_the_failed_hour_alone(two_years_of_ho
     assert str(getattr(run.state, "value", run.state)) == "failed"
     assert fetch_all(dst_url, "SELECT count(*), count(DISTINCT range_start) FROM backfill_ledger") == [(17519, 17519)]
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(17519,)]
-    mapped = batches.descriptors(spec, plan_chunks("2022-01-01", "2024-01-01", "hour", "UTC", max_chunks=100_000),
-                                 granularity="hour")
+    mapped = batches.descriptors(
+        spec, plan_chunks("2022-01-01", "2024-01-01", "hour", "UTC", max_chunks=100_000), granularity="hour"
+    )
     assert len(mapped) <= 256
     # fix the data, then "clear" the failed batch: only the failed hour runs
     bad_at = fetch_all(src_url, "SELECT created_at FROM orders WHERE id = %s", (BAD_ID,))[0][0]
@@ -149,8 +164,17 @@ def test_a_batch_goes_past_a_bad_chunk_and_its_retry_loads_only_that_chunk(src_u
     create_orders(pg(dst_url))
     pg(dst_url).cursor().execute("ALTER TABLE orders ALTER status TYPE varchar(8)")
     pg(src_url).cursor().execute("UPDATE orders SET status = 'cancelled-by-fraud-check' WHERE id = 50")
-    spec = load_spec({**BASE, "source_conn_id": src_url, "destination_conn_id": dst_url, "granularity": "hour",
-                      "max_mapped_chunks": 10, "max_batches": 3, "watermark": {"enabled": False}})
+    spec = load_spec(
+        {
+            **BASE,
+            "source_conn_id": src_url,
+            "destination_conn_id": dst_url,
+            "granularity": "hour",
+            "max_mapped_chunks": 10,
+            "max_batches": 3,
+            "watermark": {"enabled": False},
+        }
+    )
     mapped = batches.descriptors(spec, plan_chunks("2022-01-01", "2022-01-06", "hour", "UTC"), granularity="hour")
     assert len(mapped) == 3
 

@@ -21,9 +21,31 @@ def _run_bench(tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--rows", str(ROWS), "--chunks", "3", "--repeat", "1",
-         "--scattered-rows", str(ROWS), "--scattered-days", "5", "--admin-url", ADMIN_URL, "--json", str(out), *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--rows",
+            str(ROWS),
+            "--chunks",
+            "3",
+            "--repeat",
+            "1",
+            "--scattered-rows",
+            str(ROWS),
+            "--scattered-days",
+            "5",
+            "--admin-url",
+            ADMIN_URL,
+            "--json",
+            str(out),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "targets:" in proc.stdout  # the printed table and target list
@@ -36,8 +58,17 @@ def test_benchmark_produces_every_row(tmp_path):
     report = _run_bench(tmp_path, "--skip-airflow", "--sample-rows", "500")
     results = report["results"]
     assert set(results) >= {key for key, _ in TABLE_ROWS}
-    measured = ["physical", "reference_first", "reference_rerun", "ours_first", "ours_rerun", "naive_first",
-                "ours_rss_10k", "ours_rss_100k", "ours_rss_1m"]
+    measured = [
+        "physical",
+        "reference_first",
+        "reference_rerun",
+        "ours_first",
+        "ours_rerun",
+        "naive_first",
+        "ours_rss_10k",
+        "ours_rss_100k",
+        "ours_rss_1m",
+    ]
     for key in measured:
         row = results[key]
         assert not row.get("skipped"), (key, row)
@@ -66,7 +97,11 @@ def test_benchmark_produces_every_row(tmp_path):
         assert paths[key].get("complete") or "not installed" in paths[key].get("skipped", ""), (key, paths[key])
     assert paths["ours_scheduler"] == {"skipped": "--skip-airflow"}
     assert paths["fixed_cost"]["median_ms"] > 0
-    assert {t["name"] for t in report["scattered"]["targets"]} >= {"ours_vs_sling_incremental", "ours_vs_dlt", "fixed_cost_ms"}
+    assert {t["name"] for t in report["scattered"]["targets"]} >= {
+        "ours_vs_sling_incremental",
+        "ours_vs_dlt",
+        "fixed_cost_ms",
+    }
 
 
 @pytest.mark.e2e

@@ -35,7 +35,11 @@ ORDERS_CONFIG = ROOT / "dags" / "configs" / "orders.yaml"
 
 DATABASES = {"metadata-db", "source-db", "dest-db"}
 LONG_RUNNING_AIRFLOW = {
-    "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
 }
 REQUIRED = DATABASES | {"redis", "airflow-init"} | LONG_RUNNING_AIRFLOW
 ONE_SHOT = {"airflow-init", "airflow-cli"}  # run to completion: no health check, no restart
@@ -100,7 +104,9 @@ def test_every_dependency_has_a_condition_and_exists(services):
             cond = spec.get("condition")
             assert cond in {"service_healthy", "service_completed_successfully"}, f"{name} -> {dep}: {cond!r}"
             if cond == "service_healthy":
-                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy but {dep} has no healthcheck"
+                assert "healthcheck" in services[dep], (
+                    f"{name} waits for {dep} to be healthy but {dep} has no healthcheck"
+                )
             else:
                 assert dep in ONE_SHOT, f"{name} waits for {dep} to complete but {dep} is long-running"
 
@@ -150,7 +156,9 @@ def test_celery_executor_with_redis_broker_and_metadata_result_backend(services)
             url = urlsplit(env[key])
             assert url.hostname == "metadata-db", f"{name}: {key} points at {url.hostname}"
             assert (url.username, url.password, url.path.lstrip("/")) == (
-                meta["POSTGRES_USER"], meta["POSTGRES_PASSWORD"], meta["POSTGRES_DB"]
+                meta["POSTGRES_USER"],
+                meta["POSTGRES_PASSWORD"],
+                meta["POSTGRES_DB"],
             ), f"{name}: {key} credentials differ from metadata-db's"
         assert urlsplit(env["AIRFLOW__CELERY__RESULT_BACKEND"]).scheme == "db+postgresql"
 
@@ -231,7 +239,7 @@ def test_dockerfile_installs_the_copied_repository():
     assert runs, "no `pip install` in the Dockerfile"
     args = shlex.split(runs[-1])
     assert dest in args, f"`pip install` does not install the copied repository {dest}"
-    assert '-e' not in args and "--editable" not in args, "a non-editable install: the image must not need the source"
+    assert "-e" not in args and "--editable" not in args, "a non-editable install: the image must not need the source"
     # pinning Airflow stops the provider's requirements from changing the image's Airflow version
     assert "apache-airflow==${AIRFLOW_VERSION}" in args
 
@@ -316,7 +324,10 @@ def test_build_context_builds_the_provider(tmp_path):
     out = tmp_path / "wheel"
     proc = subprocess.run(
         [exe, "-c", "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))", str(out)],
-        cwd=ctx, capture_output=True, text=True, timeout=300,
+        cwd=ctx,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import zipfile
@@ -324,9 +335,7 @@ def test_build_context_builds_the_provider(tmp_path):
     wheel = next(out.glob("airflow_backfill_provider-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "airflow_backfill_provider/__init__.py" in names
-    expected_modules = {
-        p.relative_to(ctx).as_posix() for p in (ctx / "airflow_backfill_provider").rglob("*.py")
-    }
+    expected_modules = {p.relative_to(ctx).as_posix() for p in (ctx / "airflow_backfill_provider").rglob("*.py")}
     assert expected_modules <= set(names), sorted(expected_modules - set(names))
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -364,7 +373,7 @@ def test_init_step_creates_the_source_pool(services):
     pool_lines = [ln for ln in _script_commands() if re.search(r"\bpools set\b", ln)]
     assert len(pool_lines) == 1, "the init script must run `airflow pools set` once"
     args = shlex.split(pool_lines[0])
-    name, slots = args[args.index("set") + 1: args.index("set") + 3]
+    name, slots = args[args.index("set") + 1 : args.index("set") + 3]
     env = services["airflow-init"]["environment"]
     name = re.sub(r"\$\{BACKFILL_SOURCE_POOL:-[^}]*\}", env["BACKFILL_SOURCE_POOL"], name)
     slots = re.sub(r"\$\{BACKFILL_SOURCE_POOL_SLOTS:-[^}]*\}", _default(env["BACKFILL_SOURCE_POOL_SLOTS"]), slots)
@@ -383,7 +392,10 @@ def test_pool_flags_exist_in_the_installed_airflow_cli(tmp_path):
     if not airflow.exists():
         pytest.skip(f"no airflow CLI next to {sys.executable}")
     proc = subprocess.run(
-        [str(airflow), "pools", "set", "--help"], capture_output=True, text=True, timeout=120,
+        [str(airflow), "pools", "set", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -17,8 +17,14 @@ SEED = """INSERT INTO events SELECT g, '2024-01-01'::timestamptz + g * interval 
 def make_spec(src, dst, **extra):
     return load_spec(
         dict(
-            name="events", source_conn_id=src, destination_conn_id=dst, source_table="events",
-            destination_table="events", time_column="created_at", key_columns=["id"], **extra,
+            name="events",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="events",
+            destination_table="events",
+            time_column="created_at",
+            key_columns=["id"],
+            **extra,
         )
     )
 

@@ -58,9 +58,16 @@ HISTORICAL = [
 
 def make_spec(**overrides):
     data = dict(
-        name="orders", source_conn_id="unused_src", destination_conn_id="unused_dst",
-        source_table="public.orders", destination_table="public.orders", time_column="created_at",
-        key_columns=["id"], version_column="updated_at", granularity="week", timezone="UTC",
+        name="orders",
+        source_conn_id="unused_src",
+        destination_conn_id="unused_dst",
+        source_table="public.orders",
+        destination_table="public.orders",
+        time_column="created_at",
+        key_columns=["id"],
+        version_column="updated_at",
+        granularity="week",
+        timezone="UTC",
         validation={"sum_columns": ["amount"]},
     )
     data.update(overrides)
@@ -107,7 +114,9 @@ def test_current_schema_mode_fills_nulls_ignores_extras_and_casts(dbs, pg):
     assert len(got) == 32
     assert got[0] == (33, f"{(2000 + 3 * 32) / 100:.2f}", None, "c32")
     assert all(r[2] is None for r in got)  # channel: not in the source
-    report = validate_range(spec, pendulum.datetime(2021, 6, 1), pendulum.datetime(2021, 6, 9), source=src, destination=dst)
+    report = validate_range(
+        spec, pendulum.datetime(2021, 6, 1), pendulum.datetime(2021, 6, 9), source=src, destination=dst
+    )
     assert report.status == "pass" and report.totals()["destination_rows"] == 32
     assert "public.orders: channel: missing in source, loaded as NULL::text" in report.notes
 
@@ -124,7 +133,7 @@ def test_historical_range_reads_the_archive_and_splits_the_straddling_chunk(dbs,
         ("2021-06-07..2021-06-09", "2021-06-07", "2021-06-09"),
     ]
     assert [r.rows_extracted for r in results] == [28, 4, 24, 8]
-    assert "amount: expression (\"Amount Cents\" / 100.0) cast to numeric(12,2)" in results[0].decisions
+    assert 'amount: expression ("Amount Cents" / 100.0) cast to numeric(12,2)' in results[0].decisions
     assert "channel: missing in source, loaded as NULL::text" in results[2].decisions
 
     got = {r[0]: r[1:] for r in rows(pg, dst)}
@@ -202,7 +211,9 @@ def test_failing_historical_expression_is_reported(dbs, pg):
     with pytest.raises(PermanentChunkError) as err:
         transfer_chunk(spec, chunk, source=src, destination=dst)
     text = str(err.value)
-    assert text.startswith("chunk 2021-W21: a historical column expression failed at the row after key (id)=(4) (scan order)")
+    assert text.startswith(
+        "chunk 2021-W21: a historical column expression failed at the row after key (id)=(4) (scan order)"
+    )
     assert "division by zero" in text and "historical.column_expressions" in text
 
 

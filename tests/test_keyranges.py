@@ -15,7 +15,12 @@ from tests.conftest import fetch_all, table_digest
 # ids as (first, last, step) runs: gaps between runs, dense and sparse runs (skew); created_at is scattered
 # over 2023 independently of the id, so the time column is uncorrelated with the physical order
 SHAPES = {
-    "gaps_and_skew": [(1, 4000, 1), (1_000_000, 1_000_400, 1), (2_000_000, 2_012_000, 1), (5_000_000, 900_000_000, 3_000_000)],
+    "gaps_and_skew": [
+        (1, 4000, 1),
+        (1_000_000, 1_000_400, 1),
+        (2_000_000, 2_012_000, 1),
+        (5_000_000, 900_000_000, 3_000_000),
+    ],
     "sparse_only": [(10, 50_000_000, 9_973)],
     "negative_and_huge": [(-9_000_000_000, -8_999_990_000, 7), (9_000_000_000_000, 9_000_000_003_000, 1)],
     "one_row": [(42, 42, 1)],
@@ -45,11 +50,21 @@ def _seed(url: str, runs) -> int:
 
 
 def _spec(src, dst, **kw):
-    return load_spec(dict(
-        name="orders", source_conn_id=src, destination_conn_id=dst, source_table="orders",
-        destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
-        chunk_by="key", target_chunk_rows=1500, **kw,
-    ))
+    return load_spec(
+        dict(
+            name="orders",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="orders",
+            destination_table="orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            chunk_by="key",
+            target_chunk_rows=1500,
+            **kw,
+        )
+    )
 
 
 def _plan(spec, src, dst, start="2023-01-01", end="2024-01-01", **kw):
@@ -140,9 +155,18 @@ def test_key_chunks_under_dag_test_compose_with_newer_wins_swap_and_validation(
     monkeypatch.setenv("AIRFLOW_CONN_BF_SRC", src_url)
     monkeypatch.setenv("AIRFLOW_CONN_BF_DST", dst_url)
     spec = dict(
-        name=f"keys_{mode}", source_conn_id="bf_src", destination_conn_id="bf_dst", source_table="orders",
-        destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
-        chunk_by="key", target_chunk_rows=3000, mode=mode, watermark={"enabled": False},
+        name=f"keys_{mode}",
+        source_conn_id="bf_src",
+        destination_conn_id="bf_dst",
+        source_table="orders",
+        destination_table="orders",
+        time_column="created_at",
+        key_columns=["id"],
+        version_column="updated_at",
+        chunk_by="key",
+        target_chunk_rows=3000,
+        mode=mode,
+        watermark={"enabled": False},
     )
     dag = dag_for_test(spec, tmp_path, monkeypatch)
     run = dag.test(run_conf={"start": "2023-01-01", "end": "2024-01-01"})

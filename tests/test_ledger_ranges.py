@@ -29,7 +29,8 @@ B = BackfillIdentity("public.orders", "k1", {})
 def test_old_ledger_is_read_then_migrated_and_keeps_its_rows(dst_url, pg):
     pg(dst_url).cursor().execute(OLD_LEDGER)
     pg(dst_url).cursor().execute(
-        "INSERT INTO backfill_ledger VALUES ('public.orders', %s, %s, '2024-01', 10, 10, 0, 0, 0.5, 'd', 'r')", (JAN, FEB)
+        "INSERT INTO backfill_ledger VALUES ('public.orders', %s, %s, '2024-01', 10, 10, 0, 0, 0.5, 'd', 'r')",
+        (JAN, FEB),
     )
     conn = psycopg2.connect(dst_url)
     try:
@@ -38,8 +39,20 @@ def test_old_ledger_is_read_then_migrated_and_keeps_its_rows(dst_url, pg):
         ledger.ensure_table(conn, T)  # a chunk's first use migrates it
         with conn.cursor() as cur:  # two key ranges of the same month now fit beside the time chunk
             for lo, hi in ((None, 100), (100, None)):
-                ledger.record(cur, T, backfill=B, chunk_id=f"id {lo}..{hi}", start=JAN, end=FEB,
-                              stats=STATS, dag_id="d", run_id="r2", key_column="id", key_lo=lo, key_hi=hi)
+                ledger.record(
+                    cur,
+                    T,
+                    backfill=B,
+                    chunk_id=f"id {lo}..{hi}",
+                    start=JAN,
+                    end=FEB,
+                    stats=STATS,
+                    dag_id="d",
+                    run_id="r2",
+                    key_column="id",
+                    key_lo=lo,
+                    key_hi=hi,
+                )
         conn.commit()
         ledger.ensure_table(conn, T)  # idempotent
         rects = ledger.done_rects(conn, T, B, "id")
@@ -52,7 +65,10 @@ def test_old_ledger_is_read_then_migrated_and_keeps_its_rows(dst_url, pg):
     finally:
         conn.close()
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger") == [(3,)]
-    pk = fetch_all(dst_url, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'backfill_ledger'::regclass AND contype = 'p'")
+    pk = fetch_all(
+        dst_url,
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'backfill_ledger'::regclass AND contype = 'p'",
+    )
     assert pk == [("PRIMARY KEY (target_table, backfill_key, range_start, range_end, key_lo, key_hi)",)]
 
 
@@ -63,9 +79,17 @@ def test_measured_rate_reads_recent_non_empty_chunks(dst_url):
         ledger.ensure_table(conn, T)
         with conn.cursor() as cur:
             for i, (rows, secs) in enumerate(((1000, 1.0), (3000, 1.0), (0, 0.2))):
-                ledger.record(cur, T, backfill=B, chunk_id=str(i), start=JAN + dt.timedelta(days=i),
-                              end=JAN + dt.timedelta(days=i + 1), stats={**STATS, "extracted": rows, "seconds": secs},
-                              dag_id="d", run_id="r")
+                ledger.record(
+                    cur,
+                    T,
+                    backfill=B,
+                    chunk_id=str(i),
+                    start=JAN + dt.timedelta(days=i),
+                    end=JAN + dt.timedelta(days=i + 1),
+                    stats={**STATS, "extracted": rows, "seconds": secs},
+                    dag_id="d",
+                    run_id="r",
+                )
         conn.commit()
         assert ledger.measured_rate(conn, T, "public.orders") == (2000.0, 2)
     finally:
@@ -81,11 +105,19 @@ def test_day_chunks_in_the_ledger_cover_a_week_plan_on_real_postgres(src_url, ds
 
     seed_orders(pg(src_url), rows=600, days=31, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
-    spec = load_spec(dict(
-        name="orders", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-        destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
-        watermark={"enabled": False},
-    ))
+    spec = load_spec(
+        dict(
+            name="orders",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="orders",
+            destination_table="orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            watermark={"enabled": False},
+        )
+    )
 
     def plan(granularity, start="2024-01-01", end="2024-01-15"):
         d = psycopg2.connect(dst_url)

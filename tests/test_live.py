@@ -16,9 +16,15 @@ WM = "SELECT watermark FROM backfill_watermarks WHERE target_table = 'public.ord
 def make_spec(src_url, dst_url, **live):
     return load_spec(
         dict(
-            name="orders", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-            destination_table="public.orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", live={"enabled": True, "lookback_s": 60, **live},
+            name="orders",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="orders",
+            destination_table="public.orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            live={"enabled": True, "lookback_s": 60, **live},
         )
     )
 
@@ -64,7 +70,9 @@ def test_start_from_makes_the_first_run_read_from_there(seeded):
     src, dst = seeded
     spec = make_spec(src, dst, start_from="2024-01-05T00:00:00+00:00", lookback_s=0)
     result = run_live_ingest(spec)
-    expected = fetch_all(src, "SELECT count(*), max(updated_at) FROM orders WHERE updated_at > '2024-01-05T00:00:00+00'")[0]
+    expected = fetch_all(
+        src, "SELECT count(*), max(updated_at) FROM orders WHERE updated_at > '2024-01-05T00:00:00+00'"
+    )[0]
     assert result.rows_extracted == result.inserted == expected[0] > 0
     assert watermark(dst) == expected[1]
 
@@ -125,7 +133,12 @@ def test_watermark_never_moves_backwards(seeded, pg):
     conn = pg(dst)
     conn.autocommit = False
     with conn.cursor() as cur:
-        assert advance_watermark(cur, TableName.parse("public.backfill_watermarks"), "public.orders", top - dt.timedelta(days=1)) == top
+        assert (
+            advance_watermark(
+                cur, TableName.parse("public.backfill_watermarks"), "public.orders", top - dt.timedelta(days=1)
+            )
+            == top
+        )
     conn.commit()
     assert watermark(dst) == top
 

@@ -23,7 +23,7 @@ ZONE = "America/New_York"
 FILL = {
     # every 30 minutes of wall time over 2024-11-02 .. 2024-11-03 (the repeated 01:00 hour included)
     "timestamp": "INSERT INTO ev SELECT g, timestamp '2024-11-02' + g * interval '30 minutes', g % 5"
-                 " FROM generate_series(0, 95) g",
+    " FROM generate_series(0, 95) g",
     "date": "INSERT INTO ev SELECT g, date '2024-10-30' + g / 4, g % 5 FROM generate_series(0, 23) g",
 }
 START_FROM = {"timestamp": "2024-11-03T12:00:00", "date": "2024-11-03T12:00:00"}
@@ -46,28 +46,42 @@ def test_live_and_backfill_together_load_every_row_of_a_naive_or_date_cursor(dat
     admin.autocommit = True
     with admin.cursor() as cur:
         for url, tz in ((src, "UTC"), (dst, "Asia/Kolkata")):
-            cur.execute(sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
-                sql.Identifier(url.rsplit("/", 1)[1]), sql.Literal(tz)))
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
+                    sql.Identifier(url.rsplit("/", 1)[1]), sql.Literal(tz)
+                )
+            )
     admin.close()
     for url in (src, dst):
         conn = psycopg2.connect(url)
         with conn, conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, v integer)").format(sql.SQL(kind)))
+            cur.execute(
+                sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, v integer)").format(sql.SQL(kind))
+            )
             if url == src:
                 cur.execute(FILL[kind])
         conn.close()
-    spec = load_spec(dict(
-        name="ev", source_conn_id=src, destination_conn_id=dst, source_table="ev", destination_table="ev",
-        time_column="t", key_columns=["id"], timezone=ZONE,
-        live={"enabled": True, "lookback_s": 60, "start_from": START_FROM[kind]},
-    ))
+    spec = load_spec(
+        dict(
+            name="ev",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="ev",
+            destination_table="ev",
+            time_column="t",
+            key_columns=["id"],
+            timezone=ZONE,
+            live={"enabled": True, "lookback_s": 60, "start_from": START_FROM[kind]},
+        )
+    )
     run_live_ingest(spec)
     top = fetch(src, "SELECT max(t) FROM ev")[0][0]
     (wm,) = fetch(dst, "SELECT watermark FROM backfill_watermarks")[0]
     # the watermark is the newest cursor value read as New York time, not as the session's TimeZone
     naive_top = top if kind == "timestamp" else dt.datetime.combine(top, dt.time(0))
-    assert wm.astimezone(dt.timezone.utc) == naive_top.replace(tzinfo=dt.timezone.utc) + dt.timedelta(
-        hours=5), f"watermark {wm} for newest {top}"
+    assert wm.astimezone(dt.timezone.utc) == naive_top.replace(tzinfo=dt.timezone.utc) + dt.timedelta(hours=5), (
+        f"watermark {wm} for newest {top}"
+    )
     # live read everything from start_from's local time on (12:00 wall time; a date keeps its whole day)
     lowest = dt.datetime(2024, 11, 3, 12) if kind == "timestamp" else dt.date(2024, 11, 3)
     want_live = {i for i, t in fetch(src, "SELECT id, t FROM ev") if t >= lowest}

@@ -56,7 +56,8 @@ class PgBench:
         self.url = url
         self.proc = subprocess.Popen(
             [pg_bin("pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(seconds), url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def __enter__(self) -> "PgBench":
@@ -132,7 +133,9 @@ class CopyingSession:
         self.thread = threading.Thread(target=self._copy, args=(io.BytesIO(),), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
-        while not fetch_all(url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (self.pid,))[0][0]:
+        while not fetch_all(
+            url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (self.pid,)
+        )[0][0]:
             assert time.monotonic() < deadline, "COPY session did not start"
             time.sleep(0.05)
 
@@ -155,9 +158,11 @@ def test_window_counts_sessions_server_wide_and_ours_apart(private_source):
     """Sessions in another database count (the whole server is shared); sessions named backfill:* are ours,
     and only those running a COPY are "reading" (another chunk's probe is not)."""
     other = private_source.rpartition("/")[0] + "/postgres"
-    with Sleepers(other, 2, application_name="oltp-elsewhere"), \
-            Sleepers(private_source, 1, application_name="backfill:d:probing"), \
-            CopyingSession(private_source, "backfill:d:reading"):
+    with (
+        Sleepers(other, 2, application_name="oltp-elsewhere"),
+        Sleepers(private_source, 1, application_name="backfill:d:probing"),
+        CopyingSession(private_source, "backfill:d:reading"),
+    ):
         conn = psycopg2.connect(private_source, application_name="backfill:probe")
         try:
             w = sample_window(conn, window_s=0.3, samples=3)
@@ -169,14 +174,18 @@ def test_window_counts_sessions_server_wide_and_ours_apart(private_source):
 
 
 def _window(x, c) -> LoadWindow:
-    return LoadWindow(canary_ms=c, xact_latency_ms=x, xact_rate=None, aas=0, in_xact=0, io_wal_waits=0, own_active=0, window_s=1)
+    return LoadWindow(
+        canary_ms=c, xact_latency_ms=x, xact_rate=None, aas=0, in_xact=0, io_wal_waits=0, own_active=0, window_s=1
+    )
 
 
 _ms = st.one_of(st.none(), st.floats(min_value=0.01, max_value=500, allow_nan=False))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=st.lists(st.tuples(_ms, st.floats(min_value=0.01, max_value=50, allow_nan=False)), min_size=1, max_size=6))
+@given(
+    values=st.lists(st.tuples(_ms, st.floats(min_value=0.01, max_value=50, allow_nan=False)), min_size=1, max_size=6)
+)
 def test_learned_baseline_is_the_lowest_seen(dst_url, values):
     key = f"src-{time.time_ns()}"
     conn = psycopg2.connect(dst_url)
@@ -191,21 +200,22 @@ def test_learned_baseline_is_the_lowest_seen(dst_url, values):
 
 
 def _sample(ratio, own=0):
-    return LoadSample(active=0, replica_lag=None, sampled_at=dt.datetime.now(dt.timezone.utc),
-                      latency_ratio=ratio, own_active=own)
+    return LoadSample(
+        active=0, replica_lag=None, sampled_at=dt.datetime.now(dt.timezone.utc), latency_ratio=ratio, own_active=own
+    )
 
 
 @pytest.mark.parametrize(
     "budget, ratio, own, expected",
     [
-        (None, 9.0, 3, "go"),    # signal off: the ratio is only logged
-        (2.0, None, 3, "go"),    # not measured
-        (2.0, 1.2, 3, "go"),     # under half the budget: the whole pool may read
-        (2.0, 1.7, 0, "go"),     # past half, none of ours reading: one may start
-        (2.0, 1.7, 1, "wait"),   # past half, one of ours reading: back off to one at a time
-        (2.0, 2.0, 0, "go"),     # at the budget
+        (None, 9.0, 3, "go"),  # signal off: the ratio is only logged
+        (2.0, None, 3, "go"),  # not measured
+        (2.0, 1.2, 3, "go"),  # under half the budget: the whole pool may read
+        (2.0, 1.7, 0, "go"),  # past half, none of ours reading: one may start
+        (2.0, 1.7, 1, "wait"),  # past half, one of ours reading: back off to one at a time
+        (2.0, 2.0, 0, "go"),  # at the budget
         (2.0, 2.01, 0, "wait"),  # over the budget: nobody starts
-        (4.0, 2.4, 2, "go"),     # half of 4.0 is 2.5
+        (4.0, 2.4, 2, "go"),  # half of 4.0 is 2.5
         (4.0, 2.6, 2, "wait"),
     ],
 )
@@ -243,11 +253,11 @@ def test_baseline_from_dict_tolerates_missing():
 @pytest.mark.parametrize(
     "xact, canary, base_x, base_c, expected",
     [
-        (None, 50.0, 1.0, 0.1, None),   # too few transactions: nothing to protect, whatever the canary says
-        (2.0, 50.0, 1.0, 0.1, 2.0),     # the canary is logged, not decided on
-        (2.0, 0.1, None, None, 1.0),    # first measurement: it is the baseline
-        (0.1, 0.1, 0.05, 0.1, 1.0),     # both under the floor (0.3 ms): noise, not load
-        (0.9, 0.1, 0.1, 0.1, 3.0),      # floored baseline: 0.9 / 0.3
+        (None, 50.0, 1.0, 0.1, None),  # too few transactions: nothing to protect, whatever the canary says
+        (2.0, 50.0, 1.0, 0.1, 2.0),  # the canary is logged, not decided on
+        (2.0, 0.1, None, None, 1.0),  # first measurement: it is the baseline
+        (0.1, 0.1, 0.05, 0.1, 1.0),  # both under the floor (0.3 ms): noise, not load
+        (0.9, 0.1, 0.1, 0.1, 3.0),  # floored baseline: 0.9 / 0.3
     ],
 )
 def test_latency_ratio(xact, canary, base_x, base_c, expected):

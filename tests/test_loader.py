@@ -25,9 +25,11 @@ key_columns: [id]
 def test_one_broken_entry_does_not_break_the_others(tmp_path):
     (tmp_path / "a.yaml").write_text(GOOD.format(name="good_a"))
     (tmp_path / "b.yaml").write_text(GOOD.format(name="bad_b") + "granularity: fortnight\n")
-    (tmp_path / "c.yml").write_text("backfills:\n  - {name: good_c, source_conn_id: s, destination_conn_id: d, "
-                                    "source_table: o, destination_table: o, time_column: t, key_columns: [id]}\n"
-                                    "  - {name: bad_c}\n")
+    (tmp_path / "c.yml").write_text(
+        "backfills:\n  - {name: good_c, source_conn_id: s, destination_conn_id: d, "
+        "source_table: o, destination_table: o, time_column: t, key_columns: [id]}\n"
+        "  - {name: bad_c}\n"
+    )
     (tmp_path / "d.yaml").write_text("name: [unclosed\n")
     (tmp_path / "e.yaml").write_text("!!python/object/apply:os.system ['echo pwned']\n")
     result = load_backfill_dags(tmp_path, strict=False)

@@ -113,17 +113,26 @@ def make_case(lossy_dbs, src_type, dst_type, value, **spec_extra):
     with conns[src].cursor() as cur:
         cur.execute(sql.SQL(ddl).format(t=sql.Identifier(table), ty=sql.SQL(src_type)))
         cur.execute(
-            sql.SQL("INSERT INTO {t} VALUES (1, '2024-01-01 06:00+00', %s::{ty}), (2, '2024-01-01 07:00+00', NULL)").format(
-                t=sql.Identifier(table), ty=sql.SQL(src_type)
-            ),
+            sql.SQL(
+                "INSERT INTO {t} VALUES (1, '2024-01-01 06:00+00', %s::{ty}), (2, '2024-01-01 07:00+00', NULL)"
+            ).format(t=sql.Identifier(table), ty=sql.SQL(src_type)),
             (value,),
         )
     with conns[dst].cursor() as cur:
         cur.execute(sql.SQL(ddl).format(t=sql.Identifier(table), ty=sql.SQL(dst_type)))
-    spec = load_spec(dict(
-        name="lossy", source_conn_id=src, destination_conn_id=dst, source_table=table, destination_table=table,
-        time_column="at", key_columns=["id"], conflict_policy="backfill_wins", **spec_extra,
-    ))
+    spec = load_spec(
+        dict(
+            name="lossy",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table=table,
+            destination_table=table,
+            time_column="at",
+            key_columns=["id"],
+            conflict_policy="backfill_wins",
+            **spec_extra,
+        )
+    )
     return spec, table
 
 
@@ -234,9 +243,11 @@ def test_every_pair_called_lossless_keeps_values_or_raises(lossy_dbs):
     conn = conns[dst]
     names = {t: f"t{i}" for i, t in enumerate(TARGETS)}
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE type_probe ({})").format(
-            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(names[t]), sql.SQL(t)) for t in TARGETS)
-        ))
+        cur.execute(
+            sql.SQL("CREATE TABLE type_probe ({})").format(
+                sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(names[t]), sql.SQL(t)) for t in TARGETS)
+            )
+        )
     info = {t: schema.describe_types(conn, TableName(name="type_probe"))[names[t]] for t in TARGETS}
     violations, checked = [], 0
     with conn.cursor() as cur:
@@ -252,7 +263,11 @@ def test_every_pair_called_lossless_keeps_values_or_raises(lossy_dbs):
                         cur.execute(
                             sql.SQL(
                                 "INSERT INTO type_probe ({c}) SELECT (%s::{s})::{u} RETURNING (({c})::{s})::text, (%s::{s})::text"
-                            ).format(c=sql.Identifier(names[t_type]), s=sql.SQL(s_type), u=sql.SQL(casts.unbounded(info[t_type]))),
+                            ).format(
+                                c=sql.Identifier(names[t_type]),
+                                s=sql.SQL(s_type),
+                                u=sql.SQL(casts.unbounded(info[t_type])),
+                            ),
                             (v, v),
                         )
                         back, original = cur.fetchone()
@@ -271,8 +286,13 @@ def test_live_ingest_refuses_a_rounding_cast_and_keeps_its_watermark(lossy_dbs):
     from airflow_backfill_provider.live import run_live_ingest
 
     spec, table = make_case(lossy_dbs, "numeric(12,4)", "numeric(12,2)", "1.2345")
-    spec = load_spec({**spec.model_dump(by_alias=True, exclude={"live"}), "live": {"enabled": True, "start_from": "2020-01-01"}})
-    with pytest.raises(PermanentChunkError, match=r"live run of (public\.)?lossy_case_\d+_t: column 'c': casting source type numeric\(12,4\)"):
+    spec = load_spec(
+        {**spec.model_dump(by_alias=True, exclude={"live"}), "live": {"enabled": True, "start_from": "2020-01-01"}}
+    )
+    with pytest.raises(
+        PermanentChunkError,
+        match=r"live run of (public\.)?lossy_case_\d+_t: column 'c': casting source type numeric\(12,4\)",
+    ):
         run_live_ingest(spec)
     conn = lossy_dbs[2][lossy_dbs[1]]
     assert loaded(conn, table)[0] == []
@@ -285,7 +305,9 @@ def test_live_ingest_names_a_value_a_destination_only_type_rejects(lossy_dbs):
     from airflow_backfill_provider.live import run_live_ingest
 
     spec, table = make_case(lossy_dbs, "text", "dmood", "purple")
-    spec = load_spec({**spec.model_dump(by_alias=True, exclude={"live"}), "live": {"enabled": True, "start_from": "2020-01-01"}})
+    spec = load_spec(
+        {**spec.model_dump(by_alias=True, exclude={"live"}), "live": {"enabled": True, "start_from": "2020-01-01"}}
+    )
     with pytest.raises(PermanentChunkError) as err:
         run_live_ingest(spec)
     assert "column 'c' cannot take value 'purple'" in str(err.value) and "at key (id)=(1)" in str(err.value)

@@ -24,17 +24,25 @@ W = "2024-01-05T00:00:00+00:00"  # live ingest starts here (start_from): the bac
 def make_spec(src, dst, **over):
     return load_spec(
         dict(
-            name="ev", source_conn_id=src, destination_conn_id=dst, source_table="ev", destination_table="ev",
-            time_column="created_at", key_columns=["id"], version_column="updated_at",
-            live={"enabled": True, "start_from": W, "lookback_s": 0}, **over,
+            name="ev",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="ev",
+            destination_table="ev",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            live={"enabled": True, "start_from": W, "lookback_s": 0},
+            **over,
         )
     )
 
 
 def create(conn, time_type):
     conn.cursor().execute(
-        sql.SQL("CREATE TABLE IF NOT EXISTS ev (id int PRIMARY KEY, created_at {t} NOT NULL, updated_at timestamptz, v text)")
-        .format(t=sql.SQL(time_type))  # a constant of this test
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS ev (id int PRIMARY KEY, created_at {t} NOT NULL, updated_at timestamptz, v text)"
+        ).format(t=sql.SQL(time_type))  # a constant of this test
     )
 
 
@@ -78,7 +86,9 @@ def test_rows_after_the_watermark_are_live_ingests_whatever_their_cursor(time_ty
     live = run_live_ingest(spec)  # its next run
     q = "SELECT v, count(*) FROM ev GROUP BY v ORDER BY v"
     assert fetch_all(dst_url, q) == fetch_all(src_url, q) == [(k, 10) for k in sorted(CURSORS)]
-    assert fetch_all(dst_url, "SELECT t::text FROM ev t ORDER BY id") == fetch_all(src_url, "SELECT t::text FROM ev t ORDER BY id")
+    assert fetch_all(dst_url, "SELECT t::text FROM ev t ORDER BY id") == fetch_all(
+        src_url, "SELECT t::text FROM ev t ORDER BY id"
+    )
     # live ingest took every row at or after W: 6 days x 3 cursor kinds (before the fix: the 6 "normal" ones)
     assert live.rows_extracted == 18
 

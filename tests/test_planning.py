@@ -14,16 +14,26 @@ from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 
 SPEC = dict(
-    name="orders", source_conn_id="s", destination_conn_id="d", source_table="orders",
-    destination_table="public.orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
+    name="orders",
+    source_conn_id="s",
+    destination_conn_id="d",
+    source_table="orders",
+    destination_table="public.orders",
+    time_column="created_at",
+    key_columns=["id"],
+    version_column="updated_at",
 )
 
 
 def test_params_win_over_the_data_interval():
     spec = load_spec(SPEC)
     lo, hi = resolve_range(
-        spec, param_start="2024-01-01", param_end="2024-02-01", run_type="backfill",
-        interval_start=pendulum.datetime(2020, 1, 1), interval_end=pendulum.datetime(2020, 1, 2),
+        spec,
+        param_start="2024-01-01",
+        param_end="2024-02-01",
+        run_type="backfill",
+        interval_start=pendulum.datetime(2020, 1, 1),
+        interval_end=pendulum.datetime(2020, 1, 2),
     )
     assert (lo.date(), hi.date()) == (dt.date(2024, 1, 1), dt.date(2024, 2, 1))
 
@@ -31,8 +41,12 @@ def test_params_win_over_the_data_interval():
 def test_backfill_runs_use_their_data_interval():
     spec = load_spec({**SPEC, "timezone": "America/New_York"})
     lo, hi = resolve_range(
-        spec, param_start=None, param_end=None, run_type="backfill",
-        interval_start=pendulum.datetime(2024, 3, 10, 5, tz="UTC"), interval_end=pendulum.datetime(2024, 3, 11, 4, tz="UTC"),
+        spec,
+        param_start=None,
+        param_end=None,
+        run_type="backfill",
+        interval_start=pendulum.datetime(2024, 3, 10, 5, tz="UTC"),
+        interval_end=pendulum.datetime(2024, 3, 11, 4, tz="UTC"),
     )
     assert lo.isoformat() == "2024-03-10T00:00:00-05:00" and hi.isoformat() == "2024-03-11T00:00:00-04:00"
 
@@ -40,10 +54,34 @@ def test_backfill_runs_use_their_data_interval():
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(param_start=None, param_end=None, run_type="manual", interval_start=None, interval_end=None), "needs the params 'start' and 'end'"),
-        (dict(param_start="2024-01-01", param_end=None, run_type="manual", interval_start=None, interval_end=None), "param 'end' is empty"),
-        (dict(param_start=None, param_end=None, run_type="scheduled", interval_start=pendulum.datetime(2024, 1, 1), interval_end=pendulum.datetime(2024, 1, 1)), "zero-width|is empty"),
-        (dict(param_start="2024-01-01'; DROP TABLE orders; --", param_end="2024-02-01", run_type="manual", interval_start=None, interval_end=None), "is not a date"),
+        (
+            dict(param_start=None, param_end=None, run_type="manual", interval_start=None, interval_end=None),
+            "needs the params 'start' and 'end'",
+        ),
+        (
+            dict(param_start="2024-01-01", param_end=None, run_type="manual", interval_start=None, interval_end=None),
+            "param 'end' is empty",
+        ),
+        (
+            dict(
+                param_start=None,
+                param_end=None,
+                run_type="scheduled",
+                interval_start=pendulum.datetime(2024, 1, 1),
+                interval_end=pendulum.datetime(2024, 1, 1),
+            ),
+            "zero-width|is empty",
+        ),
+        (
+            dict(
+                param_start="2024-01-01'; DROP TABLE orders; --",
+                param_end="2024-02-01",
+                run_type="manual",
+                interval_start=None,
+                interval_end=None,
+            ),
+            "is not a date",
+        ),
     ],
 )
 def test_range_errors(kwargs, fragment):
@@ -72,11 +110,17 @@ def test_plan_clips_to_or_refuses_the_live_watermark(dst_url, pg):
     conn = pg(dst_url)
     with conn.cursor() as cur:
         cur.execute(f"CREATE TABLE backfill_watermarks ({WATERMARK_COLUMNS})")
-        cur.execute("INSERT INTO backfill_watermarks (target_table, watermark) VALUES ('public.orders', '2024-01-03T12:00Z')")
+        cur.execute(
+            "INSERT INTO backfill_watermarks (target_table, watermark) VALUES ('public.orders', '2024-01-03T12:00Z')"
+        )
     spec = _spec("s", dst_url)
     plan = build_plan(spec, "2024-01-01", "2024-01-10", dst_conn=conn)
     assert plan.clipped and plan.end == pendulum.datetime(2024, 1, 3, 12, tz="UTC")
-    assert [c.chunk_id for c in plan.chunks] == ["2024-01-01", "2024-01-02", "2024-01-03T00:00+00:00..2024-01-03T12:00+00:00"]
+    assert [c.chunk_id for c in plan.chunks] == [
+        "2024-01-01",
+        "2024-01-02",
+        "2024-01-03T00:00+00:00..2024-01-03T12:00+00:00",
+    ]
     with pytest.raises(WatermarkError, match="after the live watermark"):
         build_plan(_spec("s", dst_url, watermark={"policy": "refuse"}), "2024-01-01", "2024-01-10", dst_conn=conn)
     assert build_plan(spec, "2024-01-05", "2024-01-10", dst_conn=conn).chunks == []

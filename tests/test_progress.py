@@ -106,8 +106,13 @@ def test_eta_extrapolates_the_measured_wall_clock_rate():
     tis = [TaskState(f"2024-01-{i + 1:02d}", "success") for i in range(4)]
     tis += [TaskState("2024-01-05", "running"), TaskState("2024-01-06", "failed")]
     p = build_progress(
-        make_spec(), dag_id="d", run=run(10, started_at=started), ledger_rows=rows, task_states=tis,
-        validation=None, now=now,
+        make_spec(),
+        dag_id="d",
+        run=run(10, started_at=started),
+        ledger_rows=rows,
+        task_states=tis,
+        validation=None,
+        now=now,
     )
     assert p.counts == {"failed": 1, "running": 1, "deferred": 0, "pending": 4, "loaded": 4, "skipped": 0}
     assert p.rows_loaded == 400 and p.rate_rows_s == pytest.approx(10.0)
@@ -136,13 +141,25 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     with conn.cursor() as cur:
         for i in range(3):
             ledger.record(
-                cur, TableName.parse(spec.ledger_table), target="public.orders", chunk_id=f"2024-01-{i + 1:02d}",
-                start=day(i), end=day(i + 1), dag_id="d", run_id="r1",
+                cur,
+                TableName.parse(spec.ledger_table),
+                target="public.orders",
+                chunk_id=f"2024-01-{i + 1:02d}",
+                start=day(i),
+                end=day(i + 1),
+                dag_id="d",
+                run_id="r1",
                 stats={"extracted": 100 + i, "inserted": 100 + i, "updated": 0, "unchanged": 0, "seconds": 0.5},
             )
         ledger.record(  # another table's row must not show up
-            cur, TableName.parse(spec.ledger_table), target="public.other", chunk_id="x", start=day(0),
-            end=day(1), dag_id="o", run_id="r9",
+            cur,
+            TableName.parse(spec.ledger_table),
+            target="public.other",
+            chunk_id="x",
+            start=day(0),
+            end=day(1),
+            dag_id="o",
+            run_id="r9",
             stats={"extracted": 5, "inserted": 5, "updated": 0, "unchanged": 0, "seconds": 0.5},
         )
     conn.commit()

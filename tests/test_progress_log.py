@@ -27,7 +27,9 @@ from airflow_backfill_provider.progress_log import chunk_message, estimate_rows,
     ],
 )
 def test_chunk_share_line(i, n, rows_done, chunks_done, est, elapsed, expected):
-    assert chunk_message(i, n, rows_done=rows_done, chunks_done=chunks_done, est_rows=est, elapsed_s=elapsed) == expected
+    assert (
+        chunk_message(i, n, rows_done=rows_done, chunks_done=chunks_done, est_rows=est, elapsed_s=elapsed) == expected
+    )
 
 
 def test_descriptors_carry_position_total_and_estimate():
@@ -37,7 +39,7 @@ def test_descriptors_carry_position_total_and_estimate():
 
 
 def test_plan_message():
-    assert plan_message(730, 12, 2_190_000, 320.0) .startswith(
+    assert plan_message(730, 12, 2_190_000, 320.0).startswith(
         "Plan size: 730 chunk(s) to load, 12 already done; ~2,190,000 rows (source planner estimate); ~1.9 h of chunk time"
     )
     assert "no earlier chunks" in plan_message(3, 0, 10, None)
@@ -51,12 +53,16 @@ def test_estimate_is_the_source_planners(src_url, pg):
     seed_orders(conn, rows=3000, days=30, start=dt.date(2023, 1, 1))
     conn.cursor().execute("ANALYZE orders")
     spec = make_spec()
-    est = estimate_rows(conn, spec, dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2023, 1, 11, tzinfo=dt.timezone.utc))
+    est = estimate_rows(
+        conn, spec, dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2023, 1, 11, tzinfo=dt.timezone.utc)
+    )
     assert 500 <= est <= 2000  # ~1000 rows: an estimate, not a count
     assert estimate_rows(conn, make_spec(source_table="public.missing"), "2023-01-01", "2023-01-02") is None
 
 
-def test_a_real_run_logs_the_plan_size_and_each_chunks_share(airflow_db, src_url, dst_url, pg, monkeypatch, caplog, capfd):
+def test_a_real_run_logs_the_plan_size_and_each_chunks_share(
+    airflow_db, src_url, dst_url, pg, monkeypatch, caplog, capfd
+):
     from tests.seed import create_orders, seed_orders
     from airflow_backfill_provider.loader import load_backfill_dags
     from tests.conftest import REPO
@@ -72,7 +78,9 @@ def test_a_real_run_logs_the_plan_size_and_each_chunks_share(airflow_db, src_url
     assert str(getattr(run.state, "value", run.state)) == "success"
     out = capfd.readouterr()
     text = caplog.text + out.out + out.err  # 3.x logs through structlog to stdout, 2.11 through logging
-    assert re.search(r"Plan size: 4 chunk\(s\) to load, 0 already done; ~\d[\d,]* rows \(source planner estimate\)", text)
+    assert re.search(
+        r"Plan size: 4 chunk\(s\) to load, 0 already done; ~\d[\d,]* rows \(source planner estimate\)", text
+    )
     shares = sorted(set(re.findall(r"chunk (\d)/4, (\d+)% of rows, ETA ([^\n\[]+)", text)))  # 2.11 logs twice
     assert sorted({s[0] for s in shares}) == ["1", "2", "3", "4"], text[-3000:]
     # the share is of rows committed so far, whatever order the chunks ran in: 25, 50, 75, 100 %

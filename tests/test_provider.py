@@ -31,5 +31,5 @@ def test_airflow_providers_list_shows_the_package():
     airflow = Path(sys.executable).with_name("airflow")
     out = subprocess.run([str(airflow), "providers", "list", "-o", "json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    names = [p["package_name"] for p in json.loads(out.stdout[out.stdout.index("["):])]
+    names = [p["package_name"] for p in json.loads(out.stdout[out.stdout.index("[") :])]
     assert "airflow-backfill-provider" in names

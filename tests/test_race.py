@@ -33,10 +33,18 @@ ROUNDS = int(os.environ.get("RACE_ROUNDS", "3"))  # CI can ask for more, e.g. RA
 def make_spec(src_url, dst_url, lookback_s=5):
     return load_spec(
         dict(
-            name="orders", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-            destination_table="public.orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", granularity="hour", live={"enabled": True, "lookback_s": lookback_s},
-            statement_timeout_s=20, lock_timeout_s=5,  # nothing in a round may hang: bounded in time
+            name="orders",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="orders",
+            destination_table="public.orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            granularity="hour",
+            live={"enabled": True, "lookback_s": lookback_s},
+            statement_timeout_s=20,
+            lock_timeout_s=5,  # nothing in a round may hang: bounded in time
         )
     )
 
@@ -72,7 +80,9 @@ def assert_converged(src, dst):
     extra = {k for k, _ in d} - {k for k, _ in s}
     assert not missing and not extra, f"missing keys {sorted(missing)[:10]}, extra keys {sorted(extra)[:10]}"
     stale = [(a, b) for a, b in zip(s, d) if a != b]
-    assert not stale, f"{len(stale)} keys differ from the source's latest version, e.g. source {stale[0][0]} vs destination {stale[0][1]}"
+    assert not stale, (
+        f"{len(stale)} keys differ from the source's latest version, e.g. source {stale[0][0]} vs destination {stale[0][1]}"
+    )
 
 
 class Writer(threading.Thread):
@@ -203,7 +213,11 @@ def test_backfill_live_and_writer_converge_to_the_source(round_, seeded, pg):
 def _wait_for_sleeping_backend(dst, prefix, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if fetch_all(dst, "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND application_name LIKE %s", (prefix + "%",)):
+        if fetch_all(
+            dst,
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND application_name LIKE %s",
+            (prefix + "%",),
+        ):
             return
         time.sleep(0.02)
     raise AssertionError(f"no backend of {prefix!r} reached the injected pause within {timeout}s")
@@ -226,7 +240,9 @@ def test_live_commits_the_newer_version_while_a_chunk_holds_the_older_one_staged
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(transfer_chunk, spec, chunk)
         _wait_for_sleeping_backend(dst, "backfill:")  # the chunk has staged U1 and is inside its upsert
-        pg(src).cursor().execute("UPDATE orders SET status = 'v2', updated_at = clock_timestamp() WHERE id = %s", (key,))
+        pg(src).cursor().execute(
+            "UPDATE orders SET status = 'v2', updated_at = clock_timestamp() WHERE id = %s", (key,)
+        )
         live_result = run_live_ingest(spec)
         assert live_result.inserted == 1  # U2 committed while the chunk still holds U1
         assert not loading.done()

@@ -26,8 +26,16 @@ UTC = dt.timezone.utc
 
 def make_spec(src, dst, table="ev", time_column="t", **extra):
     return load_spec(
-        dict(name="sessions", source_conn_id=src, destination_conn_id=dst, source_table=table,
-             destination_table=table, time_column=time_column, key_columns=["id"], **extra)
+        dict(
+            name="sessions",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table=table,
+            destination_table=table,
+            time_column=time_column,
+            key_columns=["id"],
+            **extra,
+        )
     )
 
 
@@ -57,7 +65,11 @@ def test_session_settings_are_pinned_against_database_defaults(src_url, timezone
     conn = connect(src_url, application_name="t", timezone=timezone, readonly=True, statement_timeout_s=30)
     try:
         assert show(conn, "TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits", "client_encoding") == [
-            timezone, "ISO, MDY", "postgres", "3", "UTF8"
+            timezone,
+            "ISO, MDY",
+            "postgres",
+            "3",
+            "UTF8",
         ]
         assert show(conn, "default_transaction_read_only", "statement_timeout") == ["on", "30s"]
     finally:
@@ -75,8 +87,10 @@ def test_user_options_are_kept_and_ours_appended(src_url):
         conn.close()
 
 
-@pytest.mark.parametrize("seconds, expected", [(0.0001, "1ms"), (0.0004, "1ms"), (0.0009, "1ms"), (0.001, "1ms"),
-                                               (0.0015, "2ms"), (2.5, "2500ms"), (30, "30s")])
+@pytest.mark.parametrize(
+    "seconds, expected",
+    [(0.0001, "1ms"), (0.0004, "1ms"), (0.0009, "1ms"), (0.001, "1ms"), (0.0015, "2ms"), (2.5, "2500ms"), (30, "30s")],
+)
 def test_sub_millisecond_timeouts_round_up_never_to_no_timeout(src_url, seconds, expected):
     assert timeout_ms(seconds) >= 1
     conn = connect(src_url, application_name="t", statement_timeout_s=seconds, lock_timeout_s=seconds)
@@ -101,17 +115,25 @@ def test_naive_timestamp_day_chunk_loads_every_row_whatever_the_server_timezone(
     day = [dt.datetime(2024, 1, 1, h, 30) for h in range(24)]
     outside = [dt.datetime(2023, 12, 31, 23, 59, 59), dt.datetime(2024, 1, 2, 0, 0)]
     rows = list(enumerate(day + outside, start=1))
-    run_sql(src_url, "INSERT INTO ev SELECT * FROM unnest(%s::int[], %s::timestamp[])",
-            ([i for i, _ in rows], [t for _, t in rows]))
+    run_sql(
+        src_url,
+        "INSERT INTO ev SELECT * FROM unnest(%s::int[], %s::timestamp[])",
+        ([i for i, _ in rows], [t for _, t in rows]),
+    )
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", spec_tz)[0]
     result = transfer_chunk(make_spec(src_url, dst_url, timezone=spec_tz), chunk)
     assert result.rows_extracted == 24
     assert [r[0] for r in run_sql(dst_url, "SELECT t FROM ev ORDER BY t")] == day
 
 
-@pytest.mark.parametrize("spec_tz, wall", [("UTC", dt.datetime(2024, 1, 1, 12)),
-                                           ("Asia/Kolkata", dt.datetime(2024, 1, 1, 17, 30)),
-                                           ("America/Santiago", dt.datetime(2024, 1, 1, 9))])
+@pytest.mark.parametrize(
+    "spec_tz, wall",
+    [
+        ("UTC", dt.datetime(2024, 1, 1, 12)),
+        ("Asia/Kolkata", dt.datetime(2024, 1, 1, 17, 30)),
+        ("America/Santiago", dt.datetime(2024, 1, 1, 9)),
+    ],
+)
 def test_timestamptz_to_timestamp_drift_gives_wall_time_in_spec_timezone(src_url, dst_url, spec_tz, wall):
     for url in (src_url, dst_url):
         set_database_defaults(url, **HOSTILE)
@@ -129,8 +151,9 @@ def test_live_ingest_with_destination_in_another_timezone_loses_no_row(src_url, 
     set_database_defaults(dst_url, **HOSTILE)  # destination sessions default to America/New_York
     for url in (src_url, dst_url):
         run_sql(url, "CREATE TABLE ev (id int PRIMARY KEY, t timestamp NOT NULL, updated_at timestamp NOT NULL)")
-    spec = make_spec(src_url, dst_url, version_column="updated_at",
-                     live={"lookback_s": 0, "start_from": "2024-01-01T00:00:00+00:00"})
+    spec = make_spec(
+        src_url, dst_url, version_column="updated_at", live={"lookback_s": 0, "start_from": "2024-01-01T00:00:00+00:00"}
+    )
     run_sql(src_url, "INSERT INTO ev VALUES (1, '2024-01-01 10:00', '2024-01-01 10:00')")
     run_live_ingest(spec)
     # committed after the first run, stamped an hour after its watermark: the next run must take it
@@ -155,10 +178,14 @@ _VALUES = """
     (4, '2024-01-01 04:00+00', 123456789.12345678, 3.4e38, interval '-3 days -04:05:06.5',
         date 'infinity', timestamp '2024-02-29 12:00', 1e308::float8)
 """
-_DDL = ("CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, f8 float8, f4 float4, iv interval, "
-        "d date, ts timestamp, tiny float8)")
-_CANONICAL = ("SELECT id, float8send(f8), float4send(f4), iv::text, extract(epoch FROM iv), d::text, ts::text, "
-              "float8send(tiny) FROM ev ORDER BY id")
+_DDL = (
+    "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, f8 float8, f4 float4, iv interval, "
+    "d date, ts timestamp, tiny float8)"
+)
+_CANONICAL = (
+    "SELECT id, float8send(f8), float4send(f4), iv::text, extract(epoch FROM iv), d::text, ts::text, "
+    "float8send(tiny) FROM ev ORDER BY id"
+)
 _PINNED = "SET extra_float_digits = 3; SET IntervalStyle = postgres; SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'"
 
 
@@ -171,10 +198,14 @@ def test_values_are_exact_whatever_the_source_output_settings(src_url, dst_url, 
     run_sql(src_url, f"INSERT INTO ev VALUES {_VALUES}")
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     assert transfer_chunk(make_spec(src_url, dst_url, copy_format=copy_format), chunk).rows_extracted == 4
-    src_rows = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
-                for r in run_sql(src_url, _CANONICAL, setup=_PINNED)]
-    dst_rows = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
-                for r in run_sql(dst_url, _CANONICAL, setup=_PINNED)]
+    src_rows = [
+        tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+        for r in run_sql(src_url, _CANONICAL, setup=_PINNED)
+    ]
+    dst_rows = [
+        tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+        for r in run_sql(dst_url, _CANONICAL, setup=_PINNED)
+    ]
     assert dst_rows == src_rows
     # and a rerun finds every row unchanged (no value drifted on the way)
     again = transfer_chunk(make_spec(src_url, dst_url, copy_format=copy_format), chunk)
@@ -245,8 +276,12 @@ def test_sql_ascii_source_loads_valid_utf8_bytes_exactly_and_refuses_others(data
 
 # --- conn ids: never a password in the DAG ----------------------------------------------------------
 
-_SECRET_DSNS = ["postgresql://u:s3cret@db.example:5432/app", "postgres://u:s3cret@db.example/app?sslmode=require",
-                "postgresql://u@db.example/app?password=s3cret", "host=db.example dbname=app password=s3cret"]
+_SECRET_DSNS = [
+    "postgresql://u:s3cret@db.example:5432/app",
+    "postgres://u:s3cret@db.example/app?sslmode=require",
+    "postgresql://u@db.example/app?password=s3cret",
+    "host=db.example dbname=app password=s3cret",
+]
 
 
 @pytest.mark.parametrize("key", ["source_conn_id", "destination_conn_id"])
@@ -261,8 +296,17 @@ def test_spec_refuses_a_conn_id_with_a_password(key, dsn):
 
 @pytest.mark.parametrize("dsn", ["postgresql://u@db.example:5432/app", "host=db.example dbname=app user=u", "prod_pg"])
 def test_spec_accepts_conn_ids_and_dsns_without_password(dsn):
-    spec = load_spec(dict(name="x", source_table="t", destination_table="t", time_column="t", key_columns=["id"],
-                          source_conn_id=dsn, destination_conn_id=dsn))
+    spec = load_spec(
+        dict(
+            name="x",
+            source_table="t",
+            destination_table="t",
+            time_column="t",
+            key_columns=["id"],
+            source_conn_id=dsn,
+            destination_conn_id=dsn,
+        )
+    )
     assert spec.source_conn_id == dsn
 
 
@@ -278,13 +322,27 @@ def test_airflow_connection_extras_are_honoured(monkeypatch, src_url, dst_url):
     run_sql(src_url, "CREATE SCHEMA myschema")
     run_sql(src_url, "CREATE TABLE public.ev (id int PRIMARY KEY, t timestamptz NOT NULL)")  # the wrong one
     run_sql(src_url, "CREATE TABLE myschema.ev (id int PRIMARY KEY, t timestamptz NOT NULL)")
-    run_sql(src_url, "INSERT INTO myschema.ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 min' "
-                     "FROM generate_series(1, 50) g")
+    run_sql(
+        src_url,
+        "INSERT INTO myschema.ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 min' "
+        "FROM generate_series(1, 50) g",
+    )
     run_sql(dst_url, "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL)")
-    _airflow_conn(monkeypatch, "bf_sessions_src", host="db-that-does-not-resolve.invalid", port=5432,
-                  login="postgres", schema=dbname(src_url),
-                  extra={"options": "-c search_path=myschema", "sslmode": "disable", "hostaddr": "127.0.0.1",
-                         "cursor": "dictcursor", "keepalives_idle": 7})
+    _airflow_conn(
+        monkeypatch,
+        "bf_sessions_src",
+        host="db-that-does-not-resolve.invalid",
+        port=5432,
+        login="postgres",
+        schema=dbname(src_url),
+        extra={
+            "options": "-c search_path=myschema",
+            "sslmode": "disable",
+            "hostaddr": "127.0.0.1",
+            "cursor": "dictcursor",
+            "keepalives_idle": 7,
+        },
+    )
     conn = connect("bf_sessions_src", application_name="t", timezone="Asia/Kolkata")
     try:
         assert show(conn, "search_path", "TimeZone", "client_encoding") == ["myschema", "Asia/Kolkata", "UTF8"]
@@ -300,11 +358,14 @@ def test_airflow_connection_extras_are_honoured(monkeypatch, src_url, dst_url):
     assert transfer_chunk(spec, chunk).rows_extracted == 50  # unqualified 'ev' resolved in myschema
 
 
-@pytest.mark.parametrize("missing, fields, words", [
-    ("host", dict(login="postgres", schema="postgres"), ["has no host", "Unix socket"]),
-    ("database", dict(host="127.0.0.1", login="postgres"), ["has no database", "'schema' field"]),
-    ("connection", None, ["does not exist", "AIRFLOW_CONN_BF_SESSIONS_BAD"]),
-])
+@pytest.mark.parametrize(
+    "missing, fields, words",
+    [
+        ("host", dict(login="postgres", schema="postgres"), ["has no host", "Unix socket"]),
+        ("database", dict(host="127.0.0.1", login="postgres"), ["has no database", "'schema' field"]),
+        ("connection", None, ["does not exist", "AIRFLOW_CONN_BF_SESSIONS_BAD"]),
+    ],
+)
 def test_airflow_connection_without_host_or_database_is_refused(monkeypatch, missing, fields, words):
     if fields is not None:
         _airflow_conn(monkeypatch, "bf_sessions_bad", **fields)
@@ -319,8 +380,15 @@ def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src
 
     from airflow_backfill_provider.triggers.load import SourceLoadTrigger
 
-    _airflow_conn(monkeypatch, "bf_sessions_trig", host="db-that-does-not-resolve.invalid", port=5432,
-                  login="postgres", schema=dbname(src_url), extra={"hostaddr": "127.0.0.1", "sslmode": "disable"})
+    _airflow_conn(
+        monkeypatch,
+        "bf_sessions_trig",
+        host="db-that-does-not-resolve.invalid",
+        port=5432,
+        login="postgres",
+        schema=dbname(src_url),
+        extra={"hostaddr": "127.0.0.1", "sslmode": "disable"},
+    )
     trigger = SourceLoadTrigger(conn_id="bf_sessions_trig", throttle={"max_active": 1000, "max_wait": 10})
     event = asyncio.run(asyncio.wait_for(trigger.run().__anext__(), 30))
     assert event.payload["status"] == "ok", event.payload
@@ -330,8 +398,15 @@ def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src
 def test_validate_operator_refuses_a_connection_url_with_a_password(key):
     from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
 
-    spec = dict(name="x", source_table="t", destination_table="t", time_column="t", key_columns=["id"],
-                source_conn_id="src_pg", destination_conn_id="dst_pg")
+    spec = dict(
+        name="x",
+        source_table="t",
+        destination_table="t",
+        time_column="t",
+        key_columns=["id"],
+        source_conn_id="src_pg",
+        destination_conn_id="dst_pg",
+    )
     with pytest.raises(ValueError) as info:
         ValidateBackfillOperator(task_id="v", spec=spec, **{key: _SECRET_DSNS[0]})
     assert key in str(info.value) and "s3cret" not in str(info.value)

@@ -75,10 +75,19 @@ def _seed_skewed(url):
 
 
 def _spec(src, dst, **kw):
-    return load_spec(dict(
-        name="orders", source_conn_id=src, destination_conn_id=dst, source_table="orders",
-        destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at", **kw,
-    ))
+    return load_spec(
+        dict(
+            name="orders",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="orders",
+            destination_table="orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            **kw,
+        )
+    )
 
 
 def _plan(spec, src, dst, start, end, **kw):
@@ -104,8 +113,11 @@ def test_auto_size_on_a_skewed_table_stays_within_the_stated_factor(skewed, targ
     assert plan.granularity == "auto" and any("granularity auto" in n for n in plan.notes)
     sizes = []
     for c in plan.chunks:
-        sizes.append(fetch_all(src, "SELECT count(*) FROM orders WHERE created_at >= %s AND created_at < %s",
-                               (c.start, c.end))[0][0])
+        sizes.append(
+            fetch_all(src, "SELECT count(*) FROM orders WHERE created_at >= %s AND created_at < %s", (c.start, c.end))[
+                0
+            ][0]
+        )
     assert sum(sizes) == fetch_all(src, "SELECT count(*) FROM orders")[0][0]
     # stated factor: by estimate 0.5x-1.5x; measured, within 1/3x-2x of the target (the last may be smaller)
     print(f"target {target}: {len(sizes)} chunks, sizes min {min(sizes[:-1] or sizes)} max {max(sizes)}")
@@ -136,8 +148,13 @@ def test_a_key_in_physical_order_is_recommended_over_scattered_time_chunks(src_u
 
     _seed(src_url, SHAPES["gaps_and_skew"])  # ids inserted in order, created_at scattered over 2023
     create_orders(pg(dst_url))
-    plan = _plan(_spec(src_url, dst_url, granularity="month", target_chunk_rows=5000), src_url, dst_url,
-                 "2023-01-01", "2024-01-01")
+    plan = _plan(
+        _spec(src_url, dst_url, granularity="month", target_chunk_rows=5000),
+        src_url,
+        dst_url,
+        "2023-01-01",
+        "2024-01-01",
+    )
     note = [n for n in plan.notes if "not in created_at order" in n]
     assert note and "use chunk_by: key (id has correlation 1.00, indexed)" in note[0], plan.notes
 
@@ -159,9 +176,17 @@ def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
     ledger.ensure_table(conn, t)
     with conn.cursor() as cur:  # one chunk measured 2,000 rows in 1 s, outside the planned range
         day = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-        ledger.record(cur, t, backfill=BackfillIdentity("public.orders", "any", {}), chunk_id="x", start=day, end=day + dt.timedelta(days=1),
-                      stats={"extracted": 2000, "inserted": 2000, "updated": 0, "unchanged": 0, "seconds": 1.0},
-                      dag_id="d", run_id="r")
+        ledger.record(
+            cur,
+            t,
+            backfill=BackfillIdentity("public.orders", "any", {}),
+            chunk_id="x",
+            start=day,
+            end=day + dt.timedelta(days=1),
+            stats={"extracted": 2000, "inserted": 2000, "updated": 0, "unchanged": 0, "seconds": 1.0},
+            dag_id="d",
+            run_id="r",
+        )
     conn.commit()
     conn.close()
     second = _plan(spec, src, dst, "2022-01-01", "2024-01-01")

@@ -6,8 +6,14 @@ from airflow_backfill_provider.exceptions import SpecError
 from airflow_backfill_provider.spec import TableName, load_spec
 
 BASE = dict(
-    name="orders", source_conn_id="src", destination_conn_id="dst", source_table="public.orders",
-    destination_table="orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
+    name="orders",
+    source_conn_id="src",
+    destination_conn_id="dst",
+    source_table="public.orders",
+    destination_table="orders",
+    time_column="created_at",
+    key_columns=["id"],
+    version_column="updated_at",
 )
 
 

@@ -69,14 +69,25 @@ def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_noth
     ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, pad text)"
     run_sql(src_url, ddl)
     run_sql(dst_url, ddl)
-    run_sql(src_url, "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
-                     "FROM generate_series(1, 40000) g")  # ~4 MB of COPY: far more than the proxy lets through
+    run_sql(
+        src_url,
+        "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
+        "FROM generate_series(1, 40000) g",
+    )  # ~4 MB of COPY: far more than the proxy lets through
     proxy = proxies(trigger=b"COPY (", grace_bytes=64 * 1024)
     statement_timeout_s = 1.0
-    spec = load_spec(dict(
-        name="stall", source_conn_id=proxy.url(dbname(src_url)), destination_conn_id=dst_url, source_table="ev",
-        destination_table="ev", time_column="t", key_columns=["id"], statement_timeout_s=statement_timeout_s,
-    ))
+    spec = load_spec(
+        dict(
+            name="stall",
+            source_conn_id=proxy.url(dbname(src_url)),
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="t",
+            key_columns=["id"],
+            statement_timeout_s=statement_timeout_s,
+        )
+    )
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     outcome: dict = {}
 
@@ -101,16 +112,26 @@ def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_noth
 
     # nothing left behind in the destination: no row, no ledger row, no session, no advisory lock
     assert run_sql(dst_url, "SELECT count(*) FROM ev") == [(0,)]
-    assert run_sql(dst_url, "SELECT to_regclass('public.backfill_ledger') IS NULL "
-                            "OR NOT EXISTS (SELECT FROM public.backfill_ledger)") == [(True,)]
+    assert run_sql(
+        dst_url,
+        "SELECT to_regclass('public.backfill_ledger') IS NULL OR NOT EXISTS (SELECT FROM public.backfill_ledger)",
+    ) == [(True,)]
     db = dbname(dst_url)
     wait_until(
-        lambda: run_sql(dst_url, "SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = %s "
-                                 "AND application_name LIKE 'backfill:%%'", (db,))[0][0],
-        timeout=10, what="the chunk's destination session ended",
+        lambda: run_sql(
+            dst_url,
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'backfill:%%'",
+            (db,),
+        )[0][0],
+        timeout=10,
+        what="the chunk's destination session ended",
     )
-    assert run_sql(dst_url, "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                            "WHERE d.datname = %s AND l.locktype = 'advisory'", (db,)) == [(0,)]
+    assert run_sql(
+        dst_url,
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE d.datname = %s AND l.locktype = 'advisory'",
+        (db,),
+    ) == [(0,)]
     # and the retry, once the network is back, loads the chunk
     retry = transfer_chunk(spec.model_copy(update={"source_conn_id": src_url, "statement_timeout_s": 60}), chunk)
     assert retry.inserted == 40000

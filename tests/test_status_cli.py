@@ -50,7 +50,10 @@ def status(*args: str) -> subprocess.CompletedProcess:
     """
     return subprocess.run(
         [sys.executable, "-m", "airflow_backfill_provider", "status", *args],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
         env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")},
     )
 

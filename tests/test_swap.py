@@ -20,9 +20,16 @@ DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
 def make_spec(src_url, dst_url, **extra):
     return load_spec(
         dict(
-            name="orders_swap", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-            destination_table="public.orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", mode="swap", **extra,
+            name="orders_swap",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="orders",
+            destination_table="public.orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            mode="swap",
+            **extra,
         )
     )
 
@@ -60,7 +67,9 @@ def test_chunks_load_into_the_parallel_table_only(swap_setup):
     assert live_rows(dst) == before  # the live table saw no backfill write
     assert table_digest(src) == table_digest(dst, table="orders_backfill")
     # LIKE ... INCLUDING ALL: same key, so the per-chunk upsert works there
-    assert fetch_all(dst, "SELECT indexdef LIKE '%UNIQUE%(id)' FROM pg_indexes WHERE tablename = 'orders_backfill'") == [(True,)]
+    assert fetch_all(
+        dst, "SELECT indexdef LIKE '%UNIQUE%(id)' FROM pg_indexes WHERE tablename = 'orders_backfill'"
+    ) == [(True,)]
     ledger = fetch_all(dst, "SELECT DISTINCT target_table FROM backfill_ledger")
     assert ledger == [("public.orders_backfill",)]
     # idempotent per chunk: a rerun rewrites nothing
@@ -73,17 +82,26 @@ def test_merge_inserts_missing_keys_keeps_live_rows_and_drops_the_parallel_table
     src, dst, spec = swap_setup
     for c in DAYS:
         transfer_chunk(spec, c)
-    live_before = fetch_all(dst, "SELECT t::text, xmin::text FROM orders t WHERE id IN (1, 450, 900, 5000, 5001) ORDER BY id")
+    live_before = fetch_all(
+        dst, "SELECT t::text, xmin::text FROM orders t WHERE id IN (1, 450, 900, 5000, 5001) ORDER BY id"
+    )
     result = merge_parallel_table(spec)
     assert result.merged and result.rows_in_parallel == 900
     assert (result.inserted, result.kept_live) == (897, 3)
     assert fetch_all(dst, "SELECT count(*) FROM orders") == [(902,)]
     # live rows are untouched, not even rewritten
-    assert fetch_all(dst, "SELECT t::text, xmin::text FROM orders t WHERE id IN (1, 450, 900, 5000, 5001) ORDER BY id") == live_before
+    assert (
+        fetch_all(dst, "SELECT t::text, xmin::text FROM orders t WHERE id IN (1, 450, 900, 5000, 5001) ORDER BY id")
+        == live_before
+    )
     src_rest = fetch_all(src, "SELECT t::text FROM orders t WHERE id NOT IN (1, 450, 900) ORDER BY id")
-    assert fetch_all(dst, "SELECT t::text FROM orders t WHERE id NOT IN (1, 450, 900, 5000, 5001) ORDER BY id") == src_rest
+    assert (
+        fetch_all(dst, "SELECT t::text FROM orders t WHERE id NOT IN (1, 450, 900, 5000, 5001) ORDER BY id") == src_rest
+    )
     assert not exists(dst, "public.orders_backfill")
-    assert fetch_all(dst, "SELECT count(*) FROM backfill_ledger WHERE target_table = 'public.orders_backfill'") == [(0,)]
+    assert fetch_all(dst, "SELECT count(*) FROM backfill_ledger WHERE target_table = 'public.orders_backfill'") == [
+        (0,)
+    ]
     # rerunning the merge is a no-op
     again = merge_parallel_table(spec)
     assert not again.merged and fetch_all(dst, "SELECT count(*) FROM orders") == [(902,)]

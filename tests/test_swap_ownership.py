@@ -24,9 +24,15 @@ STATE = """SELECT (SELECT coalesce(string_agg(t::text || '/' || xmin::text, ',' 
 def spec_for(src, dst):
     return load_spec(
         dict(
-            name="orders_swap", source_conn_id=src, destination_conn_id=dst, source_table="orders",
-            destination_table="orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", mode="swap",
+            name="orders_swap",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="orders",
+            destination_table="orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            mode="swap",
         )
     )
 

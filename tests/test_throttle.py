@@ -233,7 +233,9 @@ def test_trigger_reports_critical(src_url):
 
 def test_trigger_backoff_doubles_to_poll_max(src_url):
     """Probe times while busy follow poll_interval doubling up to poll_max (generous bounds)."""
-    trigger = SourceLoadTrigger(conn_id=src_url, throttle=_throttle(max_active=1, poll_interval=0.2, poll_max=0.8, max_wait=3.5))
+    trigger = SourceLoadTrigger(
+        conn_id=src_url, throttle=_throttle(max_active=1, poll_interval=0.2, poll_max=0.8, max_wait=3.5)
+    )
     seen: list[float] = []
     original = trigger._probe_once
 
@@ -267,7 +269,9 @@ def test_trigger_resolves_an_airflow_connection_id(src_url, monkeypatch):
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", src_url)
     event = asyncio.run(asyncio.wait_for(_first_event(SourceLoadTrigger(conn_id=conn_id, throttle=_throttle())), 15))
     assert event.payload["status"] == "ok", event.payload
-    missing = asyncio.run(asyncio.wait_for(_first_event(SourceLoadTrigger(conn_id="no_such_conn_xyz", throttle=_throttle())), 15))
+    missing = asyncio.run(
+        asyncio.wait_for(_first_event(SourceLoadTrigger(conn_id="no_such_conn_xyz", throttle=_throttle())), 15)
+    )
     assert missing.payload["status"] == "error" and "no_such_conn_xyz" in missing.payload["message"]
 
 

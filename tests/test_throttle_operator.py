@@ -32,9 +32,15 @@ def seeded(src_url, dst_url, pg):
 def _spec(src, dst, **throttle):
     return load_spec(
         dict(
-            name="orders", source_conn_id=src, destination_conn_id=dst, source_table="orders",
-            destination_table="public.orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", throttle=throttle,
+            name="orders",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="orders",
+            destination_table="public.orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            throttle=throttle,
         )
     ).model_dump(mode="json")
 
@@ -206,7 +212,7 @@ def test_dag_test_waits_deferred_until_the_sleepers_end(airflow_db, src_url, dst
     assert written_while_waiting == [0]
     assert str(getattr(run.state, "value", run.state)) == "success"
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(600,)]
-    (first_finished, n), = fetch_all(dst_url, "SELECT min(finished_at), count(*) FROM backfill_ledger")
+    ((first_finished, n),) = fetch_all(dst_url, "SELECT min(finished_at), count(*) FROM backfill_ledger")
     assert n == 2
     # no chunk wrote while the source was busy
     assert first_finished >= ended_at[0], (first_finished, ended_at)

@@ -106,7 +106,9 @@ def chunk_members(conn, kind: str, zone: str, chunks) -> list[tuple[int, int]]:
     """(chunk index, id) for every chunk, in ONE statement built from the chunks' own selects."""
     table = TableName.parse(TABLES[kind])
     parts = [
-        q.chunk_select(table, [sql.Literal(i), sql.Identifier("id")], "t", *timebounds.bounds(kind, c.start, c.end, zone))
+        q.chunk_select(
+            table, [sql.Literal(i), sql.Identifier("id")], "t", *timebounds.bounds(kind, c.start, c.end, zone)
+        )
         for i, c in enumerate(chunks)
     ]
     with conn.cursor() as cur:
@@ -115,11 +117,20 @@ def chunk_members(conn, kind: str, zone: str, chunks) -> list[tuple[int, int]]:
 
 
 def make_spec(src: str, dst: str, kind: str, zone: str, granularity: str):
-    return load_spec(dict(
-        name=f"tm_{kind}", source_conn_id=src, destination_conn_id=dst, source_table=TABLES[kind],
-        destination_table=TABLES[kind], time_column="t", key_columns=["id"], timezone=zone,
-        granularity=granularity, throttle={"max_active": 1000},
-    ))
+    return load_spec(
+        dict(
+            name=f"tm_{kind}",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table=TABLES[kind],
+            destination_table=TABLES[kind],
+            time_column="t",
+            key_columns=["id"],
+            timezone=zone,
+            granularity=granularity,
+            throttle={"max_active": 1000},
+        )
+    )
 
 
 def fetch(url: str, query, params=None):
@@ -135,7 +146,9 @@ def fetch(url: str, query, params=None):
 @pytest.mark.parametrize("zone", list(CHANGES))
 def test_every_row_lands_in_exactly_one_chunk_and_the_destination_equals_the_source(matrix_dbs, zone):
     src, dst = matrix_dbs
-    source_rows = {kind: fetch(src, sql.SQL("SELECT id, t FROM {}").format(sql.Identifier(t))) for kind, t in TABLES.items()}
+    source_rows = {
+        kind: fetch(src, sql.SQL("SELECT id, t FROM {}").format(sql.Identifier(t))) for kind, t in TABLES.items()
+    }
     check = psycopg2.connect(src)  # a plain session: its TimeZone is the database's (Pacific/Chatham)
     with check.cursor() as cur:
         cur.execute("SHOW timezone")
@@ -157,14 +170,21 @@ def test_every_row_lands_in_exactly_one_chunk_and_the_destination_equals_the_sou
                 twice = sorted(i for i, n in ids.items() if n > 1)
                 where = f"{kind} {granularity} chunks of [{lo}, {hi}) in {zone}"
                 assert not twice, f"{where}: rows {twice[:5]} in more than one chunk"
-                assert set(ids) == want, f"{where}: missing {sorted(want - set(ids))[:5]}, extra {sorted(set(ids) - want)[:5]}"
+                assert set(ids) == want, (
+                    f"{where}: missing {sorted(want - set(ids))[:5]}, extra {sorted(set(ids) - want)[:5]}"
+                )
                 if granularity == "day":  # a day chunk holds exactly the rows of its local day
                     by_id = dict(source_rows[kind])
                     for idx, i in members:
                         v = by_id[i]
-                        local = v.astimezone(ZoneInfo(zone)).date() if kind == "timestamptz" else (
-                            v.date() if kind == "timestamp" else v)
-                        assert local.isoformat() == chunks[idx].chunk_id, f"{where}: row {i} ({v}) in {chunks[idx].chunk_id}"
+                        local = (
+                            v.astimezone(ZoneInfo(zone)).date()
+                            if kind == "timestamptz"
+                            else (v.date() if kind == "timestamp" else v)
+                        )
+                        assert local.isoformat() == chunks[idx].chunk_id, (
+                            f"{where}: row {i} ({v}) in {chunks[idx].chunk_id}"
+                        )
 
                 # the real chunk path, into a destination whose TimeZone is yet another one
                 with psycopg2.connect(dst) as d, d.cursor() as cur:

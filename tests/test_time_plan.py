@@ -14,10 +14,19 @@ def test_param_granularity_hour_on_a_date_column_fails_the_plan_before_any_write
     for url in (src_url, dst_url):
         pg(url).cursor().execute("CREATE TABLE ev (id bigint PRIMARY KEY, d date NOT NULL, v integer)")
     pg(src_url).cursor().execute("INSERT INTO ev SELECT g, date '2024-01-01' + g % 3, g FROM generate_series(1, 30) g")
-    spec = load_spec(dict(
-        name="ev_dates", source_conn_id=src_url, destination_conn_id=dst_url, source_table="ev",
-        destination_table="ev", time_column="d", key_columns=["id"], timezone="America/New_York", granularity="day",
-    ))
+    spec = load_spec(
+        dict(
+            name="ev_dates",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="d",
+            key_columns=["id"],
+            timezone="America/New_York",
+            granularity="day",
+        )
+    )
     from airflow import settings
 
     from airflow_backfill_provider.factory import build_backfill_dag
@@ -38,4 +47,6 @@ def test_param_granularity_hour_on_a_date_column_fails_the_plan_before_any_write
     # the spec's own granularity (day) loads every date exactly
     run = dag.test(run_conf={"start": "2024-01-01", "end": "2024-01-04", "granularity": "day", "dry_run": False})
     assert str(getattr(run.state, "value", run.state)) == "success"
-    assert fetch_all(dst_url, "SELECT count(*), sum(v) FROM ev") == fetch_all(src_url, "SELECT count(*), sum(v) FROM ev")
+    assert fetch_all(dst_url, "SELECT count(*), sum(v) FROM ev") == fetch_all(
+        src_url, "SELECT count(*), sum(v) FROM ev"
+    )

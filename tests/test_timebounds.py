@@ -20,15 +20,27 @@ from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.planning import resolve_range
 from airflow_backfill_provider.spec import load_spec
 
-ZONES = ["UTC", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe", "America/Santiago", "Pacific/Chatham",
-         "Europe/Berlin"]
+ZONES = [
+    "UTC",
+    "America/New_York",
+    "Asia/Kolkata",
+    "Australia/Lord_Howe",
+    "America/Santiago",
+    "Pacific/Chatham",
+    "Europe/Berlin",
+]
 # DST changes of 2024 (UTC instants): New York, Lord Howe (30 min), Santiago (at local midnight), Chatham, Berlin
 TRANSITIONS = [
-    "2024-03-10T07:00Z", "2024-11-03T06:00Z",  # New York
-    "2024-04-06T15:00Z", "2024-10-05T15:30Z",  # Lord Howe
-    "2024-04-07T03:00Z", "2024-09-08T04:00Z",  # Santiago
-    "2024-04-06T14:00Z", "2024-09-28T14:00Z",  # Chatham
-    "2024-03-31T01:00Z", "2024-10-27T01:00Z",  # Berlin
+    "2024-03-10T07:00Z",
+    "2024-11-03T06:00Z",  # New York
+    "2024-04-06T15:00Z",
+    "2024-10-05T15:30Z",  # Lord Howe
+    "2024-04-07T03:00Z",
+    "2024-09-08T04:00Z",  # Santiago
+    "2024-04-06T14:00Z",
+    "2024-09-28T14:00Z",  # Chatham
+    "2024-03-31T01:00Z",
+    "2024-10-27T01:00Z",  # Berlin
 ]
 _UTC = dt.timezone.utc
 SPAN = {"hour": 60, "day": 24 * 40, "week": 24 * 200, "month": 24 * 700}  # max range length in hours
@@ -66,8 +78,22 @@ _NY = "America/New_York"
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ranges())
 # the repeated hour itself (both ends 01:00 local), and a range ending in it
-@example(("hour", _NY, pendulum.parse("2024-11-03T05:00Z").in_timezone(_NY), pendulum.parse("2024-11-03T06:00Z").in_timezone(_NY)))
-@example(("day", _NY, pendulum.parse("2024-11-02T04:00Z").in_timezone(_NY), pendulum.parse("2024-11-03T06:20Z").in_timezone(_NY)))
+@example(
+    (
+        "hour",
+        _NY,
+        pendulum.parse("2024-11-03T05:00Z").in_timezone(_NY),
+        pendulum.parse("2024-11-03T06:00Z").in_timezone(_NY),
+    )
+)
+@example(
+    (
+        "day",
+        _NY,
+        pendulum.parse("2024-11-02T04:00Z").in_timezone(_NY),
+        pendulum.parse("2024-11-03T06:20Z").in_timezone(_NY),
+    )
+)
 def test_chunks_cover_the_range_contiguously_in_instants(case):
     granularity, tz, lo, hi = case
     _check_cover(plan_chunks(lo, hi, granularity, tz, max_chunks=10_000), lo, hi)
@@ -104,7 +130,7 @@ def test_chunk_bounds_of_every_kind_partition_the_range(case):
     chunks = plan_chunks(lo, hi, granularity, tz, max_chunks=10_000)
     for kind in timebounds.KINDS:
         pairs = [timebounds.bounds(kind, c.start, c.end, tz) for c in chunks]
-        for (a_lo, a_hi), (b_lo, b_hi) in zip(pairs, pairs[1:]):
+        for (_a_lo, a_hi), (b_lo, _b_hi) in zip(pairs, pairs[1:]):
             assert a_hi == b_lo
         assert all(x_lo <= x_hi for x_lo, x_hi in pairs), f"{kind}: an inverted range in {pairs}"
 
@@ -131,7 +157,9 @@ def test_new_york_fall_back_hours_as_wall_time():
     spring = plan_chunks("2024-03-10", "2024-03-11", "hour", tz)
     across = next(c for c in spring if c.chunk_id == "2024-03-10T01:00-05:00")
     assert timebounds.bounds("timestamp", across.start, across.end, tz) == (
-        dt.datetime(2024, 3, 10, 1), dt.datetime(2024, 3, 10, 3))  # spans the gap: 02:xx lands here
+        dt.datetime(2024, 3, 10, 1),
+        dt.datetime(2024, 3, 10, 3),
+    )  # spans the gap: 02:xx lands here
 
 
 def test_santiago_days_start_at_local_midnight_after_a_missing_midnight():
@@ -144,19 +172,33 @@ def test_santiago_days_start_at_local_midnight_after_a_missing_midnight():
 
 def test_airflow_hourly_interval_in_the_repeated_hour_is_not_empty():
     """CronDataIntervalTimetable's run for 2024-11-03 05:00Z-06:00Z in New York (both 01:00 local)."""
-    spec = load_spec(dict(
-        name="t", source_conn_id="s", destination_conn_id="d", source_table="t", destination_table="t",
-        time_column="ts", key_columns=["id"], timezone="America/New_York", granularity="hour",
-    ))
+    spec = load_spec(
+        dict(
+            name="t",
+            source_conn_id="s",
+            destination_conn_id="d",
+            source_table="t",
+            destination_table="t",
+            time_column="ts",
+            key_columns=["id"],
+            timezone="America/New_York",
+            granularity="hour",
+        )
+    )
     lo, hi = resolve_range(
-        spec, param_start=None, param_end=None, run_type="scheduled",
+        spec,
+        param_start=None,
+        param_end=None,
+        run_type="scheduled",
         interval_start=pendulum.datetime(2024, 11, 3, 5, tz="UTC"),
         interval_end=pendulum.datetime(2024, 11, 3, 6, tz="UTC"),
     )
     chunks = plan_chunks(lo, hi, "hour", spec.timezone)
     assert [c.chunk_id for c in chunks] == ["2024-11-03T01:00-04:00"]
     assert (utc(chunks[0].start), utc(chunks[0].end)) == (
-        dt.datetime(2024, 11, 3, 5, tzinfo=_UTC), dt.datetime(2024, 11, 3, 6, tzinfo=_UTC))
+        dt.datetime(2024, 11, 3, 5, tzinfo=_UTC),
+        dt.datetime(2024, 11, 3, 6, tzinfo=_UTC),
+    )
 
 
 def test_hour_chunks_on_a_date_column_are_refused_with_the_fix():

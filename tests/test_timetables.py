@@ -10,7 +10,9 @@ from airflow_backfill_provider.compat import AIRFLOW_V_3
 pytestmark = pytest.mark.skipif(not AIRFLOW_V_3, reason="Airflow 3 only (2.11 keeps the cron timetable)")
 
 
-@pytest.mark.parametrize("cron,tz", [("0 0 * * *", "UTC"), ("0 * * * *", "America/New_York"), ("0 0 1 * *", "Europe/Berlin")])
+@pytest.mark.parametrize(
+    "cron,tz", [("0 0 * * *", "UTC"), ("0 * * * *", "America/New_York"), ("0 0 1 * *", "Europe/Berlin")]
+)
 def test_backfill_intervals_equal_the_cron_timetables_and_no_automatic_run(cron, tz):
     from airflow.timetables.base import TimeRestriction
     from airflow.timetables.interval import CronDataIntervalTimetable
@@ -50,12 +52,16 @@ def test_serialized_and_back_it_keeps_its_behaviour(monkeypatch):
     from airflow_backfill_provider.factory import build_backfill_dag
     from tests.test_progress import make_spec
 
-    monkeypatch.setattr(plugins_manager, "get_timetables_plugins", lambda: {timetables.IMPORT_PATH: timetables.BackfillOnlyTimetable})
+    monkeypatch.setattr(
+        plugins_manager, "get_timetables_plugins", lambda: {timetables.IMPORT_PATH: timetables.BackfillOnlyTimetable}
+    )
     dag = build_backfill_dag(make_spec())
     assert isinstance(dag.timetable, timetables.BackfillOnlyTimetable)
     back = DagSerialization.from_dict(DagSerialization.to_dict(dag))
     assert type(back.timetable).__name__ == "BackfillOnlyTimetable"
-    infos = list(back.iter_dagrun_infos_between(pendulum.datetime(2024, 1, 1, tz="UTC"), pendulum.datetime(2024, 1, 3, tz="UTC")))
+    infos = list(
+        back.iter_dagrun_infos_between(pendulum.datetime(2024, 1, 1, tz="UTC"), pendulum.datetime(2024, 1, 3, tz="UTC"))
+    )
     assert [(i.data_interval.start.day, i.data_interval.end.day) for i in infos] == [(1, 2), (2, 3), (3, 4)]
 
 

@@ -17,9 +17,15 @@ from tests.conftest import fetch_all, table_digest
 def make_spec(src_url, dst_url, **extra):
     return load_spec(
         dict(
-            name="orders", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-            destination_table="public.orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", **extra,
+            name="orders",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="orders",
+            destination_table="public.orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            **extra,
         )
     )
 
@@ -39,8 +45,11 @@ def wait_chunk_sessions_gone(url, timeout: float = 30) -> None:
     """Until no chunk session is left: an exiting backend flushes its pending table statistics first
     (before_shmem_exit), so after this the pg_stat counters include every chunk's writes."""
     deadline = time.monotonic() + timeout
-    while fetch_all(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                         "AND application_name LIKE 'backfill:%%'") != [(0,)]:
+    while fetch_all(
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'backfill:%%'",
+    ) != [(0,)]:
         assert time.monotonic() < deadline, f"chunk sessions still open after {timeout}s"
         time.sleep(0.02)
 
@@ -112,7 +121,9 @@ def test_failure_midway_leaves_no_rows_and_no_ledger_entry(seeded, pg):
     spec = make_spec(src, dst)
     chunk = days()[1]
     # the destination rejects one row of the chunk during the upsert (after COPY into staging succeeded)
-    bad_id = fetch_all(src, "SELECT max(id) FROM orders WHERE created_at >= %s AND created_at < %s", (chunk.start, chunk.end))[0][0]
+    bad_id = fetch_all(
+        src, "SELECT max(id) FROM orders WHERE created_at >= %s AND created_at < %s", (chunk.start, chunk.end)
+    )[0][0]
     pg(dst).cursor().execute(
         f"""CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN IF NEW.id = {int(bad_id)} THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
@@ -192,7 +203,12 @@ def test_counts_are_exact_on_a_partitioned_destination(seeded, pg):
     assert (first.inserted, first.updated, first.unchanged) == (1000, 0, 0)
     s = pg(src)
     with s.cursor() as cur:  # one newer row in each partition
-        cur.execute("UPDATE orders SET status = 'changed', updated_at = updated_at + interval '1 minute' WHERE id IN (7, 700)")
+        cur.execute(
+            "UPDATE orders SET status = 'changed', updated_at = updated_at + interval '1 minute' WHERE id IN (7, 700)"
+        )
     again = transfer_chunk(spec, chunk)
     assert (again.inserted, again.updated, again.unchanged) == (0, 2, 998)
-    assert fetch_all(dst, "SELECT id, status FROM orders WHERE status = 'changed' ORDER BY id") == [(7, "changed"), (700, "changed")]
+    assert fetch_all(dst, "SELECT id, status FROM orders WHERE status = 'changed' ORDER BY id") == [
+        (7, "changed"),
+        (700, "changed"),
+    ]

@@ -40,7 +40,7 @@ SAME = [
     ("f4b", "real", ["Infinity", "3.4028235e+38", "1e-45"]),
     ("f8", "double precision", ["0.30000000000000004", "NaN", "-0"]),
     ("f8b", "double precision", ["-Infinity", "1.7976931348623157e+308", "5e-324"]),
-    ("txt", "text", ["café ☕", "", "tab\there\nnewline \\ backslash \"quote\""]),
+    ("txt", "text", ["café ☕", "", 'tab\there\nnewline \\ backslash "quote"']),
     ("vc", "varchar(5)", ["abcde", "", "äöü"]),
     ("ch", "char(5)", ["ab", "", "abcde"]),
     ("bya", "bytea", ["\\x00ff", "\\x", "\\x5c0a0d"]),
@@ -52,12 +52,19 @@ SAME = [
     ("ts0", "timestamp(0)", ["2024-01-01 12:34:56", "-infinity", "2000-01-01"]),
     ("tstz", "timestamptz", ["2024-03-10 07:00:00+00", "-infinity", "1999-12-31 23:59:59.999999+00"]),
     ("iv", "interval", ["1 mon 2 days 03:04:05.678", "1 day", "-1 year +2 hours"]),
-    ("uid", "uuid", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "00000000-0000-0000-0000-000000000000",
-                     "ffffffff-ffff-ffff-ffff-ffffffffffff"]),
+    (
+        "uid",
+        "uuid",
+        [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        ],
+    ),
     ("js", "json", ['{"b": 1,  "a": [1, 2.50]}', '{"a":1,"a":2}', '"x"']),
     ("jb", "jsonb", ['{"a": 1.0}', "[]", "null"]),
     ("ai", "integer[]", ["{1,NULL,3}", "[0:1]={1,2}", "{}"]),
-    ("at2", "text[]", ['{{a,b},{c,NULL}}', '{"with space","q\\"uote"}', "{}"]),
+    ("at2", "text[]", ["{{a,b},{c,NULL}}", '{"with space","q\\"uote"}', "{}"]),
     ("an", "numeric[]", ["{1.0,1.00}", "{NaN}", "{}"]),
     ("en", "mood", ["happy", "sad", "ok"]),
     ("ena", "mood[]", ["{happy,sad}", "{}", "{NULL}"]),
@@ -88,9 +95,19 @@ CITEXT = ("dc", "text", "citext", ["Abc", "", "ÄÖÜ"])
 
 # representation-only changes (equal by '=' or with no '=' at all) at the same version: must be rewritten
 REPRESENTATION_CHANGES = [
-    (1, "num", "1.00"), (1, "jb", '{"a": 1.00}'), (1, "js", '{"b":1,"a":[1,2.50]}'), (1, "x", '<a  b="1">t</a>'),
-    (1, "pt", "(1.5,0)"), (1, "an", "{1.00,1.0}"), (2, "iv", "24 hours"), (3, "f4", "0"), (3, "rn", "empty"),
-    (2, "rn", "[0.0,)"), (3, "domjs", "1.5"), (3, "comp", "(sad,NaN)"), (1, "comp", "(happy,1.5)"),
+    (1, "num", "1.00"),
+    (1, "jb", '{"a": 1.00}'),
+    (1, "js", '{"b":1,"a":[1,2.50]}'),
+    (1, "x", '<a  b="1">t</a>'),
+    (1, "pt", "(1.5,0)"),
+    (1, "an", "{1.00,1.0}"),
+    (2, "iv", "24 hours"),
+    (3, "f4", "0"),
+    (3, "rn", "empty"),
+    (2, "rn", "[0.0,)"),
+    (3, "domjs", "1.5"),
+    (3, "comp", "(sad,NaN)"),
+    (1, "comp", "(happy,1.5)"),
 ]
 
 
@@ -115,9 +132,7 @@ def matrix_dbs(databases):
         for row in (1, 2, 3):
             cols = [(c, t, v[row - 1]) for c, t, v in SAME] + [(c, s, v[row - 1]) for c, s, _, v in dest_only]
             cur.execute(
-                sql.SQL(
-                    "INSERT INTO matrix (id, at, updated_at, {cols}) VALUES (%s, %s, %s, {vals})"
-                ).format(
+                sql.SQL("INSERT INTO matrix (id, at, updated_at, {cols}) VALUES (%s, %s, %s, {vals})").format(
                     cols=sql.SQL(", ").join(sql.Identifier(c) for c, _, _ in cols),
                     vals=sql.SQL(", ").join(sql.SQL("%s::{t}").format(t=sql.SQL(t)) for _, t, _ in cols),
                 ),
@@ -134,7 +149,10 @@ def matrix_dbs(databases):
 def _table(name, cols):
     return sql.SQL(
         "CREATE TABLE {t} (id integer PRIMARY KEY, at timestamptz NOT NULL, updated_at timestamptz, {cols})"
-    ).format(t=sql.Identifier(name), cols=sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in cols))
+    ).format(
+        t=sql.Identifier(name),
+        cols=sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in cols),
+    )
 
 
 def as_text(conn, table, columns):
@@ -172,11 +190,19 @@ def test_every_type_round_trips_exactly_and_reruns_rewrite_nothing(matrix_dbs, c
         )
     with conns[dst].cursor() as cur:
         cur.execute(_table(target, [(c, t) for c, t, _ in SAME] + dest_only))
-    spec = load_spec(dict(
-        name="matrix", source_conn_id=src, destination_conn_id=dst, source_table=target,
-        destination_table=f"public.{target}", time_column="at", key_columns=["id"], copy_format=copy_format,
-        **({"version_column": "updated_at"} if versioned else {"conflict_policy": "backfill_wins"}),
-    ))
+    spec = load_spec(
+        dict(
+            name="matrix",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table=target,
+            destination_table=f"public.{target}",
+            time_column="at",
+            key_columns=["id"],
+            copy_format=copy_format,
+            **({"version_column": "updated_at"} if versioned else {"conflict_policy": "backfill_wins"}),
+        )
+    )
 
     first = transfer_chunk(spec, CHUNK)
     assert (first.rows_extracted, first.inserted, first.updated) == (4, 4, 0)
@@ -215,10 +241,10 @@ def test_matrix_covers_citext_or_says_why(matrix_dbs):
 # Property: the upsert's change test says "changed" exactly when the representation differs (the text
 # of the value under one session), for types whose '=' is not identity or does not exist.
 # ------------------------------------------------------------------------------------------------
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-_digits = st.integers(min_value=-10**6, max_value=10**6)
+_digits = st.integers(min_value=-(10**6), max_value=10**6)
 _scale = st.integers(min_value=0, max_value=4)
 
 
@@ -279,9 +305,11 @@ def probe(matrix_dbs):
     names = {t: f"p{i}" for i, t in enumerate(types)}
     conn = conns[dst]
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE change_probe ({})").format(
-            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(names[t]), sql.SQL(t)) for t in types)
-        ))
+        cur.execute(
+            sql.SQL("CREATE TABLE change_probe ({})").format(
+                sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(names[t]), sql.SQL(t)) for t in types)
+            )
+        )
     infos = schema.describe_types(conn, TableName(name="change_probe"))
     return conn, types, names, infos
 

@@ -5,8 +5,6 @@ too) and item 14 (a covering index ``UNIQUE (id) INCLUDE (amount)`` was refused;
 and deferrable indexes cannot be ON CONFLICT arbiters).
 """
 
-import datetime as dt
-
 import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
@@ -34,9 +32,19 @@ def seed(src, *, null_tenants: int):
 def make_spec(src_url, dst_url, keys):
     return load_spec(
         dict(
-            name="ev", source_conn_id=src_url, destination_conn_id=dst_url, source_table="ev",
-            destination_table="ev", time_column="created_at", key_columns=keys, version_column="updated_at",
-            live={"enabled": True, "start_from": "2023-12-31T00:00:00Z", "lookback_s": 10 * 86400},  # reruns re-read all
+            name="ev",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="created_at",
+            key_columns=keys,
+            version_column="updated_at",
+            live={
+                "enabled": True,
+                "start_from": "2023-12-31T00:00:00Z",
+                "lookback_s": 10 * 86400,
+            },  # reruns re-read all
         )
     )
 
@@ -55,7 +63,8 @@ def count(dst_url):
 # destination key DDL -> (source NULL tenant ids, refused with these fragments | None: loads exactly)
 COMPOSITE = {
     "nullable unique": (
-        "UNIQUE (tenant_id, id)", 25,
+        "UNIQUE (tenant_id, id)",
+        25,
         ("['tenant_id']", "allow NULL", "ev_tenant_id_id_key", "SET NOT NULL", "NULLS NOT DISTINCT"),
     ),
     "not null unique": ("UNIQUE (tenant_id, id)", 0, None),
@@ -96,14 +105,21 @@ SINGLE = {
     "covering unique (INCLUDE)": ("CONSTRAINT ev_id UNIQUE (id) INCLUDE (amount)", None),
     "covering primary key (INCLUDE)": ("PRIMARY KEY (id) INCLUDE (amount, created_at)", None),
     "full unique next to a partial one": ("UNIQUE (id); CREATE UNIQUE INDEX ev_pos ON ev (id) WHERE amount > 5", None),
-    "partial unique only": ("CHECK (true); CREATE UNIQUE INDEX ev_pos ON ev (id) WHERE amount > 5", ("'ev_pos' is partial",)),
-    "expression unique only": ("CHECK (true); CREATE UNIQUE INDEX ev_expr ON ev ((id + 0))", ("'ev_expr' is on an expression",)),
+    "partial unique only": (
+        "CHECK (true); CREATE UNIQUE INDEX ev_pos ON ev (id) WHERE amount > 5",
+        ("'ev_pos' is partial",),
+    ),
+    "expression unique only": (
+        "CHECK (true); CREATE UNIQUE INDEX ev_expr ON ev ((id + 0))",
+        ("'ev_expr' is on an expression",),
+    ),
     "deferrable unique": (
         "CONSTRAINT ev_def UNIQUE (id) DEFERRABLE INITIALLY IMMEDIATE",
         ("'ev_def'", "DEFERRABLE", "ALTER CONSTRAINT ev_def NOT DEFERRABLE"),
     ),
     "deferrable next to an immediate one": (
-        "CONSTRAINT ev_def UNIQUE (id) DEFERRABLE; CREATE UNIQUE INDEX ev_imm ON ev (id)", ("'ev_def'", "DEFERRABLE"),
+        "CONSTRAINT ev_def UNIQUE (id) DEFERRABLE; CREATE UNIQUE INDEX ev_imm ON ev (id)",
+        ("'ev_def'", "DEFERRABLE"),
     ),
 }
 

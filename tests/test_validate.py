@@ -33,9 +33,15 @@ FROM generate_series(1, %(n)s) AS g
 
 def make_spec(**overrides):
     data = dict(
-        name="orders", source_conn_id="unused_src", destination_conn_id="unused_dst",
-        source_table="public.orders", destination_table="public.orders", time_column="created_at",
-        key_columns=["id"], version_column="updated_at", timezone="UTC",
+        name="orders",
+        source_conn_id="unused_src",
+        destination_conn_id="unused_dst",
+        source_table="public.orders",
+        destination_table="public.orders",
+        time_column="created_at",
+        key_columns=["id"],
+        version_column="updated_at",
+        timezone="UTC",
         validation={"sum_columns": ["amount", "qty"]},
     )
     data.update(overrides)
@@ -100,7 +106,9 @@ def test_clean_copy_passes_and_stores_a_summary_row(copied, pg):
 def test_missing_day_in_destination_is_caught_and_named(copied, pg):
     src, dst = copied
     with pg(dst).cursor() as cur:
-        cur.execute("DELETE FROM public.orders WHERE created_at >= '2024-01-04 00:00+00' AND created_at < '2024-01-05 00:00+00'")
+        cur.execute(
+            "DELETE FROM public.orders WHERE created_at >= '2024-01-04 00:00+00' AND created_at < '2024-01-05 00:00+00'"
+        )
     report = run(make_spec(), utc(2024, 1, 1), utc(2024, 1, 11), src, dst)
     assert report.status == FAIL
     totals = report.totals()
@@ -123,7 +131,9 @@ def test_corrupted_sum_is_caught_and_named(copied, pg):
     src, dst = copied
     with pg(dst).cursor() as cur:
         # one row of 2024-01-07 gets 10x its amount: counts still match, the day's sum does not
-        cur.execute("UPDATE public.orders SET amount = amount * 10 WHERE id = (SELECT min(id) FROM public.orders WHERE created_at >= '2024-01-07 00:00+00')")
+        cur.execute(
+            "UPDATE public.orders SET amount = amount * 10 WHERE id = (SELECT min(id) FROM public.orders WHERE created_at >= '2024-01-07 00:00+00')"
+        )
     report = run(make_spec(), utc(2024, 1, 1), utc(2024, 1, 11), src, dst)
     assert report.status == FAIL
     bad = day(report, "2024-01-07")
@@ -147,9 +157,13 @@ def test_difference_between_thresholds_warns(copied, pg):
     assert len(warned) == 1 and warned[0].day == dt.date(2024, 1, 5)
     assert 0.001 < warned[0].worst_diff < 0.01
     # the same difference passes under looser thresholds and fails under tighter ones
-    loose = make_spec(validation={"sum_columns": ["amount"], "warn_threshold": 0.005, "fail_threshold": 0.05, "checksum": False})
+    loose = make_spec(
+        validation={"sum_columns": ["amount"], "warn_threshold": 0.005, "fail_threshold": 0.05, "checksum": False}
+    )
     assert run(loose, utc(2024, 1, 1), utc(2024, 1, 11), src, dst, store=False).status == PASS
-    tight = make_spec(validation={"sum_columns": ["amount"], "warn_threshold": 0.0, "fail_threshold": 0.001, "checksum": False})
+    tight = make_spec(
+        validation={"sum_columns": ["amount"], "warn_threshold": 0.0, "fail_threshold": 0.001, "checksum": False}
+    )
     assert run(tight, utc(2024, 1, 1), utc(2024, 1, 11), src, dst, store=False).status == FAIL
 
 
@@ -157,9 +171,13 @@ def test_rows_outside_the_range_are_ignored(copied, pg):
     src, dst = copied
     with pg(dst).cursor() as cur:
         # live ingest wrote later rows, and an earlier load left rows before the range
-        cur.execute("INSERT INTO public.orders VALUES (10001, '2024-01-08 05:00+00', now(), 999, 9), (10002, '2023-12-31 23:59:59+00', now(), 5, 1)")
+        cur.execute(
+            "INSERT INTO public.orders VALUES (10001, '2024-01-08 05:00+00', now(), 999, 9), (10002, '2023-12-31 23:59:59+00', now(), 5, 1)"
+        )
     with pg(src).cursor() as cur:
-        cur.execute("UPDATE public.orders SET amount = 0 WHERE created_at >= '2024-01-09 00:00+00'")  # changed after the range
+        cur.execute(
+            "UPDATE public.orders SET amount = 0 WHERE created_at >= '2024-01-09 00:00+00'"
+        )  # changed after the range
     report = run(make_spec(), utc(2024, 1, 1), utc(2024, 1, 8), src, dst)
     assert report.status == PASS
     assert [d.day for d in report.days] == [dt.date(2024, 1, d) for d in range(1, 8)]
@@ -180,7 +198,9 @@ def test_days_are_local_days_in_the_spec_timezone(src_url, dst_url, pg):
     report = run(spec, ny(2024, 3, 9), ny(2024, 3, 12), src_url, dst_url)
     assert report.status == PASS
     assert {d.day.isoformat(): d.source_rows for d in report.days} == {
-        "2024-03-09": 24, "2024-03-10": 23, "2024-03-11": 24,
+        "2024-03-09": 24,
+        "2024-03-10": 23,
+        "2024-03-11": 24,
     }
     # 2024-03-11 03:00 UTC is still 2024-03-10 in New York (23:00 EDT): that day must be named
     with pg(dst_url).cursor() as cur:

@@ -61,7 +61,10 @@ def airflow_env(tmp_path_factory):
 def dags_test(env, dag_id: str, conf: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [AIRFLOW, "dags", "test", dag_id, "-c", json.dumps(conf)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -71,12 +74,23 @@ def test_validate_task_in_a_real_run(airflow_env, src_url, dst_url, pg):
     with pg(dst_url).cursor() as cur:
         cur.execute(DESTINATION)
     spec = dict(
-        name="orders_drift", source_conn_id="bf_test_src", destination_conn_id="bf_test_dst",
-        source_table="public.orders", destination_table="public.orders", time_column="created_at",
-        key_columns=["id"], version_column="updated_at", granularity="week", timezone="UTC",
-        historical=HISTORICAL, validation={"sum_columns": ["amount"]}, watermark={"enabled": False},
+        name="orders_drift",
+        source_conn_id="bf_test_src",
+        destination_conn_id="bf_test_dst",
+        source_table="public.orders",
+        destination_table="public.orders",
+        time_column="created_at",
+        key_columns=["id"],
+        version_column="updated_at",
+        granularity="week",
+        timezone="UTC",
+        historical=HISTORICAL,
+        validation={"sum_columns": ["amount"]},
+        watermark={"enabled": False},
     )
-    env = dict(airflow_env, BF_TEST_SPEC=json.dumps(spec), AIRFLOW_CONN_BF_TEST_SRC=src_url, AIRFLOW_CONN_BF_TEST_DST=dst_url)
+    env = dict(
+        airflow_env, BF_TEST_SPEC=json.dumps(spec), AIRFLOW_CONN_BF_TEST_SRC=src_url, AIRFLOW_CONN_BF_TEST_DST=dst_url
+    )
     conf = {"start": "2021-05-24", "end": "2021-06-09"}
 
     run = dags_test(env, "backfill_orders_drift", conf)
@@ -84,11 +98,15 @@ def test_validate_task_in_a_real_run(airflow_env, src_url, dst_url, pg):
     assert run.returncode == 0, out[-4000:]
     # drift decisions: logged by the plan once per source table, not once per chunk
     # (2.11 prints each task log record twice, with two timestamp formats: count distinct messages)
-    decisions = sorted({line.split("Schema decision for", 1)[1] for line in out.splitlines() if "Schema decision for" in line})
+    decisions = sorted(
+        {line.split("Schema decision for", 1)[1] for line in out.splitlines() if "Schema decision for" in line}
+    )
     assert sum("channel: missing in source" in line for line in decisions) == 1, decisions
-    assert sum("amount: expression (\"Amount Cents\" / 100.0)" in line for line in decisions) == 1, decisions
+    assert sum('amount: expression ("Amount Cents" / 100.0)' in line for line in decisions) == 1, decisions
     # the per-day table is in the validate task's log
-    assert "Validation of public.orders [2021-05-24T00:00:00+00:00, 2021-06-09T00:00:00+00:00) per day in UTC: PASS" in out
+    assert (
+        "Validation of public.orders [2021-05-24T00:00:00+00:00, 2021-06-09T00:00:00+00:00) per day in UTC: PASS" in out
+    )
     with pg(dst_url).cursor() as cur:
         cur.execute("SELECT dag_id, status, days, source_rows, destination_rows FROM public.backfill_validation")
         assert cur.fetchall() == [("backfill_orders_drift", "pass", 16, 64, 64)]

@@ -26,9 +26,9 @@ FILL = {
     "date": "INSERT INTO ev SELECT g, date '2023-12-30' + g / 5, g % 7, 'n' || g FROM generate_series(0, 39) g",
     # one row per hour (naive wall time), same days
     "timestamp": "INSERT INTO ev SELECT g, timestamp '2023-12-30' + g * interval '1 hour', g % 7, 'n' || g"
-                 " FROM generate_series(0, 8 * 24 - 1) g",
+    " FROM generate_series(0, 8 * 24 - 1) g",
     "timestamptz": "INSERT INTO ev SELECT g, timestamptz '2023-12-30 00:00+00' + g * interval '1 hour', g % 7,"
-                   " 'n' || g FROM generate_series(0, 8 * 24 - 1) g",
+    " 'n' || g FROM generate_series(0, 8 * 24 - 1) g",
 }
 ZONE = "America/New_York"
 
@@ -40,21 +40,36 @@ def _setup(databases, kind: str):
     with conn.cursor() as cur:
         # the setting: the source session reads in UTC, the spec's days are New York days
         for url, tz in ((src, "UTC"), (dst, "Asia/Kolkata")):
-            cur.execute(sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
-                sql.Identifier(url.rsplit("/", 1)[1]), sql.Literal(tz)))
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
+                    sql.Identifier(url.rsplit("/", 1)[1]), sql.Literal(tz)
+                )
+            )
     conn.close()
     for url in (src, dst):
         conn = psycopg2.connect(url)
         with conn, conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, v integer, note text)").format(
-                sql.SQL(TYPES[kind])))
+            cur.execute(
+                sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, v integer, note text)").format(
+                    sql.SQL(TYPES[kind])
+                )
+            )
             if url == src:
                 cur.execute(FILL[kind])
         conn.close()
-    spec = load_spec(dict(
-        name="ev", source_conn_id=src, destination_conn_id=dst, source_table="ev", destination_table="ev",
-        time_column="t", key_columns=["id"], timezone=ZONE, validation={"sum_columns": ["v"]},
-    ))
+    spec = load_spec(
+        dict(
+            name="ev",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="ev",
+            destination_table="ev",
+            time_column="t",
+            key_columns=["id"],
+            timezone=ZONE,
+            validation={"sum_columns": ["v"]},
+        )
+    )
     return spec, src, dst
 
 
@@ -100,8 +115,11 @@ def test_correct_chunks_pass_and_an_altered_value_is_named_by_the_checksum(datab
             "timestamp": "t >= timestamp '2024-01-02 00:00' AND t < timestamp '2024-01-03 00:00'",
             "timestamptz": "t >= timestamptz '2024-01-02 00:00-05' AND t < timestamptz '2024-01-03 00:00-05'",
         }[kind]
-        cur.execute(sql.SQL("UPDATE ev SET note = note || '!' WHERE id = (SELECT min(id) FROM ev WHERE {})").format(
-            sql.SQL(where)))
+        cur.execute(
+            sql.SQL("UPDATE ev SET note = note || '!' WHERE id = (SELECT min(id) FROM ev WHERE {})").format(
+                sql.SQL(where)
+            )
+        )
         assert cur.rowcount == 1 and ids
     conn.close()
     report = validate_range(spec, "2024-01-01", "2024-01-04", store=False)

@@ -19,18 +19,39 @@ PKG = REPO / "airflow_backfill_provider"
 #: everything a backfill run executes (DAG file, factory, plan, chunks, Pattern B merge) and the shared
 #: modules they use; none of these may reach the watermark writer
 BACKFILL_MODULES = [
-    "factory", "loader", "planning", "transfer", "swap", "ledger", "watermark", "schema", "sql", "chunks",
-    "operators.plan", "operators.chunk", "operators.merge",
+    "factory",
+    "loader",
+    "planning",
+    "transfer",
+    "swap",
+    "ledger",
+    "watermark",
+    "schema",
+    "sql",
+    "chunks",
+    "operators.plan",
+    "operators.chunk",
+    "operators.merge",
 ]
-WRITER_MODULES = {"airflow_backfill_provider.live", "airflow_backfill_provider.operators.live", "airflow_backfill_provider.live_factory"}
+WRITER_MODULES = {
+    "airflow_backfill_provider.live",
+    "airflow_backfill_provider.operators.live",
+    "airflow_backfill_provider.live_factory",
+}
 
 WM_ROW = "SELECT t::text, xmin::text, ctid::text FROM backfill_watermarks t ORDER BY target_table"
 
 
 def make_spec(src_url, dst_url, **extra):
     base = dict(
-        name="orders", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-        destination_table="public.orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
+        name="orders",
+        source_conn_id=src_url,
+        destination_conn_id=dst_url,
+        source_table="orders",
+        destination_table="public.orders",
+        time_column="created_at",
+        key_columns=["id"],
+        version_column="updated_at",
         live={"enabled": True, "lookback_s": 0, "start_from": "2024-01-04T12:00:00+00:00"},
     )
     return load_spec({**base, **extra})
@@ -124,7 +145,9 @@ def test_watermark_is_byte_for_byte_unchanged_after_a_full_backfill_with_retries
     assert plan.clipped and len(plan.chunks) == 6
     # one chunk fails mid-way (after its COPY, during the upsert), then is retried
     victim = plan.chunks[1]
-    bad = fetch_all(src, "SELECT max(id) FROM orders WHERE created_at >= %s AND created_at < %s", (victim.start, victim.end))[0][0]
+    bad = fetch_all(
+        src, "SELECT max(id) FROM orders WHERE created_at >= %s AND created_at < %s", (victim.start, victim.end)
+    )[0][0]
     d = pg(dst).cursor()
     d.execute(
         f"""CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -149,7 +172,9 @@ def test_watermark_is_byte_for_byte_unchanged_after_a_full_backfill_with_retries
     assert table_digest(src) == table_digest(dst)
 
 
-def test_watermark_unchanged_through_real_airflow_runs_with_a_failed_and_retried_chunk(seeded, pg, airflow_db, monkeypatch):
+def test_watermark_unchanged_through_real_airflow_runs_with_a_failed_and_retried_chunk(
+    seeded, pg, airflow_db, monkeypatch
+):
     """The example DAG backfill_orders (dags/configs/orders.yaml) under dag.test(): fail a chunk, run again."""
     src, dst, _ = seeded
     monkeypatch.setenv("AIRFLOW_CONN_BACKFILL_SOURCE_PG", src)

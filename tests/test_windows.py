@@ -68,10 +68,18 @@ def test_next_open(allowed, blackout, tz, now, expected):
 )
 def test_bad_windows_are_refused_naming_the_entry(windows, fragment):
     with pytest.raises(SpecError, match=None) as err:
-        load_spec(dict(
-            name="o", source_conn_id="s", destination_conn_id="d", source_table="o", destination_table="o",
-            time_column="t", key_columns=["id"], windows=windows,
-        ))
+        load_spec(
+            dict(
+                name="o",
+                source_conn_id="s",
+                destination_conn_id="d",
+                source_table="o",
+                destination_table="o",
+                time_column="t",
+                key_columns=["id"],
+                windows=windows,
+            )
+        )
     assert fragment in str(err.value)
 
 
@@ -83,11 +91,20 @@ def seeded(src_url, dst_url, pg):
 
 
 def _spec(src, dst, windows=None, **throttle):
-    return load_spec(dict(
-        name="orders", source_conn_id=src, destination_conn_id=dst, source_table="orders",
-        destination_table="public.orders", time_column="created_at", key_columns=["id"],
-        version_column="updated_at", throttle=throttle, windows=windows or {},
-    )).model_dump(mode="json")
+    return load_spec(
+        dict(
+            name="orders",
+            source_conn_id=src,
+            destination_conn_id=dst,
+            source_table="orders",
+            destination_table="public.orders",
+            time_column="created_at",
+            key_columns=["id"],
+            version_column="updated_at",
+            throttle=throttle,
+            windows=windows or {},
+        )
+    ).model_dump(mode="json")
 
 
 def test_a_closed_window_defers_and_opens_on_time(seeded):
@@ -124,7 +141,9 @@ class SlowMaintenance:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 with admin.cursor() as cur:
-                    cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE pid = %s").format(sql.Identifier(view)), (self.pid,))
+                    cur.execute(
+                        sql.SQL("SELECT count(*) FROM {} WHERE pid = %s").format(sql.Identifier(view)), (self.pid,)
+                    )
                     if cur.fetchone()[0]:
                         return
                 time.sleep(0.05)

@@ -81,8 +81,12 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         self.log.info("Source load dropped after %.1f s: %s", waited_load_s, sample.describe())
         # the trigger has just probed: go straight to pacing
         return self._gate(
-            context, sample=sample, waited_load_s=waited_load_s,
-            waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)), paced=False, probed=True,
+            context,
+            sample=sample,
+            waited_load_s=waited_load_s,
+            waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)),
+            paced=False,
+            probed=True,
         )
 
     def execute_after_pacing(self, context, event: dict[str, Any] | None = None, **_: Any) -> dict:
@@ -90,12 +94,16 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         event = event or {}
         carry = event.get("carry") or {}
         return self._gate(
-            context, sample=None, waited_load_s=float(carry.get("waited_load_s", 0.0)),
+            context,
+            sample=None,
+            waited_load_s=float(carry.get("waited_load_s", 0.0)),
             waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)) + float(event.get("waited_s") or 0.0),
             paced=True,
         )
 
-    def _gate(self, context, *, sample, waited_load_s: float, waited_pacing_s: float, paced: bool, probed: bool = False):
+    def _gate(
+        self, context, *, sample, waited_load_s: float, waited_pacing_s: float, paced: bool, probed: bool = False
+    ):
         from airflow_backfill_provider.chunks import Chunk
         from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
@@ -148,7 +156,10 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         import time
 
         from airflow_backfill_provider.throttle import (
-            critical_message, decide, reserve_destination_turn, wait_reason,
+            critical_message,
+            decide,
+            reserve_destination_turn,
+            wait_reason,
         )
         from airflow_backfill_provider.triggers.load import SourceLoadTrigger
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
@@ -157,7 +168,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         if sample.hidden:
             self.log.warning(
                 "%d source session(s) are hidden from the probe: grant pg_monitor to the source user so "
-                "the load threshold sees them", sample.hidden,
+                "the load threshold sees them",
+                sample.hidden,
             )
         decision = decide(sample, throttle)
         self.log.info("Source load: %s -> %s", sample.describe(), decision)
@@ -178,12 +190,17 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             )
         if throttle.min_query_interval > 0 and not paced:
             turn = reserve_destination_turn(
-                spec.destination_conn_id, throttle, key=self.pool or "default_pool", application_name=f"{appname}:pacing",
+                spec.destination_conn_id,
+                throttle,
+                key=self.pool or "default_pool",
+                application_name=f"{appname}:pacing",
             )
             if turn.wait_s > 0:
                 self.log.info(
                     "Pacing: slot %d of pool %s may query the source in %.1f s (deferred until then)",
-                    turn.slot, self.pool, turn.wait_s,
+                    turn.slot,
+                    self.pool,
+                    turn.wait_s,
                 )
                 self.defer(
                     trigger=PacingTrigger(
@@ -221,7 +238,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             close_all(conn)
             raise AirflowFailException(str(err)) from err
 
-    def _transfer(self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float, src_conn=None) -> dict:
+    def _transfer(
+        self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float, src_conn=None
+    ) -> dict:
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.throttle import chunk_summary
         from airflow_backfill_provider.transfer import transfer_chunk
@@ -233,14 +252,25 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             raise AirflowFailException(str(err)) from err
         self.log.info(
             "Chunk %s [%s, %s): %d rows extracted, %d inserted, %d updated, %d unchanged in %.2fs (%.0f rows/s)",
-            result.chunk_id, result.start, result.end, result.rows_extracted, result.inserted, result.updated,
-            result.unchanged, result.seconds, result.rows_per_s,
+            result.chunk_id,
+            result.start,
+            result.end,
+            result.rows_extracted,
+            result.inserted,
+            result.updated,
+            result.unchanged,
+            result.seconds,
+            result.rows_per_s,
         )
         self.log.info(
             "%s",
             chunk_summary(
-                chunk_id=result.chunk_id, sample=sample, waited_load_s=waited_load_s,
-                waited_pacing_s=waited_pacing_s, rows=result.rows_extracted, seconds=result.seconds,
+                chunk_id=result.chunk_id,
+                sample=sample,
+                waited_load_s=waited_load_s,
+                waited_pacing_s=waited_pacing_s,
+                rows=result.rows_extracted,
+                seconds=result.seconds,
             ),
         )
         from airflow_backfill_provider.progress_log import log_chunk_share
@@ -251,6 +281,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
         out.update(
-            source_active=sample.active, waited_load_s=round(waited_load_s, 1), waited_pacing_s=round(waited_pacing_s, 1)
+            source_active=sample.active,
+            waited_load_s=round(waited_load_s, 1),
+            waited_pacing_s=round(waited_pacing_s, 1),
         )
         return out

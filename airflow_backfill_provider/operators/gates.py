@@ -28,7 +28,10 @@ class ChunkGatesMixin:
             return
         self.log.info(
             "Outside the maintenance window (allowed %s, blackout %s, %s): deferred until %s",
-            w.allowed or "any time", w.blackout or "none", spec.windows_timezone, opens.isoformat(),
+            w.allowed or "any time",
+            w.blackout or "none",
+            spec.windows_timezone,
+            opens.isoformat(),
         )
         self.defer(trigger=PacingTrigger(at=opens.timestamp()), method_name="execute_after_window")
 
@@ -50,7 +53,9 @@ class ChunkGatesMixin:
         self.log.info("Source table %s is under maintenance (%s): waiting, deferred", table, ", ".join(busy))
         self.defer(
             trigger=MaintenanceTrigger(
-                conn_id=spec.source_conn_id, table=str(table), throttle=spec.throttle.model_dump(mode="json"),
+                conn_id=spec.source_conn_id,
+                table=str(table),
+                throttle=spec.throttle.model_dump(mode="json"),
                 application_name=f"{appname}:maintenance",
             ),
             method_name="execute_after_maintenance",
@@ -75,7 +80,12 @@ class ChunkGatesMixin:
         from airflow_backfill_provider.connections import close_all, connect
         from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
         from airflow_backfill_provider.throttle import (
-            PROBE_TIMEOUT_S, critical_message, decide, probe_load, reserve_destination_turn, wait_reason,
+            PROBE_TIMEOUT_S,
+            critical_message,
+            decide,
+            probe_load,
+            reserve_destination_turn,
+            wait_reason,
         )
         from airflow_backfill_provider.transfer import application_name, open_source, transfer_chunk
         from airflow_backfill_provider.triggers.load import SourceLoadTrigger
@@ -91,9 +101,11 @@ class ChunkGatesMixin:
         appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)
         dst = connect(
-                spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
-                lock_timeout_s=spec.lock_timeout_s,
-            )
+            spec.destination_conn_id,
+            application_name=appname,
+            timezone=spec.timezone,
+            lock_timeout_s=spec.lock_timeout_s,
+        )
         src = None
         try:
             src = open_source(spec, appname)
@@ -105,8 +117,11 @@ class ChunkGatesMixin:
             )
             todo = [c for c in chunks if not chunkplan.is_done(done, c)]
             self.log.info(
-                "Batch %s: %d chunk(s), %d already in the ledger, %d to load", label, len(chunks),
-                len(chunks) - len(todo), len(todo),
+                "Batch %s: %d chunk(s), %d already in the ledger, %d to load",
+                label,
+                len(chunks),
+                len(chunks) - len(todo),
+                len(todo),
             )
             prepared: dict = {}
             failed: list[str] = []
@@ -120,9 +135,11 @@ class ChunkGatesMixin:
                     src.autocommit = True
                 if dst.closed:
                     dst = connect(
-                spec.destination_conn_id, application_name=appname, timezone=spec.timezone,
-                lock_timeout_s=spec.lock_timeout_s,
-            )
+                        spec.destination_conn_id,
+                        application_name=appname,
+                        timezone=spec.timezone,
+                        lock_timeout_s=spec.lock_timeout_s,
+                    )
                 if time.monotonic() - last_check >= spec.throttle.poll_interval:
                     # probe the load (and maintenance) at most once per poll_interval, not per small chunk
                     sample = probe_load(src, timeout_s=PROBE_TIMEOUT_S)
@@ -134,7 +151,8 @@ class ChunkGatesMixin:
                         close_all(src, dst)
                         self.defer(
                             trigger=SourceLoadTrigger(
-                                conn_id=spec.source_conn_id, throttle=spec.throttle.model_dump(mode="json"),
+                                conn_id=spec.source_conn_id,
+                                throttle=spec.throttle.model_dump(mode="json"),
                                 application_name=f"{appname}:probe"[:63],
                             ),
                             method_name="execute_after_wait",
@@ -147,16 +165,26 @@ class ChunkGatesMixin:
                     last_check = time.monotonic()
                 if spec.throttle.min_query_interval > 0 and not paced:
                     turn = reserve_destination_turn(
-                        spec.destination_conn_id, spec.throttle, key=self.pool or "default_pool",
+                        spec.destination_conn_id,
+                        spec.throttle,
+                        key=self.pool or "default_pool",
                         application_name=f"{appname}:pacing"[:63],
                     )
                     if turn.wait_s > 0:
                         close_all(src, dst)
-                        self.defer(trigger=PacingTrigger(at=time.time() + turn.wait_s), method_name="execute_after_pacing")
+                        self.defer(
+                            trigger=PacingTrigger(at=time.time() + turn.wait_s), method_name="execute_after_pacing"
+                        )
                 try:
                     result = transfer_chunk(
-                        spec, chunk, dag_id=self.dag_id, run_id=run_id, source_conn=src, destination_conn=dst,
-                        prepared=prepared, close=False,
+                        spec,
+                        chunk,
+                        dag_id=self.dag_id,
+                        run_id=run_id,
+                        source_conn=src,
+                        destination_conn=dst,
+                        prepared=prepared,
+                        close=False,
                     )
                 except PermanentChunkError as err:  # this chunk's data: go on with the others, fail at the end
                     self.log.error("Chunk %s failed (permanent): %s", chunk.chunk_id, err)
@@ -168,7 +196,11 @@ class ChunkGatesMixin:
                 rows += result.rows_extracted
                 self.log.info(
                     "chunk %s: %d rows extracted, %d inserted, %d updated in %.3fs",
-                    result.chunk_id, result.rows_extracted, result.inserted, result.updated, result.seconds,
+                    result.chunk_id,
+                    result.rows_extracted,
+                    result.inserted,
+                    result.updated,
+                    result.seconds,
                 )
         finally:
             close_all(src, dst)
@@ -177,6 +209,7 @@ class ChunkGatesMixin:
             raise AirflowFailException(
                 f"batch {label}: {len(failed)} of {len(todo)} chunk(s) failed, the other {loaded} are committed and "
                 f"in the ledger. Fix the cause and clear this task: only the chunks not in the ledger run again.\n"
-                + "\n".join(failed[:20]) + ("\n..." if len(failed) > 20 else "")
+                + "\n".join(failed[:20])
+                + ("\n..." if len(failed) > 20 else "")
             )
         return {"batch": label, "chunks": len(chunks), "loaded": loaded, "rows": rows}

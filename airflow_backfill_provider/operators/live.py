@@ -44,7 +44,15 @@ class LiveIngestOperator(LineageMixin, BaseOperator):
         self._lineage_rows = result.rows_extracted  # OpenLineage output row count
         self.log.info(
             "Live %s: read %s > %s: %d rows, %d inserted, %d updated, %d unchanged; watermark %s -> %s (%.2fs)",
-            result.target, spec.live_cursor_column, result.lower_bound, result.rows_extracted, result.inserted,
-            result.updated, result.unchanged, result.previous_watermark, result.watermark, result.seconds,
+            result.target,
+            spec.live_cursor_column,
+            result.lower_bound,
+            result.rows_extracted,
+            result.inserted,
+            result.updated,
+            result.unchanged,
+            result.previous_watermark,
+            result.watermark,
+            result.seconds,
         )
         return result.to_dict()

@@ -54,7 +54,11 @@ class MergeBackfillOperator(LineageMixin, BaseOperator):
         else:
             self.log.info(
                 "Merged %s into %s: %d rows, %d inserted, %d keys already live (kept), in %.2fs; parallel table dropped",
-                result.parallel_table, result.target, result.rows_in_parallel, result.inserted, result.kept_live,
+                result.parallel_table,
+                result.target,
+                result.rows_in_parallel,
+                result.inserted,
+                result.kept_live,
                 result.seconds,
             )
         return result.to_dict()

@@ -67,16 +67,26 @@ class PlanBackfillOperator(BaseOperator):
             dst = src = None
             try:
                 dst = connect(
-                    spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan",
+                    spec.destination_conn_id,
+                    application_name=f"backfill:{spec.effective_dag_id}:plan",
                     timezone=spec.timezone,
                 )
                 src = connect(
-                    spec.source_conn_id, application_name=f"backfill:{spec.effective_dag_id}:plan", readonly=True,
-                    timezone=spec.timezone, statement_timeout_s=30, lock_timeout_s=spec.lock_timeout_s,
+                    spec.source_conn_id,
+                    application_name=f"backfill:{spec.effective_dag_id}:plan",
+                    readonly=True,
+                    timezone=spec.timezone,
+                    statement_timeout_s=30,
+                    lock_timeout_s=spec.lock_timeout_s,
                 )
                 plan = build_plan(
-                    spec, start, end, granularity=_blank_to_none(self.granularity),
-                    reprocess=reprocess, dst_conn=dst, src_conn=src,
+                    spec,
+                    start,
+                    end,
+                    granularity=_blank_to_none(self.granularity),
+                    reprocess=reprocess,
+                    dst_conn=dst,
+                    src_conn=src,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
                 # (swap mode: against the live table; the parallel one is created LIKE it, below)
@@ -92,7 +102,8 @@ class PlanBackfillOperator(BaseOperator):
                         self.log.warning(
                             "Source %s has no index leading on %s: every chunk will scan the whole table. "
                             "Ask the source's owner for an index on it, or use a coarser granularity.",
-                            src_table, time_col,
+                            src_table,
+                            time_col,
                         )
                     # without an index an exact count would scan the table: use the planner's estimate
                     warning = null_time_rows(src, src_table, time_col, exact=indexed).message
@@ -111,7 +122,12 @@ class PlanBackfillOperator(BaseOperator):
             self.log.info("%s", note)
         self.log.info(
             "Plan for %s: [%s, %s) at %s: %d chunk(s) to load, %d already done%s",
-            spec.destination, plan.start, plan.end, plan.granularity, len(plan.chunks), len(plan.skipped),
+            spec.destination,
+            plan.start,
+            plan.end,
+            plan.granularity,
+            len(plan.chunks),
+            len(plan.skipped),
             " (DRY RUN: nothing will be written)" if dry_run else "",
         )
         self.log.info("%s", progress_log.plan_message(len(plan.chunks), len(plan.skipped), est_rows, rate))
@@ -125,7 +141,10 @@ class PlanBackfillOperator(BaseOperator):
             self.log.info(
                 "%d chunks run in %d batches (mapped task instances) of up to %d: over max_mapped_chunks=%d; "
                 "each chunk commits on its own, a retried batch skips the chunks already in the ledger",
-                len(plan.chunks), len(mapped), batches.batch_size(spec, len(plan.chunks)), spec.max_mapped_chunks,
+                len(plan.chunks),
+                len(mapped),
+                batches.batch_size(spec, len(plan.chunks)),
+                spec.max_mapped_chunks,
             )
         if dry_run:
             return []

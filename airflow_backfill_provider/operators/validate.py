@@ -78,8 +78,12 @@ class ValidateBackfillOperator(BaseOperator):
                 f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
                 f"({totals['worst_metric']} off by {totals['worst_diff']:.2%}); failed days: "
                 f"{', '.join(totals['failed_days'])}{' ...' if totals['failed_days_more'] else ''}. "
-                + (f"The checksum of the loaded columns differs on {', '.join(totals['checksum_days_differ'])} "
-                   "(a value was altered, or rows differ). " if totals.get("checksum_days_differ") else "")
+                + (
+                    f"The checksum of the loaded columns differs on {', '.join(totals['checksum_days_differ'])} "
+                    "(a value was altered, or rows differ). "
+                    if totals.get("checksum_days_differ")
+                    else ""
+                )
                 + "Reload those days (trigger with start/end around them and reprocess=true); if the destination "
                 "has rows the source no longer has, look for deletes in the source since the load."
             )
@@ -87,7 +91,9 @@ class ValidateBackfillOperator(BaseOperator):
         if report.status == WARN:
             self.log.warning(
                 "%d day(s) of %s differ by more than warn_threshold=%.2f%% (under fail_threshold)",
-                totals["days_warn"], report.table, spec.validation.warn_threshold * 100,
+                totals["days_warn"],
+                report.table,
+                spec.validation.warn_threshold * 100,
             )
         from airflow_backfill_provider.assets import attach_extra, event_extra
 

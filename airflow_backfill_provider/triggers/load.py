@@ -100,10 +100,15 @@ class SourceLoadTrigger(BaseTrigger):
 
                 from airflow_backfill_provider.loadsignal import Baseline, measure
 
-                sample = dataclasses.replace(sample, **measure(
-                    conn, throttle, baseline=Baseline.from_dict(self.baseline),
-                    exclude_application_prefix=self.exclude_application_prefix or "backfill:",
-                ))
+                sample = dataclasses.replace(
+                    sample,
+                    **measure(
+                        conn,
+                        throttle,
+                        baseline=Baseline.from_dict(self.baseline),
+                        exclude_application_prefix=self.exclude_application_prefix or "backfill:",
+                    ),
+                )
             return sample
         finally:
             conn.close()
@@ -142,7 +147,7 @@ class SourceLoadTrigger(BaseTrigger):
             try:
                 sample = await asyncio.wait_for(asyncio.to_thread(self._probe_once, kwargs), timeout=budget)
                 last_error = None
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last_error = f"the probe got no answer within {budget:.1f} s (network stall?)"
                 self.log.warning("Load probe on %s: %s", self.conn_id, last_error)
             except psycopg2.Error as err:  # a busy or restarting source: keep waiting, report at timeout
@@ -159,15 +164,15 @@ class SourceLoadTrigger(BaseTrigger):
                     return
             waited = time.time() - self.started_at
             if waited >= throttle.max_wait:
-                yield self._event(
-                    "timeout", sample, message=timeout_message(sample, throttle, waited, last_error)
-                )
+                yield self._event("timeout", sample, message=timeout_message(sample, throttle, waited, last_error))
                 return
             delay = min(interval, throttle.max_wait - waited)
             self.log.info(
                 "Source busy (%s); re-probing in %.1f s (waited %.0f s of %g s)",
-                wait_reason(sample, throttle) if sample else last_error, delay, waited, throttle.max_wait,
+                wait_reason(sample, throttle) if sample else last_error,
+                delay,
+                waited,
+                throttle.max_wait,
             )
             await asyncio.sleep(delay)
             interval = min(interval * 2, throttle.poll_max)
-

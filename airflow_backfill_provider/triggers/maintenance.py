@@ -39,8 +39,11 @@ class MaintenanceTrigger(BaseTrigger):
         return (
             f"{self.__class__.__module__}.{self.__class__.__qualname__}",
             {
-                "conn_id": self.conn_id, "table": self.table, "throttle": self.throttle,
-                "started_at": self.started_at, "application_name": self.application_name,
+                "conn_id": self.conn_id,
+                "table": self.table,
+                "throttle": self.throttle,
+                "started_at": self.started_at,
+                "application_name": self.application_name,
             },
         )
 
@@ -51,7 +54,9 @@ class MaintenanceTrigger(BaseTrigger):
         from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S
 
         conn = open_connection(
-            {"connect_timeout": PROBE_TIMEOUT_S, **kwargs}, application_name=self.application_name, readonly=True,
+            {"connect_timeout": PROBE_TIMEOUT_S, **kwargs},
+            application_name=self.application_name,
+            readonly=True,
             statement_timeout_s=PROBE_TIMEOUT_S,
         )
         try:

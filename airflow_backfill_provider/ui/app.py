@@ -37,9 +37,7 @@ def create_app() -> FastAPI:
     def index() -> str:
         from airflow_backfill_provider.airflow_state import backfill_dag_ids
 
-        items = "".join(
-            f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in backfill_dag_ids()
-        )
+        items = "".join(f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in backfill_dag_ids())
         return _page("Backfill progress", f"<h1>Backfill progress</h1><ul>{items or '<li>no backfill DAGs</li>'}</ul>")
 
     @app.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=can_read_dag)
@@ -104,7 +102,7 @@ def render(p, runs: list[dict]) -> str:
     if runs:
         links = "".join(
             f'<a href="?run_id={quote(r["run_id"])}">{"<b>" if run and r["run_id"] == run.run_id else ""}'
-            f'{e(r["run_id"])} ({e(r["state"])}){"</b>" if run and r["run_id"] == run.run_id else ""}</a>'
+            f"{e(r['run_id'])} ({e(r['state'])}){'</b>' if run and r['run_id'] == run.run_id else ''}</a>"
             for r in runs[:10]
         )
         out.append(f'<div class="runs">Runs: {links}</div>')
@@ -112,7 +110,9 @@ def render(p, runs: list[dict]) -> str:
         out.append("<p>No run yet.</p>")
         return "".join(out)
     rng = f"[{run.start.date()}, {run.end.date()})" if run.start and run.end else "range not planned yet"
-    out.append(f'<p id="run">Run <b>{e(run.run_id)}</b> ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>')
+    out.append(
+        f'<p id="run">Run <b>{e(run.run_id)}</b> ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>'
+    )
     rate = f"{p.rate_rows_s:,.0f} rows/s" if p.rate_rows_s else "-"
     out.append(
         '<div class="totals">'
@@ -129,7 +129,9 @@ def render(p, runs: list[dict]) -> str:
         + '<span><i style="outline:2px solid #000;outline-offset:-1px"></i> validation failed</span></div>'
     )
     if p.counts["deferred"]:
-        out.append(f'<p id="waits">{p.counts["deferred"]} chunk(s) waiting for the source (deferred, no worker slot held)</p>')
+        out.append(
+            f'<p id="waits">{p.counts["deferred"]} chunk(s) waiting for the source (deferred, no worker slot held)</p>'
+        )
     out.append("<h2>Calendar</h2>" + _calendar(p))
     out.append(_validation(p))
     out.append(_chunks_table(p))
@@ -168,15 +170,15 @@ def _validation(p) -> str:
         return '<h2>Validation</h2><p id="validation">Not run yet for this run.</p>'
     head = (
         f'<p id="validation">Validation <b>{e(str(v["status"]).upper())}</b>: {v["days"]} day(s), '
-        f'{v["days_warn"]} warn, {v["days_fail"]} fail; source {_num(v["source_rows"])} rows, destination '
-        f'{_num(v["destination_rows"])} rows</p>'
+        f"{v['days_warn']} warn, {v['days_fail']} fail; source {_num(v['source_rows'])} rows, destination "
+        f"{_num(v['destination_rows'])} rows</p>"
     )
     if not p.worst_days:
         return "<h2>Validation</h2>" + head
     rows = "".join(
-        f'<tr><td>{e(str(d.get("day")))}</td><td>{e(str(d.get("status")).upper())}</td>'
-        f'<td>{_num(d.get("source_rows"))}</td><td>{_num(d.get("destination_rows"))}</td>'
-        f'<td>{e(_worst_metric(d))}</td></tr>'
+        f"<tr><td>{e(str(d.get('day')))}</td><td>{e(str(d.get('status')).upper())}</td>"
+        f"<td>{_num(d.get('source_rows'))}</td><td>{_num(d.get('destination_rows'))}</td>"
+        f"<td>{e(_worst_metric(d))}</td></tr>"
         for d in p.worst_days[:50]
     )
     return (
@@ -200,8 +202,8 @@ def _chunks_table(p) -> str:
     shown = sorted(p.chunks, key=lambda c: (order[c.state], -c.start.timestamp()))[:TABLE_ROWS]
     rows = "".join(
         f'<tr data-chunk="{e(c.chunk_id)}" data-state="{c.state}"><td>{e(c.chunk_id)}</td><td>{c.state}</td>'
-        f'<td>{e(c.ti_state or "-")}</td><td>{_num(c.rows)}</td>'
-        f'<td>{"-" if c.seconds is None else f"{c.seconds:.2f}"}</td><td>{_num(c.rows_per_s)}</td><td>{c.tries}</td></tr>'
+        f"<td>{e(c.ti_state or '-')}</td><td>{_num(c.rows)}</td>"
+        f"<td>{'-' if c.seconds is None else f'{c.seconds:.2f}'}</td><td>{_num(c.rows_per_s)}</td><td>{c.tries}</td></tr>"
         for c in shown
     )
     more = f"<p>{len(p.chunks) - len(shown)} more chunk(s) in the JSON API.</p>" if len(p.chunks) > len(shown) else ""

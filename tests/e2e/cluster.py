@@ -158,7 +158,10 @@ def redis_server(host: str = "127.0.0.1"):
         deadline = time.monotonic() + 10
         while not answers(url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                yield None, f"`{' '.join(cmd)}` did not answer (exit {proc.poll()}): {(proc.stderr.read() if proc.poll() is not None else '')[-500:]}"
+                yield (
+                    None,
+                    f"`{' '.join(cmd)}` did not answer (exit {proc.poll()}): {(proc.stderr.read() if proc.poll() is not None else '')[-500:]}",
+                )
                 return
             time.sleep(0.05)
         yield url, None
@@ -272,9 +275,19 @@ class CeleryExecutorSetup:
         return [
             (
                 f"celery-worker-{i}",
-                ["celery", "worker", "--celery-hostname", f"{host}@%h", "--queues", self.queue(cluster),
-                 "--concurrency", str(self.concurrency), "--skip-serve-logs",
-                 "--pid", str(cluster.home / f"celery-worker-{i}.pid")],
+                [
+                    "celery",
+                    "worker",
+                    "--celery-hostname",
+                    f"{host}@%h",
+                    "--queues",
+                    self.queue(cluster),
+                    "--concurrency",
+                    str(self.concurrency),
+                    "--skip-serve-logs",
+                    "--pid",
+                    str(cluster.home / f"celery-worker-{i}.pid"),
+                ],
                 {"E2E_WORKER_HOSTNAME": host},
             )  # fmt: skip
             for i, host in enumerate(self.hostnames(cluster))
@@ -388,7 +401,10 @@ class AirflowCluster:
             pools_file = self.home / "pools.json"
             pools_file.write_text(
                 json.dumps(
-                    {n: {"slots": s, "description": "e2e", "include_deferred": self.pools_include_deferred} for n, s in self.pools.items()}
+                    {
+                        n: {"slots": s, "description": "e2e", "include_deferred": self.pools_include_deferred}
+                        for n, s in self.pools.items()
+                    }
                 )
             )
             self.cli("pools", "import", str(pools_file))
@@ -661,7 +677,9 @@ class AirflowCluster:
         def present():
             errors = self.api("GET", "/importErrors")["import_errors"]
             if errors:
-                raise ClusterError("DAG import errors:\n" + "\n".join(e["filename"] + ":\n" + e["stack_trace"] for e in errors))
+                raise ClusterError(
+                    "DAG import errors:\n" + "\n".join(e["filename"] + ":\n" + e["stack_trace"] for e in errors)
+                )
             return self.api("GET", f"/dags/{dag_id}", expect=(200, 404)).get("dag_id") == dag_id
 
         deadline = time.monotonic() + timeout
@@ -742,7 +760,10 @@ class AirflowCluster:
             args = ["dags", "backfill", "--start-date", str(start), "--end-date", str(end), *extra_args, dag_id]
             for attempt in range(deadlock_retries + 1):
                 result = self.cli(
-                    *args, timeout=timeout, check=False, env={"AIRFLOW__SCHEDULER__SCHEDULE_AFTER_TASK_EXECUTION": "False"}
+                    *args,
+                    timeout=timeout,
+                    check=False,
+                    env={"AIRFLOW__SCHEDULER__SCHEDULE_AFTER_TASK_EXECUTION": "False"},
                 )
                 if result.returncode == 0:
                     break
@@ -755,7 +776,9 @@ class AirflowCluster:
         runs = [r for r in self.dag_runs(dag_id, "backfill") if r["dag_run_id"] not in before]
         return [r["dag_run_id"] for r in sorted(runs, key=lambda r: r["logical_date"])]
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 240, states: Iterable[str] = TERMINAL_RUN_STATES) -> str:
+    def wait_for_run(
+        self, dag_id: str, run_id: str, timeout: float = 240, states: Iterable[str] = TERMINAL_RUN_STATES
+    ) -> str:
         """Wait until the run reaches one of ``states``; return that state."""
         wanted = frozenset(states)
 
@@ -777,13 +800,21 @@ class AirflowCluster:
         raw = self._paged(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", "task_instances")
         tis = [
             TaskInstance(
-                task_id=t["task_id"], map_index=t["map_index"], rendered_map_index=t.get("rendered_map_index"),
-                state=t["state"], try_number=t["try_number"], start_date=_parse_dt(t["start_date"]),
-                end_date=_parse_dt(t["end_date"]), pool=t.get("pool"), hostname=t.get("hostname"),
+                task_id=t["task_id"],
+                map_index=t["map_index"],
+                rendered_map_index=t.get("rendered_map_index"),
+                state=t["state"],
+                try_number=t["try_number"],
+                start_date=_parse_dt(t["start_date"]),
+                end_date=_parse_dt(t["end_date"]),
+                pool=t.get("pool"),
+                hostname=t.get("hostname"),
             )  # fmt: skip
             for t in raw
         ]
-        return sorted((t for t in tis if task_id is None or t.task_id == task_id), key=lambda t: (t.task_id, t.map_index))
+        return sorted(
+            (t for t in tis if task_id is None or t.task_id == task_id), key=lambda t: (t.task_id, t.map_index)
+        )
 
     def clear_failed(
         self, dag_id: str, run_id: str, task_id: str, map_index: int | None = None, *, include_downstream: bool = True
@@ -808,7 +839,9 @@ class AirflowCluster:
         }
         cleared = self.api("POST", f"/dags/{dag_id}/clearTaskInstances", json=body)["task_instances"]
         if not cleared:
-            raise ClusterError(f"clearing {task_id}[{map_index}] of {dag_id}/{run_id} cleared nothing\n{self.describe_run(dag_id, run_id)}")
+            raise ClusterError(
+                f"clearing {task_id}[{map_index}] of {dag_id}/{run_id} cleared nothing\n{self.describe_run(dag_id, run_id)}"
+            )
         return sorted((c["task_id"], c.get("map_index")) for c in cleared)
 
     # ---------------------------------------------------------------- evidence

@@ -39,7 +39,9 @@ def smoke_db(databases) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(smoke_db):
-    with AirflowCluster(Path(__file__).with_name("dags_smoke"), connections={"smoke_db": smoke_db}, pools={"smoke_pool": 2}) as c:
+    with AirflowCluster(
+        Path(__file__).with_name("dags_smoke"), connections={"smoke_db": smoke_db}, pools={"smoke_pool": 2}
+    ) as c:
         c.wait_for_dag(DAG_ID)
         c.unpause(DAG_ID)
         yield c

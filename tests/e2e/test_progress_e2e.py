@@ -220,7 +220,7 @@ def _progress(cluster, run_id: str) -> dict:
 
 
 @pytest.mark.browser
-def test_browser_sees_the_failed_day_totals_and_eta_during_a_run(env, browser, tmp_path):
+def test_browser_sees_the_failed_day_totals_and_eta_during_a_run(env, browser, tmp_path):  # noqa: F811
     cluster, orders = env["cluster"], env["orders"]
     inject_fault(orders, dt.date(2023, 2, 3))
     slow_down(orders, 2.0)  # chunks take a few seconds each: the page is seen while the run is going
@@ -308,7 +308,11 @@ def test_validation_worst_days_on_the_page_and_from_the_terminal(env):
 
     out = subprocess.run(
         [sys.executable, "-m", "airflow_backfill_provider", "status", DAG_ID, "--run-id", run_id],
-        capture_output=True, text=True, timeout=120, env=cluster.env, cwd=cluster.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster.env,
+        cwd=cluster.home,
     )
     assert out.returncode == 0, out.stderr  # no chunk failed; the validation result is printed
     assert "validation (" in out.stdout and "FAIL, 2 day(s), 0 warn, 1 fail" in out.stdout

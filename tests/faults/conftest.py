@@ -31,12 +31,13 @@ from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 from tests.conftest import REPO
 
 
-
 def _pg_bin() -> Path:
     """Where initdb/pg_ctl live: $BACKFILL_TEST_PG_BIN, the newest Debian install, or pg_config --bindir."""
     if os.environ.get("BACKFILL_TEST_PG_BIN"):
         return Path(os.environ["BACKFILL_TEST_PG_BIN"])
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
     if debian:
         return debian[-1].parent
     if shutil.which("pg_config"):
@@ -55,8 +56,13 @@ WATERMARK = "2030-01-01T00:00Z"  # far ahead: the backfill must read it and neve
 
 def make_spec(src_url: str, dst_url: str, **extra):
     base = dict(
-        name="faults", source_conn_id=src_url, destination_conn_id=dst_url, source_table="orders",
-        destination_table="public.orders", time_column="created_at", key_columns=["id"],
+        name="faults",
+        source_conn_id=src_url,
+        destination_conn_id=dst_url,
+        source_table="orders",
+        destination_table="public.orders",
+        time_column="created_at",
+        key_columns=["id"],
         version_column="updated_at",
     )
     return load_spec({**base, **extra})
@@ -113,7 +119,9 @@ class Invariants:
         return query(self.dst, "SELECT t::text, xmin::text FROM backfill_watermarks t ORDER BY target_table")
 
     def _newer(self):
-        return query(self.dst, "SELECT t::text, xmin::text FROM orders t WHERE id = ANY (%s) ORDER BY id", (self.newer_ids,))
+        return query(
+            self.dst, "SELECT t::text, xmin::text FROM orders t WHERE id = ANY (%s) ORDER BY id", (self.newer_ids,)
+        )
 
     def ledger_rows(self, chunk=None) -> list[tuple]:
         if query(self.dst, "SELECT to_regclass(%s)", (self.ledger,))[0][0] is None:
@@ -130,7 +138,9 @@ class Invariants:
         assert digest(self.dst, lo, hi, exclude_ids=self.newer_ids) == digest(
             self.src, lo, hi, exclude_ids=self.newer_ids
         ), "destination differs from source"
-        outside = query(self.dst, "SELECT count(*) FROM orders WHERE NOT (created_at >= %s AND created_at < %s)", (lo, hi))
+        outside = query(
+            self.dst, "SELECT count(*) FROM orders WHERE NOT (created_at >= %s AND created_at < %s)", (lo, hi)
+        )
         assert outside == [(0,)], "rows outside the loaded range"
         # 2. no newer row overwritten (not even rewritten: same xmin)
         assert self._newer() == self.newer_rows, "a newer destination row was overwritten"
@@ -140,8 +150,12 @@ class Invariants:
         ledger = self.ledger_rows()
         assert [r[0] for r in ledger] == [c.chunk_id for c in sorted(chunks, key=lambda c: c.start)], ledger
         for chunk_id, start, end, extracted, ins, upd, unch, _ in ledger:
-            src_n = query(self.src, "SELECT count(*) FROM orders WHERE created_at >= %s AND created_at < %s", (start, end))[0][0]
-            dst_n = query(self.dst, "SELECT count(*) FROM orders WHERE created_at >= %s AND created_at < %s", (start, end))[0][0]
+            src_n = query(
+                self.src, "SELECT count(*) FROM orders WHERE created_at >= %s AND created_at < %s", (start, end)
+            )[0][0]
+            dst_n = query(
+                self.dst, "SELECT count(*) FROM orders WHERE created_at >= %s AND created_at < %s", (start, end)
+            )[0][0]
             assert extracted == src_n == dst_n, (chunk_id, extracted, src_n, dst_n)
             assert ins + upd + unch == extracted
         # 5. live watermark untouched
@@ -162,7 +176,11 @@ def big_src(databases) -> str:
 
 def add_live_newer_row(dst_url: str, src_url: str, order_id: int) -> None:
     """Live ingest already wrote a newer version of one order of the chunk: the backfill must keep it."""
-    row = query(src_url, "SELECT id, customer_id, status, amount, created_at, updated_at, note FROM orders WHERE id = %s", (order_id,))[0]
+    row = query(
+        src_url,
+        "SELECT id, customer_id, status, amount, created_at, updated_at, note FROM orders WHERE id = %s",
+        (order_id,),
+    )[0]
     query(
         dst_url,
         "INSERT INTO orders VALUES (%s, %s, 'live-newer', %s, %s, %s + interval '1 day', 'from live ingest')",
@@ -176,7 +194,10 @@ def start_chunk_process(spec, chunk) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
         [sys.executable, str(RUN_CHUNK), json.dumps(spec.model_dump(mode="json")), json.dumps(chunk.to_descriptor())],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -246,15 +267,32 @@ class PrivateServer:
             raise RuntimeError(f"{' '.join(args[:2])} failed: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
 
     def start(self) -> None:
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
-                  "-E", "UTF8", "--locale=C")
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
-                "-c shared_buffers=16MB -c max_connections=20 -c TimeZone=UTC")
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start")
+        self._run(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
+            "-c shared_buffers=16MB -c max_connections=20 -c TimeZone=UTC"
+        )
+        self._run(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start"
+        )
 
     def restart(self) -> None:
         """Fast shutdown (every session terminated, open transactions rolled back) and start again."""
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart")
+        self._run(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart"
+        )
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

@@ -43,8 +43,12 @@ def main() -> int:
         escaped = type(err).__name__
         run = max(DagRun.find(dag_id=dag.dag_id), key=lambda r: r.id)
     tis = [
-        {"task_id": ti.task_id, "map_index": ti.map_index, "state": str(getattr(ti.state, "value", ti.state)),
-         "try_number": ti.try_number}
+        {
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "state": str(getattr(ti.state, "value", ti.state)),
+            "try_number": ti.try_number,
+        }
         for ti in run.get_task_instances()
     ]
     state = str(getattr(run.state, "value", run.state))

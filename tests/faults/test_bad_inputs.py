@@ -51,7 +51,9 @@ def world(databases) -> World:
     with s.cursor() as cur:
         cur.execute("CREATE TABLE x (i int); INSERT INTO x VALUES (1)")  # the decoy every injection aims at
         # an older source table whose time column has another name
-        cur.execute("CREATE TABLE orders_old AS SELECT id, customer_id, status, amount, created_at AS created, updated_at, note FROM orders")
+        cur.execute(
+            "CREATE TABLE orders_old AS SELECT id, customer_id, status, amount, created_at AS created, updated_at, note FROM orders"
+        )
     s.close()
     create_destination(dst)
     query(dst, "CREATE TABLE x (i int); INSERT INTO x VALUES (1); CREATE TABLE nokey (LIKE orders)")
@@ -71,7 +73,10 @@ def snapshot(url: str):
         if kind in ("r", "p"):
             t = sql.Identifier(schema, name)
             rows[(schema, name)] = query(
-                url, sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t").format(t)
+                url,
+                sql.SQL(
+                    "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t"
+                ).format(t),
             )[0]
     return rels, rows
 
@@ -88,7 +93,14 @@ class FakeTI:
 
 
 def run_plan_task(spec_dict: dict, **params):
-    args = {"start": "2024-01-01", "end": "2024-01-03", "granularity": "day", "reprocess": False, "dry_run": False, **params}
+    args = {
+        "start": "2024-01-01",
+        "end": "2024-01-03",
+        "granularity": "day",
+        "reprocess": False,
+        "dry_run": False,
+        **params,
+    }
     op = PlanBackfillOperator(task_id="plan", spec=spec_dict, **args)
     ti = FakeTI()
     return op.execute({"ti": ti}), ti.xcom
@@ -102,12 +114,20 @@ def resolve_param(name: str, value):
 
 def manual_range(start, end, tz="UTC"):
     spec = load_spec({**WORLDLESS, "timezone": tz})
-    return resolve_range(spec, param_start=start, param_end=end, run_type="manual", interval_start=None, interval_end=None)
+    return resolve_range(
+        spec, param_start=start, param_end=end, run_type="manual", interval_start=None, interval_end=None
+    )
 
 
 WORLDLESS = dict(
-    name="orders", source_conn_id="s", destination_conn_id="d", source_table="orders",
-    destination_table="public.orders", time_column="created_at", key_columns=["id"], version_column="updated_at",
+    name="orders",
+    source_conn_id="s",
+    destination_conn_id="d",
+    source_table="orders",
+    destination_table="public.orders",
+    time_column="created_at",
+    key_columns=["id"],
+    version_column="updated_at",
 )
 
 
@@ -129,8 +149,20 @@ def chunk_case(id, fragments, **overrides):
 
 CASES = [
     # --- the spec --------------------------------------------------------------------------------------
-    spec_case("spec: unknown granularity", "granularity", "fortnight", "'fortnight' is not valid", "'hour', 'day', 'week', 'month' or 'auto'"),
-    spec_case("spec: unknown timezone", "timezone", "Mars/Olympus", "'Mars/Olympus' is not a known IANA timezone", "America/New_York"),
+    spec_case(
+        "spec: unknown granularity",
+        "granularity",
+        "fortnight",
+        "'fortnight' is not valid",
+        "'hour', 'day', 'week', 'month' or 'auto'",
+    ),
+    spec_case(
+        "spec: unknown timezone",
+        "timezone",
+        "Mars/Olympus",
+        "'Mars/Olympus' is not a known IANA timezone",
+        "America/New_York",
+    ),
     spec_case("spec: misspelt key", "granularty", "day", "unknown key", "valid keys are", "granularity"),
     spec_case("spec: key_columns not a list", "key_columns", "id", "should be a valid list"),
     spec_case("spec: timeout not a number", "statement_timeout_s", "soon", "should be a valid number"),
@@ -139,50 +171,223 @@ CASES = [
     spec_case("spec: SQL in the name (becomes the dag_id)", "name", INJECT, INJECT, "may only contain letters"),
     spec_case("spec: empty source_table", "source_table", "", "must be a table name such as 'orders'"),
     # --- the trigger form (Param) -----------------------------------------------------------------------
-    Case("param: start of the wrong type (123)", lambda w: resolve_param("start", 123), "ParamValidationError", ("123", "is not of type")),
-    Case("param: SQL in start", lambda w: resolve_param("start", "2024-01-01'; DROP TABLE orders; --"), "ParamValidationError", ("DROP TABLE orders", "is not a 'date'")),
-    Case("param: impossible date", lambda w: resolve_param("end", "2024-02-30"), "ParamValidationError", ("2024-02-30", "is not a 'date'")),
-    Case("param: unknown granularity", lambda w: resolve_param("granularity", "fortnight"), "ParamValidationError", ("fortnight", "is not one of", "'hour'")),
-    Case("param: reprocess='maybe'", lambda w: resolve_param("reprocess", "maybe"), "ParamValidationError", ("maybe", "is not of type 'boolean'")),
+    Case(
+        "param: start of the wrong type (123)",
+        lambda w: resolve_param("start", 123),
+        "ParamValidationError",
+        ("123", "is not of type"),
+    ),
+    Case(
+        "param: SQL in start",
+        lambda w: resolve_param("start", "2024-01-01'; DROP TABLE orders; --"),
+        "ParamValidationError",
+        ("DROP TABLE orders", "is not a 'date'"),
+    ),
+    Case(
+        "param: impossible date",
+        lambda w: resolve_param("end", "2024-02-30"),
+        "ParamValidationError",
+        ("2024-02-30", "is not a 'date'"),
+    ),
+    Case(
+        "param: unknown granularity",
+        lambda w: resolve_param("granularity", "fortnight"),
+        "ParamValidationError",
+        ("fortnight", "is not one of", "'hour'"),
+    ),
+    Case(
+        "param: reprocess='maybe'",
+        lambda w: resolve_param("reprocess", "maybe"),
+        "ParamValidationError",
+        ("maybe", "is not of type 'boolean'"),
+    ),
     # --- the range and the plan -------------------------------------------------------------------------
-    Case("range: end before start", lambda w: build_plan(w.spec(), "2024-01-05", "2024-01-01"), PlanError, ("end (2024-01-01) must be after start (2024-01-05)", "[start, end)")),
-    Case("range: empty (end == start)", lambda w: build_plan(w.spec(), "2024-01-05", "2024-01-05"), PlanError, ("must be after start",)),
+    Case(
+        "range: end before start",
+        lambda w: build_plan(w.spec(), "2024-01-05", "2024-01-01"),
+        PlanError,
+        ("end (2024-01-01) must be after start (2024-01-05)", "[start, end)"),
+    ),
+    Case(
+        "range: empty (end == start)",
+        lambda w: build_plan(w.spec(), "2024-01-05", "2024-01-05"),
+        PlanError,
+        ("must be after start",),
+    ),
     Case(
         "range: more chunks than max_chunks",
         lambda w: build_plan(w.spec(), "2000-01-01", "2024-01-01", granularity="hour"),
-        PlanError, ("max_chunks=100000", "batches", "coarser granularity ('day' or 'week' or 'month')"),
+        PlanError,
+        ("max_chunks=100000", "batches", "coarser granularity ('day' or 'week' or 'month')"),
     ),
-    Case("range: unknown granularity param", lambda w: build_plan(w.spec(), "2024-01-01", "2024-01-02", granularity="day; DROP TABLE x"), PlanError, ("granularity='day; DROP TABLE x' is not valid", "choose one of hour, day, week, month")),
-    Case("range: SQL in start", lambda w: manual_range("2024-01-01'; DROP TABLE orders; --", "2024-02-01"), PlanError, ("start=\"2024-01-01'; DROP TABLE orders; --\" is not a date", "YYYY-MM-DD")),
-    Case("range: start of the wrong type (123)", lambda w: manual_range(123, "2024-02-01"), PlanError, ("start=123 is not a date", "YYYY-MM-DD")),
-    Case("range: impossible date", lambda w: manual_range("2024-01-01", "2024-02-30"), PlanError, ("end='2024-02-30' is not a date",)),
-    Case("range: only start given", lambda w: manual_range("2024-01-01", None), PlanError, ("param 'end' is empty", "give both start and end")),
-    Case("range: manual run without dates", lambda w: manual_range(None, None), PlanError, ("needs the params 'start' and 'end'", "--conf")),
+    Case(
+        "range: unknown granularity param",
+        lambda w: build_plan(w.spec(), "2024-01-01", "2024-01-02", granularity="day; DROP TABLE x"),
+        PlanError,
+        ("granularity='day; DROP TABLE x' is not valid", "choose one of hour, day, week, month"),
+    ),
+    Case(
+        "range: SQL in start",
+        lambda w: manual_range("2024-01-01'; DROP TABLE orders; --", "2024-02-01"),
+        PlanError,
+        ('start="2024-01-01\'; DROP TABLE orders; --" is not a date', "YYYY-MM-DD"),
+    ),
+    Case(
+        "range: start of the wrong type (123)",
+        lambda w: manual_range(123, "2024-02-01"),
+        PlanError,
+        ("start=123 is not a date", "YYYY-MM-DD"),
+    ),
+    Case(
+        "range: impossible date",
+        lambda w: manual_range("2024-01-01", "2024-02-30"),
+        PlanError,
+        ("end='2024-02-30' is not a date",),
+    ),
+    Case(
+        "range: only start given",
+        lambda w: manual_range("2024-01-01", None),
+        PlanError,
+        ("param 'end' is empty", "give both start and end"),
+    ),
+    Case(
+        "range: manual run without dates",
+        lambda w: manual_range(None, None),
+        PlanError,
+        ("needs the params 'start' and 'end'", "--conf"),
+    ),
     # --- the plan task (runs the pre-flight against both databases) -------------------------------------
-    Case("plan task: dry_run='maybe'", lambda w: run_plan_task(w.spec_dict(), dry_run="maybe"), AirflowFailException, ("dry_run='maybe' is not a boolean", "true or false")),
-    Case("plan task: reprocess='maybe'", lambda w: run_plan_task(w.spec_dict(), reprocess="maybe"), AirflowFailException, ("reprocess='maybe' is not a boolean",)),
-    Case("plan task: SQL in end", lambda w: run_plan_task(w.spec_dict(), end="2024-01-03'; DROP TABLE x; --"), AirflowFailException, ("DROP TABLE x", "is not a date")),
-    Case("plan task: granularity with SQL", lambda w: run_plan_task(w.spec_dict(), granularity="hour; DROP TABLE x"), AirflowFailException, ("granularity='hour; DROP TABLE x' is not valid",)),
-    Case("plan task: end before start", lambda w: run_plan_task(w.spec_dict(), start="2024-01-03", end="2024-01-01"), AirflowFailException, ("must be after start",)),
-    Case("plan task: too many chunks", lambda w: run_plan_task(w.spec_dict(), start="2000-01-01", end="2024-01-01", granularity="hour"), AirflowFailException, ("max_chunks=100000",)),
-    Case("plan task: unknown source table", lambda w: run_plan_task(w.spec_dict(source_table=INJECT)), AirflowFailException, (f"source table '{INJECT}' does not exist", "check source_table")),
-    Case("plan task: no unique key in destination", lambda w: run_plan_task(w.spec_dict(destination_table="nokey")), AirflowFailException, ("no unique constraint", "key_columns=['id']", "ADD PRIMARY KEY (id)")),
-    Case("plan task: connection id does not exist", lambda w: run_plan_task(w.spec_dict(destination_conn_id="no_such_dest")), AirflowFailException, ("'no_such_dest' does not exist", "airflow connections add no_such_dest", "AIRFLOW_CONN_NO_SUCH_DEST")),
+    Case(
+        "plan task: dry_run='maybe'",
+        lambda w: run_plan_task(w.spec_dict(), dry_run="maybe"),
+        AirflowFailException,
+        ("dry_run='maybe' is not a boolean", "true or false"),
+    ),
+    Case(
+        "plan task: reprocess='maybe'",
+        lambda w: run_plan_task(w.spec_dict(), reprocess="maybe"),
+        AirflowFailException,
+        ("reprocess='maybe' is not a boolean",),
+    ),
+    Case(
+        "plan task: SQL in end",
+        lambda w: run_plan_task(w.spec_dict(), end="2024-01-03'; DROP TABLE x; --"),
+        AirflowFailException,
+        ("DROP TABLE x", "is not a date"),
+    ),
+    Case(
+        "plan task: granularity with SQL",
+        lambda w: run_plan_task(w.spec_dict(), granularity="hour; DROP TABLE x"),
+        AirflowFailException,
+        ("granularity='hour; DROP TABLE x' is not valid",),
+    ),
+    Case(
+        "plan task: end before start",
+        lambda w: run_plan_task(w.spec_dict(), start="2024-01-03", end="2024-01-01"),
+        AirflowFailException,
+        ("must be after start",),
+    ),
+    Case(
+        "plan task: too many chunks",
+        lambda w: run_plan_task(w.spec_dict(), start="2000-01-01", end="2024-01-01", granularity="hour"),
+        AirflowFailException,
+        ("max_chunks=100000",),
+    ),
+    Case(
+        "plan task: unknown source table",
+        lambda w: run_plan_task(w.spec_dict(source_table=INJECT)),
+        AirflowFailException,
+        (f"source table '{INJECT}' does not exist", "check source_table"),
+    ),
+    Case(
+        "plan task: no unique key in destination",
+        lambda w: run_plan_task(w.spec_dict(destination_table="nokey")),
+        AirflowFailException,
+        ("no unique constraint", "key_columns=['id']", "ADD PRIMARY KEY (id)"),
+    ),
+    Case(
+        "plan task: connection id does not exist",
+        lambda w: run_plan_task(w.spec_dict(destination_conn_id="no_such_dest")),
+        AirflowFailException,
+        ("'no_such_dest' does not exist", "airflow connections add no_such_dest", "AIRFLOW_CONN_NO_SUCH_DEST"),
+    ),
     # --- the chunk: catalog pre-flight, names as identifiers, never as SQL ------------------------------
-    chunk_case("chunk: SQL in source_table", (f"source table '{INJECT}' does not exist", "check source_table"), source_table=INJECT),
-    chunk_case("chunk: quotes in source_table", ("source table 'orders\"; DROP TABLE x; --' does not exist",), source_table='orders"; DROP TABLE x; --'),
-    chunk_case("chunk: SQL in the schema part", ("source table 'public; DROP TABLE x.orders' does not exist in schema 'public; DROP TABLE x'",), source_table="public; DROP TABLE x.orders"),
-    chunk_case("chunk: unknown unicode source_table", ("source table 'bestellungen_ü' does not exist",), source_table="bestellungen_ü"),
-    chunk_case("chunk: SQL in destination_table", ("destination table \"public.orders'); DROP TABLE x; --\" does not exist", "check destination_table"), destination_table="public.orders'); DROP TABLE x; --"),
-    chunk_case("chunk: SQL in time_column", ("has no column(s) ['created_at; DROP TABLE x']", "its columns are"), time_column="created_at; DROP TABLE x"),
-    chunk_case("chunk: quotes in key_columns", ("has no column(s) ['id\"); DROP TABLE x; --']",), key_columns=['id"); DROP TABLE x; --']),
-    chunk_case("chunk: SQL in version_column", ("has no column(s) [\"updated_at' OR '1'='1\"]",), version_column="updated_at' OR '1'='1"),
-    chunk_case("chunk: SQL in columns", ("has no column(s) ['amount); DROP TABLE x; --']",), columns=["id", "created_at", "updated_at", "amount); DROP TABLE x; --"]),
-    chunk_case("chunk: time column missing in the source", ("source table 'orders_old' has no column 'created_at'", "its columns are"), source_table="orders_old"),
-    chunk_case("chunk: no unique key on key_columns", ("no unique constraint or unique index on exactly key_columns=['id']", "ADD PRIMARY KEY (id)"), destination_table="nokey"),
-    chunk_case("chunk: key_columns not the unique key", ("key_columns=['customer_id']", "found [['id']]"), key_columns=["customer_id"]),
-    chunk_case("chunk: source connection id does not exist", ("'no_such_source' does not exist", "AIRFLOW_CONN_NO_SUCH_SOURCE"), source_conn_id="no_such_source"),
-    Case("connect: connection id does not exist", lambda w: open_connection("no_such_conn", application_name="t"), PermanentChunkError, ("'no_such_conn' does not exist", "Admin -> Connections", "airflow connections add no_such_conn", "AIRFLOW_CONN_NO_SUCH_CONN")),
+    chunk_case(
+        "chunk: SQL in source_table",
+        (f"source table '{INJECT}' does not exist", "check source_table"),
+        source_table=INJECT,
+    ),
+    chunk_case(
+        "chunk: quotes in source_table",
+        ("source table 'orders\"; DROP TABLE x; --' does not exist",),
+        source_table='orders"; DROP TABLE x; --',
+    ),
+    chunk_case(
+        "chunk: SQL in the schema part",
+        ("source table 'public; DROP TABLE x.orders' does not exist in schema 'public; DROP TABLE x'",),
+        source_table="public; DROP TABLE x.orders",
+    ),
+    chunk_case(
+        "chunk: unknown unicode source_table",
+        ("source table 'bestellungen_ü' does not exist",),
+        source_table="bestellungen_ü",
+    ),
+    chunk_case(
+        "chunk: SQL in destination_table",
+        ('destination table "public.orders\'); DROP TABLE x; --" does not exist', "check destination_table"),
+        destination_table="public.orders'); DROP TABLE x; --",
+    ),
+    chunk_case(
+        "chunk: SQL in time_column",
+        ("has no column(s) ['created_at; DROP TABLE x']", "its columns are"),
+        time_column="created_at; DROP TABLE x",
+    ),
+    chunk_case(
+        "chunk: quotes in key_columns",
+        ("has no column(s) ['id\"); DROP TABLE x; --']",),
+        key_columns=['id"); DROP TABLE x; --'],
+    ),
+    chunk_case(
+        "chunk: SQL in version_column",
+        ("has no column(s) [\"updated_at' OR '1'='1\"]",),
+        version_column="updated_at' OR '1'='1",
+    ),
+    chunk_case(
+        "chunk: SQL in columns",
+        ("has no column(s) ['amount); DROP TABLE x; --']",),
+        columns=["id", "created_at", "updated_at", "amount); DROP TABLE x; --"],
+    ),
+    chunk_case(
+        "chunk: time column missing in the source",
+        ("source table 'orders_old' has no column 'created_at'", "its columns are"),
+        source_table="orders_old",
+    ),
+    chunk_case(
+        "chunk: no unique key on key_columns",
+        ("no unique constraint or unique index on exactly key_columns=['id']", "ADD PRIMARY KEY (id)"),
+        destination_table="nokey",
+    ),
+    chunk_case(
+        "chunk: key_columns not the unique key",
+        ("key_columns=['customer_id']", "found [['id']]"),
+        key_columns=["customer_id"],
+    ),
+    chunk_case(
+        "chunk: source connection id does not exist",
+        ("'no_such_source' does not exist", "AIRFLOW_CONN_NO_SUCH_SOURCE"),
+        source_conn_id="no_such_source",
+    ),
+    Case(
+        "connect: connection id does not exist",
+        lambda w: open_connection("no_such_conn", application_name="t"),
+        PermanentChunkError,
+        (
+            "'no_such_conn' does not exist",
+            "Admin -> Connections",
+            "airflow connections add no_such_conn",
+            "AIRFLOW_CONN_NO_SUCH_CONN",
+        ),
+    ),
 ]
 
 

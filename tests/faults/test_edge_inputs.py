@@ -85,7 +85,10 @@ def test_dst_days_load_every_row_exactly_once(src_url, dst_url, case, granularit
             assert not any(i.startswith(f"{dst_day}T02:") for i in ids)
     # the two real instants called 01:30 on the fall-back day are both loaded, once each
     if hours == 25:
-        both = query(dst_url, "SELECT count(*) FROM orders WHERE created_at IN ('2024-11-03T01:30-04:00', '2024-11-03T01:30-05:00')")
+        both = query(
+            dst_url,
+            "SELECT count(*) FROM orders WHERE created_at IN ('2024-11-03T01:30-04:00', '2024-11-03T01:30-05:00')",
+        )
         assert both == [(2,)]
 
 
@@ -119,7 +122,9 @@ def null_time_source(src_url, dst_url):
     seed_orders(conn, rows=200, days=2, start=dt.date(2024, 1, 1))
     with conn.cursor() as cur:
         cur.execute("ALTER TABLE orders ALTER COLUMN created_at DROP NOT NULL")
-        cur.execute("INSERT INTO orders VALUES (901, 1, 'new', 1, NULL, now(), NULL), (902, 1, 'new', 1, NULL, now(), NULL), (903, 1, 'new', 1, NULL, now(), NULL)")
+        cur.execute(
+            "INSERT INTO orders VALUES (901, 1, 'new', 1, NULL, now(), NULL), (902, 1, 'new', 1, NULL, now(), NULL), (903, 1, 'new', 1, NULL, now(), NULL)"
+        )
         cur.execute("ANALYZE orders")
     conn.close()
     create_destination(dst_url)
@@ -190,9 +195,9 @@ def _create_odd(url: str, seed: bool) -> None:
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS x (i int)")
         cur.execute(
-            sql.SQL("CREATE TABLE {tab} ({i} bigint PRIMARY KEY, {t} timestamptz NOT NULL, {v} timestamptz NOT NULL, {n} text)").format(
-                tab=sql.Identifier(ODD_TABLE), i=i, t=t, v=v, n=n
-            )
+            sql.SQL(
+                "CREATE TABLE {tab} ({i} bigint PRIMARY KEY, {t} timestamptz NOT NULL, {v} timestamptz NOT NULL, {n} text)"
+            ).format(tab=sql.Identifier(ODD_TABLE), i=i, t=t, v=v, n=n)
         )
         if seed:
             cur.execute(
@@ -208,17 +213,26 @@ def test_names_with_quotes_unicode_and_sql_backfill_correctly(src_url, dst_url):
     _create_odd(src_url, seed=True)
     _create_odd(dst_url, seed=False)
     spec = make_spec(
-        src_url, dst_url, source_table=ODD_TABLE, destination_table=f"public.{ODD_TABLE}",
-        time_column=ODD_COLS["time"], key_columns=[ODD_COLS["id"]], version_column=ODD_COLS["version"],
+        src_url,
+        dst_url,
+        source_table=ODD_TABLE,
+        destination_table=f"public.{ODD_TABLE}",
+        time_column=ODD_COLS["time"],
+        key_columns=[ODD_COLS["id"]],
+        version_column=ODD_COLS["version"],
         ledger_table=ODD_LEDGER,
     )
     plan = build_plan(spec, "2024-01-01", "2024-01-03", dst_conn=connect(dst_url))
     results = [transfer_chunk(spec, c) for c in plan.chunks]
     assert sum(r.inserted for r in results) == 2000
     assert sum(r.unchanged for r in (transfer_chunk(spec, c) for c in plan.chunks)) == 2000  # idempotent
-    rows = sql.SQL("SELECT count(*), md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {} t").format(sql.Identifier(ODD_TABLE))
+    rows = sql.SQL("SELECT count(*), md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {} t").format(
+        sql.Identifier(ODD_TABLE)
+    )
     assert query(src_url, rows) == query(dst_url, rows)
-    ledger = sql.SQL("SELECT count(*), sum(rows_extracted) FROM {}").format(sql.Identifier(*TableName.parse(ODD_LEDGER).parts))
+    ledger = sql.SQL("SELECT count(*), sum(rows_extracted) FROM {}").format(
+        sql.Identifier(*TableName.parse(ODD_LEDGER).parts)
+    )
     assert query(dst_url, ledger) == [(2, 2000)]
     assert build_plan(spec, "2024-01-01", "2024-01-03", dst_conn=connect(dst_url)).chunks == []  # ledger read back
     for url in (src_url, dst_url):

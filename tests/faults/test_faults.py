@@ -160,8 +160,16 @@ def small_world(src_url, dst_url):
     for chunk in SMALL_DAYS:
         transfer_chunk(spec, chunk)
     # live ingest: a newer version in the destination; then the source changes 200 rows (older than that one)
-    query(dst_url, "UPDATE orders SET status = 'live-newer', updated_at = updated_at + interval '1 day' WHERE id = %s", (LIVE_NEWER_SMALL,))
-    query(src_url, "UPDATE orders SET status = 'src-newer', updated_at = updated_at + interval '1 hour' WHERE id = ANY (%s)", (UPDATED,))
+    query(
+        dst_url,
+        "UPDATE orders SET status = 'live-newer', updated_at = updated_at + interval '1 day' WHERE id = %s",
+        (LIVE_NEWER_SMALL,),
+    )
+    query(
+        src_url,
+        "UPDATE orders SET status = 'src-newer', updated_at = updated_at + interval '1 hour' WHERE id = ANY (%s)",
+        (UPDATED,),
+    )
     return spec, Invariants(src_url, dst_url, newer_ids=[LIVE_NEWER_SMALL])
 
 
@@ -172,7 +180,8 @@ DEST_FAULTS = {
     "check constraint": (
         "ALTER TABLE orders ADD CONSTRAINT no_poison CHECK (note IS DISTINCT FROM 'poison') NOT VALID",
         "ALTER TABLE orders DROP CONSTRAINT no_poison",
-        PermanentChunkError, "no_poison",
+        PermanentChunkError,
+        "no_poison",
     ),
     # a trigger raising a plain error mid-upsert: permanent
     "trigger error": (
@@ -182,7 +191,8 @@ DEST_FAULTS = {
            RETURN NEW; END $$;
            CREATE TRIGGER boom BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION boom()""",
         "DROP TRIGGER boom ON orders",
-        PermanentChunkError, "injected: row .* refused",
+        PermanentChunkError,
+        "injected: row .* refused",
     ),
     # a trigger failing with a serialization failure mid-upsert: a retry may succeed
     "trigger serialization_failure": (
@@ -193,7 +203,8 @@ DEST_FAULTS = {
            RETURN NEW; END $$;
            CREATE TRIGGER boom BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION boom()""",
         "DROP TRIGGER boom ON orders",
-        TransientChunkError, "40001",
+        TransientChunkError,
+        "40001",
     ),
 }
 

@@ -62,8 +62,13 @@ def _world(src_url, dst_url, where: str, name: str):
     else:
         query(dst_url, DEST_SLOW, {"sleep": DEST_SLEEP_S})
     spec = make_spec(
-        src_url, dst_url, name=name, source_table="slow_orders" if where == "source" else "orders",
-        retries=3, retry_delay_s=RETRY_DELAY_S, validation={"enabled": False},
+        src_url,
+        dst_url,
+        name=name,
+        source_table="slow_orders" if where == "source" else "orders",
+        retries=3,
+        retry_delay_s=RETRY_DELAY_S,
+        validation={"enabled": False},
     )
     return spec
 
@@ -72,9 +77,18 @@ def _start(spec, timeout_s: float, dags_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     conf = {"start": DAY1.start.date().isoformat(), "end": DAY1.end.date().isoformat()}
     return subprocess.Popen(
-        [sys.executable, str(RUN_DAG), str(dags_dir), json.dumps(spec.model_dump(mode="json")), json.dumps(conf),
-         str(timeout_s)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(RUN_DAG),
+            str(dags_dir),
+            json.dumps(spec.model_dump(mode="json")),
+            json.dumps(conf),
+            str(timeout_s),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -94,8 +108,10 @@ def _sessions(url: str, appname: str, extra: str = "") -> int:
 
 def _interrupted_try_left_nothing(inv: Invariants, appname: str) -> None:
     """Once the interrupted try's sessions are gone: nothing of it is left in the destination."""
-    _poll(lambda: _sessions(inv.dst, appname) == 0 and _sessions(inv.src, appname) == 0,
-          "the interrupted try's sessions to end")
+    _poll(
+        lambda: _sessions(inv.dst, appname) == 0 and _sessions(inv.src, appname) == 0,
+        "the interrupted try's sessions to end",
+    )
     locks = query(
         inv.dst,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
@@ -113,7 +129,7 @@ def _finish(proc: subprocess.Popen, inv: Invariants) -> tuple[dict, str]:
     out, _ = proc.communicate(timeout=240)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert lines, f"run_dag.py printed no result (exit {proc.returncode}):\n{out[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):]), out
+    return json.loads(lines[-1][len("RESULT ") :]), out
 
 
 def _retried(spec, inv: Invariants, result: dict, out: str, dags_dir: Path) -> tuple[dict, str]:
@@ -143,8 +159,13 @@ def _hold_mid_chunk(where: str, spec, inv: Invariants, appname: str, proc) -> No
     try:
         if where == "source":
             wait_for_copy(inv.dst, appname, min_tuples=1000, done=lambda: proc.poll() is not None, timeout=90)
-        _poll(lambda: _sessions(inv.src if where == "source" else inv.dst, appname, "AND wait_event = 'PgSleep'")
-              or proc.poll() is not None, f"the chunk to sleep on the {where}")
+        _poll(
+            lambda: (
+                _sessions(inv.src if where == "source" else inv.dst, appname, "AND wait_event = 'PgSleep'")
+                or proc.poll() is not None
+            ),
+            f"the chunk to sleep on the {where}",
+        )
         assert proc.poll() is None, "the run ended before the chunk was mid-way"
     except AssertionError as err:
         if proc.poll() is None:
