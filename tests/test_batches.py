@@ -126,6 +126,10 @@ def two_years_of_hours(airflow_db, src_url, dst_url, pg, monkeypatch, tmp_path):
 
 
 @pytest.mark.timeout(1500)
+@pytest.mark.skipif(
+    __import__("importlib.metadata").metadata.version("apache-airflow").startswith("2."),
+    reason="the full-size run is the primary target's (3.3); on 2.11 the 120-hour twin below covers batches",
+)
 def test_17520_hours_from_one_trigger_then_the_failed_hour_alone(two_years_of_hours, src_url, dst_url, pg):
     dag, spec = two_years_of_hours
     run = dag.test(run_conf={"start": "2022-01-01", "end": "2024-01-01"})
