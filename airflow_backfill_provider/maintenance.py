@@ -16,7 +16,8 @@ from psycopg2 import sql
 from airflow_backfill_provider.spec import TableName
 
 _QUERY = sql.SQL(
-    """WITH rels AS (SELECT {t}::regclass AS relid UNION SELECT relid FROM pg_partition_tree({t}::regclass))
+    # to_regclass: a missing table is not "busy"; the chunk's pre-flight names it (a permanent error)
+    """WITH rels AS (SELECT to_regclass({t}) AS relid UNION SELECT relid FROM pg_partition_tree(to_regclass({t})))
     SELECT 'VACUUM (' || phase || ')', pid FROM pg_stat_progress_vacuum WHERE relid IN (SELECT relid FROM rels)
     UNION ALL SELECT 'ANALYZE (' || phase || ')', pid FROM pg_stat_progress_analyze WHERE relid IN (SELECT relid FROM rels)
     UNION ALL SELECT command || ' (' || phase || ')', pid FROM pg_stat_progress_cluster WHERE relid IN (SELECT relid FROM rels)"""

@@ -80,6 +80,13 @@ class RunInfo:
     descriptors: list | None = None
 
 
+def _target(conn, spec: BackfillSpec) -> str:
+    """The ledger's name for the spec's target: the resolved relation (identity.py), e.g. public.orders."""
+    from airflow_backfill_provider import identity
+
+    return identity.resolve(conn, spec.staging_target, side="destination", missing_ok=True) or str(spec.staging_target)
+
+
 def read_ledger(conn, spec: BackfillSpec) -> list[LedgerRow]:
     """Every ledger row of the spec's target, one query. The one place that knows the ledger's columns."""
     ledger = TableName.parse(spec.ledger_table)
@@ -91,7 +98,7 @@ def read_ledger(conn, spec: BackfillSpec) -> list[LedgerRow]:
                 "SELECT chunk_id, range_start, range_end, rows_extracted, seconds, run_id, finished_at "
                 "FROM {t} WHERE target_table = %s"
             ).format(t=sql.Identifier(*ledger.parts)),
-            (str(spec.staging_target),),
+            (_target(conn, spec),),
         )
         return [LedgerRow(*row) for row in cur.fetchall()]
 
@@ -106,7 +113,7 @@ def run_totals(conn, spec: BackfillSpec, run_id: str | None) -> tuple[int, int]:
             sql.SQL(
                 "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t} WHERE target_table = %s AND run_id = %s"
             ).format(t=sql.Identifier(*ledger.parts)),
-            (str(spec.staging_target), run_id),
+            (_target(conn, spec), run_id),
         )
         chunks, rows = cur.fetchone()
     conn.rollback()
@@ -123,7 +130,7 @@ def ledger_rate(conn, spec: BackfillSpec) -> float | None:
             sql.SQL("SELECT sum(rows_extracted), sum(seconds) FROM {t} WHERE target_table = %s").format(
                 t=sql.Identifier(*ledger.parts)
             ),
-            (str(spec.staging_target),),
+            (_target(conn, spec),),
         )
         rows, seconds = cur.fetchone()
     conn.rollback()

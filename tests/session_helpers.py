@@ -89,8 +89,8 @@ class SilentProxy:
     of the server's answer (so a COPY can be cut mid-stream). New connections then hang too.
     """
 
-    def __init__(self, upstream=("127.0.0.1", 5432), *, trigger: bytes, grace_bytes: int = 0):
-        self.upstream, self.trigger, self.grace_bytes = upstream, trigger, grace_bytes
+    def __init__(self, upstream=None, *, trigger: bytes, grace_bytes: int = 0):
+        self.upstream, self.trigger, self.grace_bytes = upstream or server_address(), trigger, grace_bytes
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.silent = threading.Event()
@@ -155,3 +155,13 @@ class SilentProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+def server_address() -> tuple[str, int]:
+    """(host, port) of the test server (BACKFILL_TEST_PG_URL, or the private one scripts/pg.sh started)."""
+    from urllib.parse import urlparse
+
+    from tests.conftest import ADMIN_URL
+
+    parsed = urlparse(ADMIN_URL)
+    return parsed.hostname or "127.0.0.1", parsed.port or 5432

@@ -160,7 +160,7 @@ def test_a_previous_release_ledger_is_migrated_in_place_and_its_rows_count_for_n
         dst_url,
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'backfill_ledger'::regclass AND contype = 'p'",
     )
-    assert pk == [("PRIMARY KEY (target_table, backfill_key, range_start, range_end)",)]
+    assert pk == [("PRIMARY KEY (target_table, backfill_key, range_start, range_end, key_lo, key_hi)",)]
     ledger.ensure_table(dst, TableName.parse("public.backfill_ledger"))  # idempotent
 
 

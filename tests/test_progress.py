@@ -131,6 +131,7 @@ def test_finished_run_with_failures_has_no_eta_but_says_why():
 
 def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     """The ledger as chunks write it and the validation summary as validation stores it, read back."""
+    from airflow_backfill_provider.identity import BackfillIdentity
     from airflow_backfill_provider.validate import FAIL, PASS, WARN, DayResult, ValidationReport, store_summary
 
     spec = make_spec(destination_conn_id=dst_url)
@@ -143,7 +144,7 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
             ledger.record(
                 cur,
                 TableName.parse(spec.ledger_table),
-                target="public.orders",
+                backfill=BackfillIdentity("public.orders", "k", {}),
                 chunk_id=f"2024-01-{i + 1:02d}",
                 start=day(i),
                 end=day(i + 1),
@@ -154,7 +155,7 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
         ledger.record(  # another table's row must not show up
             cur,
             TableName.parse(spec.ledger_table),
-            target="public.other",
+            backfill=BackfillIdentity("public.other", "k", {}),
             chunk_id="x",
             start=day(0),
             end=day(1),

@@ -19,7 +19,7 @@ from airflow_backfill_provider.exceptions import PermanentChunkError, SpecError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
-from tests.session_helpers import HOSTILE, create_database, dbname, run_sql, set_database_defaults
+from tests.session_helpers import HOSTILE, create_database, dbname, run_sql, server_address, set_database_defaults
 
 UTC = dt.timezone.utc
 
@@ -332,13 +332,13 @@ def test_airflow_connection_extras_are_honoured(monkeypatch, src_url, dst_url):
         monkeypatch,
         "bf_sessions_src",
         host="db-that-does-not-resolve.invalid",
-        port=5432,
+        port=server_address()[1],
         login="postgres",
         schema=dbname(src_url),
         extra={
             "options": "-c search_path=myschema",
             "sslmode": "disable",
-            "hostaddr": "127.0.0.1",
+            "hostaddr": server_address()[0],
             "cursor": "dictcursor",
             "keepalives_idle": 7,
         },
@@ -384,10 +384,10 @@ def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src
         monkeypatch,
         "bf_sessions_trig",
         host="db-that-does-not-resolve.invalid",
-        port=5432,
+        port=server_address()[1],
         login="postgres",
         schema=dbname(src_url),
-        extra={"hostaddr": "127.0.0.1", "sslmode": "disable"},
+        extra={"hostaddr": server_address()[0], "sslmode": "disable"},
     )
     trigger = SourceLoadTrigger(conn_id="bf_sessions_trig", throttle={"max_active": 1000, "max_wait": 10})
     event = asyncio.run(asyncio.wait_for(trigger.run().__anext__(), 30))
