@@ -484,12 +484,22 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
         if p.worst_days:
             lines.append("worst days:")
             for d in p.worst_days[:worst]:
-                diffs = d.get("diffs") or {}
-                metric = max(diffs, key=diffs.get) if diffs else "rows"
                 lines.append(
                     f"  {d['day']}  {str(d['status']).upper():4}  src {d.get('source_rows')}  dst "
-                    f"{d.get('destination_rows')}  {metric} off by {diffs.get(metric, 0):.2%}"
+                    f"{d.get('destination_rows')}  {describe_worst(d.get('diffs') or {})}"
                 )
     else:
         lines.append("validation: not run yet")
     return "\n".join(lines)
+
+
+def describe_worst(diffs: dict) -> str:
+    """A day's worst difference in words: a count or sum that differs says more than the checksum, which
+    only says "something differs" (its 0/1 is not a percentage)."""
+    measured = {m: x for m, x in diffs.items() if m != "checksum" and x > 0}
+    if measured:
+        metric = max(measured, key=lambda m: measured[m])
+        return f"{metric} off by {measured[metric]:.2%}"
+    if diffs.get("checksum"):
+        return "checksum differs (same counts and sums)"
+    return "rows off by 0.00%"

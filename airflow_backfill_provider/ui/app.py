@@ -191,8 +191,9 @@ def _worst_metric(d: dict) -> str:
     diffs = d.get("diffs") or {}
     if not diffs:
         return "-"
-    metric = max(diffs, key=diffs.get)
-    return f"{metric} {diffs[metric]:.2%}"
+    from airflow_backfill_provider.progress import describe_worst
+
+    return describe_worst(diffs)
 
 
 def _chunks_table(p) -> str:

@@ -204,7 +204,10 @@ def test_lineage_events_name_the_tables_with_schema_and_row_count(env):
     events = cluster.wait_until("OpenLineage COMPLETE events of the chunks", completes, 60)
     event = events[0]
     (inp,), (out,) = event["inputs"], event["outputs"]
-    assert inp["namespace"] == out["namespace"] == "postgres://127.0.0.1:5432"
+    from tests.session_helpers import server_address
+
+    host, port = server_address()
+    assert inp["namespace"] == out["namespace"] == f"postgres://{host}:{port}"
     assert inp["name"] == f"{_db(orders.src_url)}.public.orders"
     assert out["name"] == f"{_db(orders.dst_url)}.public.orders"
     columns = {f["name"]: f["type"] for f in out["facets"]["schema"]["fields"]}
