@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-import pendulum
 from psycopg2 import sql
 
 from airflow_backfill_provider import castcheck, ddl, identity, schema, timebounds
@@ -139,23 +138,10 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime, so
     return cur.fetchone()[0]
 
 
-def time_lower_bound(type_sql: str, lower: dt.datetime, tz_name: str):
-    """``lower`` as a value of the source time column's own type, read in the spec's timezone, rounded DOWN
-    (the time arm uses ``>=``: reading a little more is free, reading less would lose rows)."""
-    local = pendulum.instance(lower).in_timezone(tz_name)
-    if type_sql == "date":
-        return local.date()
-    if type_sql.startswith("timestamp") and "with time zone" not in type_sql:
-        return dt.datetime(
-            local.year, local.month, local.day, local.hour, local.minute, local.second, local.microsecond
-        )
-    return lower
-
-
-def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, str, str, dict[str, str]]:
+def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, str, str, str]:
     """Same destination-is-truth column plan as a backfill chunk, against the live table and current source;
     the cursor's kind (date / timestamp / timestamptz) on the source and in the destination; and the
-    source's column types (name -> type), for the time column's bound."""
+    kind of the time column on the source, for the time arm's bound."""
     live = spec.destination
     dest_cols, dest_keys = schema.describe_table(dst_conn, live, side="destination")
     schema.check_destination(spec, dest_cols, dest_keys, live)
@@ -187,7 +173,12 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan,
         dest_types=schema.describe_types(dst_conn, live),
         src_types=schema.describe_types(src_conn, spec.source),
     )
-    return plan, kinds[0], kinds[1], {c.name: c.type_sql for c in src_cols}
+    # the time column's kind on the source, for the time arm of live ingest's select (see run_live_ingest)
+    time_type = next((c.type_sql for c in src_cols if c.name == spec.time_column), None)
+    time_kind = timebounds.kind_of_type(time_type) or timebounds.probe_kind(
+        src_conn, q.ident(spec.source), sql.Identifier(spec.time_column), what=f"time_column of {spec.source}"
+    )
+    return plan, kinds[0], kinds[1], time_kind
 
 
 def _first_watermark(spec: BackfillSpec, src_conn) -> dt.datetime:
@@ -233,7 +224,7 @@ def run_live_ingest(
             lock_timeout_s=spec.lock_timeout_s,
         )
         # catalog checks first: a refused spec writes nothing
-        plan, src_kind, dst_kind, src_types = _columns(spec, src_conn, dst_conn)
+        plan, src_kind, dst_kind, time_kind = _columns(spec, src_conn, dst_conn)
         ensure_watermark_table(dst_conn, wm_table)
         target = target_key(dst_conn, spec.destination)
         cursor_col = spec.live_cursor_column
@@ -258,7 +249,7 @@ def run_live_ingest(
                 cursor_col,
                 timebounds.after(src_kind, lower, spec.timezone),
                 time_column=time_col,
-                time_lower=time_lower_bound(src_types.get(spec.time_column, ""), lower, spec.timezone),
+                time_lower=timebounds.at_or_before(time_kind, lower, spec.timezone),
             )
             _, staged = stream_copy(
                 src_conn, cur, q.copy_out(select, spec.copy_format), q.copy_in(_STAGE, plan.columns, spec.copy_format)

@@ -157,6 +157,14 @@ def literal(kind: str, instant: dt.datetime, tz_name: str) -> sql.Composed:
     return sql.SQL("{v}::{t}").format(v=sql.Literal(value.isoformat()), t=sql.SQL(kind))
 
 
+def at_or_before(kind: str, instant: dt.datetime, tz_name: str):
+    """A value for ``column >= value`` that keeps every row at or after ``instant``, rounded DOWN (live
+    ingest's time arm: reading a little more is free, reading less loses rows). A date: its local day."""
+    if kind == DATE:
+        return wall(instant, tz_name).date()
+    return bound(kind, instant, tz_name)
+
+
 def after(kind: str, instant: dt.datetime, tz_name: str):
     """A value for ``column > value`` that keeps every row at or after ``instant`` (live ingest's lower
     bound: generous, since re-reading a row is free). A date keeps the whole local day of ``instant``."""

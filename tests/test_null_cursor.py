@@ -119,15 +119,18 @@ def test_a_late_update_older_than_the_lookback_needs_a_reprocess_of_its_range(sr
 
 
 @pytest.mark.parametrize(
-    "type_sql, expected",
+    "kind, lower, expected",
     [
-        ("timestamp with time zone", "2024-03-10T06:30:00+00:00"),  # an instant stays an instant
-        ("timestamp without time zone", "2024-03-10T01:30:00"),  # wall time in the spec's timezone (EST)
-        ("date", "2024-03-10"),  # the local day containing it (>= that day: a superset, never less)
+        ("timestamptz", "2024-03-10T06:30:00+00:00", "2024-03-10T06:30:00+00:00"),  # an instant stays an instant
+        ("timestamp", "2024-03-10T06:30:00+00:00", "2024-03-10T01:30:00"),  # wall time in the spec's zone (EST)
+        ("date", "2024-03-10T06:30:00+00:00", "2024-03-10"),  # the local day containing it: never less
+        ("date", "2024-03-10T04:30:00+00:00", "2024-03-09"),  # 23:30 local on the 9th: the 9th, not the 10th
+        # fall-back night, first pass of 01:30 (EDT): rounded down to where the repeat starts, never later
+        ("timestamp", "2024-11-03T05:30:00+00:00", "2024-11-03T01:00:00"),
     ],
 )
-def test_the_time_arm_bound_is_read_in_the_columns_own_type_and_the_spec_timezone(type_sql, expected):
-    from airflow_backfill_provider.live import time_lower_bound
+def test_the_time_arm_bound_is_read_in_the_columns_own_type_and_the_spec_timezone(kind, lower, expected):
+    from airflow_backfill_provider.timebounds import at_or_before
 
-    lower = dt.datetime(2024, 3, 10, 6, 30, tzinfo=dt.timezone.utc)
-    assert time_lower_bound(type_sql, lower, "America/New_York").isoformat() == expected
+    at = dt.datetime.fromisoformat(lower)
+    assert at_or_before(kind, at, "America/New_York").isoformat() == expected
