@@ -25,7 +25,7 @@ local socket, a database named after the user). Secrets never appear in code, sp
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.extensions
@@ -33,6 +33,9 @@ import psycopg2.extensions
 from airflow_backfill_provider.deadlines import GRACE_S, DeadlineConnection
 from airflow_backfill_provider.dsn import is_dsn
 from airflow_backfill_provider.exceptions import PermanentChunkError
+
+if TYPE_CHECKING:
+    from airflow_backfill_provider.spec import BackfillSpec
 
 #: network defaults, each overridable from the connection's extras (or the DSN):
 #: an idle session whose peer vanished ends after 30 + 3 * 10 s of unanswered keepalive probes; data
@@ -213,3 +216,20 @@ def close_all(*conns) -> None:
     for conn in conns:
         if conn is not None and not conn.closed:
             conn.close()
+
+
+def application_name(dag_id: str, chunk_id: str) -> str:
+    """What a DBA sees in pg_stat_activity; the throttle excludes sessions with this prefix."""
+    return f"backfill:{dag_id}:{chunk_id}"
+
+
+def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
+    """The chunk's source session: read-only, with the spec's statement and lock timeouts."""
+    return connect(
+        source or spec.source_conn_id,
+        application_name=appname,
+        timezone=spec.timezone,
+        readonly=True,
+        statement_timeout_s=spec.statement_timeout_s,
+        lock_timeout_s=spec.lock_timeout_s,
+    )

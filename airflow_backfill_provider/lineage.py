@@ -106,7 +106,7 @@ class LineageMixin:
 def chunk_tables(spec, chunk_descriptor: dict) -> list[tuple[str, str, TableName, str]]:
     """The chunk reads its source table (the historical one for its range) and writes the staging target."""
     from airflow_backfill_provider.chunks import Chunk
-    from airflow_backfill_provider.transfer import source_for
+    from airflow_backfill_provider.source import source_for
 
     src_table, _ = source_for(spec, Chunk.from_descriptor(chunk_descriptor))
     return [("input", spec.source_conn_id, src_table, "source"),

@@ -31,7 +31,8 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.spec import BackfillSpec, TableName
-from airflow_backfill_provider.transfer import stream_copy, upsert_counted
+from airflow_backfill_provider.upsert import upsert_counted
+from airflow_backfill_provider.pipe import stream_copy
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS, target_key
 
 log = logging.getLogger(__name__)

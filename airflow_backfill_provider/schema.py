@@ -51,7 +51,7 @@ class ColumnPlan:
     time_filter: sql.Composable | None = None
     #: the source's catalog type of a plain time column (None for a historical expression)
     time_source_type: str | None = None
-    #: date / timestamp / timestamptz of ``time_filter`` on the source, set by transfer.prepare (timebounds.py)
+    #: date / timestamp / timestamptz of ``time_filter`` on the source, set by source.prepare (timebounds.py)
     time_kind: str | None = None
     # how values travel (casts.py); filled when both catalogs' type facts were given to plan_columns
     copy_exprs: list[sql.Composable] = field(default_factory=list)  # what the source COPY selects

@@ -4,7 +4,8 @@
                                                         then INSERT ... ON CONFLICT (newer wins)
                                                         then ledger row, then COMMIT
 
-Memory is flat whatever the chunk size: rows are never in Python lists, only in the pipe's buffers.
+The steps have their own modules: what the range reads (source.py), the COPY pipe (pipe.py), the
+upsert (upsert.py), the ledger row (ledger.py); this one orchestrates them for one chunk.
 Everything in the destination happens in ONE transaction under a transaction-scoped advisory lock
 for the chunk, so a failure anywhere leaves no rows and no ledger entry, and two runs of the same
 chunk at once are serialized.
@@ -13,25 +14,25 @@ chunk at once are serialized.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 import psycopg2
 
-from airflow_backfill_provider import castcheck, encoding, identity, keyranges, ledger, schema, swap, timebounds
+from airflow_backfill_provider import castcheck, encoding, identity, keyranges, ledger, swap, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
-from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
+from airflow_backfill_provider.connections import application_name, close_all, connect, open_source, rollback_quietly
 from airflow_backfill_provider.errors import classify
-from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
-from airflow_backfill_provider.interrupts import InterruptCatchingReader, is_interrupt
+from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.interrupts import is_interrupt
+from airflow_backfill_provider.pipe import stream_copy
+from airflow_backfill_provider.source import prepare, source_for
 from airflow_backfill_provider.spec import BackfillSpec, TableName
+from airflow_backfill_provider.upsert import upsert_counted
 
 log = logging.getLogger(__name__)
 
-_PIPE_BUFFER = 1 << 20  # 1 MiB user-space buffer on each side of the pipe: few syscalls, flat memory
 _STAGE = "backfill_stage"
 
 
@@ -55,102 +56,6 @@ class ChunkResult:
         d = asdict(self)
         d["rows_per_s"] = round(self.rows_per_s, 1)
         return d
-
-
-def application_name(dag_id: str, chunk_id: str) -> str:
-    """What a DBA sees in pg_stat_activity; the throttle excludes sessions with this prefix."""
-    return f"backfill:{dag_id}:{chunk_id}"
-
-
-def source_for(spec: BackfillSpec, chunk: Chunk) -> tuple[TableName, dict[str, str]]:
-    """Historical mode: the first range whose ``until`` is after the chunk start decides table/expressions."""
-    for rng in spec.historical:
-        from airflow_backfill_provider.chunks import to_datetime, utc
-
-        if utc(chunk.start) < utc(to_datetime(rng.until, spec.timezone, what="historical.until")):
-            table = TableName.parse(rng.source_table) if rng.source_table else spec.source
-            return table, dict(rng.column_expressions)
-    return spec.source, {}
-
-
-def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, schema.ColumnPlan]:
-    """Catalog checks before any write: tables, columns, unique key; then what to select."""
-    target = spec.staging_target
-    dest_cols, dest_keys = schema.describe_table(dst_conn, target, side="destination")
-    schema.check_destination(spec, dest_cols, dest_keys, target)
-    src_table, expressions = source_for(spec, chunk)
-    src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
-    plan = schema.plan_columns(
-        spec,
-        dest_cols,
-        src_cols,
-        expressions=expressions,
-        dest_types=schema.describe_types(dst_conn, target),
-        src_types=schema.describe_types(src_conn, src_table),
-    )
-    # chunk bounds are literals of the filtered column's own type (timebounds.py)
-    plan.time_kind = timebounds.source_kind(src_conn, src_table, plan)
-    timebounds.check_granularity(plan.time_kind, spec.granularity, column=spec.time_column)
-    return src_table, plan
-
-
-class _Writer(threading.Thread):
-    """Runs the source COPY TO into the pipe; stores its error for the main thread to raise."""
-
-    def __init__(self, cursor, statement, fd: int):
-        super().__init__(daemon=True, name="backfill-copy-out")
-        self.cursor, self.statement, self.fd = cursor, statement, fd
-        self.error: BaseException | None = None
-        self.rows = -1
-
-    def run(self):
-        out = os.fdopen(self.fd, "wb", buffering=_PIPE_BUFFER)
-        try:
-            self.cursor.copy_expert(self.statement, out, size=_PIPE_BUFFER)
-            self.rows = self.cursor.rowcount
-        except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
-            self.error = err  # recorded BEFORE the pipe closes: the reader's EOF never outruns the error
-        finally:
-            try:
-                out.close()
-            except BaseException as err:  # noqa: BLE001 - e.g. EPIPE when the reader is gone
-                self.error = self.error or err
-
-
-def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]:
-    """Pipe the source COPY into the destination COPY; returns (rows read, rows written)."""
-    r, w = os.pipe()
-    writer = _Writer(src_conn.cursor(), copy_out_sql, w)
-    writer.start()
-    reader = InterruptCatchingReader(os.fdopen(r, "rb", buffering=_PIPE_BUFFER))
-    try:
-        dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
-        reader.close()
-        writer.join()
-    except BaseException as err:
-        # If the source failed first (e.g. statement_timeout before the first row), the destination only
-        # saw a cut stream ("COPY file signature not recognized"): the source's error is the real one.
-        source_error = writer.error
-        reader.close()  # writer then fails with EPIPE instead of blocking forever
-        try:
-            src_conn.cancel()
-        except Exception:  # noqa: BLE001 - best effort; the connection is closed by the caller
-            pass
-        writer.join(timeout=30)
-        # an interrupt (execution_timeout, SIGTERM) inside read() reaches us as QueryCanceled: raise the interrupt
-        interrupt = reader.interrupt or (err if is_interrupt(err) else None)
-        if interrupt is not None:
-            raise interrupt from None  # the driver error that wraps it is noise
-        if source_error is not None:
-            raise source_error from err
-        raise
-    if writer.error is not None:
-        # A source that died mid-stream can look like a clean EOF to the destination COPY: never commit then.
-        raise writer.error
-    written = dst_cur.rowcount
-    if writer.rows >= 0 and written >= 0 and writer.rows != written:
-        raise TransientChunkError(f"source sent {writer.rows} rows but staging received {written}; not committed")
-    return writer.rows, written
 
 
 def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
@@ -203,34 +108,6 @@ def _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_tab
         return encoding.describe(err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, columns=plan.columns)
     finally:
         close_all(conn)
-
-
-def upsert_counted(
-    cur, target: TableName, stage: str, columns, keys, version_column, conflict_policy, plan=None
-) -> tuple[int, int]:
-    """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
-    own per-table counters before and after it (free, and right for partitioned targets too).
-    ``plan`` (a schema.ColumnPlan): casts run in the destination and the exact per-type change test."""
-    counters = {"table": q.ident(target).as_string(cur)}
-    cur.execute(q.xact_write_counts(), counters)
-    ins0, upd0 = cur.fetchone()
-    extra = {"insert_exprs": plan.insert_exprs, "changed": plan.changed} if plan is not None else {}
-    cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy, **extra))
-    cur.execute(q.xact_write_counts(), counters)
-    ins1, upd1 = cur.fetchone()
-    return ins1 - ins0, upd1 - upd0
-
-
-def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
-    """The chunk's source session: read-only, with the spec's statement and lock timeouts."""
-    return connect(
-        source or spec.source_conn_id,
-        application_name=appname,
-        timezone=spec.timezone,
-        readonly=True,
-        statement_timeout_s=spec.statement_timeout_s,
-        lock_timeout_s=spec.lock_timeout_s,
-    )
 
 
 def transfer_chunk(

@@ -42,7 +42,7 @@ from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime,
 from airflow_backfill_provider.connections import close_all, connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
-from airflow_backfill_provider.transfer import source_for
+from airflow_backfill_provider.source import source_for
 
 log = logging.getLogger(__name__)
 

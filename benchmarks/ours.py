@@ -33,7 +33,8 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.spec import load_spec
     from airflow_backfill_provider.throttle import decide, probe_load
-    from airflow_backfill_provider.transfer import application_name, open_source, transfer_chunk
+    from airflow_backfill_provider.connections import application_name, open_source
+    from airflow_backfill_provider.transfer import transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     planned = [Chunk.from_descriptor(c) for c in chunks]

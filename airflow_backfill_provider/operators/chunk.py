@@ -108,7 +108,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
         from airflow_backfill_provider.batches import is_batch
-        from airflow_backfill_provider.transfer import application_name
+        from airflow_backfill_provider.connections import application_name
 
         spec = load_spec(self.spec)
         if is_batch(self.chunk):
@@ -218,7 +218,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         from airflow_backfill_provider.compat import AirflowException
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
-        from airflow_backfill_provider.transfer import open_source
+        from airflow_backfill_provider.connections import open_source
 
         conn = None
         try:

@@ -77,7 +77,7 @@ class ChunkGatesMixin:
         """Run a batch's chunks in order, each committed alone; skip the ones the ledger holds."""
         from airflow_backfill_provider import batches, chunkplan, identity
         from airflow_backfill_provider.compat import AirflowFailException
-        from airflow_backfill_provider.connections import close_all, connect
+        from airflow_backfill_provider.connections import application_name, close_all, connect, open_source
         from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
         from airflow_backfill_provider.throttle import (
             PROBE_TIMEOUT_S,
@@ -87,7 +87,7 @@ class ChunkGatesMixin:
             reserve_destination_turn,
             wait_reason,
         )
-        from airflow_backfill_provider.transfer import application_name, open_source, transfer_chunk
+        from airflow_backfill_provider.transfer import transfer_chunk
         from airflow_backfill_provider.triggers.load import SourceLoadTrigger
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
 

@@ -50,7 +50,7 @@ class PlanBackfillOperator(BaseOperator):
         from airflow_backfill_provider.schema import time_column_indexed
         from airflow_backfill_provider.swap import as_live, ensure_parallel_table
         from airflow_backfill_provider.timebounds import check_granularity
-        from airflow_backfill_provider.transfer import prepare
+        from airflow_backfill_provider.source import prepare
 
         spec = load_spec(self.spec)
         try:
@@ -153,7 +153,7 @@ class PlanBackfillOperator(BaseOperator):
 
 def _one_per_source(spec: BackfillSpec, chunks):
     """The first chunk of each historical source range: enough to check every source table once."""
-    from airflow_backfill_provider.transfer import source_for
+    from airflow_backfill_provider.source import source_for
 
     seen = set()
     for chunk in chunks:
@@ -165,7 +165,7 @@ def _one_per_source(spec: BackfillSpec, chunks):
 
 def _time_filter_column(spec: BackfillSpec, chunk) -> str:
     """The source column the chunk filter compares: the time column, or a historical bare-column alias."""
-    from airflow_backfill_provider.transfer import source_for
+    from airflow_backfill_provider.source import source_for
 
     expr = source_for(spec, chunk)[1].get(spec.time_column)
     if expr is None:

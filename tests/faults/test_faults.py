@@ -11,11 +11,13 @@ import time
 import psycopg2
 import pytest
 
-from airflow_backfill_provider import identity, transfer
+from airflow_backfill_provider import identity, pipe
+from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import plan_chunks
 from tests.seed import seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
-from airflow_backfill_provider.transfer import application_name, transfer_chunk
+from airflow_backfill_provider.connections import application_name
+from airflow_backfill_provider.transfer import transfer_chunk
 from tests.faults.conftest import (
     BIG_DAY1_ROWS,
     BIG_DAY2_ROWS,
@@ -132,13 +134,13 @@ def test_source_backend_terminated_mid_copy_then_retried(big_world):
 def test_control_without_the_writer_check_a_truncated_stream_would_commit(big_world, monkeypatch):
     """Why stream_copy checks the writer: the destination COPY sees a cut stream as a clean EOF."""
     spec, inv = big_world
-    original = transfer._Writer.run
+    original = pipe._Writer.run
 
     def forgetful_run(self):
         original(self)
         self.error, self.rows = None, -1  # a naive pipe: ignores how the source side ended
 
-    monkeypatch.setattr(transfer._Writer, "run", forgetful_run)
+    monkeypatch.setattr(pipe._Writer, "run", forgetful_run)
     _run_with_source_terminated(spec, inv)
     # it committed a partial chunk, and the ledger says the chunk is done: a silent, permanent loss
     ledger = inv.ledger_rows(DAY1)
@@ -279,7 +281,7 @@ def test_same_chunk_twice_at_once_is_serialized(big_src, dst_url):
     key = identity.of(spec, src, gate).lock_key(DAY2.start, DAY2.end)  # the backfill's own chunk lock
     src.close()
     with gate.cursor() as cur:
-        cur.execute(transfer.q.advisory_xact_lock(), (key,))
+        cur.execute(q.advisory_xact_lock(), (key,))
     procs = [start_chunk_process(spec, DAY2) for _ in range(2)]
     try:
         _wait_until(lambda: _waiting_on_advisory_lock(dst_url, appname) == 2, "both workers waiting on the chunk lock")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.seed import seed_orders
-from airflow_backfill_provider.transfer import application_name
+from airflow_backfill_provider.connections import application_name
 from tests.conftest import REPO
 from tests.faults.conftest import DAY1, Invariants, connect, create_destination, make_spec, query, wait_for_copy
 

@@ -1,0 +1,74 @@
+"""The COPY pipe: ``COPY (SELECT ...) TO STDOUT`` on the source streamed into ``COPY ... FROM STDIN`` on the
+destination through an OS pipe, a writer thread on the source side.
+
+Memory is flat whatever the row count: rows are never in Python lists, only in the pipe's buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from airflow_backfill_provider.exceptions import TransientChunkError
+from airflow_backfill_provider.interrupts import InterruptCatchingReader, is_interrupt
+
+_PIPE_BUFFER = 1 << 20  # 1 MiB user-space buffer on each side of the pipe: few syscalls, flat memory
+
+
+class _Writer(threading.Thread):
+    """Runs the source COPY TO into the pipe; stores its error for the main thread to raise."""
+
+    def __init__(self, cursor, statement, fd: int):
+        super().__init__(daemon=True, name="backfill-copy-out")
+        self.cursor, self.statement, self.fd = cursor, statement, fd
+        self.error: BaseException | None = None
+        self.rows = -1
+
+    def run(self):
+        out = os.fdopen(self.fd, "wb", buffering=_PIPE_BUFFER)
+        try:
+            self.cursor.copy_expert(self.statement, out, size=_PIPE_BUFFER)
+            self.rows = self.cursor.rowcount
+        except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
+            self.error = err  # recorded BEFORE the pipe closes: the reader's EOF never outruns the error
+        finally:
+            try:
+                out.close()
+            except BaseException as err:  # noqa: BLE001 - e.g. EPIPE when the reader is gone
+                self.error = self.error or err
+
+
+def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]:
+    """Pipe the source COPY into the destination COPY; returns (rows read, rows written)."""
+    r, w = os.pipe()
+    writer = _Writer(src_conn.cursor(), copy_out_sql, w)
+    writer.start()
+    reader = InterruptCatchingReader(os.fdopen(r, "rb", buffering=_PIPE_BUFFER))
+    try:
+        dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
+        reader.close()
+        writer.join()
+    except BaseException as err:
+        # If the source failed first (e.g. statement_timeout before the first row), the destination only
+        # saw a cut stream ("COPY file signature not recognized"): the source's error is the real one.
+        source_error = writer.error
+        reader.close()  # writer then fails with EPIPE instead of blocking forever
+        try:
+            src_conn.cancel()
+        except Exception:  # noqa: BLE001 - best effort; the connection is closed by the caller
+            pass
+        writer.join(timeout=30)
+        # an interrupt (execution_timeout, SIGTERM) inside read() reaches us as QueryCanceled: raise the interrupt
+        interrupt = reader.interrupt or (err if is_interrupt(err) else None)
+        if interrupt is not None:
+            raise interrupt from None  # the driver error that wraps it is noise
+        if source_error is not None:
+            raise source_error from err
+        raise
+    if writer.error is not None:
+        # A source that died mid-stream can look like a clean EOF to the destination COPY: never commit then.
+        raise writer.error
+    written = dst_cur.rowcount
+    if writer.rows >= 0 and written >= 0 and writer.rows != written:
+        raise TransientChunkError(f"source sent {writer.rows} rows but staging received {written}; not committed")
+    return writer.rows, written

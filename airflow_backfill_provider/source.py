@@ -1,0 +1,42 @@
+"""What a chunk reads on the source: which relation and column expressions its range selects (historical
+mode), and the column plan checked against the catalogs of both sides before any write.
+
+Shared by planning (pre-flight), the chunk transfer, validation and lineage, so all of them agree on the
+table and expressions a range reads.
+"""
+
+from __future__ import annotations
+
+from airflow_backfill_provider import schema, timebounds
+from airflow_backfill_provider.chunks import Chunk, to_datetime, utc
+from airflow_backfill_provider.spec import BackfillSpec, TableName
+
+
+def source_for(spec: BackfillSpec, chunk: Chunk) -> tuple[TableName, dict[str, str]]:
+    """Historical mode: the first range whose ``until`` is after the chunk start decides table/expressions."""
+    for rng in spec.historical:
+        if utc(chunk.start) < utc(to_datetime(rng.until, spec.timezone, what="historical.until")):
+            table = TableName.parse(rng.source_table) if rng.source_table else spec.source
+            return table, dict(rng.column_expressions)
+    return spec.source, {}
+
+
+def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, schema.ColumnPlan]:
+    """Catalog checks before any write: tables, columns, unique key; then what to select."""
+    target = spec.staging_target
+    dest_cols, dest_keys = schema.describe_table(dst_conn, target, side="destination")
+    schema.check_destination(spec, dest_cols, dest_keys, target)
+    src_table, expressions = source_for(spec, chunk)
+    src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
+    plan = schema.plan_columns(
+        spec,
+        dest_cols,
+        src_cols,
+        expressions=expressions,
+        dest_types=schema.describe_types(dst_conn, target),
+        src_types=schema.describe_types(src_conn, src_table),
+    )
+    # chunk bounds are literals of the filtered column's own type (timebounds.py)
+    plan.time_kind = timebounds.source_kind(src_conn, src_table, plan)
+    timebounds.check_granularity(plan.time_kind, spec.granularity, column=spec.time_column)
+    return src_table, plan
