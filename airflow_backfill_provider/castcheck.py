@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 from airflow_backfill_provider import sql as q
-from airflow_backfill_provider.schema import ColumnPlan
+from airflow_backfill_provider.drift import ColumnPlan
 from airflow_backfill_provider.spec import TableName
 
 _MARK = "backfill cast check"  # MESSAGE of the exception the block raises with its finding

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from psycopg2 import sql
 
-from airflow_backfill_provider import castcheck, ddl, identity, schema, timebounds
+from airflow_backfill_provider import castcheck, ddl, drift, identity, schema, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
@@ -139,7 +139,7 @@ def advance_watermark(cur, table: TableName, target: str, value: dt.datetime, so
     return cur.fetchone()[0]
 
 
-def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan, str, str, str]:
+def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[drift.ColumnPlan, str, str, str]:
     """Same destination-is-truth column plan as a backfill chunk, against the live table and current source;
     the cursor's kind (date / timestamp / timestamptz) on the source and in the destination; and the
     kind of the time column on the source, for the time arm's bound."""
@@ -167,7 +167,7 @@ def _columns(spec: BackfillSpec, src_conn, dst_conn) -> tuple[schema.ColumnPlan,
                 conn, q.ident(table), sql.Identifier(cursor), what=f"live.cursor_column {cursor!r} of {table}"
             )
         )
-    plan = schema.plan_columns(
+    plan = drift.plan_columns(
         spec,
         dest_cols,
         src_cols,

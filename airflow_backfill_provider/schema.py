@@ -1,15 +1,12 @@
-"""Read table shapes from the catalogs and decide what each chunk selects.
+"""Read table shapes from the catalogs: columns, types, unique keys, leading indexes; check the destination.
 
-The destination schema is the truth (current-schema mode): every destination column is filled;
-one missing from the source is selected as ``NULL::<type>``; source-only columns are ignored;
-everything is cast to the destination type in the source query, so binary COPY lines up exactly.
+What each chunk selects from these shapes (schema drift) is decided in drift.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from psycopg2 import sql
 
 from airflow_backfill_provider import casts
 from airflow_backfill_provider.exceptions import PermanentChunkError
@@ -21,51 +18,6 @@ class Column:
     name: str
     type_sql: str  # format_type() output from the catalog, e.g. 'numeric(12,2)'
     not_null: bool = False
-
-
-@dataclass(frozen=True)
-class LossyCast:
-    """A cast that may round (numeric scale, float precision, fractions, time precision, timestamp -> date)."""
-
-    column: str
-    source_type: str
-    type_sql: str
-    changes: sql.Composable  # over the staging table: true where the cast changes the value
-    after: sql.Composable  # the value after the cast
-
-
-@dataclass
-class ColumnPlan:
-    """What one chunk selects from the source, per destination column, and why.
-
-    ``raw_exprs[i]`` is what is read from the source for ``columns[i]`` before the cast (None for a
-    column loaded as NULL) and ``types[i]`` its destination type; the cast-failure check uses both.
-    ``time_filter`` is what the chunk's ``[start, end)`` is compared with on the source.
-    """
-
-    columns: list[str]
-    select_exprs: list[sql.Composable]
-    decisions: list[str] = field(default_factory=list)
-    raw_exprs: list[sql.Composable | None] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
-    time_filter: sql.Composable | None = None
-    #: the source's catalog type of a plain time column (None for a historical expression)
-    time_source_type: str | None = None
-    #: date / timestamp / timestamptz of ``time_filter`` on the source, set by source.prepare (timebounds.py)
-    time_kind: str | None = None
-    # how values travel (casts.py); filled when both catalogs' type facts were given to plan_columns
-    copy_exprs: list[sql.Composable] = field(default_factory=list)  # what the source COPY selects
-    stage_types: list[str | None] = field(default_factory=list)  # staging column type; None: the destination's
-    insert_exprs: list[sql.Composable] = field(default_factory=list)  # staging -> destination (cast if needed)
-    dest_casts: list[str | None] = field(default_factory=list)  # the type cast to in the destination, if any
-    # castcheck on the source: (variable type, cast type) per column; None: not cast on the source
-    check_types: list[tuple[str, str] | None] = field(default_factory=list)
-    lossy: list[LossyCast] = field(default_factory=list)  # casts to verify value by value on the staging table
-    changed: sql.Composable | None = None  # "a non-key column differs", exact per type (upsert predicate)
-
-    def expr_for(self, column: str) -> sql.Composable:
-        """The select expression (cast to the destination type) of one destination column."""
-        return self.select_exprs[self.columns.index(column)]
 
 
 _FIND_TABLE = """
@@ -217,174 +169,6 @@ def check_unique_key(spec: BackfillSpec, dest_cols: list[Column], keys: list[Uni
             f"({'; '.join(f'ALTER TABLE {table} ALTER COLUMN {c} SET NOT NULL' for c in nullable)}), or on "
             f"PostgreSQL 15+ recreate the key as UNIQUE NULLS NOT DISTINCT ({cols})"
         )
-
-
-def plan_columns(
-    spec: BackfillSpec,
-    dest_cols: list[Column],
-    src_cols: list[Column],
-    *,
-    expressions: dict[str, str] | None = None,
-    dest_types: dict[str, casts.TypeInfo] | None = None,
-    src_types: dict[str, casts.TypeInfo] | None = None,
-) -> ColumnPlan:
-    """One select expression per destination column, cast to the destination type.
-
-    ``expressions`` (historical mode) are spec-author SQL for a column; they win over same-name columns.
-    With both sides' type facts (:func:`describe_types`), also how each value travels (see casts.py):
-    the chunk path passes them; validation, which only reads the source, does not need them.
-    """
-    expressions = expressions or {}
-    wanted = spec.columns or [c.name for c in dest_cols]
-    by_name = {c.name: c for c in dest_cols}
-    src_names = {c.name for c in src_cols}
-    for required in (spec.time_column, *spec.key_columns):
-        if required not in src_names and required not in expressions:
-            raise PermanentChunkError(
-                f"source table {spec.source_table!r} has no column {required!r} (needed as time/key column); "
-                f"its columns are {sorted(src_names)}"
-            )
-    src_type_sql = {c.name: c.type_sql for c in src_cols}
-    exprs: list[sql.Composable] = []
-    raws: list[sql.Composable | None] = []
-    decisions: list[str] = []
-    for name in wanted:
-        col = by_name[name]
-        type_sql = sql.SQL(cast_type(col.type_sql))  # from the destination catalog, not from user input
-        if name in expressions:
-            # trusted spec-author SQL (historical mode); wrapped so operator precedence cannot leak
-            raw = sql.SQL("({e})").format(e=sql.SQL(expressions[name]))
-            exprs.append(sql.SQL("{r}::{t}").format(r=raw, t=type_sql))
-            decisions.append(f"{name}: expression ({expressions[name]}) cast to {col.type_sql}")
-        elif name in src_names:
-            raw = sql.Identifier(name)
-            exprs.append(sql.SQL("{c}::{t}").format(c=raw, t=type_sql))
-            if src_type_sql[name] != col.type_sql:
-                decisions.append(f"{name}: source type {src_type_sql[name]} cast to {col.type_sql}")
-        else:
-            raw = None
-            exprs.append(sql.SQL("NULL::{t}").format(t=type_sql))
-            decisions.append(f"{name}: missing in source, loaded as NULL::{col.type_sql}")
-        raws.append(raw)
-    ignored = sorted(src_names - set(by_name))
-    if ignored:
-        decisions.append(f"source-only columns ignored: {ignored}")
-    t = spec.time_column
-    # a historical expression for the time column is also what the chunk range is compared with
-    time_filter = sql.SQL("({e})").format(e=sql.SQL(expressions[t])) if t in expressions else sql.Identifier(t)
-    plan = ColumnPlan(
-        columns=list(wanted),
-        select_exprs=exprs,
-        decisions=decisions,
-        raw_exprs=raws,
-        types=[by_name[n].type_sql for n in wanted],
-        time_filter=time_filter,
-        time_source_type=None if t in expressions else src_type_sql.get(t),
-        copy_exprs=list(exprs),
-        stage_types=[None] * len(wanted),
-        insert_exprs=[sql.Identifier(n) for n in wanted],
-        dest_casts=[None] * len(wanted),
-        check_types=[(by_name[n].type_sql, cast_type(by_name[n].type_sql)) for n in wanted],
-    )
-    if dest_types is not None and src_types is not None:
-        _route(spec, plan, dest_types, src_types)
-    return plan
-
-
-def _lossy_allowed(spec: BackfillSpec, column: str) -> bool:
-    allowed = spec.allow_lossy_casts
-    return allowed is True or (isinstance(allowed, list) and column in allowed)
-
-
-def _route(spec: BackfillSpec, plan: ColumnPlan, dest_types: dict, src_types: dict) -> None:
-    """Decide per column where the cast runs and what the staging column holds (module doc of casts.py)."""
-    if isinstance(spec.allow_lossy_casts, list):
-        unknown = [c for c in spec.allow_lossy_casts if c not in plan.columns]
-        if unknown:
-            raise PermanentChunkError(
-                f"allow_lossy_casts lists {unknown}, which are not loaded columns of the destination "
-                f"(loaded: {plan.columns}); fix the names or remove them"
-            )
-    for i, name in enumerate(plan.columns):
-        t = dest_types.get(name)
-        if t is None:
-            continue
-        col = sql.Identifier(name)
-        raw = plan.raw_exprs[i]
-        # the source can produce T's wire format by a cast to a built-in type: stage as T itself
-        source_side = casts.source_castable(t)
-        to_t = sql.SQL(casts.unbounded(t))  # destination catalog text, not user input
-        s = src_types.get(name) if isinstance(raw, sql.Identifier) else None
-        if s is not None and s.type_sql == t.type_sql:
-            if t.portable:  # the same type on both sides: no cast anywhere
-                plan.copy_exprs[i], plan.check_types[i] = col, None
-                continue
-            source_side = False
-        elif s is not None and not (casts.lossless(s, t) and source_side):
-            # may round, or T only exists in the destination: stage the source's own value, cast there
-            # text when T holds user-defined elements: an explicit array cast to a length-limited domain
-            # element cuts silently, while parsing the array's text checks every element
-            if s.base_builtin and s.portable and t.portable:
-                wire_info, wire = s, s.base_sql
-                plan.copy_exprs[i] = (
-                    col if s.type_sql == s.base_sql else sql.SQL("{c}::{w}").format(c=col, w=sql.SQL(wire))
-                )
-            else:
-                wire_info, wire = None, "text"
-                plan.copy_exprs[i] = sql.SQL("{c}::text").format(c=col)
-            plan.stage_types[i] = wire
-            plan.insert_exprs[i] = sql.SQL("{c}::{t}").format(c=col, t=to_t)
-            plan.dest_casts[i] = casts.unbounded(t)
-            plan.check_types[i] = (t.base_sql, casts.unbounded(t)) if t.base_builtin else None
-            lossy = not casts.lossless(s, t) and wire_info is not None
-            if lossy and _lossy_allowed(spec, name):
-                _note_decision(plan, name, "rounding allowed by allow_lossy_casts")
-            elif lossy and (test := casts.rounding_test(name, wire_info, wire, t)) is not None:
-                plan.lossy.append(LossyCast(name, s.type_sql, t.type_sql, *test))
-                _note_decision(plan, name, "each value checked: one the cast would change fails the chunk")
-            if not source_side:
-                _note_decision(plan, name, "cast in the destination")
-            continue
-        if source_side:
-            plan.copy_exprs[i] = (
-                sql.SQL("NULL::{t}").format(t=to_t) if raw is None else sql.SQL("{r}::{t}").format(r=raw, t=to_t)
-            )
-            plan.check_types[i] = (t.base_sql, casts.unbounded(t))
-        else:  # T (or a type inside it) is the destination's own: send text, cast in the destination
-            plan.copy_exprs[i] = sql.SQL("NULL::text") if raw is None else sql.SQL("{r}::text").format(r=raw)
-            plan.stage_types[i] = "text"
-            plan.insert_exprs[i] = sql.SQL("{c}::{t}").format(c=col, t=to_t)
-            plan.dest_casts[i] = casts.unbounded(t)
-            plan.check_types[i] = None
-    non_keys = [c for c in plan.columns if c not in spec.key_columns]
-    if non_keys and all(c in dest_types for c in non_keys):
-        plan.changed = casts.changed_predicate(non_keys, dest_types)
-
-
-def _note_decision(plan: ColumnPlan, column: str, note: str) -> None:
-    """Append to the column's decision (added if it had none, e.g. same type name but cast as text)."""
-    prefix = f"{column}: "
-    for j, d in enumerate(plan.decisions):
-        if d.startswith(prefix):
-            plan.decisions[j] = f"{d} ({note})"
-            return
-    plan.decisions.append(f"{column}: {note}")
-
-
-_LENGTH_TYPES = {"character varying": "character varying", "character": "bpchar", "bit varying": "bit varying"}
-
-
-def cast_type(type_sql: str) -> str:
-    """The type the source query casts to: the destination type, minus a length limit.
-
-    An explicit cast to ``varchar(n)``/``char(n)``/``varbit(n)`` silently truncates (SQL standard); without
-    the limit in the cast, the destination's COPY checks the length and a too-long value fails the chunk
-    instead of being cut. The wire format is the same, so binary COPY still lines up.
-    """
-    base, paren, _ = type_sql.partition("(")
-    if paren and base in _LENGTH_TYPES and not type_sql.endswith("[]"):
-        return _LENGTH_TYPES[base]
-    return type_sql
 
 
 _LEADING_INDEX = """

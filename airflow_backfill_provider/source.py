@@ -7,7 +7,7 @@ table and expressions a range reads.
 
 from __future__ import annotations
 
-from airflow_backfill_provider import schema, timebounds
+from airflow_backfill_provider import drift, schema, timebounds
 from airflow_backfill_provider.chunks import Chunk, to_datetime, utc
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
@@ -21,14 +21,14 @@ def source_for(spec: BackfillSpec, chunk: Chunk) -> tuple[TableName, dict[str, s
     return spec.source, {}
 
 
-def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, schema.ColumnPlan]:
+def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, drift.ColumnPlan]:
     """Catalog checks before any write: tables, columns, unique key; then what to select."""
     target = spec.staging_target
     dest_cols, dest_keys = schema.describe_table(dst_conn, target, side="destination")
     schema.check_destination(spec, dest_cols, dest_keys, target)
     src_table, expressions = source_for(spec, chunk)
     src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
-    plan = schema.plan_columns(
+    plan = drift.plan_columns(
         spec,
         dest_cols,
         src_cols,

@@ -11,7 +11,7 @@ def upsert_counted(
 ) -> tuple[int, int]:
     """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
     own per-table counters before and after it (free, and right for partitioned targets too).
-    ``plan`` (a schema.ColumnPlan): casts run in the destination and the exact per-type change test."""
+    ``plan`` (a drift.ColumnPlan): casts run in the destination and the exact per-type change test."""
     counters = {"table": q.ident(target).as_string(cur)}
     cur.execute(q.xact_write_counts(), counters)
     ins0, upd0 = cur.fetchone()

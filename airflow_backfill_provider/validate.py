@@ -37,7 +37,7 @@ from decimal import Decimal
 import pendulum
 from psycopg2 import sql
 
-from airflow_backfill_provider import ddl, schema
+from airflow_backfill_provider import ddl, drift, schema
 from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.connections import close_all, connect
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
@@ -292,9 +292,9 @@ def source_query(
     notes: list[str],
     conn=None,
 ) -> SideQuery:
-    """Source side: the transfer's table and column expressions (:func:`schema.plan_columns`), cast to
+    """Source side: the transfer's table and column expressions (:func:`drift.plan_columns`), cast to
     the destination's types; the time expression's type asked from the source (``conn``)."""
-    plan = schema.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    plan = drift.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
     not_loaded = [c for c in spec.validation.sum_columns if c not in plan.columns]
     if not_loaded:
         raise PermanentChunkError(
@@ -321,7 +321,7 @@ def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[sche
             f"its columns are {sorted(names)}"
         )
     t = sql.Identifier(spec.time_column)
-    loaded = spec.columns or [c.name for c in dest_cols]  # the transfer's column list (schema.plan_columns)
+    loaded = spec.columns or [c.name for c in dest_cols]  # the transfer's column list (drift.plan_columns)
     return SideQuery(
         table=table,
         time_expr=t,
