@@ -55,12 +55,13 @@ def _explain_rows(conn, spec, bound) -> int:
     return int(doc[0]["Plan"]["Plan Rows"])
 
 
-def measured_rate(dst_conn, spec) -> float | None:
-    """Rows per second per chunk measured by chunks already in the ledger for this target; None if none."""
+def measured_rate(dst_conn, spec, backfill_key: str | None = None) -> float | None:
+    """Rows per second per chunk measured by this backfill's chunks already in the ledger (every backfill's
+    into the target without a key); None if none."""
     from airflow_backfill_provider.progress import ledger_rate
 
     try:
-        return ledger_rate(dst_conn, spec)
+        return ledger_rate(dst_conn, spec, backfill_key)
     except Exception as err:  # noqa: BLE001 - best effort: never fails the task
         log.info("No measured rate from the ledger (%s)", str(err).strip())
         try:

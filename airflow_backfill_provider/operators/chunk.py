@@ -247,7 +247,15 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         run_id = getattr(context.get("dag_run"), "run_id", None)
         try:
-            result = transfer_chunk(spec, chunk, dag_id=self.dag_id, run_id=run_id, source_conn=src_conn)
+            result = transfer_chunk(
+                spec,
+                chunk,
+                dag_id=self.dag_id,
+                run_id=run_id,
+                source_conn=src_conn,
+                waited_load_s=waited_load_s,  # kept in the ledger row: the progress page shows the waits
+                waited_pacing_s=waited_pacing_s,
+            )
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
         self.log.info(

@@ -273,6 +273,8 @@ def test_browser_sees_the_failed_day_totals_and_eta_during_a_run(env, browser, t
         eta = page.locator("#eta").inner_text()
         assert re.fullmatch(r"ETA \d+(\.\d)? (s|min|h)", eta), eta
         assert page.locator('#chunks tr[data-chunk="2023-02-03"]').get_attribute("data-state") == "failed"
+        waits = page.locator("#waits").inner_text()  # from the chunks' ledger rows (0 s here: a quiet source)
+        assert re.match(r"Waits before reading the source: [\d,]+\.\d s for its load, [\d,]+\.\d s for pacing", waits)
         shots = [tmp_path / "progress-page.png"]
         if os.environ.get("E2E_ARTEFACTS"):
             shots.append(Path(os.environ["E2E_ARTEFACTS"]) / "progress-page.png")
@@ -298,6 +300,10 @@ def test_browser_sees_the_failed_day_totals_and_eta_during_a_run(env, browser, t
     final = _progress(cluster, run_id)
     assert final["counts"]["failed"] == 1 and final["counts"]["loaded"] == 13
     assert final["eta"] == "unknown (1 failed chunk(s) to clear)"
+    cols = final["chunks"]["columns"]
+    loaded = [r for r in final["chunks"]["rows"] if r[cols.index("state")] == "loaded"]
+    assert all(isinstance(r[cols.index("waited_load_s")], float) for r in loaded)  # measured by each chunk
+    assert final["waits"]["load_s"] >= 0 and final["waits"]["deferred_now"] == 0
 
 
 def _drop_slow(orders) -> None:
