@@ -254,7 +254,7 @@ def test_page_shows_waits_per_chunk_and_in_total():
                        validation=None, now=day(1))  # fmt: skip
     body = render(p, [])
     assert '<span id="wait-load">12.2 s</span>' in body and '<span id="wait-pacing">3.0 s</span>' in body
-    assert "over 2 loaded chunk(s); 1 chunk(s) waiting now (deferred" in body
+    assert "(2 loaded chunk(s) waited); 1 chunk(s) waiting now (deferred" in body
     assert '<tr data-chunk="2024-01-01" data-state="loaded"><td>2024-01-01</td><td>loaded</td><td>success</td>' in body
     assert "<td>12.2</td><td>0.0</td>" in body and "<td>0.0</td><td>3.0</td>" in body
     assert '<tr data-chunk="2024-01-03" data-state="skipped">' in body and "<td>-</td><td>-</td><td>0</td>" in body

@@ -112,7 +112,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         spec = load_spec(self.spec)
         if is_batch(self.chunk):
-            return self._run_batch(context, spec, paced=paced)
+            return self._run_batch(context, spec, paced=paced, waited=(waited_load_s, waited_pacing_s))
         try:
             chunk = Chunk.from_descriptor(self.chunk)
         except PlanError as err:

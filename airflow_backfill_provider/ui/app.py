@@ -138,8 +138,8 @@ def render(p, runs: list[dict]) -> str:
     )
     out.append(
         f'<p id="waits">Waits before reading the source: <span id="wait-load">{w["load_s"]:,.1f} s</span> for its load, '
-        f'<span id="wait-pacing">{w["pacing_s"]:,.1f} s</span> for pacing turns, over {w["chunks_waited"]} loaded '
-        f"chunk(s){waiting_now}</p>"
+        f'<span id="wait-pacing">{w["pacing_s"]:,.1f} s</span> for pacing turns ({w["chunks_waited"]} loaded '
+        f"chunk(s) waited){waiting_now}</p>"
     )
     out.append("<h2>Calendar</h2>" + _calendar(p))
     out.append(_validation(p))
