@@ -285,7 +285,14 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         self._lineage_rows = result.rows_extracted  # OpenLineage output row count
         dag_run = context.get("dag_run")
-        log_chunk_share(self.log, spec, self.chunk, run_id=run_id, run_started_at=getattr(dag_run, "start_date", None))
+        log_chunk_share(
+            self.log,
+            spec,
+            self.chunk,
+            run_id=run_id,
+            run_started_at=getattr(dag_run, "start_date", None),
+            dag_id=self.dag_id,  # run ids are unique per DAG only
+        )
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
         out.update(
