@@ -142,7 +142,13 @@ def build_plan(
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")
     if backfill_key is None and dst_conn is not None and src_conn is not None:
-        backfill_key = _identity(spec, src_conn, dst_conn).key  # no ledger yet, or reprocess: still recorded
+        # no ledger yet, or reprocess: still recorded (the progress page selects the ledger rows by it)
+        from airflow_backfill_provider.exceptions import PermanentChunkError
+
+        try:
+            backfill_key = _identity(spec, src_conn, dst_conn).key
+        except PermanentChunkError:  # e.g. a missing source table: the plan's pre-flight names it, not this
+            pass
     return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes, backfill_key)
 
 
