@@ -114,6 +114,7 @@ def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | N
         run_type = str(getattr(dr.run_type, "value", dr.run_type))
     plan = plan_summary(dag_id, run_id)
     descriptors = None
+    backfill_key = (plan or {}).get("backfill_key")
     if plan:
         start, end, gran = plan.get("start"), plan.get("end"), plan.get("granularity")
         if not plan.get("dry_run"):  # a dry run returns no chunks: show its computed plan instead
@@ -130,6 +131,7 @@ def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | N
         started_at=started,
         ended_at=ended,
         descriptors=descriptors,
+        backfill_key=backfill_key,
     )
 
 
@@ -229,7 +231,8 @@ def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None
     conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
                    statement_timeout_s=30)  # fmt: skip
     try:
-        rows = read_ledger(conn, spec)
+        # this backfill's rows: by the key its plan recorded; before the plan ran, those this DAG wrote
+        rows = read_ledger(conn, spec, backfill_key=run.backfill_key if run else None, dag_id=dag_id)
         validation = read_validation(conn, spec, dag_id=dag_id, run_id=run.run_id if run else None)
     finally:
         conn.rollback()

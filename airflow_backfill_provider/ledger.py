@@ -42,6 +42,8 @@ _COLUMNS = sql.SQL(
     key_column     text,
     key_lo         bigint      NOT NULL DEFAULT -9223372036854775808,
     key_hi         bigint      NOT NULL DEFAULT 9223372036854775807,
+    waited_load_s  double precision,
+    waited_pacing_s double precision,
     PRIMARY KEY (target_table, backfill_key, range_start, range_end, key_lo, key_hi)"""
 )
 
@@ -49,10 +51,14 @@ _COLUMNS = sql.SQL(
 KEY_MIN, KEY_MAX = -(2**63), 2**63 - 1
 _PK = ("target_table", "backfill_key", "range_start", "range_end", "key_lo", "key_hi")
 
-# one lookup per chunk: does the ledger exist, and is it of this release (backfill_key and key ranges)?
+# one lookup per chunk: does the ledger exist, is it keyed as this release keys it (backfill_key and key
+# ranges: what decides which ranges are done), and has it the per-chunk wait columns (shown by the progress page)?
 _STATE = """
-SELECT r IS NOT NULL, (SELECT count(*) = 2 FROM pg_attribute
-                        WHERE attrelid = r AND attname IN ('backfill_key', 'key_hi') AND NOT attisdropped)
+SELECT r IS NOT NULL,
+       (SELECT count(*) = 2 FROM pg_attribute
+         WHERE attrelid = r AND attname IN ('backfill_key', 'key_hi') AND NOT attisdropped),
+       (SELECT count(*) = 2 FROM pg_attribute
+         WHERE attrelid = r AND attname IN ('waited_load_s', 'waited_pacing_s') AND NOT attisdropped)
 FROM (SELECT to_regclass(%s) AS r) AS t
 """
 
@@ -61,22 +67,25 @@ def ensure_table(conn, ledger: TableName) -> None:
     """Create the ledger if missing, or migrate a previous release's ledger (both under the DDL lock)."""
     with conn.cursor() as cur:
         cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
-        present, current = cur.fetchone()
-    if present and current:
+        present, keyed, waits = cur.fetchone()
+    if present and keyed and waits:
         return
     if not present:
         ddl.ensure_table(conn, ledger, _COLUMNS)
         # a worker of the previous release may have created it meanwhile (rolling upgrade): then migrate
         with conn.cursor() as cur:
             cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
-            if cur.fetchone()[1]:
+            if all(cur.fetchone()[1:]):
                 return
     ddl.run_locked(conn, ledger, lambda cur: _migrate(cur, ledger))
 
 
 def _migrate(cur, ledger: TableName) -> None:
-    """Previous releases -> this one: add the identity and key-range columns, re-key the primary key. Idempotent."""
+    """Previous releases -> this one: add the identity, key-range and wait columns, re-key the primary key.
+    Idempotent. The wait columns stay NULL on older rows (not measured then)."""
     t = sql.Identifier(*ledger.parts)
+    cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS waited_load_s double precision").format(t=t))
+    cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS waited_pacing_s double precision").format(t=t))
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS backfill_key text NOT NULL DEFAULT ''").format(t=t))
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS backfill jsonb").format(t=t))
     cur.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS key_column text").format(t=t))
@@ -120,22 +129,28 @@ def record(
     key_column: str | None = None,
     key_lo: int | None = None,
     key_hi: int | None = None,
+    waited_load_s: float | None = None,
+    waited_pacing_s: float | None = None,
 ) -> None:
-    """Insert or refresh this chunk's row; call inside the chunk's transaction, before commit."""
+    """Insert or refresh this chunk's row; call inside the chunk's transaction, before commit.
+
+    ``waited_*_s``: how long the chunk waited, deferred, for the source's load and its pacing turn before it
+    read (None: not measured, e.g. a chunk of a batch)."""
     cur.execute(
         sql.SQL(
             """INSERT INTO {t} AS l (target_table, backfill_key, range_start, range_end, chunk_id, rows_extracted,
                    rows_inserted, rows_updated, rows_unchanged, seconds, dag_id, run_id, backfill,
-                   key_column, key_lo, key_hi)
+                   key_column, key_lo, key_hi, waited_load_s, waited_pacing_s)
                VALUES (%(target)s, %(key)s, %(start)s, %(end)s, %(chunk_id)s, %(extracted)s, %(inserted)s,
                    %(updated)s, %(unchanged)s, %(seconds)s, %(dag_id)s, %(run_id)s, %(backfill)s,
-                   %(key_column)s, %(key_lo)s, %(key_hi)s)
+                   %(key_column)s, %(key_lo)s, %(key_hi)s, %(waited_load_s)s, %(waited_pacing_s)s)
                ON CONFLICT (target_table, backfill_key, range_start, range_end, key_lo, key_hi) DO UPDATE SET
                    chunk_id = EXCLUDED.chunk_id, rows_extracted = EXCLUDED.rows_extracted,
                    rows_inserted = EXCLUDED.rows_inserted, rows_updated = EXCLUDED.rows_updated,
                    rows_unchanged = EXCLUDED.rows_unchanged, seconds = EXCLUDED.seconds,
                    dag_id = EXCLUDED.dag_id, run_id = EXCLUDED.run_id, finished_at = now(),
-                   backfill = EXCLUDED.backfill, key_column = EXCLUDED.key_column"""
+                   backfill = EXCLUDED.backfill, key_column = EXCLUDED.key_column,
+                   waited_load_s = EXCLUDED.waited_load_s, waited_pacing_s = EXCLUDED.waited_pacing_s"""
         ).format(t=sql.Identifier(*ledger.parts)),
         {
             "target": backfill.target,
@@ -149,6 +164,8 @@ def record(
             "key_column": key_column,
             "key_lo": KEY_MIN if key_lo is None else key_lo,
             "key_hi": KEY_MAX if key_hi is None else key_hi,
+            "waited_load_s": waited_load_s,
+            "waited_pacing_s": waited_pacing_s,
             **stats,
         },
     )
@@ -158,8 +175,8 @@ def is_current(conn, ledger: TableName) -> bool:
     """The ledger exists in this release's shape; if not, no range counts as done for any backfill."""
     with conn.cursor() as cur:
         cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
-        present, current = cur.fetchone()
-    return bool(present and current)
+        present, keyed, _ = cur.fetchone()
+    return bool(present and keyed)
 
 
 def done_ranges(conn, ledger: TableName, backfill: BackfillIdentity) -> set[tuple[dt.datetime, dt.datetime]]:

@@ -28,6 +28,8 @@ class Plan:
     watermark: pendulum.DateTime | None = None
     clipped: bool = False
     notes: list[str] = field(default_factory=list)
+    #: the backfill's key (identity.py), when the plan read it: the progress page selects its ledger rows by it
+    backfill_key: str | None = None
 
     def summary(self, dry_run: bool = False) -> dict:
         """The small dict the plan task pushes to XCom (key 'plan') for validation and humans."""
@@ -40,6 +42,7 @@ class Plan:
             "watermark": self.watermark.isoformat() if self.watermark else None,
             "clipped": self.clipped,
             "dry_run": dry_run,
+            "backfill_key": self.backfill_key,
         }
 
 
@@ -126,16 +129,27 @@ def build_plan(
     if bounds:
         chunks = split_at(chunks, bounds)
     skipped: list[Chunk] = []
+    backfill_key = None
     if dst_conn is not None and not reprocess and ledger.is_current(dst_conn, TableName.parse(spec.ledger_table)):
         # covered by the union of this backfill's ledger ranges, whatever chunking loaded them (coverage.py)
-        done = chunkplan.done_coverage(spec, dst_conn, backfill=_identity(spec, src_conn, dst_conn))
+        backfill = _identity(spec, src_conn, dst_conn)
+        backfill_key = backfill.key
+        done = chunkplan.done_coverage(spec, dst_conn, backfill=backfill)
         todo = []
         for c in chunks:
             (skipped if chunkplan.is_done(done, c) else todo).append(c)
         chunks = todo
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")
-    return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes)
+    if backfill_key is None and dst_conn is not None and src_conn is not None:
+        # no ledger yet, or reprocess: still recorded (the progress page selects the ledger rows by it)
+        from airflow_backfill_provider.exceptions import PermanentChunkError
+
+        try:
+            backfill_key = _identity(spec, src_conn, dst_conn).key
+        except PermanentChunkError:  # e.g. a missing source table: the plan's pre-flight names it, not this
+            pass
+    return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes, backfill_key)
 
 
 def _identity(spec: BackfillSpec, src_conn, dst_conn):

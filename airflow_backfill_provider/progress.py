@@ -54,6 +54,9 @@ class LedgerRow:
     seconds: float
     run_id: str | None
     finished_at: dt.datetime
+    #: seconds the chunk waited, deferred, for the source's load / its pacing turn (None: not measured)
+    waited_load_s: float | None = None
+    waited_pacing_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class RunInfo:
     ended_at: dt.datetime | None = None
     #: the plan task's output (chunks to load, in map-index order); None before the plan ran
     descriptors: list | None = None
+    #: the backfill's key (identity.py) the plan recorded; None before the plan ran (or an older plan)
+    backfill_key: str | None = None
 
 
 def _target(conn, spec: BackfillSpec) -> str:
@@ -87,50 +92,82 @@ def _target(conn, spec: BackfillSpec) -> str:
     return identity.resolve(conn, spec.staging_target, side="destination", missing_ok=True) or str(spec.staging_target)
 
 
-def read_ledger(conn, spec: BackfillSpec) -> list[LedgerRow]:
-    """Every ledger row of the spec's target, one query. The one place that knows the ledger's columns."""
+def read_ledger(
+    conn, spec: BackfillSpec, *, backfill_key: str | None = None, dag_id: str | None = None
+) -> list[LedgerRow]:
+    """The ledger rows of one backfill into the spec's target, one query. The one place that knows the
+    ledger's columns.
+
+    Another backfill into the same table (another source, time column or historical split: identity.py)
+    has rows there too: they are not this backfill's figures. Its rows are those of ``backfill_key`` (what
+    the plan recorded); without one (before the plan ran), those written by ``dag_id``.
+    """
     ledger = TableName.parse(spec.ledger_table)
     with conn.cursor() as cur:
         if not ddl.exists(cur, ledger):
             return []
         cur.execute(
+            "SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND NOT attisdropped"
+            " AND attname IN ('backfill_key', 'waited_load_s')",
+            (sql.Identifier(*ledger.parts).as_string(cur),),
+        )
+        present = set(cur.fetchone()[0] or ())
+        if "backfill_key" not in present:  # an older release's ledger, not migrated yet (no chunk ran since):
+            return []  # its rows count as done for no backfill (ledger.py), so none is this backfill's
+        # a ledger from before the wait columns (migrated by the next chunk): waits unknown
+        waits = sql.SQL("waited_load_s, waited_pacing_s" if "waited_load_s" in present else "NULL, NULL")
+        if backfill_key is not None:
+            where, args = sql.SQL("backfill_key = %s"), (backfill_key,)
+        elif dag_id is not None:
+            where, args = sql.SQL("dag_id = %s"), (dag_id,)
+        else:
+            raise ValueError("read_ledger needs the backfill_key or the dag_id of the backfill")
+        cur.execute(
             sql.SQL(
-                "SELECT chunk_id, range_start, range_end, rows_extracted, seconds, run_id, finished_at "
-                "FROM {t} WHERE target_table = %s"
-            ).format(t=sql.Identifier(*ledger.parts)),
-            (_target(conn, spec),),
+                "SELECT chunk_id, range_start, range_end, rows_extracted, seconds, run_id, finished_at, {waits} "
+                "FROM {t} WHERE target_table = %s AND {w}"
+            ).format(t=sql.Identifier(*ledger.parts), w=where, waits=waits),
+            (_target(conn, spec), *args),
         )
         return [LedgerRow(*row) for row in cur.fetchall()]
 
 
-def run_totals(conn, spec: BackfillSpec, run_id: str | None) -> tuple[int, int]:
-    """(chunks, rows) the run has committed for the spec's target, from the ledger: one query."""
+def run_totals(conn, spec: BackfillSpec, run_id: str | None, *, dag_id: str | None = None) -> tuple[int, int]:
+    """(chunks, rows) the run has committed for the spec's target, from the ledger: one query.
+
+    A run is its DAG's: ``airflow backfill create`` names runs by date alone, so two backfill DAGs into one
+    table have runs of the same id (default ``dag_id``: the spec's DAG)."""
     ledger = TableName.parse(spec.ledger_table)
     with conn.cursor() as cur:
         if not ddl.exists(cur, ledger):
             return 0, 0
         cur.execute(
             sql.SQL(
-                "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t} WHERE target_table = %s AND run_id = %s"
+                "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t}"
+                " WHERE target_table = %s AND dag_id = %s AND run_id = %s"
             ).format(t=sql.Identifier(*ledger.parts)),
-            (_target(conn, spec), run_id),
+            (_target(conn, spec), dag_id or spec.effective_dag_id, run_id),
         )
         chunks, rows = cur.fetchone()
     conn.rollback()
     return int(chunks), int(rows)
 
 
-def ledger_rate(conn, spec: BackfillSpec) -> float | None:
-    """Rows per second per chunk over the target's ledger rows (chunk seconds, not wall clock); None if none."""
+def ledger_rate(conn, spec: BackfillSpec, backfill_key: str | None = None) -> float | None:
+    """Rows per second per chunk over the backfill's ledger rows (chunk seconds, not wall clock); None if none.
+
+    ``backfill_key``: this backfill's rows only (another source into the same table has another speed);
+    None: every backfill's rows into the target."""
     ledger = TableName.parse(spec.ledger_table)
     with conn.cursor() as cur:
         if not ddl.exists(cur, ledger):
             return None
+        where = sql.SQL("target_table = %s") + (sql.SQL(" AND backfill_key = %s") if backfill_key else sql.SQL(""))
         cur.execute(
-            sql.SQL("SELECT sum(rows_extracted), sum(seconds) FROM {t} WHERE target_table = %s").format(
-                t=sql.Identifier(*ledger.parts)
+            sql.SQL("SELECT sum(rows_extracted), sum(seconds) FROM {t} WHERE {w}").format(
+                t=sql.Identifier(*ledger.parts), w=where
             ),
-            (_target(conn, spec),),
+            (_target(conn, spec), *((backfill_key,) if backfill_key else ())),
         )
         rows, seconds = cur.fetchone()
     conn.rollback()
@@ -170,6 +207,8 @@ class ChunkProgress:
     rows: int | None = None
     seconds: float | None = None
     tries: int = 0
+    waited_load_s: float | None = None  # deferred for the source's load before it read (ledger)
+    waited_pacing_s: float | None = None  # deferred for its pacing turn
 
     @property
     def rows_per_s(self) -> float | None:
@@ -203,6 +242,16 @@ class Progress:
     worst_days: list[dict] = field(default_factory=list)  # validation, worst first
 
     @property
+    def waits(self) -> dict[str, float | int]:
+        """Seconds the run's chunks waited, deferred, before reading: for the source's load, for pacing."""
+        measured = [c for c in self.chunks if c.state == "loaded"]
+        load = sum(c.waited_load_s or 0.0 for c in measured)
+        pacing = sum(c.waited_pacing_s or 0.0 for c in measured)
+        waited = sum(1 for c in measured if (c.waited_load_s or 0) > 0 or (c.waited_pacing_s or 0) > 0)
+        return {"load_s": round(load, 1), "pacing_s": round(pacing, 1), "chunks_waited": waited,
+                "deferred_now": self.counts["deferred"]}  # fmt: skip
+
+    @property
     def total(self) -> int:
         return len(self.chunks)
 
@@ -230,11 +279,22 @@ class Progress:
             "rate_rows_s": self.rate_rows_s,
             "eta_s": self.eta_s,
             "eta": format_eta(self.eta_s, self.eta_note),
+            "waits": self.waits,
             "validation": _jsonable(self.validation),
             "worst_days": self.worst_days,
             "days": [[c.day.isoformat(), c.state, c.chunks, c.rows, c.validation] for c in self.days],
             "chunks": {
-                "columns": ["chunk_id", "start", "state", "ti_state", "rows", "seconds", "tries"],
+                "columns": [
+                    "chunk_id",
+                    "start",
+                    "state",
+                    "ti_state",
+                    "rows",
+                    "seconds",
+                    "tries",
+                    "waited_load_s",
+                    "waited_pacing_s",
+                ],  # fmt: skip
                 "rows": [
                     [
                         c.chunk_id,
@@ -244,6 +304,8 @@ class Progress:
                         c.rows,
                         None if c.seconds is None else round(c.seconds, 3),
                         c.tries,
+                        c.waited_load_s,
+                        c.waited_pacing_s,
                     ]
                     for c in chunks
                 ],  # fmt: skip
@@ -372,6 +434,8 @@ def _chunk(chunk_id, start, end, ti: TaskState | None, row: LedgerRow | None, ru
         rows,
         seconds,
         ti.try_number if ti else 0,
+        row.waited_load_s if row else None,
+        row.waited_pacing_s if row else None,
     )
 
 
@@ -465,6 +529,11 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
     rate = f"{p.rate_rows_s:,.0f} rows/s" if p.rate_rows_s else "-"
     lines.append(f"rows: {p.rows_loaded:,} loaded by this run, {p.rows_done:,} done in range; rate {rate}")
     lines.append(f"ETA: {format_eta(p.eta_s, p.eta_note)}")
+    w = p.waits
+    lines.append(
+        f"waits: {w['load_s']:,.1f} s for the source's load, {w['pacing_s']:,.1f} s for pacing "
+        f"({w['chunks_waited']} loaded chunk(s) waited)"
+    )
     failed = [c for c in p.chunks if c.state == "failed"]
     if failed:
         lines.append(

@@ -55,12 +55,13 @@ def _explain_rows(conn, spec, bound) -> int:
     return int(doc[0]["Plan"]["Plan Rows"])
 
 
-def measured_rate(dst_conn, spec) -> float | None:
-    """Rows per second per chunk measured by chunks already in the ledger for this target; None if none."""
+def measured_rate(dst_conn, spec, backfill_key: str | None = None) -> float | None:
+    """Rows per second per chunk measured by this backfill's chunks already in the ledger (every backfill's
+    into the target without a key); None if none."""
     from airflow_backfill_provider.progress import ledger_rate
 
     try:
-        return ledger_rate(dst_conn, spec)
+        return ledger_rate(dst_conn, spec, backfill_key)
     except Exception as err:  # noqa: BLE001 - best effort: never fails the task
         log.info("No measured rate from the ledger (%s)", str(err).strip())
         try:
@@ -113,7 +114,9 @@ def chunk_message(i: int | None, n: int | None, *, rows_done: int, chunks_done: 
     return f"{pos}, {part}, ETA {format_eta(eta, 'no rate yet')}"
 
 
-def log_chunk_share(task_log, spec, descriptor: dict, *, run_id: str | None, run_started_at) -> None:
+def log_chunk_share(
+    task_log, spec, descriptor: dict, *, run_id: str | None, run_started_at, dag_id: str | None = None
+) -> None:
     """After a chunk commits: read this run's totals from the ledger (one query) and log the share line."""
     from airflow_backfill_provider.connections import close_all, connect
     from airflow_backfill_provider.progress import run_totals
@@ -122,7 +125,7 @@ def log_chunk_share(task_log, spec, descriptor: dict, *, run_id: str | None, run
     try:
         conn = connect(spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:progress",
                        readonly=True, statement_timeout_s=10)  # fmt: skip
-        chunks_done, rows_done = run_totals(conn, spec, run_id)
+        chunks_done, rows_done = run_totals(conn, spec, run_id, dag_id=dag_id)
         elapsed = time.time() - run_started_at.timestamp() if run_started_at is not None else None
         task_log.info(
             "%s",

@@ -122,6 +122,8 @@ def transfer_chunk(
     destination_conn=None,
     prepared: dict | None = None,
     close: bool = True,
+    waited_load_s: float | None = None,
+    waited_pacing_s: float | None = None,
 ) -> ChunkResult:
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
@@ -133,6 +135,9 @@ def transfer_chunk(
     Batches (batches.py) pass ``destination_conn`` too, a ``prepared`` dict that caches the catalog
     checks per source, and ``close=False`` to keep both sessions for the next chunk; on an error both
     are closed anyway (their state is unknown), so check ``.closed`` before reusing them.
+
+    ``waited_load_s``/``waited_pacing_s``: the operator's deferred waits before this load, kept in the ledger
+    row for the progress page.
     """
     dag_id = dag_id or spec.effective_dag_id
     appname = application_name(dag_id, chunk.chunk_id)
@@ -224,6 +229,8 @@ def transfer_chunk(
                 key_column=chunk.key_column,
                 key_lo=chunk.key_lo,
                 key_hi=chunk.key_hi,
+                waited_load_s=waited_load_s,
+                waited_pacing_s=waited_pacing_s,
             )
         dst_conn.commit()
         try:

@@ -182,16 +182,22 @@ def test_a_batch_goes_past_a_bad_chunk_and_its_retry_loads_only_that_chunk(src_u
     mapped = batches.descriptors(spec, plan_chunks("2022-01-01", "2022-01-06", "hour", "UTC"), granularity="hour")
     assert len(mapped) == 3
 
-    def run(descriptor):
+    def run(descriptor, waited_pacing_s=None):
         with DAG(dag_id="bf_batch", schedule=None, start_date=pendulum.datetime(2022, 1, 1)):
             op = BackfillChunkOperator(task_id="load_chunk", spec=spec.model_dump(mode="json"), chunk=descriptor)
-        return op.execute({})
+        if waited_pacing_s is None:
+            return op.execute({})
+        return op.execute_after_pacing({}, event={"waited_s": waited_pacing_s})  # resumed at its pacing turn
 
     with pytest.raises(AirflowFailException, match=r"1 of 40 chunk\(s\) failed, the other 39 are committed") as err:
         run(mapped[0])
     assert "2022-01-02T00:00+00:00" in str(err.value) and "status" in str(err.value)
-    assert [run(d)["loaded"] for d in mapped[1:]] == [40, 40]
+    assert [run(mapped[1])["loaded"], run(mapped[2], waited_pacing_s=2.5)["loaded"]] == [40, 40]
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger") == [(119,)]
+    # the batch's wait is in the ledger row of the first chunk it loaded after it; every chunk's wait is measured
+    waited = "SELECT chunk_id, waited_load_s, waited_pacing_s FROM backfill_ledger WHERE waited_pacing_s > 0"
+    assert fetch_all(dst_url, waited) == [(batches.expand(mapped[2], spec)[0].chunk_id, 0.0, 2.5)]
+    assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger WHERE waited_load_s IS NULL") == [(0,)]
     pg(src_url).cursor().execute("UPDATE orders SET status = 'new' WHERE id = 50")
     fixed_at = fetch_all(dst_url, "SELECT now()")[0][0]
     assert run(mapped[0]) == {"batch": mapped[0]["chunk_id"], "chunks": 40, "loaded": 1, "rows": 2}

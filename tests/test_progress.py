@@ -137,7 +137,7 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     spec = make_spec(destination_conn_id=dst_url)
     conn = pg(dst_url)
     conn.autocommit = False
-    assert read_ledger(conn, spec) == [] and read_validation(conn, spec, dag_id="d", run_id=None) is None
+    assert read_ledger(conn, spec, dag_id="d") == [] and read_validation(conn, spec, dag_id="d", run_id=None) is None
     ledger.ensure_table(conn, TableName.parse(spec.ledger_table))
     with conn.cursor() as cur:
         for i in range(3):
@@ -151,6 +151,8 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
                 dag_id="d",
                 run_id="r1",
                 stats={"extracted": 100 + i, "inserted": 100 + i, "updated": 0, "unchanged": 0, "seconds": 0.5},
+                waited_load_s=2.5 if i == 1 else 0.0,
+                waited_pacing_s=1.0 if i == 2 else 0.0,
             )
         ledger.record(  # another table's row must not show up
             cur,
@@ -164,10 +166,11 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
             stats={"extracted": 5, "inserted": 5, "updated": 0, "unchanged": 0, "seconds": 0.5},
         )
     conn.commit()
-    rows = read_ledger(conn, spec)
-    assert sorted((r.chunk_id, r.rows, r.run_id) for r in rows) == [
-        ("2024-01-01", 100, "r1"), ("2024-01-02", 101, "r1"), ("2024-01-03", 102, "r1"),
+    rows = read_ledger(conn, spec, backfill_key="k")
+    assert sorted((r.chunk_id, r.rows, r.run_id, r.waited_load_s, r.waited_pacing_s) for r in rows) == [
+        ("2024-01-01", 100, "r1", 0.0, 0.0), ("2024-01-02", 101, "r1", 2.5, 0.0), ("2024-01-03", 102, "r1", 0.0, 1.0),
     ]  # fmt: skip
+    assert read_ledger(conn, spec, dag_id="d") == rows and read_ledger(conn, spec, backfill_key="other") == []
 
     days = [
         DayResult(dt.date(2024, 1, 1), 100, 100, {}, {"rows": 0.0}, PASS),
@@ -190,9 +193,12 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     }  # fmt: skip
     text = format_text(p)
     assert text.index("2024-01-04  FAIL") < text.index("2024-01-02  FAIL") < text.index("2024-01-03  WARN")
+    assert "waits: 2.5 s for the source's load, 1.0 s for pacing (2 loaded chunk(s) waited)" in text
     payload = p.to_dict()
     assert payload["days"][3] == ["2024-01-04", "failed", 1, 0, "fail"]
     assert payload["chunks"]["rows"][0][:5] == ["2024-01-01", "2024-01-01T00:00:00+00:00", "loaded", "success", 100]
+    assert payload["chunks"]["rows"][1][-2:] == [2.5, 0.0]
+    assert payload["waits"] == {"load_s": 2.5, "pacing_s": 1.0, "chunks_waited": 2, "deferred_now": 0}
 
 
 @pytest.mark.parametrize("from_descriptors", [False, True])
@@ -232,3 +238,23 @@ def test_twenty_thousand_hour_chunks_build_in_one_pass(from_descriptors):
     assert len(p.days) == n // 24 + 1
     first_failed = t0.add(hours=next(h for h in range(n) if h % 7 and h % 1000 == 0)).date()
     assert next(d for d in p.days if d.day == first_failed).state == "failed"
+
+
+def test_page_shows_waits_per_chunk_and_in_total():
+    pytest.importorskip("fastapi")  # the page is Airflow 3's (its API server is FastAPI)
+    from airflow_backfill_provider.ui.app import render
+
+    rows = [
+        LedgerRow("2024-01-01", day(0), day(1), 100, 1.0, "r1", day(40), 12.25, 0.0),
+        LedgerRow("2024-01-02", day(1), day(2), 100, 1.0, "r1", day(40), 0.0, 3.0),
+        LedgerRow("2024-01-03", day(2), day(3), 100, 1.0, "r0", day(40)),  # an earlier run's: not measured
+    ]
+    tis = [TaskState("2024-01-01", "success"), TaskState("2024-01-02", "success"), TaskState("2024-01-04", "deferred")]
+    p = build_progress(make_spec(), dag_id="d", run=run(4, started_at=day(0)), ledger_rows=rows, task_states=tis,
+                       validation=None, now=day(1))  # fmt: skip
+    body = render(p, [])
+    assert '<span id="wait-load">12.2 s</span>' in body and '<span id="wait-pacing">3.0 s</span>' in body
+    assert "(2 loaded chunk(s) waited); 1 chunk(s) waiting now (deferred" in body
+    assert '<tr data-chunk="2024-01-01" data-state="loaded"><td>2024-01-01</td><td>loaded</td><td>success</td>' in body
+    assert "<td>12.2</td><td>0.0</td>" in body and "<td>0.0</td><td>3.0</td>" in body
+    assert '<tr data-chunk="2024-01-03" data-state="skipped">' in body and "<td>-</td><td>-</td><td>0</td>" in body

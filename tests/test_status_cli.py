@@ -68,12 +68,17 @@ def test_status_names_the_failed_day_and_counts_rows(failed_run):
     assert "rows: 400 loaded by this run" in text
     assert "ETA: unknown (1 failed chunk(s) to clear)" in text
     assert "validation: not run yet" in text
+    assert "waits: 0.0 s for the source's load, 0.0 s for pacing (0 loaded chunk(s) waited)" in text
 
     out = status("backfill_orders", "--run-id", failed_run.run_id, "--json", "--config", str(REPO / "dags" / "configs"))
     as_json = json.loads(out.stdout.strip().splitlines()[-1])  # 2.11 logs connection lookups to stdout
     states = {row[0]: row[2] for row in as_json["chunks"]["rows"]}
     assert states == {"2023-01-01": "loaded", "2023-01-02": "loaded", "2023-01-03": "failed",
                       "2023-01-04": "loaded", "2023-01-05": "loaded"}  # fmt: skip
+    cols = as_json["chunks"]["columns"]
+    waits = {row[0]: (row[cols.index("waited_load_s")], row[cols.index("waited_pacing_s")])
+             for row in as_json["chunks"]["rows"]}  # fmt: skip
+    assert waits["2023-01-01"] == (0.0, 0.0) and waits["2023-01-03"] == (None, None)  # measured by the chunk
 
 
 def test_status_finds_the_spec_in_the_serialized_dag(failed_run):

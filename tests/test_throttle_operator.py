@@ -96,6 +96,9 @@ def test_busy_source_defers_writes_nothing_then_completes(seeded):
     assert result["rows_extracted"] == 300 and result["inserted"] == 300
     assert result["waited_load_s"] > 0  # the wait is reported (how long is timing, not asserted)
     assert fetch_all(dst, "SELECT count(*) FROM orders") == [(300,)]
+    # and kept in the chunk's ledger row, where the progress page reads it
+    near = pytest.approx(result["waited_load_s"], abs=0.051)  # the XCom rounds to 0.1 s
+    assert fetch_all(dst, "SELECT waited_load_s, waited_pacing_s FROM backfill_ledger") == [(near, 0.0)]
 
 
 def test_critical_load_fails_at_once_without_retry(seeded):
@@ -154,6 +157,9 @@ def test_pacing_defers_the_second_chunk_until_its_turn(seeded):
     result = op.execute_after_pacing({}, event=event.payload)
     assert time.monotonic() - t0 >= 1.8  # generous: the second source query came at least ~1 interval later
     assert result["rows_extracted"] == 300 and result["waited_pacing_s"] > 0.4
+    waits = fetch_all(dst, "SELECT chunk_id, waited_load_s, waited_pacing_s FROM backfill_ledger ORDER BY 1")
+    near = pytest.approx(result["waited_pacing_s"], abs=0.051)  # the XCom rounds to 0.1 s
+    assert waits == [(first.chunk_id, 0.0, 0.0), (second.chunk_id, 0.0, near)]
     turns = fetch_all(dst, "SELECT count(*) FROM backfill_pacing WHERE pacing_key = %s", (pool,))
     assert turns == [(1,)]  # one slot row per pacing slot
 

@@ -112,7 +112,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         spec = load_spec(self.spec)
         if is_batch(self.chunk):
-            return self._run_batch(context, spec, paced=paced)
+            return self._run_batch(context, spec, paced=paced, waited=(waited_load_s, waited_pacing_s))
         try:
             chunk = Chunk.from_descriptor(self.chunk)
         except PlanError as err:
@@ -247,7 +247,15 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         run_id = getattr(context.get("dag_run"), "run_id", None)
         try:
-            result = transfer_chunk(spec, chunk, dag_id=self.dag_id, run_id=run_id, source_conn=src_conn)
+            result = transfer_chunk(
+                spec,
+                chunk,
+                dag_id=self.dag_id,
+                run_id=run_id,
+                source_conn=src_conn,
+                waited_load_s=waited_load_s,  # kept in the ledger row: the progress page shows the waits
+                waited_pacing_s=waited_pacing_s,
+            )
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
         self.log.info(
@@ -277,7 +285,14 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         self._lineage_rows = result.rows_extracted  # OpenLineage output row count
         dag_run = context.get("dag_run")
-        log_chunk_share(self.log, spec, self.chunk, run_id=run_id, run_started_at=getattr(dag_run, "start_date", None))
+        log_chunk_share(
+            self.log,
+            spec,
+            self.chunk,
+            run_id=run_id,
+            run_started_at=getattr(dag_run, "start_date", None),
+            dag_id=self.dag_id,  # run ids are unique per DAG only
+        )
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
         out.update(

@@ -73,8 +73,11 @@ class ChunkGatesMixin:
         return self.execute(context)
 
     # --- batches ------------------------------------------------------------------------------------
-    def _run_batch(self, context, spec, *, paced: bool = False) -> dict:
-        """Run a batch's chunks in order, each committed alone; skip the ones the ledger holds."""
+    def _run_batch(self, context, spec, *, paced: bool = False, waited: tuple[float, float] = (0.0, 0.0)) -> dict:
+        """Run a batch's chunks in order, each committed alone; skip the ones the ledger holds.
+
+        ``waited``: (load, pacing) seconds the batch was deferred before this resumption; the ledger row of
+        the first chunk it then loads carries them (the progress page shows them), the others 0."""
         from airflow_backfill_provider import batches, chunkplan, identity
         from airflow_backfill_provider.compat import AirflowFailException
         from airflow_backfill_provider.connections import application_name, close_all, connect, open_source
@@ -185,6 +188,8 @@ class ChunkGatesMixin:
                         destination_conn=dst,
                         prepared=prepared,
                         close=False,
+                        waited_load_s=waited[0],
+                        waited_pacing_s=waited[1],
                     )
                 except PermanentChunkError as err:  # this chunk's data: go on with the others, fail at the end
                     self.log.error("Chunk %s failed (permanent): %s", chunk.chunk_id, err)
@@ -192,6 +197,7 @@ class ChunkGatesMixin:
                     continue
                 finally:
                     paced = False  # the turn a resumed batch waited for is used by its first chunk
+                    waited = (0.0, 0.0)  # and that chunk's ledger row carries the wait
                 loaded += 1
                 rows += result.rows_extracted
                 self.log.info(

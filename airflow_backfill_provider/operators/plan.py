@@ -112,7 +112,7 @@ class PlanBackfillOperator(BaseOperator):
                 if plan.chunks and not dry_run:
                     ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
-                rate = progress_log.measured_rate(dst, spec) if plan.chunks else None
+                rate = progress_log.measured_rate(dst, spec, plan.backfill_key) if plan.chunks else None
             finally:
                 close_all(dst, src)  # also when the source connect fails: no leaked destination session
         except BackfillError as err:

@@ -88,6 +88,10 @@ def _page(title: str, body: str, refresh: int | None = None) -> str:
     )
 
 
+def _secs(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _num(value) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -128,10 +132,15 @@ def render(p, runs: list[dict]) -> str:
         )
         + '<span><i style="outline:2px solid #000;outline-offset:-1px"></i> validation failed</span></div>'
     )
-    if p.counts["deferred"]:
-        out.append(
-            f'<p id="waits">{p.counts["deferred"]} chunk(s) waiting for the source (deferred, no worker slot held)</p>'
-        )
+    w = p.waits
+    waiting_now = (
+        f"; {w['deferred_now']} chunk(s) waiting now (deferred, no worker slot held)" if w["deferred_now"] else ""
+    )
+    out.append(
+        f'<p id="waits">Waits before reading the source: <span id="wait-load">{w["load_s"]:,.1f} s</span> for its load, '
+        f'<span id="wait-pacing">{w["pacing_s"]:,.1f} s</span> for pacing turns ({w["chunks_waited"]} loaded '
+        f"chunk(s) waited){waiting_now}</p>"
+    )
     out.append("<h2>Calendar</h2>" + _calendar(p))
     out.append(_validation(p))
     out.append(_chunks_table(p))
@@ -204,11 +213,15 @@ def _chunks_table(p) -> str:
     rows = "".join(
         f'<tr data-chunk="{e(c.chunk_id)}" data-state="{c.state}"><td>{e(c.chunk_id)}</td><td>{c.state}</td>'
         f"<td>{e(c.ti_state or '-')}</td><td>{_num(c.rows)}</td>"
-        f"<td>{'-' if c.seconds is None else f'{c.seconds:.2f}'}</td><td>{_num(c.rows_per_s)}</td><td>{c.tries}</td></tr>"
+        f"<td>{'-' if c.seconds is None else f'{c.seconds:.2f}'}</td><td>{_num(c.rows_per_s)}</td>"
+        f"<td>{_secs(c.waited_load_s)}</td><td>{_secs(c.waited_pacing_s)}</td><td>{c.tries}</td></tr>"
         for c in shown
     )
     more = f"<p>{len(p.chunks) - len(shown)} more chunk(s) in the JSON API.</p>" if len(p.chunks) > len(shown) else ""
     return (
         "<h2>Chunks</h2><table class='t' id='chunks'><tr><th>chunk</th><th>state</th><th>task state</th><th>rows</th>"
-        "<th>seconds</th><th>rows/s</th><th>tries</th></tr>" + rows + "</table>" + more
+        "<th>seconds</th><th>rows/s</th><th>load wait s</th><th>pacing wait s</th><th>tries</th></tr>"
+        + rows
+        + "</table>"
+        + more
     )
