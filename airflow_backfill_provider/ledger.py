@@ -154,6 +154,19 @@ def record(
     )
 
 
+def run_totals(cur, ledger: TableName, target: str, run_id: str) -> tuple[int, int]:
+    """(chunks, rows) this run has recorded for ``target``, read in the chunk's own transaction (it sees
+    its own row): the progress line needs no session of its own."""
+    cur.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t} WHERE target_table = %s AND run_id = %s"
+        ).format(t=sql.Identifier(*ledger.parts)),
+        (target, run_id),
+    )
+    chunks, rows = cur.fetchone()
+    return int(chunks), int(rows)
+
+
 def is_current(conn, ledger: TableName) -> bool:
     """The ledger exists in this release's shape; if not, no range counts as done for any backfill."""
     with conn.cursor() as cur:

@@ -47,6 +47,7 @@ class ChunkResult:
     unchanged: int
     seconds: float
     decisions: list[str] = field(default_factory=list)
+    run_totals: tuple[int, int] | None = None  # (chunks, rows) of this run in the ledger, this chunk included
 
     @property
     def rows_per_s(self) -> float:
@@ -122,6 +123,7 @@ def transfer_chunk(
     destination_conn=None,
     prepared: dict | None = None,
     close: bool = True,
+    backfill: identity.BackfillIdentity | None = None,
 ) -> ChunkResult:
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
@@ -133,6 +135,7 @@ def transfer_chunk(
     Batches (batches.py) pass ``destination_conn`` too, a ``prepared`` dict that caches the catalog
     checks per source, and ``close=False`` to keep both sessions for the next chunk; on an error both
     are closed anyway (their state is unknown), so check ``.closed`` before reusing them.
+    ``backfill``: the run's identity resolved by the plan (identity.carried); resolved here when None.
     """
     dag_id = dag_id or spec.effective_dag_id
     appname = application_name(dag_id, chunk.chunk_id)
@@ -162,7 +165,7 @@ def transfer_chunk(
                 # <table>_backfill, if not there yet; refuses one the provider did not create (before any write)
                 swap.ensure_parallel_table(dst_conn, spec)
                 src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
-            backfill = identity.of(spec, src_conn, dst_conn, source_conn_id=source)
+            backfill = backfill or identity.of(spec, src_conn, dst_conn, source_conn_id=source)
             ledger.ensure_table(dst_conn, ledger_table)
             if prepared is not None:
                 prepared[cache_key] = (src_table, plan, backfill)
@@ -225,6 +228,7 @@ def transfer_chunk(
                 key_lo=chunk.key_lo,
                 key_hi=chunk.key_hi,
             )
+            totals = ledger.run_totals(cur, ledger_table, backfill.target, run_id) if run_id else None
         dst_conn.commit()
         try:
             src_conn.rollback()  # read-only transaction: nothing to keep
@@ -241,6 +245,7 @@ def transfer_chunk(
             unchanged=staged - inserted - updated,
             seconds=time.monotonic() - t0,
             decisions=plan.decisions,
+            run_totals=totals,
         )
     except BaseException as err:
         rollback_quietly(dst_conn)
