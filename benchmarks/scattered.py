@@ -308,6 +308,21 @@ def spec_dict(src_conn: str = "backfill_source_pg", dst_conn: str = "backfill_de
     }
 
 
+def with_identity(spec: dict, src_url: str, dst_url: str, descriptors: list[dict]) -> list[dict]:
+    """The descriptors as the plan task hands them out: with the run's identity, resolved once."""
+    from airflow_backfill_provider import identity
+    from airflow_backfill_provider.spec import load_spec
+
+    loaded = load_spec(spec)
+    src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
+    try:
+        resolved = identity.of(loaded, src, dst, source_conn_id=src_url)
+    finally:
+        src.close()
+        dst.close()
+    return identity.attach(descriptors, resolved)
+
+
 def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
     """Median database work of an empty chunk of ours (probe + transfer), no Airflow: ms per chunk."""
     from benchmarks.rss import run_isolated
@@ -321,9 +336,9 @@ def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
         }
         for i in range(n)
     ]
-    r = run_isolated(
-        "ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec_dict("bench_src", "bench_dst")}
-    )
+    spec = spec_dict("bench_src", "bench_dst")
+    chunks = with_identity(spec, src_url, dst_url, chunks)
+    r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
     per = sorted(c["seconds"] for c in r["per_chunk"])
     probe_ms = 1000 * r["probe_seconds"] / n
     return {
@@ -348,7 +363,7 @@ def key_range_path(src_url: str, dst_url: str, start: dt.date, end: dt.date) -> 
     finally:
         src.close()
         dst.close()
-    chunks = [c.to_descriptor() for c in plan.chunks]
+    chunks = with_identity(spec, src_url, dst_url, [c.to_descriptor() for c in plan.chunks])
     r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
     return {"rows": count(dst_url), "seconds": r["seconds"], "chunks": len(chunks), "state": "direct"}
 
