@@ -57,30 +57,7 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
                 f"chunk_by: key needs an integer key_column; {key_col!r} of {table} is {key_type}: "
                 "set key_column to an integer column (smallint, integer, bigint) or use chunk_by: time"
             )
-        indexed = time_column_indexed(src_conn, table, key_col)
-        if indexed:
-            kmin, kmax = sourcestats.key_min_max(src_conn, table, key_col)
-        else:
-            notes.append(
-                f"no index leads on {key_col}: every key chunk scans the whole table; index it (or use chunk_by: time)"
-            )
-            kmin, kmax = (
-                (int(key_stats.bounds[0]), int(key_stats.bounds[-1])) if len(key_stats.bounds) >= 2 else (None, None)
-            )
-        cuts = [] if kmin is None else keyranges.boundaries(key_stats, kmin, kmax, tstats.rows, target)
-        chunks = keyranges.plan_key_chunks(key_col, lo, hi, cuts, kmin)
-        if len(chunks) > spec.max_chunks:
-            raise PlanError(f"{len(chunks)} key ranges > max_chunks={spec.max_chunks}: raise target_chunk_rows")
-        source = (
-            "pg_stats histogram of " + key_col
-            if len(key_stats.bounds) >= 2
-            else "an even split of the key span (no statistics: run ANALYZE on the source table)"
-        )
-        notes.append(
-            f"chunk_by key: {len(chunks)} range(s) of {key_col} from {kmin} to {kmax}, about "
-            f"{(tstats.rows or 0) / len(chunks):,.0f} rows each by {source} and reltuples={tstats.rows}; {why}; "
-            f"each range also bounded by {spec.time_column} in [{lo.isoformat()}, {hi.isoformat()})"
-        )
+        chunks = _key_chunks(spec, src_conn, table, key_col, key_stats, tstats, target, why, lo, hi, notes)
         return chunks, "key"
 
     if granularity == "auto":
@@ -94,6 +71,22 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
             chunks = sizing.auto_time_chunks(lo, hi, spec.timezone, estimate, target)
             if len(chunks) > spec.max_chunks:
                 raise PlanError(f"auto sizing made {len(chunks)} chunks > max_chunks={spec.max_chunks}")
+            key_indexed = key_is_int and time_column_indexed(src_conn, table, key_col)
+            reason = sizing.prefer_key_ranges(
+                n_time_chunks=len(chunks),
+                est_rows=est_range,
+                table_rows=tstats.rows,
+                pages=tstats.pages,
+                time_corr=time_stats.correlation,
+                key_corr=key_stats.correlation if key_is_int else None,
+                key_indexed=key_indexed,
+                historical=bool(spec.historical),
+                target=target,
+            )
+            if reason is not None:
+                notes.append(f"granularity auto chose key ranges of {key_col}: {reason}")
+                keyed = _key_chunks(spec, src_conn, table, key_col, key_stats, tstats, target, why, lo, hi, notes)
+                return keyed, "key"
             notes.append(
                 f"granularity auto: {len(chunks)} chunk(s) for ~{est_range:,.0f} estimated rows, about "
                 f"{est_range / max(1, len(chunks)):,.0f} each ({why}; estimated from reltuples and the pg_stats "
@@ -123,6 +116,37 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
     return chunks, granularity
 
 
+def _key_chunks(spec, src_conn, table, key_col, key_stats, tstats, target, why, lo, hi, notes) -> list[Chunk]:
+    """Half-open ranges of the integer ``key_col`` of about ``target`` rows each, bounded by ``[lo, hi)``."""
+    from airflow_backfill_provider.schema import time_column_indexed
+
+    indexed = time_column_indexed(src_conn, table, key_col)
+    if indexed:
+        kmin, kmax = sourcestats.key_min_max(src_conn, table, key_col)
+    else:
+        notes.append(
+            f"no index leads on {key_col}: every key chunk scans the whole table; index it (or use chunk_by: time)"
+        )
+        kmin, kmax = (
+            (int(key_stats.bounds[0]), int(key_stats.bounds[-1])) if len(key_stats.bounds) >= 2 else (None, None)
+        )
+    cuts = [] if kmin is None else keyranges.boundaries(key_stats, kmin, kmax, tstats.rows, target)
+    chunks = keyranges.plan_key_chunks(key_col, lo, hi, cuts, kmin)
+    if len(chunks) > spec.max_chunks:
+        raise PlanError(f"{len(chunks)} key ranges > max_chunks={spec.max_chunks}: raise target_chunk_rows")
+    source = (
+        "pg_stats histogram of " + key_col
+        if len(key_stats.bounds) >= 2
+        else "an even split of the key span (no statistics: run ANALYZE on the source table)"
+    )
+    notes.append(
+        f"chunk_by key: {len(chunks)} range(s) of {key_col} from {kmin} to {kmax}, about "
+        f"{(tstats.rows or 0) / len(chunks):,.0f} rows each by {source} and reltuples={tstats.rows}; {why}; "
+        f"each range also bounded by {spec.time_column} in [{lo.isoformat()}, {hi.isoformat()})"
+    )
+    return chunks
+
+
 def _advise(
     spec, notes, granularity, chunks, est_range, target, tstats, time_stats, key_stats, key_is_int, src_conn, lo, hi
 ):
@@ -145,6 +169,7 @@ def _advise(
             lo=lo,
             hi=hi,
             tz=spec.timezone,
+            table_rows=tstats.rows,
         )
     )
 

@@ -171,6 +171,21 @@ def record(
     )
 
 
+def run_totals(cur, ledger: TableName, target: str, run_id: str, *, dag_id: str) -> tuple[int, int]:
+    """(chunks, rows) this run has recorded for ``target``, read in the chunk's own transaction (it sees
+    its own row): the progress line needs no session of its own. A run is its DAG's: ``airflow backfill
+    create`` names runs by date alone, so two backfill DAGs into one table have runs of the same id."""
+    cur.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t}"
+            " WHERE target_table = %s AND dag_id = %s AND run_id = %s"
+        ).format(t=sql.Identifier(*ledger.parts)),
+        (target, dag_id, run_id),
+    )
+    chunks, rows = cur.fetchone()
+    return int(chunks), int(rows)
+
+
 def is_current(conn, ledger: TableName) -> bool:
     """The ledger exists in this release's shape; if not, no range counts as done for any backfill."""
     with conn.cursor() as cur:

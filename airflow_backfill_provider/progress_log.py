@@ -114,31 +114,22 @@ def chunk_message(i: int | None, n: int | None, *, rows_done: int, chunks_done: 
     return f"{pos}, {part}, ETA {format_eta(eta, 'no rate yet')}"
 
 
-def log_chunk_share(
-    task_log, spec, descriptor: dict, *, run_id: str | None, run_started_at, dag_id: str | None = None
-) -> None:
-    """After a chunk commits: read this run's totals from the ledger (one query) and log the share line."""
-    from airflow_backfill_provider.connections import close_all, connect
-    from airflow_backfill_provider.progress import run_totals
-
-    conn = None
-    try:
-        conn = connect(spec.destination_conn_id, application_name=f"backfill:{spec.effective_dag_id}:progress",
-                       readonly=True, statement_timeout_s=10)  # fmt: skip
-        chunks_done, rows_done = run_totals(conn, spec, run_id, dag_id=dag_id)
-        elapsed = time.time() - run_started_at.timestamp() if run_started_at is not None else None
-        task_log.info(
-            "%s",
-            chunk_message(
-                descriptor.get("i"),
-                descriptor.get("n"),
-                rows_done=rows_done,
-                chunks_done=chunks_done,
-                est_rows=descriptor.get("est"),
-                elapsed_s=elapsed,
-            ),  # fmt: skip
-        )
-    except Exception as err:  # progress is information: it never fails a committed chunk  # noqa: BLE001 - best effort: never fails the task
-        task_log.info("No progress line for this chunk (%s)", str(err).strip())
-    finally:
-        close_all(conn)
+def log_chunk_share(task_log, descriptor: dict, *, totals: tuple[int, int] | None, run_started_at) -> None:
+    """After a chunk commits: log the share line from this run's ledger totals (read in the chunk's own
+    transaction, transfer.ChunkResult.run_totals: no extra session or query here)."""
+    if totals is None:
+        task_log.info("No progress line for this chunk (no run id)")
+        return
+    chunks_done, rows_done = totals
+    elapsed = time.time() - run_started_at.timestamp() if run_started_at is not None else None
+    task_log.info(
+        "%s",
+        chunk_message(
+            descriptor.get("i"),
+            descriptor.get("n"),
+            rows_done=rows_done,
+            chunks_done=chunks_done,
+            est_rows=descriptor.get("est"),
+            elapsed_s=elapsed,
+        ),
+    )

@@ -93,17 +93,61 @@ def suggest_granularity(total_rows: float, lo, hi, tz: str, target: int) -> str:
     return best
 
 
-def pages_touched(rows_per_chunk: float, pages: int, correlation: float | None) -> float:
+def pages_touched(
+    rows_per_chunk: float, pages: int, correlation: float | None, table_rows: float | None = None
+) -> float:
     """Expected heap pages one chunk reads: contiguous when correlated, scattered when not.
 
     Uncorrelated rows land on pages at random: P * (1 - (1 - 1/P)^r) distinct pages for r rows.
-    Correlation c blends the two (|c| = 1: r / rows-per-page pages).
+    Correlation c blends the two (|c| = 1: r / rows-per-page pages; without ``table_rows``, one row a page).
     """
     if pages <= 0:
         return 0.0
     scattered = pages * (1 - (1 - 1 / pages) ** rows_per_chunk)
+    per_page = table_rows / pages if table_rows and table_rows > pages else 1.0
     c = abs(correlation or 0.0)
-    return c * c * min(pages, rows_per_chunk) + (1 - c * c) * scattered
+    return c * c * min(pages, rows_per_chunk / per_page) + (1 - c * c) * scattered
+
+
+#: ``granularity: auto`` cuts key ranges instead of time chunks when the time chunks would read at least this
+#: many times the table's pages in all (key ranges read it about once)
+KEY_RANGE_READ_FACTOR = 2.0
+
+
+def prefer_key_ranges(
+    *,
+    n_time_chunks: int,
+    est_rows: float,
+    table_rows: float | None,
+    pages: int,
+    time_corr: float | None,
+    key_corr: float | None,
+    key_indexed: bool,
+    historical: bool,
+    target: int,
+) -> str | None:
+    """Why ``granularity: auto`` should cut key ranges rather than time chunks, or None to keep time chunks.
+
+    Time chunks on a table not in time order each read pages from all over it (:func:`pages_touched`);
+    ranges of an indexed integer key that follows the physical order read contiguous pages, the whole
+    table about once in all. Only when that is known from the statistics (both correlations), the key
+    is indexed, the range needs more than one time chunk and no historical ranges switch the source by
+    time (their split is by time).
+    """
+    if historical or n_time_chunks < 2 or not key_indexed or pages <= 0 or not table_rows:
+        return None
+    if time_corr is None or key_corr is None or abs(key_corr) < 0.9:
+        return None
+    per_chunk = est_rows / n_time_chunks
+    time_reads = n_time_chunks * pages_touched(per_chunk, pages, time_corr, table_rows)
+    if time_reads < KEY_RANGE_READ_FACTOR * pages:
+        return None
+    n_key = max(1, math.ceil(table_rows / max(1, target)))
+    return (
+        f"the time column is not in physical order (pg_stats.correlation {time_corr:.2f}), so {n_time_chunks} time "
+        f"chunks would read ~{time_reads / pages:.1f}x the table's {pages:,} pages; ~{n_key} ranges of the indexed key "
+        f"(correlation {key_corr:.2f}) read it about once"
+    )
 
 
 def advice(
@@ -122,6 +166,7 @@ def advice(
     lo=None,
     hi=None,
     tz: str = "UTC",
+    table_rows: float | None = None,
 ) -> list[str]:
     """Log lines for the plan: tiny chunks, and time chunks on a table not in time order."""
     notes = []
@@ -136,7 +181,7 @@ def advice(
             f"Suggest granularity: {better!r} (or 'auto')."
         )
     if chunk_by == "time" and n_chunks > 1 and pages > 0:
-        touched = pages_touched(per_chunk, pages, time_corr)
+        touched = pages_touched(per_chunk, pages, time_corr, table_rows)
         if touched > 0.5 * pages:
             key_hint = (
                 f"; use chunk_by: key ({key_column} has correlation {key_corr:.2f}"

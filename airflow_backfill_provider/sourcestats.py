@@ -91,6 +91,18 @@ def table_stats(conn, table: TableName) -> TableStats:
     return TableStats(rows if analyzed else None, int(pages or 0))
 
 
+def correlation(conn, table: TableName, column: str) -> float | None:
+    """``pg_stats.correlation`` of one column (physical order vs the column's order); None without statistics."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT correlation::float8 FROM pg_stats WHERE schemaname = coalesce(%s, current_schema())"
+            " AND tablename = %s AND attname = %s ORDER BY inherited DESC LIMIT 1",
+            (table.schema_, table.name, column),
+        )
+        row = cur.fetchone()
+    return None if row is None else row[0]
+
+
 def column_stats(conn, table: TableName, column: str, *, as_time_in: str | None = None) -> ColumnStats:
     """pg_stats for one column; ``as_time_in``: read values as instants in that timezone (epoch seconds).
 

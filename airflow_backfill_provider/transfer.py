@@ -47,6 +47,7 @@ class ChunkResult:
     unchanged: int
     seconds: float
     decisions: list[str] = field(default_factory=list)
+    run_totals: tuple[int, int] | None = None  # (chunks, rows) of this run in the ledger, this chunk included
 
     @property
     def rows_per_s(self) -> float:
@@ -124,6 +125,7 @@ def transfer_chunk(
     close: bool = True,
     waited_load_s: float | None = None,
     waited_pacing_s: float | None = None,
+    backfill: identity.BackfillIdentity | None = None,
 ) -> ChunkResult:
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
@@ -138,6 +140,7 @@ def transfer_chunk(
 
     ``waited_load_s``/``waited_pacing_s``: the operator's deferred waits before this load, kept in the ledger
     row for the progress page.
+    ``backfill``: the run's identity resolved by the plan (identity.carried); resolved here when None.
     """
     dag_id = dag_id or spec.effective_dag_id
     appname = application_name(dag_id, chunk.chunk_id)
@@ -167,7 +170,7 @@ def transfer_chunk(
                 # <table>_backfill, if not there yet; refuses one the provider did not create (before any write)
                 swap.ensure_parallel_table(dst_conn, spec)
                 src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
-            backfill = identity.of(spec, src_conn, dst_conn, source_conn_id=source)
+            backfill = backfill or identity.of(spec, src_conn, dst_conn, source_conn_id=source)
             ledger.ensure_table(dst_conn, ledger_table)
             if prepared is not None:
                 prepared[cache_key] = (src_table, plan, backfill)
@@ -232,6 +235,7 @@ def transfer_chunk(
                 waited_load_s=waited_load_s,
                 waited_pacing_s=waited_pacing_s,
             )
+            totals = ledger.run_totals(cur, ledger_table, backfill.target, run_id, dag_id=dag_id) if run_id else None
         dst_conn.commit()
         try:
             src_conn.rollback()  # read-only transaction: nothing to keep
@@ -248,6 +252,7 @@ def transfer_chunk(
             unchanged=staged - inserted - updated,
             seconds=time.monotonic() - t0,
             decisions=plan.decisions,
+            run_totals=totals,
         )
     except BaseException as err:
         rollback_quietly(dst_conn)

@@ -31,6 +31,7 @@ def spec_dict(src_table: str = "orders", dst_table: str = "orders", granularity:
 
 def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None, probe: bool = True) -> dict:
     from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.identity import carried
     from airflow_backfill_provider.spec import load_spec
     from airflow_backfill_provider.throttle import decide, probe_load
     from airflow_backfill_provider.connections import application_name, open_source
@@ -43,7 +44,7 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
     decisions: dict[str, int] = {}
     probe_seconds = 0.0
     t0 = time.perf_counter()
-    for chunk in planned:
+    for chunk, descriptor in zip(planned, chunks):
         src_conn = None
         if probe:  # as the operator does: probe on the session the transfer then uses
             src_conn = open_source(backfill, application_name(backfill.effective_dag_id, chunk.chunk_id), src_url)
@@ -51,7 +52,15 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
             decision = decide(probe_load(src_conn), backfill.throttle)
             probe_seconds += time.perf_counter() - p0
             decisions[decision] = decisions.get(decision, 0) + 1
-        result = transfer_chunk(backfill, chunk, source=src_url, destination=dst_url, source_conn=src_conn)
+        # the identity the plan task resolved once for the run, when the descriptor carries it
+        result = transfer_chunk(
+            backfill,
+            chunk,
+            source=src_url,
+            destination=dst_url,
+            source_conn=src_conn,
+            backfill=carried(backfill, descriptor),
+        )
         totals["rows"] += result.rows_extracted
         for key in ("inserted", "updated", "unchanged"):
             totals[key] += getattr(result, key)

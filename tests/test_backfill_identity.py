@@ -231,3 +231,49 @@ def test_a_second_live_ingest_from_another_source_is_refused_not_silently_skippi
     assert run_live_ingest(eu_own).rows_extracted == 200
     assert run_live_ingest(us).rows_extracted == 0  # us still runs on its own
     assert count(dst_url) == 500
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"time_column": "updated_at"},
+        {"timezone": "America/New_York"},
+        {"source_table": "orders_eu"},
+        {"destination_table": "orders_copy"},
+        {"historical": [{"until": "2024-01-02", "source_table": "orders_eu"}]},
+    ],
+)
+def test_the_plan_resolves_the_identity_once_and_a_changed_spec_resolves_it_again(change, src_url, dst_url, pg):
+    """Chunks use the identity the plan put in their descriptor (no catalog round trips) only while it still
+    describes their spec; otherwise (spec changed since the plan, descriptor without one) they resolve it."""
+    src = pg(src_url)
+    seed_orders(src, rows=90, days=3, start=dt.date(2024, 1, 1), table="orders", first_id=1)
+    seed_orders(src, rows=30, days=3, start=dt.date(2024, 1, 1), table="orders_eu", first_id=10_001)
+    create_orders(pg(dst_url))
+    create_orders(pg(dst_url), table="orders_copy")
+    planned = spec_for(src_url, dst_url)
+    s, d = psycopg2.connect(src_url), psycopg2.connect(dst_url)
+    try:
+        resolved = identity.of(planned, s, d)
+        descriptors = identity.attach([c.to_descriptor() for c in DAYS] + [{"chunk_id": "b", "batch": {}}], resolved)
+        running = spec_for(src_url, dst_url, **change)
+        fresh = identity.of(running, s, d)
+    finally:
+        s.close()
+        d.close()
+    assert "bf" not in descriptors[-1]  # a batch resolves it once for all its chunks
+    got = [identity.carried(running, desc) for desc in descriptors[:-1]]
+    if change:
+        assert got == [None] * len(DAYS) and fresh.key != resolved.key
+    else:
+        assert got == [resolved] * len(DAYS)
+    assert identity.carried(running, DAYS[0].to_descriptor()) is None
+    assert identity.carried(running, {**descriptors[0], "bf": {"target": "x"}}) is None
+    # whichever way it came, the chunk records itself under the identity of the spec it ran with
+    for desc in descriptors[:-1]:
+        from airflow_backfill_provider.chunks import Chunk
+
+        transfer_chunk(running, Chunk.from_descriptor(desc), backfill=identity.carried(running, desc))
+    keys = fetch_all(dst_url, "SELECT DISTINCT backfill_key FROM backfill_ledger")
+    assert keys == [(fresh.key,)]

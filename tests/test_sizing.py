@@ -54,7 +54,8 @@ def test_target_from_the_ledger_rate():
 
 def _seed_skewed(url):
     """Two years: one busy month (March 2023, 30k rows), 200 rows in each other month; rows inserted in
-    random order so the time column is uncorrelated with the physical order."""
+    random order so the time column is uncorrelated with the physical order, and so is the key (ids
+    numbered in another random order): no key range to prefer, auto cuts time chunks."""
     conn = psycopg2.connect(url)
     create_orders(conn)
     with conn.cursor() as cur:
@@ -66,7 +67,8 @@ def _seed_skewed(url):
                  UNION ALL
                  SELECT date_trunc('month', '2022-01-01T00:00Z'::timestamptz + m * interval '1 month')
                         + random() * interval '28 days'
-                   FROM generate_series(0, 23) m, generate_series(1, 200) WHERE m <> 14) s"""
+                   FROM generate_series(0, 23) m, generate_series(1, 200) WHERE m <> 14) s
+               ORDER BY md5(t::text)"""
         )
         cur.execute("CREATE INDEX ON orders (created_at)")
         cur.execute("ANALYZE orders")
@@ -192,3 +194,73 @@ def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
     second = _plan(spec, src, dst, "2022-01-01", "2024-01-01")
     assert any("target 4000 rows per chunk = 2,000 rows/s measured over the last 1 chunk(s)" in n for n in second.notes)
     assert len(second.chunks) < len(first.chunks) / 4
+
+
+def test_auto_cuts_key_ranges_on_a_scattered_table_with_an_ordered_key(src_url, dst_url, pg):
+    """granularity auto, time column uncorrelated, integer key in physical order and indexed: key ranges,
+    each bounded by the run's time range; every row loads exactly once and the plan says why."""
+    from airflow_backfill_provider.transfer import transfer_chunk
+    from tests.conftest import table_digest
+    from tests.test_keyranges import SHAPES, _seed
+
+    n = _seed(src_url, SHAPES["gaps_and_skew"])  # ids inserted in order, created_at scattered over 2023
+    create_orders(pg(dst_url))
+    spec = _spec(src_url, dst_url, granularity="auto", target_chunk_rows=3000)
+    plan = _plan(spec, src_url, dst_url, "2023-01-01", "2024-01-01")
+    assert plan.granularity == "key" and all(c.keyed and c.key_column == "id" for c in plan.chunks), plan.notes
+    why = [note for note in plan.notes if note.startswith("granularity auto chose key ranges of id")]
+    assert why and "not in physical order" in why[0] and "read it about once" in why[0], plan.notes
+    assert len(plan.chunks) >= n // 3000 // 2
+    assert plan.chunks[0].key_lo is None and plan.chunks[-1].key_hi is None
+    assert all(a.key_hi == b.key_lo for a, b in zip(plan.chunks, plan.chunks[1:]))
+    assert sum(transfer_chunk(spec, c).rows_extracted for c in plan.chunks) == n
+    assert table_digest(src_url) == table_digest(dst_url)
+    # a part of the range: still key ranges, still only that part's rows
+    conn = pg(dst_url)
+    conn.cursor().execute("TRUNCATE orders")
+    part = _plan(spec, src_url, dst_url, "2023-01-01", "2023-07-01", reprocess=True)
+    assert part.granularity == "key"
+    for c in part.chunks:
+        transfer_chunk(spec, c)
+    expected = fetch_all(src_url, "SELECT count(*) FROM orders WHERE created_at < '2023-07-01T00:00Z'")
+    assert fetch_all(dst_url, "SELECT count(*) FROM orders") == expected
+
+
+def test_auto_keeps_time_chunks_when_the_table_is_in_time_order(src_url, dst_url, pg):
+    """Rows inserted in time order (correlation ~1): time chunks read contiguous pages; auto keeps them."""
+    conn = pg(src_url)
+    create_orders(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO orders SELECT g, 1, 'new', 1, t, t, NULL
+                 FROM generate_series(1, 20000) g,
+                      LATERAL (SELECT '2023-01-01T00:00Z'::timestamptz + g * interval '25 minutes' AS t) x"""
+        )
+        cur.execute("CREATE INDEX ON orders (created_at)")
+        cur.execute("ANALYZE orders")
+    create_orders(pg(dst_url))
+    plan = _plan(_spec(src_url, dst_url, granularity="auto", target_chunk_rows=2000), src_url, dst_url,
+                 "2023-01-01", "2024-01-01")  # fmt: skip
+    assert plan.granularity == "auto" and not any(c.keyed for c in plan.chunks), plan.notes
+    assert not any("chose key ranges" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize(
+    "change, keeps_time",
+    [
+        ({}, False),
+        ({"time_corr": 0.99}, True),
+        ({"time_corr": None}, True),
+        ({"key_corr": 0.5}, True),
+        ({"key_corr": None}, True),
+        ({"key_indexed": False}, True),
+        ({"historical": True}, True),
+        ({"n_time_chunks": 1, "est_rows": 900}, True),
+    ],
+)
+def test_when_auto_prefers_key_ranges(change, keeps_time):
+    from airflow_backfill_provider.sizing import prefer_key_ranges
+
+    args = dict(n_time_chunks=10, est_rows=10_000, table_rows=10_000, pages=500, time_corr=0.01, key_corr=1.0,
+                key_indexed=True, historical=False, target=1000)  # fmt: skip
+    assert (prefer_key_ranges(**{**args, **change}) is None) == keeps_time

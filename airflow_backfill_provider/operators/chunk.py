@@ -242,6 +242,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float, src_conn=None
     ) -> dict:
         from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.identity import carried
         from airflow_backfill_provider.throttle import chunk_summary
         from airflow_backfill_provider.transfer import transfer_chunk
 
@@ -255,6 +256,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 source_conn=src_conn,
                 waited_load_s=waited_load_s,  # kept in the ledger row: the progress page shows the waits
                 waited_pacing_s=waited_pacing_s,
+                backfill=carried(spec, self.chunk),
             )
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
@@ -286,15 +288,11 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         self._lineage_rows = result.rows_extracted  # OpenLineage output row count
         dag_run = context.get("dag_run")
         log_chunk_share(
-            self.log,
-            spec,
-            self.chunk,
-            run_id=run_id,
-            run_started_at=getattr(dag_run, "start_date", None),
-            dag_id=self.dag_id,  # run ids are unique per DAG only
+            self.log, self.chunk, totals=result.run_totals, run_started_at=getattr(dag_run, "start_date", None)
         )
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
+        out.pop("run_totals", None)
         out.update(
             source_active=sample.active,
             waited_load_s=round(waited_load_s, 1),

@@ -43,7 +43,7 @@ class PlanBackfillOperator(BaseOperator):
         self.dry_run = dry_run
 
     def execute(self, context) -> list[dict[str, str]]:
-        from airflow_backfill_provider import progress_log
+        from airflow_backfill_provider import identity, progress_log
         from airflow_backfill_provider.checks import null_time_rows
         from airflow_backfill_provider.connections import close_all, connect
         from airflow_backfill_provider.planning import build_plan, resolve_range
@@ -111,6 +111,8 @@ class PlanBackfillOperator(BaseOperator):
                         self.log.warning("%s", warning)
                 if plan.chunks and not dry_run:
                     ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
+                # resolved once here and carried by every chunk descriptor (identity.carried)
+                backfill = identity.of(spec, src, dst) if plan.chunks and not dry_run else None
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
                 rate = progress_log.measured_rate(dst, spec, plan.backfill_key) if plan.chunks else None
             finally:
@@ -148,6 +150,7 @@ class PlanBackfillOperator(BaseOperator):
             )
         if dry_run:
             return []
+        mapped = identity.attach(mapped, backfill) if backfill is not None else mapped
         return progress_log.number(mapped, est_rows)
 
 
