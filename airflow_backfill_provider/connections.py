@@ -12,8 +12,9 @@ Every session then gets, from its first statement (libpq ``options`` and ``clien
 after the user's own ``options`` so they win):
 
 - ``TimeZone`` = the spec's ``timezone`` (the declared meaning of naive timestamps; UTC without a spec),
-  ``DateStyle=ISO,MDY``, ``IntervalStyle=postgres``, ``extra_float_digits=3``, ``client_encoding=UTF8``:
-  results never depend on a server's or database's defaults;
+  ``DateStyle=ISO,MDY``, ``IntervalStyle=postgres``, ``extra_float_digits=3``, ``lc_monetary=C``,
+  ``array_nulls=on``, ``xmloption=content``, ``bytea_output=hex``, ``client_encoding=UTF8``: results never
+  depend on a server's or database's defaults;
 - TCP keepalives and ``tcp_user_timeout`` (defaults below; a connection's extras override them) and
   ``connect_timeout``: a vanished peer ends the session within about a minute;
 - on sessions with a ``statement_timeout``, a client-side deadline per statement (``deadlines.py``).
@@ -164,6 +165,13 @@ def session_options(
         _option("DateStyle", "ISO,MDY"),
         _option("IntervalStyle", "postgres"),
         _option("extra_float_digits", 3),
+        # how values are written and read back: text COPY of money follows lc_monetary (C: '$1,234.50'
+        # on both ends, the same stored amount as binary COPY); with array_nulls off an unquoted NULL array
+        # element reads as the string 'NULL'; with xmloption document an XML content fragment is refused
+        _option("lc_monetary", "C"),
+        _option("array_nulls", "on"),
+        _option("xmloption", "content"),
+        _option("bytea_output", "hex"),
     ]
     if statement_timeout_s is not None:
         opts.append(_option("statement_timeout", timeout_ms(statement_timeout_s)))
