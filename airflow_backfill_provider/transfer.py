@@ -292,8 +292,8 @@ def transfer_chunk(
         target = spec.staging_target
         lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
         select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
-        if chunk.keyed:  # chunk_by: key: AND key >= lo AND key < hi (keyranges.py)
-            select = select + keyranges.key_filter(chunk)
+        if chunk.keyed:  # chunk_by: key: AND key >= lo AND key < hi (keyranges.py), on the chunk's key expression
+            select = select + keyranges.key_filter(chunk, source_for(spec, chunk)[1])
         with dst_conn.cursor() as cur:
             # the same backfill's runs of this range serialize; another backfill into the table does not wait
             cur.execute(
