@@ -130,6 +130,7 @@ def connect(
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> psycopg2.extensions.connection:
     """A psycopg2 session with the settings a backfill needs (see the module docstring).
 
@@ -143,6 +144,7 @@ def connect(
         readonly=readonly,
         statement_timeout_s=statement_timeout_s,
         lock_timeout_s=lock_timeout_s,
+        idle_in_transaction_timeout_s=idle_in_transaction_timeout_s,
     )
 
 
@@ -158,6 +160,7 @@ def session_options(
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> list[str]:
     """The ``-c`` settings every session gets (values we format ourselves or validated in the spec)."""
     opts = [
@@ -177,6 +180,8 @@ def session_options(
         opts.append(_option("statement_timeout", timeout_ms(statement_timeout_s)))
     if lock_timeout_s is not None:
         opts.append(_option("lock_timeout", timeout_ms(lock_timeout_s)))
+    if idle_in_transaction_timeout_s is not None:
+        opts.append(_option("idle_in_transaction_session_timeout", timeout_ms(idle_in_transaction_timeout_s)))
     if readonly:
         opts.append(_option("default_transaction_read_only", "on"))
     return opts
@@ -190,11 +195,19 @@ def open_connection(
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> psycopg2.extensions.connection:
-    """:func:`connect` from already resolved kwargs (a trigger resolves them once, asynchronously)."""
+    """:func:`connect` from already resolved kwargs (a trigger resolves them once, asynchronously).
+
+    ``idle_in_transaction_timeout_s``: the server rolls back and ends the session when it has waited that
+    long for the client inside a transaction (a client behind a network that went silent never returns)."""
     kwargs = {**NETWORK_DEFAULTS, **kwargs}
     ours = session_options(
-        timezone=timezone, readonly=readonly, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
+        timezone=timezone,
+        readonly=readonly,
+        statement_timeout_s=statement_timeout_s,
+        lock_timeout_s=lock_timeout_s,
+        idle_in_transaction_timeout_s=idle_in_transaction_timeout_s,
     )
     # appended after the user's options (e.g. -c search_path=...): for a setting given twice, ours wins
     kwargs["options"] = " ".join([str(kwargs.get("options") or ""), *ours]).strip()

@@ -233,6 +233,22 @@ def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
     )
 
 
+def open_destination(spec: BackfillSpec, appname: str, destination: str | None = None):
+    """The chunk's destination session: the spec's lock timeout, and its statement timeout too, so each
+    destination statement (staging COPY, upsert, ledger) ends within ``statement_timeout_s`` on the server
+    and, behind a network that went silent, within ``statement_timeout_s + GRACE_S`` client-side
+    (deadlines.py), as source statements do. A server that stops hearing from the session rolls its
+    transaction back after ``idle_in_transaction_session_timeout`` (same bound), releasing its locks."""
+    return connect(
+        destination or spec.destination_conn_id,
+        application_name=appname,
+        timezone=spec.timezone,
+        statement_timeout_s=spec.statement_timeout_s,
+        lock_timeout_s=spec.lock_timeout_s,
+        idle_in_transaction_timeout_s=spec.statement_timeout_s,
+    )
+
+
 def transfer_chunk(
     spec: BackfillSpec,
     chunk: Chunk,
@@ -267,12 +283,7 @@ def transfer_chunk(
         if src_conn is None:
             src_conn = open_source(spec, appname, source)
         if dst_conn is None:
-            dst_conn = connect(
-                destination or spec.destination_conn_id,
-                application_name=appname,
-                timezone=spec.timezone,
-                lock_timeout_s=spec.lock_timeout_s,
-            )
+            dst_conn = open_destination(spec, appname, destination)
         ledger_table = TableName.parse(spec.ledger_table)
         cache_key = repr(source_for(spec, chunk))
         if prepared is not None and cache_key in prepared:

@@ -77,7 +77,7 @@ class ChunkGatesMixin:
         """Run a batch's chunks in order, each committed alone; skip the ones the ledger holds."""
         from airflow_backfill_provider import batches, chunkplan, identity
         from airflow_backfill_provider.compat import AirflowFailException
-        from airflow_backfill_provider.connections import close_all, connect
+        from airflow_backfill_provider.connections import close_all
         from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
         from airflow_backfill_provider.throttle import (
             PROBE_TIMEOUT_S,
@@ -87,7 +87,7 @@ class ChunkGatesMixin:
             reserve_destination_turn,
             wait_reason,
         )
-        from airflow_backfill_provider.transfer import application_name, open_source, transfer_chunk
+        from airflow_backfill_provider.transfer import application_name, open_destination, open_source, transfer_chunk
         from airflow_backfill_provider.triggers.load import SourceLoadTrigger
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
@@ -100,12 +100,7 @@ class ChunkGatesMixin:
         reprocess = bool(self.chunk["batch"].get("reprocess"))
         appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)
-        dst = connect(
-            spec.destination_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
+        dst = open_destination(spec, appname)
         src = None
         try:
             src = open_source(spec, appname)
@@ -134,12 +129,7 @@ class ChunkGatesMixin:
                     # read-only by session default; autocommit spares a BEGIN and a ROLLBACK per chunk
                     src.autocommit = True
                 if dst.closed:
-                    dst = connect(
-                        spec.destination_conn_id,
-                        application_name=appname,
-                        timezone=spec.timezone,
-                        lock_timeout_s=spec.lock_timeout_s,
-                    )
+                    dst = open_destination(spec, appname)
                 if time.monotonic() - last_check >= spec.throttle.poll_interval:
                     # probe the load (and maintenance) at most once per poll_interval, not per small chunk
                     sample = probe_load(src, timeout_s=PROBE_TIMEOUT_S)
