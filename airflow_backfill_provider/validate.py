@@ -358,9 +358,10 @@ def destination_query(
 
 _TYPE_FACTS = """
 SELECT t.typtype, n.nspname = 'pg_catalog', t.typcategory = 'A' AND t.typelem <> 0, t.typelem,
-       t.typbasetype, t.typtypmod, format_type(t.oid, %(typmod)s)
+       t.typbasetype, t.typtypmod, format_type(t.oid, %(typmod)s), format_type(t.oid, NULL)
 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = %(oid)s
 """
+_UNLIMITED = ("character varying", "character varying[]", "bit varying", "bit varying[]")
 _COLUMN_TYPES = """
 SELECT attname, atttypid, atttypmod FROM pg_attribute
 WHERE attrelid = %(table)s AND attnum > 0 AND NOT attisdropped
@@ -370,7 +371,7 @@ WHERE attrelid = %(table)s AND attnum > 0 AND NOT attisdropped
 def comparable_type(conn, oid: int, typmod: int) -> str:
     """A type every server has that shows a destination value as the destination type does.
 
-    Built-in types (``pg_catalog``) stay as they are; a domain is compared as its base type (with the
+    Built-in types (``pg_catalog``) stay as they are (varchar(n)/varbit(n) without their limit); a domain is compared as its base type (with the
     domain's typmod), an array by its element's comparable type, and every other type the destination
     may have alone (enum, citext or another extension's type, composite, a range over such a type) as
     its text, which is what a text source column carries. The source side casts to this type, so no
@@ -378,9 +379,11 @@ def comparable_type(conn, oid: int, typmod: int) -> str:
     """
     with conn.cursor() as cur:
         cur.execute(_TYPE_FACTS, {"oid": oid, "typmod": typmod})
-        typtype, builtin, is_array, elem, base, basemod, name = cur.fetchone()
+        typtype, builtin, is_array, elem, base, basemod, name, bare = cur.fetchone()
     if builtin:
-        return name
+        # an explicit cast to varchar(n) / varbit(n) cuts a longer source value silently: compare without
+        # the limit, so a value cut on the way shows as a difference (char(n) keeps its: it pads)
+        return bare if bare in _UNLIMITED else name
     if is_array:
         return comparable_type(conn, elem, typmod) + "[]"
     if typtype == "d":
@@ -389,7 +392,7 @@ def comparable_type(conn, oid: int, typmod: int) -> str:
 
 
 def comparable_types(conn, table: TableName) -> dict[str, str]:
-    """Column -> :func:`comparable_type` of the destination's columns whose type is not built in."""
+    """Column -> :func:`comparable_type` of every destination column."""
     oid = schema.table_oid(conn, table, side="destination")
     out = {}
     with conn.cursor() as cur:

@@ -138,3 +138,30 @@ def test_a_changed_domain_sum_fails_naming_its_day(loaded):
     bad = [d for d in report.days if d.status != PASS]
     assert [d.day.isoformat() for d in bad] == ["2024-01-03"], report.format_table()
     assert bad[0].diffs["sum(amt)"] > 0 and bad[0].worst_metric == "sum(amt)"
+
+
+def test_a_value_cut_to_a_varchar_length_fails_its_day(src_url, dst_url):
+    """Validation does not cast the source to varchar(n) (an explicit cast cuts silently): a destination
+    value cut by some other loader differs from its source."""
+    run_sql(src_url, "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz NOT NULL, s text, b varbit)")
+    run_sql(dst_url, "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz NOT NULL, s varchar(5), b bit varying(3))")
+    run_sql(
+        src_url,
+        "INSERT INTO ev VALUES (1, '2024-01-01 10:00Z', 'abcdefg', '101'), (2, '2024-01-02 10:00Z', 'ab', '1011')",
+    )
+    run_sql(
+        dst_url, "INSERT INTO ev VALUES (1, '2024-01-01 10:00Z', 'abcde', '101'), (2, '2024-01-02 10:00Z', 'ab', '101')"
+    )
+    spec = load_spec(
+        dict(
+            name="ev",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="at",
+            key_columns=["id"],
+        )
+    )
+    report = validate_range(spec, "2024-01-01", "2024-01-03", store=False)
+    assert [(d.day.isoformat(), d.status) for d in report.days] == [("2024-01-01", FAIL), ("2024-01-02", FAIL)]
