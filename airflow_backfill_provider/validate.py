@@ -269,7 +269,8 @@ def per_day_sql(side: SideQuery) -> sql.Composed:
     else:
         day = sql.SQL("(({v}) AT TIME ZONE %(tz)s)::date").format(v=v)
         lo, hi = sql.SQL("%(lo)s::timestamptz"), sql.SQL("%(hi)s::timestamptz")
-    metrics = [sql.SQL("count(*)")] + [sql.SQL("sum({e})").format(e=e) for e in side.sums]
+    # sums as numeric: exact, added up across segments in Python as Decimal (a money sum would read as text)
+    metrics = [sql.SQL("count(*)")] + [sql.SQL("sum({e})::numeric").format(e=e) for e in side.sums]
     if side.row:
         # order-independent: a sum of per-row hashes (numeric: no overflow), of the row's text
         metrics.append(sql.SQL("sum(hashtextextended(ROW({r})::text, 0))").format(r=sql.SQL(", ").join(side.row)))

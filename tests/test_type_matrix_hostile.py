@@ -4,7 +4,7 @@ A representative subset of tests/test_type_matrix.py (numeric, float4/8, money, 
 date, time/timetz, bytea, json/jsonb, arrays with NULL elements, xml, text with non-ASCII, enum arrays and
 destination-only types) is loaded in both copy formats between databases whose defaults differ from each
 other and from PostgreSQL's: DateStyle, IntervalStyle, TimeZone, extra_float_digits, bytea_output,
-quote_all_identifiers, lc_monetary (another locale than C when the server has one: ``C.utf8`` at least on
+quote_all_identifiers, standard_conforming_strings off, default_transaction_isolation serializable, lc_monetary (another locale than C when the server has one: ``C.utf8`` at least on
 Debian; a locale with another currency format is not installed on the development machine), and two settings that change how values are *read*: ``array_nulls = off`` (an unquoted NULL
 array element would become the string 'NULL') and ``xmloption = document`` (an XML content fragment would
 be refused). Values must round-trip exactly and a rerun must rewrite nothing. The comparison reads both
@@ -51,6 +51,8 @@ def hostile(other_locale: str | None, **extra: str) -> dict[str, str]:
         "array_nulls": "off",
         "xmloption": "document",
         "quote_all_identifiers": "on",
+        "standard_conforming_strings": "off",  # backslashes in string literals are escapes
+        "default_transaction_isolation": "serializable",
         **extra,
     }
     if other_locale:

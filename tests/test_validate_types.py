@@ -165,3 +165,28 @@ def test_a_value_cut_to_a_varchar_length_fails_its_day(src_url, dst_url):
     )
     report = validate_range(spec, "2024-01-01", "2024-01-03", store=False)
     assert [(d.day.isoformat(), d.status) for d in report.days] == [("2024-01-01", FAIL), ("2024-01-02", FAIL)]
+
+
+def test_a_money_sum_column_is_compared_as_a_number(src_url, dst_url):
+    """sum(money) reads as text ('$3.50'); validation sums it as numeric, across month segments too."""
+    for url in (src_url, dst_url):
+        run_sql(url, "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz NOT NULL, m money)")
+    rows = "(1, '2024-01-31 10:00Z', 1234.5), (2, '2024-02-01 10:00Z', 2), (3, '2024-02-01 11:00Z', 0.25)"
+    run_sql(src_url, f"INSERT INTO ev VALUES {rows}")  # constants of this test
+    run_sql(dst_url, f"INSERT INTO ev VALUES {rows}")
+    run_sql(dst_url, "UPDATE ev SET m = m + 0.1::money WHERE id = 3")
+    spec = load_spec(
+        dict(
+            name="ev",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="at",
+            key_columns=["id"],
+            validation={"sum_columns": ["m"], "checksum": "off"},
+        )
+    )
+    report = validate_range(spec, "2024-01-31", "2024-02-02", store=False)
+    assert [(d.day.isoformat(), d.status) for d in report.days] == [("2024-01-31", PASS), ("2024-02-01", FAIL)]
+    assert [str(x) for x in report.days[1].sums["m"]] == ["2.25", "2.35"]
