@@ -219,3 +219,35 @@ def test_chunk_whose_destination_goes_silent_fails_transient_and_leaves_nothing(
     ) == [(0,)]
     retry = transfer_chunk(spec.model_copy(update={"destination_conn_id": dst_url, "statement_timeout_s": 60}), chunk)
     assert retry.inserted == 40000
+
+
+def test_a_destination_statement_over_the_statement_timeout_fails_transient_naming_the_destination(src_url, dst_url):
+    """statement_timeout_s bounds the chunk's destination statements too; a slow upsert (a trigger that
+    sleeps) fails the chunk as transient, says it was the destination, and writes nothing."""
+    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL)"
+    run_sql(src_url, ddl)
+    run_sql(dst_url, ddl)
+    run_sql(
+        src_url, "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s' FROM generate_series(1, 3) g"
+    )
+    run_sql(
+        dst_url,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;"
+        " CREATE TRIGGER slow BEFORE INSERT ON ev FOR EACH ROW EXECUTE FUNCTION slow()",
+    )
+    spec = load_spec(
+        dict(
+            name="slowdst",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="t",
+            key_columns=["id"],
+            statement_timeout_s=1.5,
+        )
+    )
+    chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
+    with pytest.raises(TransientChunkError, match=r"statement_timeout \(1.5 s\) hit on the destination"):
+        transfer_chunk(spec, chunk)
+    assert run_sql(dst_url, "SELECT count(*) FROM ev") == [(0,)]
