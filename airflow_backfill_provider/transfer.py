@@ -238,14 +238,15 @@ def open_destination(spec: BackfillSpec, appname: str, destination: str | None =
     destination statement (staging COPY, upsert, ledger) ends within ``statement_timeout_s`` on the server
     and, behind a network that went silent, within ``statement_timeout_s + GRACE_S`` client-side
     (deadlines.py), as source statements do. A server that stops hearing from the session rolls its
-    transaction back after ``idle_in_transaction_session_timeout`` (same bound), releasing its locks."""
+    transaction back after ``idle_in_transaction_session_timeout`` (twice ``statement_timeout_s``: the
+    session may wait that long for source statements inside its transaction), releasing its locks."""
     return connect(
         destination or spec.destination_conn_id,
         application_name=appname,
         timezone=spec.timezone,
         statement_timeout_s=spec.statement_timeout_s,
         lock_timeout_s=spec.lock_timeout_s,
-        idle_in_transaction_timeout_s=spec.statement_timeout_s,
+        idle_in_transaction_timeout_s=2 * spec.statement_timeout_s,
     )
 
 
