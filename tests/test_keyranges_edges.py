@@ -202,3 +202,42 @@ def test_any_key_set_is_loaded_exactly_once(prop_dbs):
         assert _same(src, dst)
 
     check()
+
+
+def test_two_key_range_backfills_into_one_table_and_a_watermark_clip(src_url, dst_url):
+    """Two sources (ev_us, ev_eu: overlapping ids would collide, so disjoint) load one table by key ranges,
+    each its own backfill (ledger and locks); the live watermark clips both: rows at or after it stay out."""
+    import datetime as dt
+
+    from airflow_backfill_provider.live import advance_watermark, ensure_watermark_table
+    from airflow_backfill_provider.spec import TableName
+
+    run_sql(dst_url, _table("bigint"))
+    for name, lo in (("ev_us", 1), ("ev_eu", 100_001)):
+        run_sql(src_url, _table("bigint", name=name))
+        _insert(src_url, range(lo, lo + 300), table=name)
+    w = "2024-01-20T00:00:00+00:00"
+    conn = psycopg2.connect(dst_url)
+    with conn:
+        ensure_watermark_table(conn, TableName.parse("public.backfill_watermarks"))
+        with conn.cursor() as cur:
+            advance_watermark(
+                cur, TableName.parse("public.backfill_watermarks"), "public.ev", dt.datetime.fromisoformat(w)
+            )
+    conn.close()
+    specs = [_spec(src_url, dst_url, name=n, source_table=n, target_chunk_rows=60) for n in ("ev_us", "ev_eu")]
+    for spec in specs:
+        plan = _plan(spec, src_url, dst_url)
+        assert plan.clipped and len(plan.chunks) >= 3, plan.notes
+        for c in plan.chunks:
+            transfer_chunk(spec, c)
+    for spec in specs:  # each backfill's ledger covers its own ranges only: nothing left, nothing reloaded
+        assert _plan(spec, src_url, dst_url).chunks == []
+    expected = sum(
+        run_sql(src_url, sql.SQL("SELECT count(*) FROM {} WHERE t < %s").format(sql.Identifier(n)), (w,))[0][0]
+        for n in ("ev_us", "ev_eu")
+    )
+    assert 0 < expected < 600
+    assert run_sql(dst_url, "SELECT count(*), bool_and(t < %s) FROM ev", (w,)) == [(expected, True)]
+    union = "SELECT t::text FROM (SELECT * FROM ev_us UNION ALL SELECT * FROM ev_eu) t WHERE t.t < %s ORDER BY id"
+    assert run_sql(src_url, union, (w,)) == run_sql(dst_url, "SELECT t::text FROM ev t ORDER BY id")
