@@ -12,8 +12,9 @@ Every session then gets, from its first statement (libpq ``options`` and ``clien
 after the user's own ``options`` so they win):
 
 - ``TimeZone`` = the spec's ``timezone`` (the declared meaning of naive timestamps; UTC without a spec),
-  ``DateStyle=ISO,MDY``, ``IntervalStyle=postgres``, ``extra_float_digits=3``, ``client_encoding=UTF8``:
-  results never depend on a server's or database's defaults;
+  ``DateStyle=ISO,MDY``, ``IntervalStyle=postgres``, ``extra_float_digits=3``, ``lc_monetary=C``,
+  ``array_nulls=on``, ``xmloption=content``, ``bytea_output=hex``, ``client_encoding=UTF8``: results never
+  depend on a server's or database's defaults;
 - TCP keepalives and ``tcp_user_timeout`` (defaults below; a connection's extras override them) and
   ``connect_timeout``: a vanished peer ends the session within about a minute;
 - on sessions with a ``statement_timeout``, a client-side deadline per statement (``deadlines.py``).
@@ -132,6 +133,7 @@ def connect(
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> psycopg2.extensions.connection:
     """A psycopg2 session with the settings a backfill needs (see the module docstring).
 
@@ -145,6 +147,7 @@ def connect(
         readonly=readonly,
         statement_timeout_s=statement_timeout_s,
         lock_timeout_s=lock_timeout_s,
+        idle_in_transaction_timeout_s=idle_in_transaction_timeout_s,
     )
 
 
@@ -160,6 +163,7 @@ def session_options(
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> list[str]:
     """The ``-c`` settings every session gets (values we format ourselves or validated in the spec)."""
     opts = [
@@ -167,11 +171,20 @@ def session_options(
         _option("DateStyle", "ISO,MDY"),
         _option("IntervalStyle", "postgres"),
         _option("extra_float_digits", 3),
+        # how values are written and read back: text COPY of money follows lc_monetary (C: '$1,234.50'
+        # on both ends, the same stored amount as binary COPY); with array_nulls off an unquoted NULL array
+        # element reads as the string 'NULL'; with xmloption document an XML content fragment is refused
+        _option("lc_monetary", "C"),
+        _option("array_nulls", "on"),
+        _option("xmloption", "content"),
+        _option("bytea_output", "hex"),
     ]
     if statement_timeout_s is not None:
         opts.append(_option("statement_timeout", timeout_ms(statement_timeout_s)))
     if lock_timeout_s is not None:
         opts.append(_option("lock_timeout", timeout_ms(lock_timeout_s)))
+    if idle_in_transaction_timeout_s is not None:
+        opts.append(_option("idle_in_transaction_session_timeout", timeout_ms(idle_in_transaction_timeout_s)))
     if readonly:
         opts.append(_option("default_transaction_read_only", "on"))
     return opts
@@ -185,11 +198,19 @@ def open_connection(
     readonly: bool = False,
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> psycopg2.extensions.connection:
-    """:func:`connect` from already resolved kwargs (a trigger resolves them once, asynchronously)."""
+    """:func:`connect` from already resolved kwargs (a trigger resolves them once, asynchronously).
+
+    ``idle_in_transaction_timeout_s``: the server rolls back and ends the session when it has waited that
+    long for the client inside a transaction (a client behind a network that went silent never returns)."""
     kwargs = {**NETWORK_DEFAULTS, **kwargs}
     ours = session_options(
-        timezone=timezone, readonly=readonly, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
+        timezone=timezone,
+        readonly=readonly,
+        statement_timeout_s=statement_timeout_s,
+        lock_timeout_s=lock_timeout_s,
+        idle_in_transaction_timeout_s=idle_in_transaction_timeout_s,
     )
     # appended after the user's options (e.g. -c search_path=...): for a setting given twice, ours wins
     kwargs["options"] = " ".join([str(kwargs.get("options") or ""), *ours]).strip()
@@ -232,4 +253,21 @@ def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
         readonly=True,
         statement_timeout_s=spec.statement_timeout_s,
         lock_timeout_s=spec.lock_timeout_s,
+    )
+
+
+def open_destination(spec: BackfillSpec, appname: str, destination: str | None = None):
+    """The chunk's destination session: the spec's lock timeout, and its statement timeout too, so each
+    destination statement (staging COPY, upsert, ledger) ends within ``statement_timeout_s`` on the server
+    and, behind a network that went silent, within ``statement_timeout_s + GRACE_S`` client-side
+    (deadlines.py), as source statements do. A server that stops hearing from the session rolls its
+    transaction back after ``idle_in_transaction_session_timeout`` (twice ``statement_timeout_s``: the
+    session may wait that long for source statements inside its transaction), releasing its locks."""
+    return connect(
+        destination or spec.destination_conn_id,
+        application_name=appname,
+        timezone=spec.timezone,
+        statement_timeout_s=spec.statement_timeout_s,
+        lock_timeout_s=spec.lock_timeout_s,
+        idle_in_transaction_timeout_s=2 * spec.statement_timeout_s,
     )

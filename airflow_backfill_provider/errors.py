@@ -51,6 +51,13 @@ def classify(
             "the chunk's query ran longer than the spec's statement_timeout_s; if it keeps failing, use a "
             "smaller granularity, index the time column, or raise statement_timeout_s"
         )
+    if code == "57014" and "statement timeout" in detail and getattr(err, "cursor", None) is not None:
+        limit = f" ({statement_timeout_s:g} s)" if statement_timeout_s is not None else ""
+        return TransientChunkError(
+            f"chunk {chunk_id}: statement_timeout{limit} hit on the destination (SQLSTATE 57014), will be retried: "
+            "the staging COPY, upsert or ledger write ran longer than the spec's statement_timeout_s (it bounds "
+            "destination statements too); if it keeps failing, use a smaller granularity or raise statement_timeout_s"
+        )
     if is_transient(err):
         hint = ""
         if code == "55P03":

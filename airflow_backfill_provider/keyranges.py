@@ -64,14 +64,28 @@ def plan_key_chunks(column: str, start, end, cuts: list[int], kmin: int | None) 
     return out
 
 
-def key_filter(chunk: Chunk) -> sql.Composed:
-    """`` AND key >= lo AND key < hi`` (open sides left out), appended to the chunk's time-bounded SELECT."""
+def key_filter(chunk: Chunk, expressions: dict[str, str] | None = None) -> sql.Composed:
+    """`` AND key >= lo AND key < hi`` (open sides left out), appended to the chunk's time-bounded SELECT.
+
+    ``expressions``: the chunk's historical column expressions; a key column given one is cut on it (the
+    value the row is loaded with), not on a same-named column of the historical table. The first range
+    (open below) also takes rows whose key is NULL (a ``key_column`` that is not the unique key may
+    hold NULLs), so the ranges of a plan partition every row, as a time chunk's rows are.
+    """
     parts = []
-    k = sql.Identifier(chunk.key_column)
+    name = chunk.key_column
+    k = (
+        sql.SQL("({e})").format(e=sql.SQL(expressions[name]))
+        if expressions and name in expressions
+        else sql.Identifier(name)
+    )
     if chunk.key_lo is not None:
         parts.append(sql.SQL(" AND {k} >= {v}").format(k=k, v=sql.Literal(int(chunk.key_lo))))
     if chunk.key_hi is not None:
-        parts.append(sql.SQL(" AND {k} < {v}").format(k=k, v=sql.Literal(int(chunk.key_hi))))
+        below = sql.SQL("{k} < {v}").format(k=k, v=sql.Literal(int(chunk.key_hi)))
+        if chunk.key_lo is None:
+            below = sql.SQL("({b} OR {k} IS NULL)").format(b=below, k=k)
+        parts.append(sql.SQL(" AND {b}").format(b=below))
     return sql.Composed(parts)
 
 

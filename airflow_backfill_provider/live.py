@@ -218,11 +218,13 @@ def run_live_ingest(
             statement_timeout_s=spec.statement_timeout_s,
             lock_timeout_s=spec.lock_timeout_s,
         )
-        dst_conn = connect(
+        dst_conn = connect(  # bounded like the chunk's destination session (connections.open_destination)
             destination or spec.destination_conn_id,
             application_name=appname,
             timezone=spec.timezone,
+            statement_timeout_s=spec.statement_timeout_s,
             lock_timeout_s=spec.lock_timeout_s,
+            idle_in_transaction_timeout_s=2 * spec.statement_timeout_s,
         )
         # catalog checks first: a refused spec writes nothing
         plan, src_kind, dst_kind, time_kind = _columns(spec, src_conn, dst_conn)

@@ -22,7 +22,14 @@ import psycopg2
 from airflow_backfill_provider import castcheck, encoding, identity, keyranges, ledger, swap, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
-from airflow_backfill_provider.connections import application_name, close_all, connect, open_source, rollback_quietly
+from airflow_backfill_provider.connections import (
+    application_name,
+    close_all,
+    connect,
+    open_destination,
+    open_source,
+    rollback_quietly,
+)
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
@@ -152,12 +159,7 @@ def transfer_chunk(
         if src_conn is None:
             src_conn = open_source(spec, appname, source)
         if dst_conn is None:
-            dst_conn = connect(
-                destination or spec.destination_conn_id,
-                application_name=appname,
-                timezone=spec.timezone,
-                lock_timeout_s=spec.lock_timeout_s,
-            )
+            dst_conn = open_destination(spec, appname, destination)
         ledger_table = TableName.parse(spec.ledger_table)
         cache_key = repr(source_for(spec, chunk))
         if prepared is not None and cache_key in prepared:
@@ -177,8 +179,8 @@ def transfer_chunk(
         target = spec.staging_target
         lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
         select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
-        if chunk.keyed:  # chunk_by: key: AND key >= lo AND key < hi (keyranges.py)
-            select = select + keyranges.key_filter(chunk)
+        if chunk.keyed:  # chunk_by: key: AND key >= lo AND key < hi (keyranges.py), on the chunk's key expression
+            select = select + keyranges.key_filter(chunk, source_for(spec, chunk)[1])
         with dst_conn.cursor() as cur:
             # the same backfill's runs of this range serialize; another backfill into the table does not wait
             cur.execute(

@@ -274,7 +274,8 @@ def per_day_sql(side: SideQuery) -> sql.Composed:
     else:
         day = sql.SQL("(({v}) AT TIME ZONE %(tz)s)::date").format(v=v)
         lo, hi = sql.SQL("%(lo)s::timestamptz"), sql.SQL("%(hi)s::timestamptz")
-    metrics = [sql.SQL("count(*)")] + [sql.SQL("sum({e})").format(e=e) for e in side.sums]
+    # sums as numeric: exact, added up across segments in Python as Decimal (a money sum would read as text)
+    metrics = [sql.SQL("count(*)")] + [sql.SQL("sum({e})::numeric").format(e=e) for e in side.sums]
     if side.row:
         # order-independent: a sum of per-row hashes (numeric: no overflow), of the row's text
         metrics.append(sql.SQL("sum(hashtextextended(ROW({r})::text, 0))").format(r=sql.SQL(", ").join(side.row)))
@@ -296,9 +297,11 @@ def source_query(
     expressions: dict[str, str],
     notes: list[str],
     conn=None,
+    comparable: dict[str, str] | None = None,
 ) -> SideQuery:
     """Source side: the transfer's table and column expressions (:func:`drift.plan_columns`), cast to
-    the destination's types; the time expression's type asked from the source (``conn``)."""
+    the destination columns' comparable types (``comparable``, from :func:`comparable_types`; without
+    it, to the destination types themselves); the time expression's type asked from the source (``conn``)."""
     plan = drift.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
     not_loaded = [c for c in spec.validation.sum_columns if c not in plan.columns]
     if not_loaded:
@@ -308,17 +311,40 @@ def source_query(
         )
     for decision in plan.decisions:
         _note(notes, f"{table}: {decision}")
+    types = comparable or {}
+
+    def value(column: str) -> sql.Composable:
+        # the source value as the comparable type of the destination column (see comparable_types):
+        # a type only the destination has (enum, domain, citext) cannot be named on the source
+        i = plan.columns.index(column)
+        if column not in types:
+            return plan.select_exprs[i]
+        raw = plan.raw_exprs[i]
+        return sql.SQL("({r})::{t}").format(r=raw if raw is not None else sql.SQL("NULL"), t=sql.SQL(types[column]))
+
     return SideQuery(
         table=table,
         time_expr=plan.time_filter,
         time_kind=time_kind(conn, table, plan.time_filter),
-        sums=tuple(plan.expr_for(c) for c in spec.validation.sum_columns),
-        row=tuple(plan.select_exprs) if spec.validation.checksum != "off" else (),
+        sums=tuple(value(c) for c in spec.validation.sum_columns),
+        row=tuple(value(c) for c in plan.columns) if spec.validation.checksum != "off" else (),
     )
 
 
-def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[schema.Column], conn=None) -> SideQuery:
+def destination_query(
+    spec: BackfillSpec,
+    table: TableName,
+    dest_cols: list[schema.Column],
+    conn=None,
+    comparable: dict[str, str] | None = None,
+) -> SideQuery:
     names = {c.name: c.type_sql for c in dest_cols}
+    types = comparable or {}
+
+    def value(column: str) -> sql.Composable:
+        c = sql.Identifier(column)
+        return sql.SQL("{c}::{t}").format(c=c, t=sql.SQL(types[column])) if column in types else c
+
     missing = [c for c in [spec.time_column, *spec.validation.sum_columns] if c not in names]
     if missing:
         raise PermanentChunkError(
@@ -331,9 +357,56 @@ def destination_query(spec: BackfillSpec, table: TableName, dest_cols: list[sche
         table=table,
         time_expr=t,
         time_kind=time_kind(conn, table, t),
-        sums=tuple(sql.Identifier(c) for c in spec.validation.sum_columns),
-        row=tuple(sql.Identifier(c) for c in loaded) if spec.validation.checksum != "off" else (),
+        sums=tuple(value(c) for c in spec.validation.sum_columns),
+        row=tuple(value(c) for c in loaded) if spec.validation.checksum != "off" else (),
     )
+
+
+_TYPE_FACTS = """
+SELECT t.typtype, n.nspname = 'pg_catalog', t.typcategory = 'A' AND t.typelem <> 0, t.typelem,
+       t.typbasetype, t.typtypmod, format_type(t.oid, %(typmod)s), format_type(t.oid, NULL)
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = %(oid)s
+"""
+_UNLIMITED = ("character varying", "character varying[]", "bit varying", "bit varying[]")
+_COLUMN_TYPES = """
+SELECT attname, atttypid, atttypmod FROM pg_attribute
+WHERE attrelid = %(table)s AND attnum > 0 AND NOT attisdropped
+"""
+
+
+def comparable_type(conn, oid: int, typmod: int) -> str:
+    """A type every server has that shows a destination value as the destination type does.
+
+    Built-in types (``pg_catalog``) stay as they are (varchar(n)/varbit(n) without their limit); a domain is compared as its base type (with the
+    domain's typmod), an array by its element's comparable type, and every other type the destination
+    may have alone (enum, citext or another extension's type, composite, a range over such a type) as
+    its text, which is what a text source column carries. The source side casts to this type, so no
+    type has to exist on the source, and equal values give equal checksum text on both sides.
+    """
+    with conn.cursor() as cur:
+        cur.execute(_TYPE_FACTS, {"oid": oid, "typmod": typmod})
+        typtype, builtin, is_array, elem, base, basemod, name, bare = cur.fetchone()
+    if builtin:
+        # an explicit cast to varchar(n) / varbit(n) cuts a longer source value silently: compare without
+        # the limit, so a value cut on the way shows as a difference (char(n) keeps its: it pads)
+        return bare if bare in _UNLIMITED else name
+    if is_array:
+        return comparable_type(conn, elem, typmod) + "[]"
+    if typtype == "d":
+        return comparable_type(conn, base, basemod)
+    return "text"
+
+
+def comparable_types(conn, table: TableName) -> dict[str, str]:
+    """Column -> :func:`comparable_type` of every destination column."""
+    oid = schema.table_oid(conn, table, side="destination")
+    out = {}
+    with conn.cursor() as cur:
+        cur.execute(_COLUMN_TYPES, {"table": oid})
+        columns = cur.fetchall()
+    for name, typid, typmod in columns:
+        out[name] = comparable_type(conn, typid, typmod)
+    return out
 
 
 def _note(notes: list[str], text: str) -> None:
@@ -358,8 +431,9 @@ def _add(into: Tally, rows) -> None:
 
 _TEXT_SETTINGS = (
     # the checksum hashes each row's text: make that text the same on both sides whatever the servers'
-    # defaults (SET LOCAL: this read transaction only; rolled back with it)
-    "SET LOCAL TimeZone = 'UTC'",
+    # defaults (SET LOCAL: this read transaction only; rolled back with it). Not TimeZone: both sessions
+    # already have the spec's (connections.py), which is also what the chunk path cast timestamptz ->
+    # timestamp/date under; UTC here made such a drift column differ on every day of a non-UTC spec
     "SET LOCAL DateStyle = 'ISO, YMD'",
     "SET LOCAL IntervalStyle = 'postgres'",
     "SET LOCAL extra_float_digits = 3",
@@ -479,7 +553,8 @@ def validate_range(
         for conn in (src_conn, dst_conn):
             _pin_text_settings(conn)
         dest_cols = schema.table_columns(dst_conn, target, side="destination")
-        dst_side = destination_query(spec, target, dest_cols, dst_conn)
+        comparable = comparable_types(dst_conn, target)
+        dst_side = destination_query(spec, target, dest_cols, dst_conn, comparable)
         src_cols_cache: dict[TableName, list[schema.Column]] = {}
         src_tally: Tally = {}
         dst_tally: Tally = {}
@@ -502,7 +577,9 @@ def validate_range(
                     table, expressions = source_for(spec, seg)  # the transfer's own choice of table/expressions
                     if table not in src_cols_cache:
                         src_cols_cache[table] = schema.table_columns(src_conn, table, side="source")
-                    src_side = source_query(spec, dest_cols, src_cols_cache[table], table, expressions, notes, src_conn)
+                    src_side = source_query(
+                        spec, dest_cols, src_cols_cache[table], table, expressions, notes, src_conn, comparable
+                    )
                     if i and pause:
                         time.sleep(pause)  # pacing: the same lever the chunks use
                     with src_conn.cursor() as cur:

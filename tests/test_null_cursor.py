@@ -62,8 +62,12 @@ CURSORS = {
 }
 
 
+@pytest.mark.parametrize("spec_tz", ["UTC", "America/New_York", "Asia/Kolkata"])
 @pytest.mark.parametrize("time_type", ["timestamptz", "timestamp", "date"])
-def test_rows_after_the_watermark_are_live_ingests_whatever_their_cursor(time_type, src_url, dst_url, pg):
+def test_rows_after_the_watermark_are_live_ingests_whatever_their_cursor(time_type, spec_tz, src_url, dst_url, pg):
+    """W is 19:00 the day before in New York and 05:30 in Kolkata: for a ``date`` or naive ``timestamp``
+    column the watermark falls inside a local day, so the backfill's last chunk and live ingest's time arm
+    meet mid-day; every row must still be loaded (by one path or both: the upsert makes both harmless)."""
     src, dst = pg(src_url), pg(dst_url)
     for conn in (src, dst):
         create(conn, time_type)
@@ -77,20 +81,33 @@ def test_rows_after_the_watermark_are_live_ingests_whatever_their_cursor(time_ty
             (i, kind),
         )
         src.cursor().execute(sql.SQL("UPDATE ev SET updated_at = {e} WHERE v = %s").format(e=sql.SQL(expr)), (kind,))
-    spec = make_spec(src_url, dst_url)
+    # and rows never updated (NULL cursor) at W - 1 min, W, W + 1 min in the spec's timezone, and on the
+    # local days either side of W: where the backfill's end and live ingest's time arm meet
+    local = "%(w)s::timestamptz" if time_type == "timestamptz" else "(%(w)s::timestamptz AT TIME ZONE %(tz)s)"
+    src.cursor().execute(
+        sql.SQL(
+            "INSERT INTO ev SELECT 1000 + g, ({local} + g * interval '1 minute')::{t}, NULL, 'edge'"
+            " FROM unnest(ARRAY[-1, 0, 1, -1440, 1440]) g"
+        ).format(local=sql.SQL(local), t=sql.SQL(time_type)),
+        {"w": W, "tz": spec_tz},
+    )
+    spec = make_spec(src_url, dst_url, timezone=spec_tz)
     set_watermark(dst, W)  # live ingest has run up to W
-    plan = build_plan(spec, "2024-01-01", "2024-01-11", dst_conn=dst)
-    assert plan.clipped and plan.end.isoformat() == W
+    # from 2023-12-31: the first rows (01-01 03:00 UTC) are still 2023-12-31 in New York
+    plan = build_plan(spec, "2023-12-31", "2024-01-11", dst_conn=dst)
+    assert plan.clipped and plan.end == dt.datetime.fromisoformat(W)
     for chunk in plan.chunks:
         transfer_chunk(spec, chunk)
     live = run_live_ingest(spec)  # its next run
     q = "SELECT v, count(*) FROM ev GROUP BY v ORDER BY v"
-    assert fetch_all(dst_url, q) == fetch_all(src_url, q) == [(k, 10) for k in sorted(CURSORS)]
+    assert fetch_all(dst_url, q) == fetch_all(src_url, q) == [("edge", 5), *((k, 10) for k in sorted(CURSORS))]
     assert fetch_all(dst_url, "SELECT t::text FROM ev t ORDER BY id") == fetch_all(
         src_url, "SELECT t::text FROM ev t ORDER BY id"
     )
-    # live ingest took every row at or after W: 6 days x 3 cursor kinds (before the fix: the 6 "normal" ones)
-    assert live.rows_extracted == 18
+    if spec_tz == "UTC":
+        # live ingest took every row at or after W: 6 days x 3 cursor kinds (before the fix: the 6 "normal" ones),
+        # and the 3 edge rows at or after W
+        assert live.rows_extracted == 18 + 3
 
 
 def test_a_late_update_older_than_the_lookback_needs_a_reprocess_of_its_range(src_url, dst_url, pg):

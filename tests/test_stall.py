@@ -135,3 +135,119 @@ def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_noth
     # and the retry, once the network is back, loads the chunk
     retry = transfer_chunk(spec.model_copy(update={"source_conn_id": src_url, "statement_timeout_s": 60}), chunk)
     assert retry.inserted == 40000
+
+
+@pytest.mark.parametrize(
+    "trigger", [b"FROM STDIN", b"ON CONFLICT"], ids=["mid_staging_copy", "after_the_upsert_was_sent"]
+)
+def test_chunk_whose_destination_goes_silent_fails_transient_and_leaves_nothing(src_url, dst_url, proxies, trigger):
+    """The destination behind a hung proxy: while the staging COPY streams into it, or once the upsert
+    was sent (its answer never arrives). The chunk's destination session has the spec's statement
+    timeout, so its client deadline cuts it; the server, which stops hearing from it, rolls the
+    transaction back (statement_timeout, then idle_in_transaction_session_timeout) and frees its locks."""
+    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, pad text)"
+    run_sql(src_url, ddl)
+    run_sql(dst_url, ddl)
+    run_sql(
+        src_url,
+        "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
+        "FROM generate_series(1, 40000) g",
+    )  # ~4 MB: more than the socket buffers between the chunk and the silent proxy hold
+    proxy = proxies(trigger=trigger)
+    statement_timeout_s = 1.0
+    spec = load_spec(
+        dict(
+            name="stall",
+            source_conn_id=src_url,
+            destination_conn_id=proxy.url(dbname(dst_url)),
+            source_table="ev",
+            destination_table="ev",
+            time_column="t",
+            key_columns=["id"],
+            statement_timeout_s=statement_timeout_s,
+        )
+    )
+    chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
+    outcome: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            outcome["result"] = transfer_chunk(spec, chunk)
+        except BaseException as err:  # noqa: BLE001 - inspected below
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - t0
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    bound = statement_timeout_s + GRACE_S
+    worker.join(timeout=bound + 20)
+    assert not worker.is_alive(), f"the chunk still hangs {bound + 20} s after its destination went silent"
+    assert proxy.silent.is_set(), "the proxy never went silent: the test did not stall the destination"
+    err = outcome.get("error")
+    assert isinstance(err, TransientChunkError), outcome
+    assert "no answer" in str(err) and "stalled" in str(err), str(err)
+    # the stall starts a little after the chunk does (catalog reads, the source COPY): bound from the start
+    assert outcome["seconds"] <= bound + SLACK_S + 2, outcome["seconds"]
+
+    db = dbname(dst_url)
+    if trigger == b"FROM STDIN":
+        # PostgreSQL does not act on statement_timeout while a COPY FROM STDIN waits for client data: the
+        # server session stays until the network path closes (its transaction is never committed)
+        assert run_sql(dst_url, "SELECT count(*) FROM ev") == [(0,)]
+        proxy.close()
+    # else the proxy stays silent (it never closes the server's socket): the server ends the session itself
+    wait_until(
+        lambda: run_sql(
+            dst_url,
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'backfill:%%'",
+            (db,),
+        )[0][0],
+        timeout=10,
+        what="the chunk's destination session ended on the server",
+    )
+    assert run_sql(dst_url, "SELECT count(*) FROM ev") == [(0,)]
+    assert run_sql(
+        dst_url,
+        "SELECT to_regclass('public.backfill_ledger') IS NULL OR NOT EXISTS (SELECT FROM public.backfill_ledger)",
+    ) == [(True,)]
+    assert run_sql(
+        dst_url,
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE d.datname = %s AND l.locktype = 'advisory'",
+        (db,),
+    ) == [(0,)]
+    retry = transfer_chunk(spec.model_copy(update={"destination_conn_id": dst_url, "statement_timeout_s": 60}), chunk)
+    assert retry.inserted == 40000
+
+
+def test_a_destination_statement_over_the_statement_timeout_fails_transient_naming_the_destination(src_url, dst_url):
+    """statement_timeout_s bounds the chunk's destination statements too; a slow upsert (a trigger that
+    sleeps) fails the chunk as transient, says it was the destination, and writes nothing."""
+    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL)"
+    run_sql(src_url, ddl)
+    run_sql(dst_url, ddl)
+    run_sql(
+        src_url, "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s' FROM generate_series(1, 3) g"
+    )
+    run_sql(
+        dst_url,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;"
+        " CREATE TRIGGER slow BEFORE INSERT ON ev FOR EACH ROW EXECUTE FUNCTION slow()",
+    )
+    spec = load_spec(
+        dict(
+            name="slowdst",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="ev",
+            destination_table="ev",
+            time_column="t",
+            key_columns=["id"],
+            statement_timeout_s=1.5,
+        )
+    )
+    chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
+    with pytest.raises(TransientChunkError, match=r"statement_timeout \(1.5 s\) hit on the destination"):
+        transfer_chunk(spec, chunk)
+    assert run_sql(dst_url, "SELECT count(*) FROM ev") == [(0,)]

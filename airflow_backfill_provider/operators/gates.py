@@ -80,7 +80,7 @@ class ChunkGatesMixin:
         the first chunk it then loads carries them (the progress page shows them), the others 0."""
         from airflow_backfill_provider import batches, chunkplan, identity
         from airflow_backfill_provider.compat import AirflowFailException
-        from airflow_backfill_provider.connections import application_name, close_all, connect, open_source
+        from airflow_backfill_provider.connections import application_name, close_all, open_destination, open_source
         from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
         from airflow_backfill_provider.throttle import (
             PROBE_TIMEOUT_S,
@@ -103,12 +103,7 @@ class ChunkGatesMixin:
         reprocess = bool(self.chunk["batch"].get("reprocess"))
         appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)
-        dst = connect(
-            spec.destination_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
+        dst = open_destination(spec, appname)
         src = None
         try:
             src = open_source(spec, appname)
@@ -137,12 +132,7 @@ class ChunkGatesMixin:
                     # read-only by session default; autocommit spares a BEGIN and a ROLLBACK per chunk
                     src.autocommit = True
                 if dst.closed:
-                    dst = connect(
-                        spec.destination_conn_id,
-                        application_name=appname,
-                        timezone=spec.timezone,
-                        lock_timeout_s=spec.lock_timeout_s,
-                    )
+                    dst = open_destination(spec, appname)
                 if time.monotonic() - last_check >= spec.throttle.poll_interval:
                     # probe the load (and maintenance) at most once per poll_interval, not per small chunk
                     sample = probe_load(src, timeout_s=PROBE_TIMEOUT_S)
