@@ -48,18 +48,32 @@ class Chunk:
         return d
 
     @classmethod
-    def from_descriptor(cls, d: dict) -> "Chunk":
+    def from_descriptor(cls, d: dict, tz: str = "UTC") -> "Chunk":
+        """From the plan's descriptor (ISO timestamps with offsets) or a user's (``tz``: how a date or a naive
+        timestamp is read, e.g. the spec's timezone; an offset given in the text always wins)."""
         try:
             key = d.get("key") or [None, None, None]
             col, lo, hi = str(key[0]) if key[0] is not None else None, key[1], key[2]
             if any(v is not None and not isinstance(v, int) for v in (lo, hi)):
                 raise TypeError("key bounds must be integers or null")
-            return cls(str(d["chunk_id"]), pendulum.parse(d["start"]), pendulum.parse(d["end"]), col, lo, hi)
-        except (KeyError, TypeError, ValueError, IndexError) as err:
+            start, end = parse_datetime(d["start"], tz), parse_datetime(d["end"], tz)
+            if utc(end) <= utc(start):
+                raise ValueError("end must be after start")
+            return cls(str(d["chunk_id"]), start, end, col, lo, hi)
+        except (KeyError, TypeError, ValueError, IndexError, pendulum.parsing.exceptions.ParserError) as err:
             raise PlanError(
                 f"bad chunk descriptor {d!r}: expected keys chunk_id, start, end (ISO timestamps)"
                 " and optionally key: [column, lo, hi]"
             ) from err
+
+
+def parse_datetime(text: str, tz: str = "UTC") -> pendulum.DateTime:
+    """``pendulum.parse`` narrowed to a DateTime (it may return a Date, Time or Duration): a date or a naive
+    timestamp is read in ``tz``, an explicit offset is kept. ValueError for anything else."""
+    parsed = pendulum.parse(str(text), tz=tz)
+    if not isinstance(parsed, pendulum.DateTime):
+        raise ValueError(f"{text!r} is not a date or timestamp")
+    return parsed
 
 
 def utc(moment: dt.datetime) -> dt.datetime:

@@ -108,7 +108,7 @@ def chunk_tables(spec, chunk_descriptor: dict) -> list[tuple[str, str, TableName
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.source import source_for
 
-    src_table, _ = source_for(spec, Chunk.from_descriptor(chunk_descriptor))
+    src_table, _ = source_for(spec, Chunk.from_descriptor(chunk_descriptor, spec.timezone))
     return [("input", spec.source_conn_id, src_table, "source"),
             ("output", spec.destination_conn_id, spec.staging_target, "destination")]  # fmt: skip
 

@@ -27,7 +27,7 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.pipe import stream_copy
-from airflow_backfill_provider.source import prepare, source_for
+from airflow_backfill_provider.source import prepare, source_range
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.upsert import upsert_counted
 
@@ -151,7 +151,7 @@ def transfer_chunk(
                 lock_timeout_s=spec.lock_timeout_s,
             )
         ledger_table = TableName.parse(spec.ledger_table)
-        cache_key = repr(source_for(spec, chunk))
+        cache_key = source_range(spec, chunk)
         if prepared is not None and cache_key in prepared:
             src_table, plan, backfill = prepared[cache_key]  # same source range earlier in this batch: checked
         else:
