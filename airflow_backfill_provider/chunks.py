@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any, Iterator
 
 import pendulum
 
@@ -42,7 +42,7 @@ class Chunk:
 
     def to_descriptor(self) -> dict:
         """The small, JSON-safe dict that travels through XCom to one mapped task instance."""
-        d = {"chunk_id": self.chunk_id, "start": self.start.isoformat(), "end": self.end.isoformat()}
+        d: dict[str, Any] = {"chunk_id": self.chunk_id, "start": self.start.isoformat(), "end": self.end.isoformat()}
         if self.keyed:
             d["key"] = [self.key_column, self.key_lo, self.key_hi]
         return d
@@ -67,7 +67,7 @@ class Chunk:
             ) from err
 
 
-def parse_datetime(text: str, tz: str = "UTC") -> pendulum.DateTime:
+def parse_datetime(text: str, tz: str | pendulum.Timezone = "UTC") -> pendulum.DateTime:
     """``pendulum.parse`` narrowed to a DateTime (it may return a Date, Time or Duration): a date or a naive
     timestamp is read in ``tz``, an explicit offset is kept. ValueError for anything else."""
     parsed = pendulum.parse(str(text), tz=tz)
@@ -87,7 +87,7 @@ def check_granularity(granularity: str) -> str:
     return granularity
 
 
-def check_timezone(name: str):
+def check_timezone(name: str) -> pendulum.Timezone:
     try:
         return pendulum.timezone(name)
     except Exception as err:  # pendulum raises its own InvalidTimezone
@@ -110,7 +110,7 @@ def to_datetime(value, tz_name: str, *, what: str) -> pendulum.DateTime:
         elif isinstance(value, dt.date):
             parsed = day_start(value, tz)
         elif isinstance(value, str) and value.strip():
-            parsed = pendulum.parse(value.strip(), tz=tz)
+            parsed = parse_datetime(value.strip(), tz)
         else:
             raise ValueError("empty")
     except (ValueError, TypeError, pendulum.parsing.exceptions.ParserError) as err:

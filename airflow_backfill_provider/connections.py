@@ -223,13 +223,31 @@ def application_name(dag_id: str, chunk_id: str) -> str:
     return f"backfill:{dag_id}:{chunk_id}"
 
 
-def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
-    """The chunk's source session: read-only, with the spec's statement and lock timeouts."""
+def open_source(
+    spec: BackfillSpec, appname: str, source: str | None = None, *, statement_timeout_s: float | None = None
+):
+    """A source session: read-only, in the spec's timezone, with its statement and lock timeouts
+    (``statement_timeout_s``: a shorter one, e.g. the plan's catalog reads). ``source``: another
+    connection id or DSN than the spec's."""
     return connect(
         source or spec.source_conn_id,
         application_name=appname,
         timezone=spec.timezone,
         readonly=True,
-        statement_timeout_s=spec.statement_timeout_s,
+        statement_timeout_s=statement_timeout_s or spec.statement_timeout_s,
+        lock_timeout_s=spec.lock_timeout_s,
+    )
+
+
+def open_destination(
+    spec: BackfillSpec, appname: str, destination: str | None = None, *, statement_timeout_s: float | None = None
+):
+    """A destination session in the spec's timezone with its lock timeout; a statement timeout only when
+    given (a chunk's upsert may take long; validation's reads may not)."""
+    return connect(
+        destination or spec.destination_conn_id,
+        application_name=appname,
+        timezone=spec.timezone,
+        statement_timeout_s=statement_timeout_s,
         lock_timeout_s=spec.lock_timeout_s,
     )

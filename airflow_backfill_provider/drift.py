@@ -64,6 +64,13 @@ class ColumnPlan:
     lossy: list[LossyCast] = field(default_factory=list)  # casts to verify value by value on the staging table
     changed: sql.Composable | None = None  # "a non-key column differs", exact per type (upsert predicate)
 
+    @property
+    def filter_kind(self) -> str:
+        """``time_kind``, which source.prepare sets (a plan made without the source's catalog has none)."""
+        if self.time_kind is None:
+            raise RuntimeError("the column plan has no time kind: make it with source.prepare")
+        return self.time_kind
+
     def expr_for(self, column: str) -> sql.Composable:
         """The select expression (cast to the destination type) of one destination column."""
         return self.select_exprs[self.columns.index(column)]

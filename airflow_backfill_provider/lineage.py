@@ -64,7 +64,9 @@ def _dataset(kind: str, conn_id_or_dsn: str, table: TableName, side: str, rows: 
         log.info("No schema facet for %s (%s)", name, str(err).strip())
     if kind == "input":
         return InputDataset(namespace=namespace, name=name, facets=facets)
-    out_facets = {"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=rows)} if rows is not None else {}
+    out_facets: dict[str, Any] = (
+        {"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=rows)} if rows is not None else {}
+    )
     return OutputDataset(namespace=namespace, name=name, facets=facets, outputFacets=out_facets)
 
 

@@ -17,6 +17,9 @@ from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
 
+#: the plan only reads catalogs and statistics: a source that cannot answer in 30 s is too busy to backfill
+PLAN_STATEMENT_TIMEOUT_S = 30
+
 
 @dataclass
 class Plan:
@@ -129,7 +132,7 @@ def build_plan(
     if dst_conn is not None and not reprocess and ledger.is_current(dst_conn, TableName.parse(spec.ledger_table)):
         # covered by the union of this backfill's ledger ranges, whatever chunking loaded them (coverage.py)
         done = chunkplan.done_coverage(spec, dst_conn, backfill=_identity(spec, src_conn, dst_conn))
-        todo = []
+        todo: list[Chunk] = []
         for c in chunks:
             (skipped if chunkplan.is_done(done, c) else todo).append(c)
         chunks = todo
@@ -141,17 +144,11 @@ def build_plan(
 def _identity(spec: BackfillSpec, src_conn, dst_conn):
     """The backfill's identity (``identity.of``), on ``src_conn`` or a short read-only source session."""
     from airflow_backfill_provider import identity
-    from airflow_backfill_provider.connections import close_all, connect
+    from airflow_backfill_provider.connections import close_all, open_source
 
     if src_conn is not None:
         return identity.of(spec, src_conn, dst_conn)
-    own = connect(
-        spec.source_conn_id,
-        application_name=f"backfill:{spec.effective_dag_id}:plan",
-        readonly=True,
-        statement_timeout_s=30,
-        lock_timeout_s=spec.lock_timeout_s,
-    )
+    own = open_source(spec, f"backfill:{spec.effective_dag_id}:plan", statement_timeout_s=PLAN_STATEMENT_TIMEOUT_S)
     try:
         return identity.of(spec, own, dst_conn)
     finally:
@@ -169,7 +166,7 @@ def preflight(spec: BackfillSpec, plan: Plan, src_conn, dst_conn) -> list[tuple[
     lines: list[tuple[int, str]] = []
     for chunk in source.one_per_source(spec, plan.chunks):
         src_table, cplan = source.prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
-        timebounds.check_granularity(cplan.time_kind, plan.granularity, column=spec.time_column)  # a param override
+        timebounds.check_granularity(cplan.filter_kind, plan.granularity, column=spec.time_column)  # a param override
         lines += [
             (logging.INFO, f"Schema decision for {chunk.chunk_id} (from {src_table}): {d}") for d in cplan.decisions
         ]

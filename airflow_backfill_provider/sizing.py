@@ -124,7 +124,7 @@ def advice(
     tz: str = "UTC",
 ) -> list[str]:
     """Log lines for the plan: tiny chunks, and time chunks on a table not in time order."""
-    notes = []
+    notes: list[str] = []
     if est_rows is None or n_chunks == 0:
         return notes
     per_chunk = est_rows / n_chunks

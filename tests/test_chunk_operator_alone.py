@@ -13,7 +13,7 @@ from airflow_backfill_provider.operators.chunkrun import ChunkRun
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.throttle import LoadSample
 from tests.conftest import fetch_all
-from tests.seed import create_orders, seed_orders
+from tests.seed import ORDERS_SPEC, create_orders, seed_orders
 
 #: New York's 2024-01-02 is [05:00, 05:00 next day) UTC: read as UTC, the chunk would load other rows
 NY_DAY = "created_at >= '2024-01-02 00:00 America/New_York' AND created_at < '2024-01-03 00:00 America/New_York'"
@@ -21,18 +21,9 @@ NY_DAY = "created_at >= '2024-01-02 00:00 America/New_York' AND created_at < '20
 
 def _spec(src_url: str, dst_url: str):
     return load_spec(
-        dict(
-            name="orders_alone",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            timezone="America/New_York",
-        )
-    )
+        {**ORDERS_SPEC, "name": "orders_alone", "source_conn_id": src_url, "destination_conn_id": dst_url,
+         "timezone": "America/New_York"}
+    )  # fmt: skip
 
 
 #: what a user writes: one operator, no factory, no plan task (dag.test() on 3.x runs the DAGs folder's file)

@@ -8,10 +8,17 @@ it which of its chunks are done, so it carries no state through the trigger.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # a mixin of BaseOperator: typed as one (log, defer, dag_id, pool, execute)
+    from airflow_backfill_provider.compat import BaseOperator as _OperatorBase
+else:
+    _OperatorBase = object
 
 
-class ChunkGatesMixin:
+class ChunkGatesMixin(_OperatorBase):
+    chunk: dict[str, Any]
+
     # --- maintenance windows ------------------------------------------------------------------------
     def _window_gate(self, spec) -> None:
         """Defer until the window opens when a chunk may not start now (windows.py)."""
@@ -77,7 +84,7 @@ class ChunkGatesMixin:
         """Run a batch's chunks in order, each committed alone; skip the ones the ledger holds."""
         from airflow_backfill_provider import batches, chunkplan, identity
         from airflow_backfill_provider.compat import AirflowFailException
-        from airflow_backfill_provider.connections import application_name, close_all, connect, open_source
+        from airflow_backfill_provider.connections import application_name, close_all, open_destination, open_source
         from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
         from airflow_backfill_provider.throttle import (
             PROBE_TIMEOUT_S,
@@ -100,12 +107,7 @@ class ChunkGatesMixin:
         reprocess = bool(self.chunk["batch"].get("reprocess"))
         appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)
-        dst = connect(
-            spec.destination_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
+        dst = open_destination(spec, appname)
         src = None
         try:
             src = open_source(spec, appname)
@@ -134,12 +136,7 @@ class ChunkGatesMixin:
                     # read-only by session default; autocommit spares a BEGIN and a ROLLBACK per chunk
                     src.autocommit = True
                 if dst.closed:
-                    dst = connect(
-                        spec.destination_conn_id,
-                        application_name=appname,
-                        timezone=spec.timezone,
-                        lock_timeout_s=spec.lock_timeout_s,
-                    )
+                    dst = open_destination(spec, appname)
                 if time.monotonic() - last_check >= spec.throttle.poll_interval:
                     # probe the load (and maintenance) at most once per poll_interval, not per small chunk
                     sample = probe_load(src, timeout_s=PROBE_TIMEOUT_S)

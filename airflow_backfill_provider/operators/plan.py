@@ -53,8 +53,8 @@ class PlanBackfillOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         from airflow_backfill_provider import progress_log
-        from airflow_backfill_provider.connections import close_all, connect
-        from airflow_backfill_provider.planning import build_plan, preflight, resolve_range
+        from airflow_backfill_provider.connections import close_all, connect, open_source
+        from airflow_backfill_provider.planning import PLAN_STATEMENT_TIMEOUT_S, build_plan, preflight, resolve_range
         from airflow_backfill_provider.swap import ensure_parallel_table
 
         spec = load_spec(self.spec)
@@ -69,21 +69,11 @@ class PlanBackfillOperator(BaseOperator):
                 interval_start=context.get("data_interval_start"),
                 interval_end=context.get("data_interval_end"),
             )
+            appname = f"backfill:{spec.effective_dag_id}:plan"
             dst = src = None
             try:
-                dst = connect(
-                    spec.destination_conn_id,
-                    application_name=f"backfill:{spec.effective_dag_id}:plan",
-                    timezone=spec.timezone,
-                )
-                src = connect(
-                    spec.source_conn_id,
-                    application_name=f"backfill:{spec.effective_dag_id}:plan",
-                    readonly=True,
-                    timezone=spec.timezone,
-                    statement_timeout_s=30,
-                    lock_timeout_s=spec.lock_timeout_s,
-                )
+                dst = connect(spec.destination_conn_id, application_name=appname, timezone=spec.timezone)
+                src = open_source(spec, appname, statement_timeout_s=PLAN_STATEMENT_TIMEOUT_S)
                 plan = build_plan(
                     spec,
                     start,
