@@ -53,8 +53,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
     # --- source protection: probe -> (critical | wait deferred | pacing deferred) -> transfer --------
     #
-    # Every wait is a deferral (the worker slot is released; the grid shows "deferred"). State the
-    # resumed method needs travels in the trigger event's "carry", not in defer(kwargs=...): dag.test()
+    # Every wait is a deferral (the worker slot is released; the grid shows "deferred"). The try's state
+    # (operators/chunkrun.py) travels in the trigger event's "carry", not in defer(kwargs=...): dag.test()
     # on both Airflow versions hands the resumed method the event only.
 
     def _lineage_tables(self):

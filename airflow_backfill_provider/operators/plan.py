@@ -21,6 +21,14 @@ class PlanBackfillOperator(BaseOperator):
     the chunks are listed in the log and none are returned, so nothing is written.
 
     :param spec: the backfill spec (a dict or :class:`BackfillSpec`), validated again at run time.
+    :param start: first day (``YYYY-MM-DD`` or ISO timestamp, in the spec's timezone); templated.
+    :param end: end of the range, exclusive; templated.
+    :param granularity: chunk size for this run (the spec's by default); templated.
+    :param reprocess: load chunks the ledger marks done.
+    :param dry_run: list the chunks, write nothing.
+
+    Each argument left ``None`` is read from the run's param of the same name (``context["params"]``:
+    the factory's trigger form), as the typed value the form validated.
     """
 
     template_fields: Sequence[str] = ("start", "end", "granularity")
