@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 
-import pendulum
 
-from airflow_backfill_provider.chunks import GRANULARITIES, Chunk, iter_chunks, split_at, to_datetime
+from airflow_backfill_provider.chunks import GRANULARITIES, Chunk, iter_chunks, parse_datetime, split_at, to_datetime
 from airflow_backfill_provider.exceptions import PlanError
 from airflow_backfill_provider.spec import BackfillSpec
 
@@ -84,7 +83,7 @@ def expand(descriptor: dict, spec: BackfillSpec) -> list[Chunk]:
             bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
             return split_at(chunks, bounds) if bounds else chunks
         if "key" in body:
-            lo, hi = pendulum.parse(body["start"]), pendulum.parse(body["end"])
+            lo, hi = parse_datetime(body["start"]), parse_datetime(body["end"])
             col = str(body["key"])
             return [
                 Chunk(keyranges.label(col, a, b), lo, hi, col, a, b)
@@ -93,7 +92,7 @@ def expand(descriptor: dict, spec: BackfillSpec) -> list[Chunk]:
             ]
         out = []
         for run in body["runs"]:
-            edges = [pendulum.parse(e).in_timezone(spec.timezone) for e in run]
+            edges = [parse_datetime(e).in_timezone(spec.timezone) for e in run]
             out += [Chunk(sizing._label(a, b), a, b) for a, b in zip(edges, edges[1:])]
         return out
     except (KeyError, TypeError, ValueError) as err:

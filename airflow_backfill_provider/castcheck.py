@@ -66,7 +66,7 @@ def check_block(conn, src_table: TableName, plan: ColumnPlan, key_columns: list[
     select_list += [sql.SQL("{r} AS {a}").format(r=plan.raw_exprs[i], a=sql.Identifier(f"c{i}")) for i in checked]
     rows = q.chunk_select(src_table, select_list, plan.time_filter, start, end)
     # a variable of the exact destination type: assigning to it enforces typmods (length, precision)
-    return _block(conn, plan, rows, [(i, *plan.check_types[i]) for i in checked])
+    return _block(conn, plan, rows, [(i, *ct) for i in checked if (ct := plan.check_types[i]) is not None])
 
 
 def _block(conn, plan: ColumnPlan, rows: sql.Composable, items, extra_conditions: str = "") -> sql.Composed:
@@ -142,7 +142,7 @@ def find_cast_failure(
             cur.execute(block)
     except psycopg2.Error as err:
         conn.rollback()
-        return _finding(err, plan, lambda i: plan.raw_exprs[i].as_string(conn))
+        return _finding(err, plan, lambda i: (plan.raw_exprs[i] or sql.SQL("NULL")).as_string(conn))
     conn.rollback()
     return None
 

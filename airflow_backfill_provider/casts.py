@@ -24,6 +24,7 @@ Three questions per column, answered here so the transfer, live ingest and the c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from psycopg2 import sql
@@ -146,39 +147,11 @@ class TypeInfo:
 
 def type_infos(rows) -> dict[str, TypeInfo]:
     """Column name -> TypeInfo from the rows of :data:`TYPES_SQL`."""
+    # each row: the column name, TypeInfo's fields in order, then the schema and name of its binary send function
+    fields = [f.name for f in dataclasses.fields(TypeInfo) if f.name != "send_fn"]
     out = {}
-    for (
-        name,
-        type_sql,
-        builtin,
-        base_sql,
-        nomod,
-        base_builtin,
-        mod,
-        bname,
-        btt,
-        ename,
-        ebuiltin,
-        ett,
-        det,
-        nsp,
-        fn,
-    ) in rows:
-        out[name] = TypeInfo(
-            type_sql,
-            builtin,
-            base_sql,
-            nomod,
-            base_builtin,
-            mod,
-            bname,
-            btt,
-            ename,
-            ebuiltin,
-            ett,
-            det,
-            (nsp, fn) if fn else None,
-        )
+    for name, *facts, nsp, fn in rows:
+        out[name] = TypeInfo(**dict(zip(fields, facts, strict=True)), send_fn=(nsp, fn) if fn else None)
     return out
 
 

@@ -130,7 +130,7 @@ def _key_chunks(spec, src_conn, table, key_col, key_stats, tstats, target, why, 
         kmin, kmax = (
             (int(key_stats.bounds[0]), int(key_stats.bounds[-1])) if len(key_stats.bounds) >= 2 else (None, None)
         )
-    cuts = [] if kmin is None else keyranges.boundaries(key_stats, kmin, kmax, tstats.rows, target)
+    cuts = [] if kmin is None or kmax is None else keyranges.boundaries(key_stats, kmin, kmax, tstats.rows, target)
     chunks = keyranges.plan_key_chunks(key_col, lo, hi, cuts, kmin)
     if len(chunks) > spec.max_chunks:
         raise PlanError(f"{len(chunks)} key ranges > max_chunks={spec.max_chunks}: raise target_chunk_rows")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any, Iterator
 
 import pendulum
 
@@ -42,24 +42,38 @@ class Chunk:
 
     def to_descriptor(self) -> dict:
         """The small, JSON-safe dict that travels through XCom to one mapped task instance."""
-        d = {"chunk_id": self.chunk_id, "start": self.start.isoformat(), "end": self.end.isoformat()}
+        d: dict[str, Any] = {"chunk_id": self.chunk_id, "start": self.start.isoformat(), "end": self.end.isoformat()}
         if self.keyed:
             d["key"] = [self.key_column, self.key_lo, self.key_hi]
         return d
 
     @classmethod
-    def from_descriptor(cls, d: dict) -> "Chunk":
+    def from_descriptor(cls, d: dict, tz: str = "UTC") -> "Chunk":
+        """From the plan's descriptor (ISO timestamps with offsets) or a user's (``tz``: how a date or a naive
+        timestamp is read, e.g. the spec's timezone; an offset given in the text always wins)."""
         try:
             key = d.get("key") or [None, None, None]
             col, lo, hi = str(key[0]) if key[0] is not None else None, key[1], key[2]
             if any(v is not None and not isinstance(v, int) for v in (lo, hi)):
                 raise TypeError("key bounds must be integers or null")
-            return cls(str(d["chunk_id"]), pendulum.parse(d["start"]), pendulum.parse(d["end"]), col, lo, hi)
-        except (KeyError, TypeError, ValueError, IndexError) as err:
+            start, end = parse_datetime(d["start"], tz), parse_datetime(d["end"], tz)
+            if utc(end) <= utc(start):
+                raise ValueError("end must be after start")
+            return cls(str(d["chunk_id"]), start, end, col, lo, hi)
+        except (KeyError, TypeError, ValueError, IndexError, pendulum.parsing.exceptions.ParserError) as err:
             raise PlanError(
                 f"bad chunk descriptor {d!r}: expected keys chunk_id, start, end (ISO timestamps)"
                 " and optionally key: [column, lo, hi]"
             ) from err
+
+
+def parse_datetime(text: str, tz: str | pendulum.Timezone = "UTC") -> pendulum.DateTime:
+    """``pendulum.parse`` narrowed to a DateTime (it may return a Date, Time or Duration): a date or a naive
+    timestamp is read in ``tz``, an explicit offset is kept. ValueError for anything else."""
+    parsed = pendulum.parse(str(text), tz=tz)
+    if not isinstance(parsed, pendulum.DateTime):
+        raise ValueError(f"{text!r} is not a date or timestamp")
+    return parsed
 
 
 def utc(moment: dt.datetime) -> dt.datetime:
@@ -73,7 +87,7 @@ def check_granularity(granularity: str) -> str:
     return granularity
 
 
-def check_timezone(name: str):
+def check_timezone(name: str) -> pendulum.Timezone:
     try:
         return pendulum.timezone(name)
     except Exception as err:  # pendulum raises its own InvalidTimezone
@@ -96,7 +110,7 @@ def to_datetime(value, tz_name: str, *, what: str) -> pendulum.DateTime:
         elif isinstance(value, dt.date):
             parsed = day_start(value, tz)
         elif isinstance(value, str) and value.strip():
-            parsed = pendulum.parse(value.strip(), tz=tz)
+            parsed = parse_datetime(value.strip(), tz)
         else:
             raise ValueError("empty")
     except (ValueError, TypeError, pendulum.parsing.exceptions.ParserError) as err:

@@ -22,7 +22,7 @@ from airflow.providers.common.compat.sdk import (  # noqa: E402
 )
 
 if AIRFLOW_V_3:
-    from airflow.sdk import DAG, Asset, CronDataIntervalTimetable
+    from airflow.sdk import DAG, Asset, Context, CronDataIntervalTimetable
     from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 else:  # Airflow 2.11
@@ -30,6 +30,7 @@ else:  # Airflow 2.11
     from airflow.exceptions import AirflowTaskTerminated, AirflowTaskTimeout  # type: ignore[no-redef]
     from airflow.models.dag import DAG  # type: ignore[no-redef,assignment]
     from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef,assignment]
+    from airflow.utils.context import Context  # type: ignore[no-redef,assignment,attr-defined]
     from airflow.triggers.base import BaseTrigger, TriggerEvent  # type: ignore[no-redef]
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "BaseHook",
     "BaseOperator",
     "BaseTrigger",
+    "Context",
     "CronDataIntervalTimetable",
     "DAG",
     "INTERRUPTS",

@@ -244,30 +244,36 @@ def application_name(dag_id: str, chunk_id: str) -> str:
     return f"backfill:{dag_id}:{chunk_id}"
 
 
-def open_source(spec: BackfillSpec, appname: str, source: str | None = None):
-    """The chunk's source session: read-only, with the spec's statement and lock timeouts."""
+def open_source(
+    spec: BackfillSpec, appname: str, source: str | None = None, *, statement_timeout_s: float | None = None
+):
+    """A source session: read-only, in the spec's timezone, with its statement and lock timeouts
+    (``statement_timeout_s``: a shorter one, e.g. the plan's catalog reads). ``source``: another
+    connection id or DSN than the spec's."""
     return connect(
         source or spec.source_conn_id,
         application_name=appname,
         timezone=spec.timezone,
         readonly=True,
-        statement_timeout_s=spec.statement_timeout_s,
+        statement_timeout_s=statement_timeout_s or spec.statement_timeout_s,
         lock_timeout_s=spec.lock_timeout_s,
     )
 
 
-def open_destination(spec: BackfillSpec, appname: str, destination: str | None = None):
+def open_destination(spec: BackfillSpec, appname: str, destination: str | None = None, *, bound_idle: bool = True):
     """The chunk's destination session: the spec's lock timeout, and its statement timeout too, so each
     destination statement (staging COPY, upsert, ledger) ends within ``statement_timeout_s`` on the server
     and, behind a network that went silent, within ``statement_timeout_s + GRACE_S`` client-side
     (deadlines.py), as source statements do. A server that stops hearing from the session rolls its
     transaction back after ``idle_in_transaction_session_timeout`` (twice ``statement_timeout_s``: the
-    session may wait that long for source statements inside its transaction), releasing its locks."""
+    session may wait that long for source statements inside its transaction), releasing its locks.
+    ``bound_idle=False``: no idle bound, for a read-only session that may wait longer than that inside its
+    transaction (validation's destination side waits for all of the source side's statements)."""
     return connect(
         destination or spec.destination_conn_id,
         application_name=appname,
         timezone=spec.timezone,
         statement_timeout_s=spec.statement_timeout_s,
         lock_timeout_s=spec.lock_timeout_s,
-        idle_in_transaction_timeout_s=2 * spec.statement_timeout_s,
+        idle_in_transaction_timeout_s=2 * spec.statement_timeout_s if bound_idle else None,
     )

@@ -10,6 +10,7 @@ cast fails or would round is castcheck.py's.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from psycopg2 import sql
@@ -48,6 +49,9 @@ class ColumnPlan:
     time_filter: sql.Composable | None = None
     #: the source's catalog type of a plain time column (None for a historical expression)
     time_source_type: str | None = None
+    #: the source column ``time_filter`` is (a historical expression naming one column counts); None for
+    #: a computed expression. What the plan checks for an index and for NULL rows.
+    time_filter_column: str | None = None
     #: date / timestamp / timestamptz of ``time_filter`` on the source, set by source.prepare (timebounds.py)
     time_kind: str | None = None
     # how values travel (casts.py); filled when both catalogs' type facts were given to plan_columns
@@ -59,6 +63,13 @@ class ColumnPlan:
     check_types: list[tuple[str, str] | None] = field(default_factory=list)
     lossy: list[LossyCast] = field(default_factory=list)  # casts to verify value by value on the staging table
     changed: sql.Composable | None = None  # "a non-key column differs", exact per type (upsert predicate)
+
+    @property
+    def filter_kind(self) -> str:
+        """``time_kind``, which source.prepare sets (a plan made without the source's catalog has none)."""
+        if self.time_kind is None:
+            raise RuntimeError("the column plan has no time kind: make it with source.prepare")
+        return self.time_kind
 
     def expr_for(self, column: str) -> sql.Composable:
         """The select expression (cast to the destination type) of one destination column."""
@@ -126,6 +137,7 @@ def plan_columns(
         types=[by_name[n].type_sql for n in wanted],
         time_filter=time_filter,
         time_source_type=None if t in expressions else src_type_sql.get(t),
+        time_filter_column=_named_column(expressions[t], src_names) if t in expressions else t,
         copy_exprs=list(exprs),
         stage_types=[None] * len(wanted),
         insert_exprs=[sql.Identifier(n) for n in wanted],
@@ -135,6 +147,21 @@ def plan_columns(
     if dest_types is not None and src_types is not None:
         _route(spec, plan, dest_types, src_types)
     return plan
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def _named_column(expr: str, names: set[str]) -> str | None:
+    """The source column ``expr`` is exactly (``created``, ``CREATED`` or ``"Created"``), matched against the
+    catalog's names the way PostgreSQL resolves them (unquoted folds to lower case); None otherwise."""
+    text = expr.strip()
+    if _IDENTIFIER.fullmatch(text):
+        return text.lower() if text.lower() in names else None
+    for name in names:
+        if text == '"' + name.replace('"', '""') + '"':
+            return name
+    return None
 
 
 def _lossy_allowed(spec: BackfillSpec, column: str) -> bool:

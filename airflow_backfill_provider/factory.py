@@ -92,7 +92,7 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
     spec = load_spec(spec)
     spec_dict = spec.model_dump(mode="json")
     start = spec.start_date
-    defaults = dict(
+    defaults: dict[str, Any] = dict(
         dag_id=spec.effective_dag_id,
         # a data-interval timetable: each backfill run covers [interval start, interval end); on Airflow 3
         # with the provider's plugin loaded it creates no automatic runs (timetables.py: no surprise schedule)

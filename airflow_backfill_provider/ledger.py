@@ -15,7 +15,6 @@ first run after the upgrade loads its ranges again (safe: an unchanged row is no
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 from psycopg2 import sql
@@ -192,21 +191,6 @@ def is_current(conn, ledger: TableName) -> bool:
         cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
         present, keyed, _ = cur.fetchone()
     return bool(present and keyed)
-
-
-def done_ranges(conn, ledger: TableName, backfill: BackfillIdentity) -> set[tuple[dt.datetime, dt.datetime]]:
-    """Time ranges this backfill already loaded (whole key space); an absent or legacy ledger: nothing yet."""
-    if not is_current(conn, ledger):
-        return set()
-    with conn.cursor() as cur:
-        cur.execute(
-            sql.SQL(
-                "SELECT range_start, range_end FROM {t} WHERE target_table = %s AND backfill_key = %s"
-                " AND key_lo = %s AND key_hi = %s"
-            ).format(t=sql.Identifier(*ledger.parts)),
-            (backfill.target, backfill.key, KEY_MIN, KEY_MAX),
-        )
-        return {(a, b) for a, b in cur.fetchall()}
 
 
 def done_rects(

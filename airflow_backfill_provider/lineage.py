@@ -64,7 +64,9 @@ def _dataset(kind: str, conn_id_or_dsn: str, table: TableName, side: str, rows: 
         log.info("No schema facet for %s (%s)", name, str(err).strip())
     if kind == "input":
         return InputDataset(namespace=namespace, name=name, facets=facets)
-    out_facets = {"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=rows)} if rows is not None else {}
+    out_facets: dict[str, Any] = (
+        {"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=rows)} if rows is not None else {}
+    )
     return OutputDataset(namespace=namespace, name=name, facets=facets, outputFacets=out_facets)
 
 
@@ -108,7 +110,7 @@ def chunk_tables(spec, chunk_descriptor: dict) -> list[tuple[str, str, TableName
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.source import source_for
 
-    src_table, _ = source_for(spec, Chunk.from_descriptor(chunk_descriptor))
+    src_table, _ = source_for(spec, Chunk.from_descriptor(chunk_descriptor, spec.timezone))
     return [("input", spec.source_conn_id, src_table, "source"),
             ("output", spec.destination_conn_id, spec.staging_target, "destination")]  # fmt: skip
 

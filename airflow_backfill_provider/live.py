@@ -26,7 +26,7 @@ from psycopg2 import sql
 from airflow_backfill_provider import castcheck, ddl, drift, identity, schema, timebounds
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import to_datetime
-from airflow_backfill_provider.connections import close_all, connect, rollback_quietly
+from airflow_backfill_provider.connections import close_all, open_destination, open_source, rollback_quietly
 from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
@@ -210,22 +210,8 @@ def run_live_ingest(
     t0 = time.monotonic()
     src_conn = dst_conn = None
     try:
-        src_conn = connect(
-            source or spec.source_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            readonly=True,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
-        dst_conn = connect(  # bounded like the chunk's destination session (connections.open_destination)
-            destination or spec.destination_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-            idle_in_transaction_timeout_s=2 * spec.statement_timeout_s,
-        )
+        src_conn = open_source(spec, appname, source)
+        dst_conn = open_destination(spec, appname, destination)
         # catalog checks first: a refused spec writes nothing
         plan, src_kind, dst_kind, time_kind = _columns(spec, src_conn, dst_conn)
         ensure_watermark_table(dst_conn, wm_table)

@@ -31,7 +31,7 @@ def build_live_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -> DA
     if not spec.live.enabled:
         return None
     start = spec.start_date
-    defaults = dict(
+    defaults: dict[str, Any] = dict(
         dag_id=spec.live_dag_id,
         schedule=spec.live.schedule,
         start_date=pendulum.datetime(start.year, start.month, start.day, tz=spec.timezone),

@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 
 import pendulum
 
-from airflow_backfill_provider import ledger, watermark
+from airflow_backfill_provider import checks, ledger, schema, source, swap, timebounds, watermark
 from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, split_at, to_datetime, utc
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
+
+#: the plan only reads catalogs and statistics: a source that cannot answer in 30 s is too busy to backfill
+PLAN_STATEMENT_TIMEOUT_S = 30
 
 
 @dataclass
@@ -135,7 +138,7 @@ def build_plan(
         backfill = _identity(spec, src_conn, dst_conn)
         backfill_key = backfill.key
         done = chunkplan.done_coverage(spec, dst_conn, backfill=backfill)
-        todo = []
+        todo: list[Chunk] = []
         for c in chunks:
             (skipped if chunkplan.is_done(done, c) else todo).append(c)
         chunks = todo
@@ -155,19 +158,55 @@ def build_plan(
 def _identity(spec: BackfillSpec, src_conn, dst_conn):
     """The backfill's identity (``identity.of``), on ``src_conn`` or a short read-only source session."""
     from airflow_backfill_provider import identity
-    from airflow_backfill_provider.connections import close_all, connect
+    from airflow_backfill_provider.connections import close_all, open_source
 
     if src_conn is not None:
         return identity.of(spec, src_conn, dst_conn)
-    own = connect(
-        spec.source_conn_id,
-        application_name=f"backfill:{spec.effective_dag_id}:plan",
-        readonly=True,
-        statement_timeout_s=30,
-        lock_timeout_s=spec.lock_timeout_s,
-    )
+    own = open_source(spec, f"backfill:{spec.effective_dag_id}:plan", statement_timeout_s=PLAN_STATEMENT_TIMEOUT_S)
     try:
         return identity.of(spec, own, dst_conn)
     finally:
         own.rollback()
         close_all(own)
+
+
+def preflight(spec: BackfillSpec, plan: Plan, src_conn, dst_conn) -> list[tuple[int, str]]:
+    """Catalog checks before any chunk writes, once per source range: tables, columns, unique key and drift
+    decisions (against the live table in swap mode: the parallel one is created LIKE it), the granularity
+    against the time column's type, an index on the column the range filters, NULL time rows.
+
+    Raises what a chunk would raise (PermanentChunkError, PlanError); returns (log level, line) to log.
+    """
+    lines: list[tuple[int, str]] = []
+    for chunk in source.one_per_source(spec, plan.chunks):
+        src_table, cplan = source.prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
+        timebounds.check_granularity(cplan.filter_kind, plan.granularity, column=spec.time_column)  # a param override
+        lines += [
+            (logging.INFO, f"Schema decision for {chunk.chunk_id} (from {src_table}): {d}") for d in cplan.decisions
+        ]
+        column = cplan.time_filter_column  # historical mode may filter on another column (created_at: created)
+        if column is None:
+            expr = cplan.time_filter.as_string(src_conn) if cplan.time_filter is not None else spec.time_column
+            lines.append(
+                (
+                    logging.WARNING,
+                    f"Source {src_table}: chunks from {chunk.chunk_id} filter on the expression {expr}; without an "
+                    "index on exactly that expression every chunk scans the whole table. NULL time values are not "
+                    "counted for an expression: rows where it is NULL are in no chunk.",
+                )
+            )
+            continue
+        indexed = schema.time_column_indexed(src_conn, src_table, column)
+        if not indexed:
+            lines.append(
+                (
+                    logging.WARNING,
+                    f"Source {src_table} has no index leading on {column}: every chunk will scan the whole table. "
+                    "Ask the source's owner for an index on it, or use a coarser granularity.",
+                )
+            )
+        # without an index an exact count would scan the table: use the planner's estimate
+        warning = checks.null_time_rows(src_conn, src_table, column, exact=indexed).message
+        if warning:
+            lines.append((logging.WARNING, warning))
+    return lines

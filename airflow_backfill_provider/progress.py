@@ -520,7 +520,7 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
     lines = []
     run = p.run
     lines.append(f"{p.dag_id}  run {run.run_id if run else '-'}  ({run.state if run else 'no run'})")
-    if run and run.start is not None:
+    if run and run.start is not None and run.end is not None:
         lines.append(f"range [{run.start.isoformat()}, {run.end.isoformat()})  {run.granularity or ''}")
     lines.append(
         f"chunks: {p.done}/{p.total} done ({p.percent:.0f}%)  "

@@ -169,7 +169,7 @@ def advice(
     table_rows: float | None = None,
 ) -> list[str]:
     """Log lines for the plan: tiny chunks, and time chunks on a table not in time order."""
-    notes = []
+    notes: list[str] = []
     if est_rows is None or n_chunks == 0:
         return notes
     per_chunk = est_rows / n_chunks

@@ -408,7 +408,7 @@ class BackfillSpec(_Strict):
         )
 
 
-_NESTED = {
+_NESTED: dict[str, type[BaseModel]] = {
     "throttle": ThrottleSpec,
     "watermark": WatermarkSpec,
     "live": LiveSpec,
@@ -424,7 +424,7 @@ def _format_error(err: ValidationError, where: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(spec)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            model = _NESTED.get(str(e["loc"][0]), BackfillSpec) if len(e["loc"]) > 1 else BackfillSpec
+            model: type[BaseModel] = _NESTED.get(str(e["loc"][0]), BackfillSpec) if len(e["loc"]) > 1 else BackfillSpec
             fields = sorted(model.model_fields)
             msg = f"unknown key; valid keys are: {', '.join(fields)}"
         elif e["type"] == "missing":

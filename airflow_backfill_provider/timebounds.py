@@ -104,13 +104,21 @@ def _zone(tz_name: str) -> ZoneInfo:
     return ZoneInfo(tz_name)
 
 
+def _offset(moment: dt.datetime) -> dt.timedelta:
+    """utcoffset() of an aware datetime (typed optional; a zoneinfo zone always has one)."""
+    offset = moment.utcoffset()
+    if offset is None:
+        raise ValueError(f"{moment!r} has no UTC offset")
+    return offset
+
+
 def wall(instant: dt.datetime, tz_name: str) -> dt.datetime:
     """Naive local wall time of an instant, monotonic in the instant (see the module docstring)."""
     tz = _zone(tz_name)
     local = instant.astimezone(tz)
     naive = local.replace(tzinfo=None)
-    first = naive.replace(tzinfo=tz, fold=0).utcoffset()
-    second = naive.replace(tzinfo=tz, fold=1).utcoffset()
+    first = _offset(naive.replace(tzinfo=tz, fold=0))
+    second = _offset(naive.replace(tzinfo=tz, fold=1))
     if first > second and local.utcoffset() == first:
         # first pass of a repeated wall time: map to where the repeat starts (the transition instant,
         # read in the new offset). Binary search on whole seconds: tzdata transitions are whole seconds.

@@ -25,7 +25,6 @@ from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import (
     application_name,
     close_all,
-    connect,
     open_destination,
     open_source,
     rollback_quietly,
@@ -34,7 +33,7 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.pipe import stream_copy
-from airflow_backfill_provider.source import prepare, source_for
+from airflow_backfill_provider.source import prepare, source_range
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.upsert import upsert_counted
 
@@ -66,56 +65,57 @@ class ChunkResult:
         return d
 
 
-def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
-    """Name the column, row and value behind a data error (SQLSTATE 22xxx, 0A000); None if not found."""
+def _diagnose(what: str, spec: BackfillSpec, chunk: Chunk, source: str | None, appname: str, plan, find):
+    """Run ``find(conn, lo, hi)`` on a fresh source session over the chunk's range (the chunk's own session
+    is in an unknown state after the error); None if that fails too: diagnosis is best effort, the
+    original error is raised anyway."""
     conn = None
     try:
-        conn = connect(
-            source or spec.source_conn_id,
-            application_name=f"{appname}:castcheck",
-            readonly=True,
-            timezone=spec.timezone,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
-        lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
-        return castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, lo, hi)
-    except Exception:  # noqa: BLE001 - diagnosis is best effort; the original error is raised anyway
-        log.warning("chunk %s: could not locate the value behind the data error", chunk.chunk_id, exc_info=True)
+        conn = open_source(spec, f"{appname}:{what}", source)
+        lo, hi = timebounds.bounds(plan.filter_kind, chunk.start, chunk.end, spec.timezone)
+        return find(conn, lo, hi)
+    except Exception:  # noqa: BLE001 - see above
+        log.warning("chunk %s: could not locate the value behind the error (%s)", chunk.chunk_id, what, exc_info=True)
         return None
     finally:
         close_all(conn)
 
 
+def _explain_cast_failure(spec, chunk, source, appname, src_table, plan):
+    """Name the column, row and value behind a data error (SQLSTATE 22xxx, 0A000); None if not found."""
+    return _diagnose(
+        "castcheck",
+        spec,
+        chunk,
+        source,
+        appname,
+        plan,
+        lambda conn, lo, hi: castcheck.find_cast_failure(conn, src_table, plan, spec.key_columns, lo, hi),
+    )
+
+
 def _explain_encoding_error(err, spec, chunk, source, dst_conn, appname, src_table, plan) -> str:
     """Name the column (and key) of a value the destination's encoding cannot hold; see encoding.py."""
     dst_encoding = dst_conn.info.parameter_status("server_encoding") or "?"
-    conn = None
-    try:
-        conn = connect(
-            source or spec.source_conn_id,
-            application_name=f"{appname}:encoding",
-            readonly=True,
-            timezone=spec.timezone,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
-        lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
-        select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
-        return encoding.describe(
+    found = _diagnose(
+        "encoding",
+        spec,
+        chunk,
+        source,
+        appname,
+        plan,
+        lambda conn, lo, hi: encoding.describe(
             err,
             chunk_id=chunk.chunk_id,
             dst_encoding=dst_encoding,
             src_conn=conn,
-            select=select,
+            select=q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi),
             columns=plan.columns,
             keys=spec.key_columns,
-        )
-    except Exception:  # noqa: BLE001 - diagnosis is best effort: the column from the error context is enough
-        log.warning("chunk %s: could not locate the row behind the encoding error", chunk.chunk_id, exc_info=True)
-        return encoding.describe(err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, columns=plan.columns)
-    finally:
-        close_all(conn)
+        ),
+    )
+    # without the row, the column from the error context is enough
+    return found or encoding.describe(err, chunk_id=chunk.chunk_id, dst_encoding=dst_encoding, columns=plan.columns)
 
 
 def transfer_chunk(
@@ -161,7 +161,7 @@ def transfer_chunk(
         if dst_conn is None:
             dst_conn = open_destination(spec, appname, destination)
         ledger_table = TableName.parse(spec.ledger_table)
-        cache_key = repr(source_for(spec, chunk))
+        cache_key = source_range(spec, chunk)
         if prepared is not None and cache_key in prepared:
             src_table, plan, backfill = prepared[cache_key]  # same source range earlier in this batch: checked
         else:
@@ -177,7 +177,7 @@ def transfer_chunk(
             if prepared is not None:
                 prepared[cache_key] = (src_table, plan, backfill)
         target = spec.staging_target
-        lo, hi = timebounds.bounds(plan.time_kind, chunk.start, chunk.end, spec.timezone)
+        lo, hi = timebounds.bounds(plan.filter_kind, chunk.start, chunk.end, spec.timezone)
         select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
         if chunk.keyed:  # chunk_by: key: AND key >= lo AND key < hi (keyranges.py), on the chunk's key expression
             select = select + keyranges.key_filter(chunk, source_for(spec, chunk)[1])

@@ -44,7 +44,7 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import ddl, drift, schema
 from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime, utc
-from airflow_backfill_provider.connections import close_all, connect
+from airflow_backfill_provider.connections import close_all, open_destination, open_source
 from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.source import source_for
@@ -490,7 +490,7 @@ def compare(spec: BackfillSpec, src: Tally, dst: Tally) -> list[DayResult]:
         res = DayResult(day, s[0], d[0], sums, diffs, checksum=pair)
         res.status = classify(res.worst_diff, warn, fail)  # thresholds: counts and sums
         if checksum:
-            diffs["checksum"] = 0.0 if pair[0] == pair[1] else 1.0
+            diffs["checksum"] = 0.0 if s[-1] == d[-1] else 1.0
             if res.checksum_differs:  # a checksum has no "how much": the spec says what a difference is
                 res.status = max(
                     res.status, FAIL if spec.validation.checksum == "fail" else WARN, key=_RANK.__getitem__
@@ -526,21 +526,8 @@ def validate_range(
     notes: list[str] = []
     src_conn = dst_conn = None
     try:
-        src_conn = connect(
-            source or spec.source_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            readonly=True,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
-        dst_conn = connect(
-            destination or spec.destination_conn_id,
-            application_name=appname,
-            timezone=spec.timezone,
-            statement_timeout_s=spec.statement_timeout_s,
-            lock_timeout_s=spec.lock_timeout_s,
-        )
+        src_conn = open_source(spec, appname, source)
+        dst_conn = open_destination(spec, appname, destination, bound_idle=False)
         # one statement per side over the whole range when months would each read most of the table
         src_whole = bool(not spec.historical and _scattered(src_conn, spec.source, spec.time_column))
         dst_whole = _scattered(dst_conn, target, spec.time_column)

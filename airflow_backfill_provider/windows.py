@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pendulum
 
+from airflow_backfill_provider.chunks import parse_datetime
 from airflow_backfill_provider.exceptions import SpecError
 
 _DAILY = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*-\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
@@ -63,9 +64,9 @@ def _daily(text: str, what: str) -> Daily:
     return Daily(a, b % 86400 if b != 86400 else 86400)
 
 
-def _absolute(text: str, what: str, tz) -> Absolute:
+def _absolute(text: str, what: str, tz: pendulum.Timezone) -> Absolute:
     try:
-        a, b = (pendulum.parse(part.strip(), tz=tz) for part in text.split("/", 1))
+        a, b = (parse_datetime(part.strip(), tz) for part in text.split("/", 1))
     except Exception as err:  # pendulum's parser errors vary
         raise SpecError(
             f"{what}={text!r} is not a range; write 'YYYY-MM-DDTHH:MM/YYYY-MM-DDTHH:MM' or a daily 'HH:MM-HH:MM'"
@@ -77,7 +78,7 @@ def _absolute(text: str, what: str, tz) -> Absolute:
 
 @dataclass(frozen=True)
 class Windows:
-    tz: object
+    tz: pendulum.Timezone
     allowed: tuple[Daily, ...]
     blackout: tuple[Daily | Absolute, ...]
 

@@ -10,6 +10,16 @@ import datetime as dt
 
 from psycopg2 import sql
 
+#: the spec of a backfill of ``orders`` into ``public.orders`` (load_spec it with the connections)
+ORDERS_SPEC = dict(
+    name="orders",
+    source_table="orders",
+    destination_table="public.orders",
+    time_column="created_at",
+    key_columns=["id"],
+    version_column="updated_at",
+)
+
 ORDERS_DDL = """
 CREATE TABLE IF NOT EXISTS {t} (
     id          bigint PRIMARY KEY,

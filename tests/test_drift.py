@@ -243,3 +243,51 @@ def test_documented_drift_config_is_the_tested_one():
     spec = load_spec(yaml.safe_load(text))
     assert spec.historical == make_spec(historical=HISTORICAL).historical
     assert spec.validation.sum_columns == ["amount"]
+
+
+@pytest.mark.parametrize(
+    "expr, column",
+    [
+        ("created", "created"),
+        ("  CREATED ", "created"),  # unquoted folds to lower case, as PostgreSQL resolves it
+        ('"created"', "created"),
+        ('"Created At"', "Created At"),
+        ('"CREATED"', None),  # quoted: exact case, and the source has no such column
+        ("created + interval '1 hour'", None),  # computed: no column to check for an index or NULLs
+        ("other", None),
+    ],
+)
+def test_the_plan_knows_which_source_column_a_historical_time_expression_is(expr, column):
+    from airflow_backfill_provider.drift import plan_columns
+    from airflow_backfill_provider.schema import Column
+
+    spec = make_spec()
+    dest = [Column("id", "bigint"), Column("created_at", "timestamp with time zone")]
+    src = [Column("id", "bigint"), Column("created", "timestamp with time zone"), Column("Created At", "date")]
+    plan = plan_columns(spec, dest, src, expressions={"created_at": expr})
+    assert plan.time_filter_column == column
+    assert plan_columns(spec, dest, [*src, Column("created_at", "date")]).time_filter_column == "created_at"
+
+
+def test_plan_preflight_checks_each_source_once_and_names_a_computed_time_filter(dbs, pg):
+    """The plan's pre-flight (planning.preflight) on the archive's bare column and on a computed expression."""
+    import logging
+
+    from airflow_backfill_provider.planning import preflight
+
+    src, dst = dbs
+    for time_expr, expect in (
+        ("created", "Source public.Orders Archive has no index leading on created:"),
+        ("created + interval '0 hours'", "filter on the expression (created + interval '0 hours')"),
+    ):
+        historical = [
+            {**HISTORICAL[0], "column_expressions": {**HISTORICAL[0]["column_expressions"], "created_at": time_expr}}
+        ]
+        spec = make_spec(historical=historical)
+        plan = build_plan(spec, "2021-05-24", "2021-06-08", dst_conn=pg(dst))
+        lines = preflight(spec, plan, pg(src), pg(dst))
+        warnings = [text for level, text in lines if level == logging.WARNING]
+        assert any(expect in w for w in warnings), warnings
+        decisions = [text for level, text in lines if "Schema decision" in text]
+        # two source ranges (the archive, then the live table): each checked once, not once per chunk
+        assert {d.split(" (from ")[1].split(")")[0] for d in decisions} == {"public.Orders Archive", "public.orders"}

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
 from airflow_backfill_provider.connections import close_all
 from airflow_backfill_provider.lineage import LineageMixin
+from airflow_backfill_provider.operators.chunkrun import ChunkRun
 from airflow_backfill_provider.operators.gates import ChunkGatesMixin
 from airflow_backfill_provider.spec import BackfillSpec
+
+if TYPE_CHECKING:
+    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.compat import Context
+    from airflow_backfill_provider.throttle import LoadSample
 
 #: label each mapped task instance by its chunk in the grid (instead of 0, 1, 2 ...)
 MAP_INDEX_TEMPLATE = "{{ task.chunk['chunk_id'] }}"
@@ -47,8 +53,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
     # --- source protection: probe -> (critical | wait deferred | pacing deferred) -> transfer --------
     #
-    # Every wait is a deferral (the worker slot is released; the grid shows "deferred"). State the
-    # resumed method needs travels in the trigger event's "carry", not in defer(kwargs=...): dag.test()
+    # Every wait is a deferral (the worker slot is released; the grid shows "deferred"). The try's state
+    # (operators/chunkrun.py) travels in the trigger event's "carry", not in defer(kwargs=...): dag.test()
     # on both Airflow versions hands the resumed method the event only.
 
     def _lineage_tables(self):
@@ -57,18 +63,15 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
         return chunk_tables(load_spec(self.spec), self.chunk)
 
-    def execute(self, context) -> dict:
-        return self._gate(context, sample=None, waited_load_s=0.0, waited_pacing_s=0.0, paced=False)
+    def execute(self, context: Context) -> dict[str, Any]:
+        return self._gate(context, ChunkRun())
 
-    def execute_after_wait(self, context, event: dict[str, Any] | None = None, **_: Any) -> dict:
+    def execute_after_wait(self, context: Context, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Resumed by SourceLoadTrigger: ok -> pacing/transfer; critical/timeout/error -> fail."""
         from airflow_backfill_provider.compat import AirflowException
-        from airflow_backfill_provider.throttle import LoadSample
 
         event = event or {}
         status = event.get("status")
-        carry = event.get("carry") or {}
-        waited_load_s = float(event.get("waited_s") or 0.0)
         if status == "critical":
             raise AirflowFailException(event["message"])
         if status == "timeout":
@@ -77,63 +80,42 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             raise AirflowFailException(
                 event.get("message") or f"source load trigger ended with unexpected event {event!r}"
             )
-        sample = LoadSample.from_dict(event["sample"])
-        self.log.info("Source load dropped after %.1f s: %s", waited_load_s, sample.describe())
-        # the trigger has just probed: go straight to pacing
-        return self._gate(
-            context,
-            sample=sample,
-            waited_load_s=waited_load_s,
-            waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)),
-            paced=False,
-            probed=True,
-        )
+        run = ChunkRun.after_load_wait(event)
+        assert run.sample is not None  # the trigger's last probe, always in an ok event
+        self.log.info("Source load dropped after %.1f s: %s", run.waited_load_s, run.sample.describe())
+        return self._gate(context, run)
 
-    def execute_after_pacing(self, context, event: dict[str, Any] | None = None, **_: Any) -> dict:
+    def execute_after_pacing(self, context: Context, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Resumed by PacingTrigger at the chunk's turn: re-probe (the load may have changed), then go."""
-        event = event or {}
-        carry = event.get("carry") or {}
-        return self._gate(
-            context,
-            sample=None,
-            waited_load_s=float(carry.get("waited_load_s", 0.0)),
-            waited_pacing_s=float(carry.get("waited_pacing_s", 0.0)) + float(event.get("waited_s") or 0.0),
-            paced=True,
-        )
+        return self._gate(context, ChunkRun.after_pacing(event or {}))
 
-    def _gate(
-        self, context, *, sample, waited_load_s: float, waited_pacing_s: float, paced: bool, probed: bool = False
-    ):
+    def _gate(self, context: Context, run: ChunkRun) -> dict[str, Any]:
+        from airflow_backfill_provider.batches import is_batch
         from airflow_backfill_provider.chunks import Chunk
+        from airflow_backfill_provider.connections import application_name
         from airflow_backfill_provider.exceptions import PlanError
         from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.batches import is_batch
-        from airflow_backfill_provider.connections import application_name
 
         spec = load_spec(self.spec)
         if is_batch(self.chunk):
-            return self._run_batch(context, spec, paced=paced, waited=(waited_load_s, waited_pacing_s))
+            return self._run_batch(context, spec, paced=run.paced, waited=(run.waited_load_s, run.waited_pacing_s))
         try:
-            chunk = Chunk.from_descriptor(self.chunk)
+            chunk = Chunk.from_descriptor(self.chunk, spec.timezone)
         except PlanError as err:
             raise AirflowFailException(str(err)) from err
         appname = application_name(self.dag_id, chunk.chunk_id)
         self._window_gate(spec)  # outside the maintenance window: defer before opening any session
 
-        src_conn = None
         self._in_chunk = True  # on_kill (SIGTERM on Airflow 3) interrupts only while the chunk runs
         try:
-            if not probed:
+            if not run.probed:
                 # the probe runs on the session the transfer will use: one source connection per chunk
-                src_conn, sample = self._probe(spec, appname)
-            if src_conn is not None:
-                self._maintenance_gate(spec, src_conn, appname)  # VACUUM/ANALYZE on the table: defer
-            return self._decide_and_go(
-                context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced
-            )
+                run.source_conn, run.sample = self._probe(spec, appname)
+                self._maintenance_gate(spec, run.source_conn, appname)  # VACUUM/ANALYZE on the table: defer
+            return self._decide_and_go(context, spec, chunk, appname, run)
         finally:
             self._in_chunk = False
-            close_all(src_conn)  # no-op once the transfer took it (it closes it); closed before any deferral
+            run.close()  # no-op once the transfer took the session; closed before any deferral
 
     def on_kill(self) -> None:
         """SIGTERM (worker shutdown, pod eviction) while the chunk runs: stop it, roll back, let Airflow retry.
@@ -152,7 +134,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 "and the chunk will be retried"
             )
 
-    def _decide_and_go(self, context, spec, chunk, appname, sample, src_conn, waited_load_s, waited_pacing_s, paced):
+    def _decide_and_go(
+        self, context: Context, spec: BackfillSpec, chunk: Chunk, appname: str, run: ChunkRun
+    ) -> dict[str, Any]:
         import time
 
         from airflow_backfill_provider.throttle import (
@@ -165,6 +149,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
         throttle = spec.throttle
+        sample = run.sample
+        assert sample is not None  # probed here or by the load trigger
         if sample.hidden:
             self.log.warning(
                 "%d source session(s) are hidden from the probe: grant pg_monitor to the source user so "
@@ -181,14 +167,14 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 trigger=SourceLoadTrigger(
                     conn_id=spec.source_conn_id,
                     throttle=throttle.model_dump(mode="json"),
-                    started_at=time.time() - waited_load_s,  # max_wait counts all load waits of this try
+                    started_at=time.time() - run.waited_load_s,  # max_wait counts all load waits of this try
                     application_name=f"{appname}:probe",
-                    carry={"waited_pacing_s": waited_pacing_s},
+                    carry=run.carry_through_load_wait(),
                     baseline=(sample.window or {}).get("baseline"),
                 ),
                 method_name="execute_after_wait",
             )
-        if throttle.min_query_interval > 0 and not paced:
+        if throttle.min_query_interval > 0 and not run.paced:
             turn = reserve_destination_turn(
                 spec.destination_conn_id,
                 throttle,
@@ -205,13 +191,13 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 self.defer(
                     trigger=PacingTrigger(
                         at=time.time() + turn.wait_s,
-                        carry={"waited_load_s": waited_load_s, "waited_pacing_s": waited_pacing_s},
+                        carry=run.carry_through_pacing(),
                     ),
                     method_name="execute_after_pacing",
                 )
-        return self._transfer(context, spec, chunk, sample, waited_load_s, waited_pacing_s, src_conn)
+        return self._transfer(context, spec, chunk, run)
 
-    def _probe(self, spec, appname: str):
+    def _probe(self, spec: BackfillSpec, appname: str) -> tuple[Any, LoadSample]:
         """Open the chunk's source session and probe the load on it: (connection, sample)."""
         import psycopg2
 
@@ -238,9 +224,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             close_all(conn)
             raise AirflowFailException(str(err)) from err
 
-    def _transfer(
-        self, context, spec, chunk, sample, waited_load_s: float, waited_pacing_s: float, src_conn=None
-    ) -> dict:
+    def _transfer(self, context: Context, spec: BackfillSpec, chunk: Chunk, run: ChunkRun) -> dict[str, Any]:
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.identity import carried
         from airflow_backfill_provider.throttle import chunk_summary
@@ -253,9 +237,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 chunk,
                 dag_id=self.dag_id,
                 run_id=run_id,
-                source_conn=src_conn,
-                waited_load_s=waited_load_s,  # kept in the ledger row: the progress page shows the waits
-                waited_pacing_s=waited_pacing_s,
+                source_conn=run.take_source(),
+                waited_load_s=run.waited_load_s,  # kept in the ledger row: the progress page shows the waits
+                waited_pacing_s=run.waited_pacing_s,
                 backfill=carried(spec, self.chunk),
             )
         except PermanentChunkError as err:
@@ -276,9 +260,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             "%s",
             chunk_summary(
                 chunk_id=result.chunk_id,
-                sample=sample,
-                waited_load_s=waited_load_s,
-                waited_pacing_s=waited_pacing_s,
+                sample=run.sample,
+                waited_load_s=run.waited_load_s,
+                waited_pacing_s=run.waited_pacing_s,
                 rows=result.rows_extracted,
                 seconds=result.seconds,
             ),
@@ -294,8 +278,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
         out.pop("run_totals", None)
         out.update(
-            source_active=sample.active,
-            waited_load_s=round(waited_load_s, 1),
-            waited_pacing_s=round(waited_pacing_s, 1),
+            source_active=run.sample.active if run.sample is not None else None,
+            waited_load_s=round(run.waited_load_s, 1),
+            waited_pacing_s=round(run.waited_pacing_s, 1),
         )
         return out

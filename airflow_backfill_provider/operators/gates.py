@@ -8,10 +8,17 @@ it which of its chunks are done, so it carries no state through the trigger.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # a mixin of BaseOperator: typed as one (log, defer, dag_id, pool, execute)
+    from airflow_backfill_provider.compat import BaseOperator as _OperatorBase
+else:
+    _OperatorBase = object
 
 
-class ChunkGatesMixin:
+class ChunkGatesMixin(_OperatorBase):
+    chunk: dict[str, Any]
+
     # --- maintenance windows ------------------------------------------------------------------------
     def _window_gate(self, spec) -> None:
         """Defer until the window opens when a chunk may not start now (windows.py)."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator, run_type_of
 from airflow_backfill_provider.exceptions import BackfillError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, load_spec
+
+if TYPE_CHECKING:
+    from airflow_backfill_provider.compat import Context
 
 
 class PlanBackfillOperator(BaseOperator):
@@ -18,97 +21,79 @@ class PlanBackfillOperator(BaseOperator):
     the chunks are listed in the log and none are returned, so nothing is written.
 
     :param spec: the backfill spec (a dict or :class:`BackfillSpec`), validated again at run time.
+    :param start: first day (``YYYY-MM-DD`` or ISO timestamp, in the spec's timezone); templated.
+    :param end: end of the range, exclusive; templated.
+    :param granularity: chunk size for this run (the spec's by default); templated.
+    :param reprocess: load chunks the ledger marks done.
+    :param dry_run: list the chunks, write nothing.
+
+    Each argument left ``None`` is read from the run's param of the same name (``context["params"]``:
+    the factory's trigger form), as the typed value the form validated.
     """
 
-    template_fields: Sequence[str] = ("start", "end", "granularity", "reprocess", "dry_run")
+    template_fields: Sequence[str] = ("start", "end", "granularity")
     ui_color = "#e8f1fb"
 
     def __init__(
         self,
         *,
         spec: dict[str, Any] | BackfillSpec,
-        start: str | None = "{{ params.start }}",
-        end: str | None = "{{ params.end }}",
-        granularity: str | None = "{{ params.granularity }}",
-        reprocess: bool | str = "{{ params.reprocess }}",
-        dry_run: bool | str = "{{ params.dry_run }}",
-        **kwargs,
+        start: str | None = None,
+        end: str | None = None,
+        granularity: str | None = None,
+        reprocess: bool | None = None,
+        dry_run: bool | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
+        # None: the run's param of the same name (the factory's trigger form), read from context["params"]
         self.start = start
         self.end = end
         self.granularity = granularity
         self.reprocess = reprocess
-        self.dry_run = dry_run
+        self.plan_only = dry_run  # not ``dry_run``: that is BaseOperator's own method
 
-    def execute(self, context) -> list[dict[str, str]]:
+    def _param(self, context: Context, name: str, given: Any) -> Any:
+        if given is not None:
+            return given
+        return (context.get("params") or {}).get(name)
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
         from airflow_backfill_provider import identity, progress_log
-        from airflow_backfill_provider.checks import null_time_rows
-        from airflow_backfill_provider.connections import close_all, connect
-        from airflow_backfill_provider.planning import build_plan, resolve_range
-        from airflow_backfill_provider.schema import time_column_indexed
-        from airflow_backfill_provider.swap import as_live, ensure_parallel_table
-        from airflow_backfill_provider.timebounds import check_granularity
-        from airflow_backfill_provider.source import prepare
+        from airflow_backfill_provider.connections import close_all, connect, open_source
+        from airflow_backfill_provider.planning import PLAN_STATEMENT_TIMEOUT_S, build_plan, preflight, resolve_range
+        from airflow_backfill_provider.swap import ensure_parallel_table
 
         spec = load_spec(self.spec)
         try:
-            dry_run = _truthy(self.dry_run, what="dry_run")
-            reprocess = _truthy(self.reprocess, what="reprocess")
+            dry_run = _truthy(self._param(context, "dry_run", self.plan_only), what="dry_run")
+            reprocess = _truthy(self._param(context, "reprocess", self.reprocess), what="reprocess")
             start, end = resolve_range(
                 spec,
-                param_start=_blank_to_none(self.start),
-                param_end=_blank_to_none(self.end),
+                param_start=_blank_to_none(self._param(context, "start", self.start)),
+                param_end=_blank_to_none(self._param(context, "end", self.end)),
                 run_type=run_type_of(context),
                 interval_start=context.get("data_interval_start"),
                 interval_end=context.get("data_interval_end"),
             )
+            appname = f"backfill:{spec.effective_dag_id}:plan"
             dst = src = None
             try:
-                dst = connect(
-                    spec.destination_conn_id,
-                    application_name=f"backfill:{spec.effective_dag_id}:plan",
-                    timezone=spec.timezone,
-                )
-                src = connect(
-                    spec.source_conn_id,
-                    application_name=f"backfill:{spec.effective_dag_id}:plan",
-                    readonly=True,
-                    timezone=spec.timezone,
-                    statement_timeout_s=30,
-                    lock_timeout_s=spec.lock_timeout_s,
-                )
+                dst = connect(spec.destination_conn_id, application_name=appname, timezone=spec.timezone)
+                src = open_source(spec, appname, statement_timeout_s=PLAN_STATEMENT_TIMEOUT_S)
                 plan = build_plan(
                     spec,
                     start,
                     end,
-                    granularity=_blank_to_none(self.granularity),
+                    granularity=_blank_to_none(self._param(context, "granularity", self.granularity)),
                     reprocess=reprocess,
                     dst_conn=dst,
                     src_conn=src,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
-                # (swap mode: against the live table; the parallel one is created LIKE it, below)
-                for chunk in _one_per_source(spec, plan.chunks):
-                    src_table, cplan = prepare(as_live(spec), src, dst, chunk)
-                    check_granularity(cplan.time_kind, plan.granularity, column=spec.time_column)  # a param override
-                    for decision in cplan.decisions:
-                        self.log.info("Schema decision for %s (from %s): %s", chunk.chunk_id, src_table, decision)
-                    # historical mode may filter on another column (e.g. created_at: "created")
-                    time_col = _time_filter_column(spec, chunk)
-                    indexed = time_column_indexed(src, src_table, time_col)
-                    if not indexed:
-                        self.log.warning(
-                            "Source %s has no index leading on %s: every chunk will scan the whole table. "
-                            "Ask the source's owner for an index on it, or use a coarser granularity.",
-                            src_table,
-                            time_col,
-                        )
-                    # without an index an exact count would scan the table: use the planner's estimate
-                    warning = null_time_rows(src, src_table, time_col, exact=indexed).message
-                    if warning:
-                        self.log.warning("%s", warning)
+                for level, message in preflight(spec, plan, src, dst):
+                    self.log.log(level, "%s", message)
                 if plan.chunks and not dry_run:
                     ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
                 # resolved once here and carried by every chunk descriptor (identity.carried)
@@ -154,30 +139,7 @@ class PlanBackfillOperator(BaseOperator):
         return progress_log.number(mapped, est_rows)
 
 
-def _one_per_source(spec: BackfillSpec, chunks):
-    """The first chunk of each historical source range: enough to check every source table once."""
-    from airflow_backfill_provider.source import source_for
-
-    seen = set()
-    for chunk in chunks:
-        key = repr(source_for(spec, chunk))
-        if key not in seen:
-            seen.add(key)
-            yield chunk
-
-
-def _time_filter_column(spec: BackfillSpec, chunk) -> str:
-    """The source column the chunk filter compares: the time column, or a historical bare-column alias."""
-    from airflow_backfill_provider.source import source_for
-
-    expr = source_for(spec, chunk)[1].get(spec.time_column)
-    if expr is None:
-        return spec.time_column
-    text = expr.strip()
-    return text[1:-1].replace('""', '"') if len(text) > 1 and text[0] == text[-1] == '"' else text
-
-
-def _blank_to_none(value):
+def _blank_to_none(value: Any) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
@@ -188,7 +150,7 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "", "none")
 
 
-def _truthy(value, *, what: str) -> bool:
+def _truthy(value: Any, *, what: str) -> bool:
     """A boolean param; anything unrecognised is refused (a typo in dry_run must not mean 'write')."""
     if isinstance(value, bool):
         return value

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import pendulum
 
 from airflow_backfill_provider.compat import AirflowFailException, AirflowSkipException, BaseOperator
 from airflow_backfill_provider.spec import BackfillSpec
@@ -113,6 +112,9 @@ class ValidateBackfillOperator(BaseOperator):
             )
         if plan.get("dry_run"):
             raise AirflowSkipException("dry run: nothing was written, nothing to validate")
-        if pendulum.parse(plan["end"]) <= pendulum.parse(plan["start"]):  # e.g. all at/after the watermark
+        from airflow_backfill_provider.chunks import parse_datetime, utc
+
+        # instants (a fall-back night compares equal by wall clock); e.g. the whole range at/after the watermark
+        if utc(parse_datetime(plan["end"])) <= utc(parse_datetime(plan["start"])):
             raise AirflowSkipException(f"empty range [{plan['start']}, {plan['end']}): nothing was backfilled")
         return plan["start"], plan["end"]

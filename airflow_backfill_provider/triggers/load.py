@@ -145,8 +145,8 @@ class SourceLoadTrigger(BaseTrigger):
             # thread eventually; this one ends the wait for it in time for max_wait
             budget = max(throttle.max_wait - (time.time() - self.started_at), 0.0) + EVENT_MARGIN_S
             try:
-                sample = await asyncio.wait_for(asyncio.to_thread(self._probe_once, kwargs), timeout=budget)
-                last_error = None
+                fresh = await asyncio.wait_for(asyncio.to_thread(self._probe_once, kwargs), timeout=budget)
+                sample, last_error = fresh, None
             except TimeoutError:
                 last_error = f"the probe got no answer within {budget:.1f} s (network stall?)"
                 self.log.warning("Load probe on %s: %s", self.conn_id, last_error)
@@ -154,13 +154,13 @@ class SourceLoadTrigger(BaseTrigger):
                 last_error = str(err).strip() or type(err).__name__
                 self.log.warning("Load probe on %s failed (will retry): %s", self.conn_id, last_error)
             else:
-                decision = decide(sample, throttle)
+                decision = decide(fresh, throttle)
                 if decision == "go":
-                    self.log.info("Source load dropped: %s", sample.describe())
-                    yield self._event("ok", sample)
+                    self.log.info("Source load dropped: %s", fresh.describe())
+                    yield self._event("ok", fresh)
                     return
                 if decision == "critical":
-                    yield self._event("critical", sample, message=critical_message(sample, throttle))
+                    yield self._event("critical", fresh, message=critical_message(fresh, throttle))
                     return
             waited = time.time() - self.started_at
             if waited >= throttle.max_wait:

@@ -14,10 +14,14 @@ The JSON route returns every chunk in compact columns.
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
+
+if TYPE_CHECKING:
+    from airflow_backfill_provider.progress import DayCell
 
 TABLE_ROWS = 200
 COLORS = {
@@ -150,7 +154,7 @@ def render(p, runs: list[dict]) -> str:
 def _calendar(p) -> str:
     """One row per month, one cell per day; a cell shows the day's most telling chunk state."""
     e = html.escape
-    months: dict[tuple[int, int], dict[int, object]] = {}
+    months: dict[tuple[int, int], dict[int, DayCell]] = {}
     for cell in p.days:
         months.setdefault((cell.day.year, cell.day.month), {})[cell.day.day] = cell
     rows = ["<table class='cal' id='calendar'><tr><td></td>" + "".join(f"<td>{d}</td>" for d in range(1, 32)) + "</tr>"]

@@ -1,0 +1,117 @@
+"""BackfillChunkOperator used on its own, without the factory or a plan task: a DAG of one chunk run with
+dag.test() on a real database; and the gate state it carries through deferrals (operators/chunkrun.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pendulum
+import pytest
+
+from airflow_backfill_provider.operators.chunkrun import ChunkRun
+from airflow_backfill_provider.spec import load_spec
+from airflow_backfill_provider.throttle import LoadSample
+from tests.conftest import fetch_all
+from tests.seed import ORDERS_SPEC, create_orders, seed_orders
+
+#: New York's 2024-01-02 is [05:00, 05:00 next day) UTC: read as UTC, the chunk would load other rows
+NY_DAY = "created_at >= '2024-01-02 00:00 America/New_York' AND created_at < '2024-01-03 00:00 America/New_York'"
+
+
+def _spec(src_url: str, dst_url: str):
+    return load_spec(
+        {**ORDERS_SPEC, "name": "orders_alone", "source_conn_id": src_url, "destination_conn_id": dst_url,
+         "timezone": "America/New_York"}
+    )  # fmt: skip
+
+
+#: what a user writes: one operator, no factory, no plan task (dag.test() on 3.x runs the DAGs folder's file)
+DAG_FILE = """\
+import json, pathlib
+import pendulum
+from airflow_backfill_provider.compat import DAG
+from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
+from airflow_backfill_provider.spec import load_spec
+_cfg = json.loads((pathlib.Path(__file__).parent / "chunk_alone.json").read_text())
+with DAG(dag_id=_cfg["dag_id"], schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
+    BackfillChunkOperator(
+        task_id="load_jan_2",
+        spec=load_spec(_cfg["spec"]) if _cfg["spec_as"] == "model" else _cfg["spec"],
+        # dates without an offset are read in the spec's timezone, as in the trigger form
+        chunk={"chunk_id": "2024-01-02", "start": "2024-01-02", "end": "2024-01-03"},
+    )
+"""
+
+
+@pytest.mark.parametrize("spec_as", ["model", "dict"])
+def test_one_chunk_operator_alone_loads_its_local_day(airflow_db, src_url, dst_url, pg, tmp_path, monkeypatch, spec_as):
+    from airflow import settings
+
+    seed_orders(pg(src_url), rows=900, days=3, start=dt.date(2024, 1, 1))
+    create_orders(pg(dst_url))
+    cfg = {
+        "dag_id": f"chunk_alone_{spec_as}",
+        "spec_as": spec_as,
+        "spec": _spec(src_url, dst_url).model_dump(mode="json"),
+    }
+    (tmp_path / "chunk_alone.json").write_text(json.dumps(cfg))
+    (tmp_path / "chunk_alone_dag.py").write_text(DAG_FILE)
+    monkeypatch.setattr(settings, "DAGS_FOLDER", str(tmp_path))
+    namespace: dict = {"__file__": str(tmp_path / "chunk_alone_dag.py")}
+    exec(compile(DAG_FILE, namespace["__file__"], "exec"), namespace)  # noqa: S102 - the file just written
+
+    run = namespace["dag"].test()
+    assert str(getattr(run.state, "value", run.state)) == "success"
+    expected = fetch_all(src_url, f"SELECT count(*), min(id), max(id) FROM orders WHERE {NY_DAY}")
+    assert expected[0][0] == 300
+    assert fetch_all(dst_url, "SELECT count(*), min(id), max(id) FROM orders") == expected
+    ledger = fetch_all(dst_url, "SELECT chunk_id, rows_extracted, range_start FROM backfill_ledger")
+    assert [(c, n) for c, n, _ in ledger] == [("2024-01-02", 300)]
+    assert ledger[0][2] == pendulum.datetime(2024, 1, 2, tz="America/New_York")
+
+
+def test_chunk_descriptor_with_end_before_start_is_refused():
+    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.exceptions import PlanError
+
+    with pytest.raises(PlanError, match="expected keys chunk_id, start, end"):
+        Chunk.from_descriptor({"chunk_id": "x", "start": "2024-01-03", "end": "2024-01-02"}, "UTC")
+    with pytest.raises(PlanError, match="expected keys chunk_id, start, end"):
+        Chunk.from_descriptor({"chunk_id": "x", "start": "12:00", "end": "2024-01-02"}, "UTC")  # a time, not a date
+
+
+# --- the gate state between deferrals -----------------------------------------------------------------------
+SAMPLE = LoadSample(active=3, replica_lag=None, sampled_at=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).to_dict()
+
+
+def test_state_after_a_load_wait_goes_straight_to_pacing_with_the_triggers_sample():
+    run = ChunkRun.after_load_wait(
+        {"status": "ok", "waited_s": 4.5, "sample": SAMPLE, "carry": {"waited_pacing_s": 2.0}}
+    )
+    assert (run.waited_load_s, run.waited_pacing_s, run.probed, run.paced) == (4.5, 2.0, True, False)
+    assert run.sample is not None and run.sample.active == 3
+    assert run.carry_through_pacing() == {"waited_load_s": 4.5, "waited_pacing_s": 2.0}
+
+
+def test_state_after_pacing_adds_the_turns_wait_and_probes_again():
+    before = ChunkRun(waited_load_s=4.5, waited_pacing_s=2.0)
+    run = ChunkRun.after_pacing({"waited_s": 1.5, "carry": before.carry_through_pacing()})
+    assert (run.waited_load_s, run.waited_pacing_s, run.probed, run.paced) == (4.5, 3.5, False, True)
+    assert run.sample is None
+    assert run.carry_through_load_wait() == {"waited_pacing_s": 3.5}
+
+
+def test_state_owns_the_source_session_until_the_transfer_takes_it(src_url, pg):
+    from airflow_backfill_provider.connections import connect
+
+    kept = ChunkRun(source_conn=connect(src_url, application_name="backfill:test:chunkrun"))
+    taken = kept.take_source()
+    assert kept.source_conn is None and not taken.closed
+    kept.close()  # nobody's session to close now: the taker owns it
+    assert not taken.closed
+    taken.close()
+    left = ChunkRun(source_conn=connect(src_url, application_name="backfill:test:chunkrun"))
+    conn = left.source_conn
+    left.close()  # an error or a deferral before the transfer: closed
+    assert conn.closed and left.source_conn is None
