@@ -33,7 +33,7 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.pipe import stream_copy
-from airflow_backfill_provider.source import prepare, source_range
+from airflow_backfill_provider.source import prepare, source_for, source_range
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.upsert import upsert_counted
 
