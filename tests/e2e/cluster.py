@@ -53,6 +53,25 @@ from psycopg2 import sql
 
 ADMIN_URL = os.environ.get("BACKFILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def code_path(folder: Path) -> Path:
+    """A folder importing the tree's code (symlinks to its top-level entries) without its packaging metadata.
+
+    Putting the checkout itself on a cluster's PYTHONPATH also puts the ``*.egg-info`` that ``pip install -e``
+    leaves there on it: a second distribution of the provider next to the installed one, so the provider's
+    plugin is found twice. Airflow 3's task-side plugin loader stops at a repeated plugin name
+    (``airflow.sdk.plugins_manager._get_plugins``: ``return``, not ``continue``), silently dropping every
+    plugin after it, OpenLineage's listener included: task processes then emit no lineage at all.
+    """
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        for entry in REPO_ROOT.iterdir():
+            if not entry.name.endswith((".egg-info", ".dist-info")) and not entry.name.startswith("."):
+                (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
 API_USER = ("admin", "admin")  # 2.11 basic auth user created by the harness
 
@@ -475,7 +494,7 @@ class AirflowCluster:
         # Start from a clean slate: a developer's own AIRFLOW__* settings must not leak into the cluster.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
-        pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        pythonpath = [str(code_path(self.home / "code")), *filter(None, [os.environ.get("PYTHONPATH")])]
         env.update(
             {
                 "AIRFLOW_HOME": str(self.home),
