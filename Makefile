@@ -65,7 +65,7 @@ test-af2: venv-af2
 
 test-all: test test-af2
 
-# quick loop (< 2 min): lint, types, and the unit tests (no e2e, browser, fault or slow tests)
+# quick loop (~3 min on 2 cores): lint, types, and the unit tests (no e2e, browser, fault or slow tests)
 check: lint venv
 	$(PG) run $(VENV)/bin/pytest -q -x -m "$(UNIT)" $(PYTEST_ARGS)
 
