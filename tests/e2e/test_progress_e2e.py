@@ -2,8 +2,10 @@
 
 One cluster (api-server, scheduler, dag-processor, triggerer; LocalExecutor; PostgreSQL metadata DB) with:
 
-* the provider's plugin loaded through its ``airflow.plugins`` entry point (a dist-info carrying the entry
-  points declared in pyproject.toml is put on the cluster's PYTHONPATH, as ``pip install`` would);
+* the provider's plugin loaded through its ``airflow.plugins`` entry point, exactly once: the installed
+  provider's (``pip install -e .``), or, when none is installed, a dist-info carrying the entry points declared
+  in pyproject.toml put on the cluster's PYTHONPATH (a second one makes Airflow drop OpenLineage's listener,
+  see ``cluster.code_path``);
 * real authentication (SimpleAuthManager with a password, not all-admins), so a request without a valid
   token can be refused;
 * OpenLineage's file transport writing every event to a JSON-lines file;
