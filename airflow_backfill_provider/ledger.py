@@ -170,7 +170,7 @@ def record(
     )
 
 
-def run_totals(cur, ledger: TableName, target: str, run_id: str, *, dag_id: str) -> tuple[int, int]:
+def run_totals(cur, ledger: TableName, target: str, run_id: str | None, *, dag_id: str) -> tuple[int, int]:
     """(chunks, rows) this run has recorded for ``target``, read in the chunk's own transaction (it sees
     its own row): the progress line needs no session of its own. A run is its DAG's: ``airflow backfill
     create`` names runs by date alone, so two backfill DAGs into one table have runs of the same id."""

@@ -13,6 +13,7 @@ import pendulum
 from airflow_backfill_provider import checks, ledger, schema, source, swap, timebounds, watermark
 from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, split_at, to_datetime, utc
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
+from airflow_backfill_provider.identity import BackfillIdentity
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,13 @@ class Plan:
     watermark: pendulum.DateTime | None = None
     clipped: bool = False
     notes: list[str] = field(default_factory=list)
-    #: the backfill's key (identity.py), when the plan read it: the progress page selects its ledger rows by it
-    backfill_key: str | None = None
+    #: the backfill's identity (identity.py), when the plan read it: chunks carry it (identity.attach) and the
+    #: progress page selects its ledger rows by its key
+    backfill: BackfillIdentity | None = None
+
+    @property
+    def backfill_key(self) -> str | None:
+        return self.backfill.key if self.backfill is not None else None
 
     def summary(self, dry_run: bool = False) -> dict:
         """The small dict the plan task pushes to XCom (key 'plan') for validation and humans."""
@@ -132,11 +138,10 @@ def build_plan(
     if bounds:
         chunks = split_at(chunks, bounds)
     skipped: list[Chunk] = []
-    backfill_key = None
+    backfill = None
     if dst_conn is not None and not reprocess and ledger.is_current(dst_conn, TableName.parse(spec.ledger_table)):
         # covered by the union of this backfill's ledger ranges, whatever chunking loaded them (coverage.py)
         backfill = _identity(spec, src_conn, dst_conn)
-        backfill_key = backfill.key
         done = chunkplan.done_coverage(spec, dst_conn, backfill=backfill)
         todo: list[Chunk] = []
         for c in chunks:
@@ -144,15 +149,15 @@ def build_plan(
         chunks = todo
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")
-    if backfill_key is None and dst_conn is not None and src_conn is not None:
+    if backfill is None and dst_conn is not None and src_conn is not None:
         # no ledger yet, or reprocess: still recorded (the progress page selects the ledger rows by it)
         from airflow_backfill_provider.exceptions import PermanentChunkError
 
         try:
-            backfill_key = _identity(spec, src_conn, dst_conn).key
+            backfill = _identity(spec, src_conn, dst_conn)
         except PermanentChunkError:  # e.g. a missing source table: the plan's pre-flight names it, not this
             pass
-    return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes, backfill_key)
+    return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes, backfill)
 
 
 def _identity(spec: BackfillSpec, src_conn, dst_conn):

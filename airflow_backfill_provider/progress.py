@@ -137,20 +137,15 @@ def run_totals(conn, spec: BackfillSpec, run_id: str | None, *, dag_id: str | No
 
     A run is its DAG's: ``airflow backfill create`` names runs by date alone, so two backfill DAGs into one
     table have runs of the same id (default ``dag_id``: the spec's DAG)."""
-    ledger = TableName.parse(spec.ledger_table)
+    from airflow_backfill_provider import ledger
+
+    table = TableName.parse(spec.ledger_table)
     with conn.cursor() as cur:
-        if not ddl.exists(cur, ledger):
+        if not ddl.exists(cur, table):
             return 0, 0
-        cur.execute(
-            sql.SQL(
-                "SELECT count(*), coalesce(sum(rows_extracted), 0) FROM {t}"
-                " WHERE target_table = %s AND dag_id = %s AND run_id = %s"
-            ).format(t=sql.Identifier(*ledger.parts)),
-            (_target(conn, spec), dag_id or spec.effective_dag_id, run_id),
-        )
-        chunks, rows = cur.fetchone()
+        totals = ledger.run_totals(cur, table, _target(conn, spec), run_id, dag_id=dag_id or spec.effective_dag_id)
     conn.rollback()
-    return int(chunks), int(rows)
+    return totals
 
 
 def ledger_rate(conn, spec: BackfillSpec, backfill_key: str | None = None) -> float | None:

@@ -97,7 +97,7 @@ class PlanBackfillOperator(BaseOperator):
                 if plan.chunks and not dry_run:
                     ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
                 # resolved once here and carried by every chunk descriptor (identity.carried)
-                backfill = identity.of(spec, src, dst) if plan.chunks and not dry_run else None
+                backfill = plan.backfill if plan.chunks and not dry_run else None
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
                 rate = progress_log.measured_rate(dst, spec, plan.backfill_key) if plan.chunks else None
             finally:
