@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 # Catalog facts per column, domains resolved to their base type (domain typmod carried over).
-# ``{find}``: the table lookup (schema._FIND_TABLE), so this is one round trip.
+# ``{find}``: the table lookup (schema.FIND_TABLE), so this is one round trip.
 TYPES_SQL = """
 WITH RECURSIVE rel AS ({find}), cols AS (
   SELECT a.attname, a.attnum, a.atttypid, a.atttypmod, a.attcollation

@@ -52,28 +52,36 @@ _PK = ("target_table", "backfill_key", "range_start", "range_end", "key_lo", "ke
 
 # one lookup per chunk: does the ledger exist, is it keyed as this release keys it (backfill_key and key
 # ranges: what decides which ranges are done), and has it the per-chunk wait columns (shown by the progress page)?
-_STATE = """
+#: (present, keyed, waits): the ledger exists / has this release's key columns / has the wait columns;
+#: ``%(ledger)s`` is its quoted name. facts.py reads it in the chunk's catalog check too.
+STATE_SQL = """
 SELECT r IS NOT NULL,
        (SELECT count(*) = 2 FROM pg_attribute
          WHERE attrelid = r AND attname IN ('backfill_key', 'key_hi') AND NOT attisdropped),
        (SELECT count(*) = 2 FROM pg_attribute
          WHERE attrelid = r AND attname IN ('waited_load_s', 'waited_pacing_s') AND NOT attisdropped)
-FROM (SELECT to_regclass(%s) AS r) AS t
+FROM (SELECT to_regclass(%(ledger)s) AS r) AS t
 """
+
+
+def is_ready(state) -> bool:
+    """A :data:`STATE_SQL` row of a ledger this release writes as it is (no DDL needed)."""
+    return bool(state and all(state))
 
 
 def ensure_table(conn, ledger: TableName) -> None:
     """Create the ledger if missing, or migrate a previous release's ledger (both under the DDL lock)."""
     with conn.cursor() as cur:
-        cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
-        present, keyed, waits = cur.fetchone()
-    if present and keyed and waits:
+        cur.execute(STATE_SQL, {"ledger": sql.Identifier(*ledger.parts).as_string(cur)})
+        state = cur.fetchone()
+    if is_ready(state):
         return
+    present = state[0]
     if not present:
         ddl.ensure_table(conn, ledger, _COLUMNS)
         # a worker of the previous release may have created it meanwhile (rolling upgrade): then migrate
         with conn.cursor() as cur:
-            cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
+            cur.execute(STATE_SQL, {"ledger": sql.Identifier(*ledger.parts).as_string(cur)})
             if all(cur.fetchone()[1:]):
                 return
     ddl.run_locked(conn, ledger, lambda cur: _migrate(cur, ledger))
@@ -188,7 +196,7 @@ def run_totals(cur, ledger: TableName, target: str, run_id: str | None, *, dag_i
 def is_current(conn, ledger: TableName) -> bool:
     """The ledger exists in this release's shape; if not, no range counts as done for any backfill."""
     with conn.cursor() as cur:
-        cur.execute(_STATE, (sql.Identifier(*ledger.parts).as_string(cur),))
+        cur.execute(STATE_SQL, {"ledger": sql.Identifier(*ledger.parts).as_string(cur)})
         present, keyed, _ = cur.fetchone()
     return bool(present and keyed)
 

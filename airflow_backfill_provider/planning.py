@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pendulum
 
-from airflow_backfill_provider import checks, ledger, schema, source, swap, timebounds, watermark
+from airflow_backfill_provider import checks, facts, ledger, schema, source, swap, timebounds, watermark
 from airflow_backfill_provider.chunks import Chunk, check_granularity, clip_end, split_at, to_datetime, utc
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.identity import BackfillIdentity
@@ -175,16 +175,22 @@ def _identity(spec: BackfillSpec, src_conn, dst_conn):
         close_all(own)
 
 
-def preflight(spec: BackfillSpec, plan: Plan, src_conn, dst_conn) -> list[tuple[int, str]]:
+def preflight(
+    spec: BackfillSpec, plan: Plan, src_conn, dst_conn, *, carry: dict[str, facts.Facts] | None = None
+) -> list[tuple[int, str]]:
     """Catalog checks before any chunk writes, once per source range: tables, columns, unique key and drift
     decisions (against the live table in swap mode: the parallel one is created LIKE it), the granularity
     against the time column's type, an index on the column the range filters, NULL time rows.
 
     Raises what a chunk would raise (PermanentChunkError, PlanError); returns (log level, line) to log.
+    ``carry``: filled with each source range's catalog facts (facts.key -> Facts), for the chunks to re-use.
     """
     lines: list[tuple[int, str]] = []
     for chunk in source.one_per_source(spec, plan.chunks):
-        src_table, cplan = source.prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
+        read = facts.read(swap.as_live(spec), src_conn, dst_conn, chunk)
+        if carry is not None:
+            carry[facts.key(spec, chunk)] = read
+        src_table, cplan = facts.plan_from(swap.as_live(spec), read, chunk)
         timebounds.check_granularity(cplan.filter_kind, plan.granularity, column=spec.time_column)  # a param override
         lines += [
             (logging.INFO, f"Schema decision for {chunk.chunk_id} (from {src_table}): {d}") for d in cplan.decisions

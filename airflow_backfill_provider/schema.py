@@ -20,7 +20,7 @@ class Column:
     not_null: bool = False
 
 
-_FIND_TABLE = """
+FIND_TABLE = """
 SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relname = %(name)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND (n.nspname = %(schema)s OR (%(schema)s IS NULL AND n.nspname = ANY (current_schemas(false))))
@@ -31,7 +31,7 @@ LIMIT 1
 # the table, its columns and its unique keys in one statement (constant SQL; the names are bound parameters)
 _DESCRIBE = (
     "WITH t AS ("
-    + _FIND_TABLE
+    + FIND_TABLE
     + """)
 SELECT t.oid,
        (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull)
@@ -98,13 +98,13 @@ def describe_table(conn, table: TableName, *, side: str) -> tuple[list[Column], 
 def describe_types(conn, table: TableName) -> dict[str, casts.TypeInfo]:
     """Per-column type facts (domains resolved, arrays, collation, send function) in one round trip."""
     with conn.cursor() as cur:
-        cur.execute(casts.TYPES_SQL.replace("{find}", _FIND_TABLE), {"name": table.name, "schema": table.schema_})
+        cur.execute(casts.TYPES_SQL.replace("{find}", FIND_TABLE), {"name": table.name, "schema": table.schema_})
         return casts.type_infos(cur.fetchall())
 
 
 def table_oid(conn, table: TableName, *, side: str) -> int:
     with conn.cursor() as cur:
-        cur.execute(_FIND_TABLE, {"name": table.name, "schema": table.schema_})
+        cur.execute(FIND_TABLE, {"name": table.name, "schema": table.schema_})
         row = cur.fetchone()
     if row is None:
         raise _missing_table(conn, table, side)

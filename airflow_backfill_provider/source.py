@@ -1,5 +1,5 @@
 """What a chunk reads on the source: which relation and column expressions its range selects (historical
-mode), and the column plan checked against the catalogs of both sides before any write.
+mode). The column plan made from both catalogs is facts.py's.
 
 Shared by planning (pre-flight), the chunk transfer, validation and lineage, so all of them agree on the
 table and expressions a range reads.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from airflow_backfill_provider import drift, schema, timebounds
 from airflow_backfill_provider.chunks import Chunk, to_datetime, utc
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 
@@ -40,24 +39,3 @@ def one_per_source(spec: BackfillSpec, chunks: Iterable[Chunk]) -> Iterator[Chun
         if i not in seen:
             seen.add(i)
             yield chunk
-
-
-def prepare(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk) -> tuple[TableName, drift.ColumnPlan]:
-    """Catalog checks before any write: tables, columns, unique key; then what to select."""
-    target = spec.staging_target
-    dest_cols, dest_keys = schema.describe_table(dst_conn, target, side="destination")
-    schema.check_destination(spec, dest_cols, dest_keys, target)
-    src_table, expressions = source_for(spec, chunk)
-    src_cols, _ = schema.describe_table(src_conn, src_table, side="source")
-    plan = drift.plan_columns(
-        spec,
-        dest_cols,
-        src_cols,
-        expressions=expressions,
-        dest_types=schema.describe_types(dst_conn, target),
-        src_types=schema.describe_types(src_conn, src_table),
-    )
-    # chunk bounds are literals of the filtered column's own type (timebounds.py)
-    plan.time_kind = timebounds.source_kind(src_conn, src_table, plan)
-    timebounds.check_granularity(plan.time_kind, spec.granularity, column=spec.time_column)
-    return src_table, plan

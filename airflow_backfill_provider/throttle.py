@@ -159,14 +159,22 @@ def probe_load(
     if timeout_s is not None and session_deadline is not None:  # the client-side bound follows the probe's
         conn.client_deadline_s = min(session_deadline, timeout_s + GRACE_S)
     try:
+        # one round trip: the statements go in one simple query, run in order, the last one's row returned
+        steps: list[sql.Composable] = []
+        if timeout_s is not None and was_idle and not conn.autocommit:
+            # bound the probe on a session whose own statement_timeout is the chunk's (long) one;
+            # transaction-local, so the rollback below restores it before the chunk's COPY. Each statement
+            # of a multi-statement query gets its own timeout, armed with the setting in force when it starts.
+            steps.append(
+                sql.SQL("SELECT set_config('statement_timeout', {}, true)").format(
+                    sql.Literal(f"{timeout_ms(timeout_s)}ms")
+                )
+            )
+        # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
+        steps.append(sql.SQL("SELECT pg_stat_clear_snapshot()"))
+        steps.append(_probe_query(exclude_application_prefix))
         with conn.cursor() as cur:
-            if timeout_s is not None and was_idle and not conn.autocommit:
-                # bound the probe on a session whose own statement_timeout is the chunk's (long) one;
-                # transaction-local, so the rollback below restores it before the chunk's COPY
-                cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms(timeout_s)}ms",))
-            # pg_stat_activity is snapshotted once per transaction; clear it so a re-probe sees now.
-            cur.execute("SELECT pg_stat_clear_snapshot()")
-            cur.execute(_probe_query(exclude_application_prefix))
+            cur.execute(sql.SQL("; ").join(steps))
             active, hidden, in_recovery, lag, sampled_at = cur.fetchone()
         if was_idle and not conn.autocommit:
             conn.rollback()

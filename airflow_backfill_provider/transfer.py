@@ -18,8 +18,20 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import psycopg2
+import psycopg2.errors
+from psycopg2 import sql
 
-from airflow_backfill_provider import castcheck, encoding, identity, keyranges, ledger, swap, timebounds
+from airflow_backfill_provider import (
+    castcheck,
+    encoding,
+    facts,
+    firstload,
+    identity,
+    keyranges,
+    ledger,
+    swap,
+    timebounds,
+)
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import (
@@ -33,7 +45,7 @@ from airflow_backfill_provider.errors import classify
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.pipe import stream_copy
-from airflow_backfill_provider.source import prepare, source_for, source_range
+from airflow_backfill_provider.source import source_for, source_range
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.upsert import upsert_counted
 
@@ -133,6 +145,7 @@ def transfer_chunk(
     waited_load_s: float | None = None,
     waited_pacing_s: float | None = None,
     backfill: identity.BackfillIdentity | None = None,
+    catalog: dict | None = None,
 ) -> ChunkResult:
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
@@ -148,6 +161,8 @@ def transfer_chunk(
     ``waited_load_s``/``waited_pacing_s``: the operator's deferred waits before this load, kept in the ledger
     row for the progress page.
     ``backfill``: the run's identity resolved by the plan (identity.carried); resolved here when None.
+    ``catalog``: the catalog facts the plan carried (facts.py): used after one fingerprint check per side,
+    else the catalogs are read here.
     """
     dag_id = dag_id or spec.effective_dag_id
     appname = application_name(dag_id, chunk.chunk_id)
@@ -162,20 +177,38 @@ def transfer_chunk(
             dst_conn = open_destination(spec, appname, destination)
         ledger_table = TableName.parse(spec.ledger_table)
         cache_key = source_range(spec, chunk)
+        carried = facts.usable(spec, chunk, catalog) if backfill is not None else None
         if prepared is not None and cache_key in prepared:
             src_table, plan, backfill = prepared[cache_key]  # same source range earlier in this batch: checked
+        elif (
+            carried is not None
+            and (
+                checked := facts.verify(
+                    carried, src_conn, dst_conn, source_for(spec, chunk)[0], spec.staging_target, ledger_table
+                )
+            )[0]
+        ):
+            # the plan's catalog facts, both fingerprints unchanged: no catalog reads (facts.py)
+            src_table, plan = facts.plan_from(spec, carried, chunk)
+            if not checked[1]:
+                ledger.ensure_table(dst_conn, ledger_table)
         else:
+            if carried is not None:
+                log.info("chunk %s: a table changed since the plan; reading the catalogs again", chunk.chunk_id)
             # pre-flight (catalog reads only) before the first write, the ledger DDL: a bad spec writes nothing
             # (swap mode: checked against the live table, which the parallel one is created LIKE)
-            src_table, plan = prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
+            src_table, plan = facts.prepare(swap.as_live(spec), src_conn, dst_conn, chunk)
             if spec.mode == "swap":
                 # <table>_backfill, if not there yet; refuses one the provider did not create (before any write)
                 swap.ensure_parallel_table(dst_conn, spec)
-                src_table, plan = prepare(spec, src_conn, dst_conn, chunk)  # its own columns, if it predates a change
+                src_table, plan = facts.prepare(
+                    spec, src_conn, dst_conn, chunk
+                )  # its own columns, if it predates a change
             backfill = backfill or identity.of(spec, src_conn, dst_conn, source_conn_id=source)
             ledger.ensure_table(dst_conn, ledger_table)
-            if prepared is not None:
-                prepared[cache_key] = (src_table, plan, backfill)
+        assert backfill is not None  # given, cached or resolved above
+        if prepared is not None:
+            prepared[cache_key] = (src_table, plan, backfill)
         target = spec.staging_target
         lo, hi = timebounds.bounds(plan.filter_kind, chunk.start, chunk.end, spec.timezone)
         select = q.chunk_select(src_table, plan.copy_exprs, plan.time_filter, lo, hi)
@@ -186,33 +219,61 @@ def transfer_chunk(
             cur.execute(
                 q.advisory_xact_lock(), (backfill.lock_key(chunk.start, chunk.end) + keyranges.lock_suffix(chunk),)
             )
-            stage_shape = (str(target), tuple(plan.columns), tuple(plan.stage_types))
-            if prepared is None:
-                cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
-            elif prepared.get("__stage") != stage_shape:
-                # a batch keeps one staging table per session, emptied at each commit: a CREATE and DROP
-                # of a temp table per chunk cost about a third of a small chunk's time
-                if "__stage" in prepared:
-                    cur.execute(q.drop_table(TableName(name=_STAGE)))
-                cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types, keep=True))
-                prepared["__stage"] = stage_shape
-            extracted, staged = stream_copy(
-                src_conn,
-                cur,
-                q.copy_out(select, spec.copy_format),
-                q.copy_in(_STAGE, plan.columns, spec.copy_format),
-            )
-            castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
-            inserted, updated = castcheck.upsert_naming_bad_values(
-                cur,
-                plan,
-                _STAGE,
-                spec.key_columns,
-                chunk.chunk_id,
-                lambda: upsert_counted(
-                    cur, target, _STAGE, plan.columns, spec.key_columns, spec.version_column, spec.conflict_policy, plan
-                ),
-            )
+            copy_out = q.copy_out(select, spec.copy_format)
+            direct = prepared is None and firstload.eligible(plan)
+            direct = direct and firstload.range_is_empty(cur, target, spec, chunk, plan)
+            fresh = True
+            if direct:  # nothing of the range in the target: COPY straight into it (firstload.py)
+                cur.execute(sql.SQL("SAVEPOINT {}").format(firstload.SAVEPOINT))
+                try:
+                    extracted, staged = stream_copy(
+                        src_conn, cur, copy_out, q.copy_in(target, plan.columns, spec.copy_format)
+                    )
+                    inserted, updated = staged, 0
+                except psycopg2.errors.UniqueViolation:
+                    # a row with one of the keys is there after all: newer-wins through the staging path
+                    cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(firstload.SAVEPOINT))
+                    src_conn.rollback()
+                    log.info("chunk %s: a key of the range is in the target already; upserting", chunk.chunk_id)
+                    direct = fresh = False
+            if not direct:
+                stage_shape = (str(target), tuple(plan.columns), tuple(plan.stage_types))
+                if prepared is None:
+                    cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
+                elif prepared.get("__stage") != stage_shape:
+                    # a batch keeps one staging table per session, emptied at each commit: a CREATE and DROP
+                    # of a temp table per chunk cost about a third of a small chunk's time
+                    if "__stage" in prepared:
+                        cur.execute(q.drop_table(TableName(name=_STAGE)))
+                    cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types, keep=True))
+                    prepared["__stage"] = stage_shape
+                extracted, staged = stream_copy(
+                    src_conn,
+                    cur,
+                    copy_out,
+                    q.copy_in(_STAGE, plan.columns, spec.copy_format),
+                )
+                castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
+                inserted, updated = castcheck.upsert_naming_bad_values(
+                    cur,
+                    plan,
+                    _STAGE,
+                    spec.key_columns,
+                    chunk.chunk_id,
+                    # the transaction wrote the target only here, unless a first-load COPY was rolled back: its
+                    # counts stay in the transaction's counters (fresh=False reads them first)
+                    lambda: upsert_counted(
+                        cur,
+                        target,
+                        _STAGE,
+                        plan.columns,
+                        spec.key_columns,
+                        spec.version_column,
+                        spec.conflict_policy,
+                        plan,
+                        first_write=fresh,
+                    ),
+                )
             seconds = time.monotonic() - t0
             stats = {
                 "extracted": staged,

@@ -29,7 +29,38 @@ def spec_dict(src_table: str = "orders", dst_table: str = "orders", granularity:
     }
 
 
-def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None, probe: bool = True) -> dict:
+def as_planned(spec: dict, src_url: str, dst_url: str, descriptors: list[dict]) -> tuple[list[dict], dict]:
+    """What the plan task hands the chunks: descriptors with the run's identity, and the catalog facts
+    (its XCom ``catalog``), both read once, as PlanBackfillOperator does."""
+    import psycopg2
+
+    from airflow_backfill_provider import facts, identity, planning
+    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.spec import load_spec
+
+    loaded = load_spec(spec)
+    chunks = [Chunk.from_descriptor(d, loaded.timezone) for d in descriptors]
+    src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
+    try:
+        resolved = identity.of(loaded, src, dst, source_conn_id=src_url)
+        per_range: dict = {}
+        plan = planning.Plan(chunks[0].start, chunks[-1].end, loaded.granularity, chunks) if chunks else None
+        if plan is not None:
+            planning.preflight(loaded, plan, src, dst, carry=per_range)
+    finally:
+        src.close()
+        dst.close()
+    return identity.attach(descriptors, resolved), facts.carry(loaded, per_range)
+
+
+def our_transfer(
+    src_url: str,
+    dst_url: str,
+    chunks: list[dict],
+    spec: dict | None = None,
+    probe: bool = True,
+    catalog: dict | None = None,
+) -> dict:
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.identity import carried
     from airflow_backfill_provider.spec import load_spec
@@ -60,6 +91,7 @@ def our_transfer(src_url: str, dst_url: str, chunks: list[dict], spec: dict | No
             destination=dst_url,
             source_conn=src_conn,
             backfill=carried(backfill, descriptor),
+            catalog=catalog,  # the plan's catalog facts (its XCom), when given
         )
         totals["rows"] += result.rows_extracted
         for key in ("inserted", "updated", "unchanged"):

@@ -37,6 +37,7 @@ import psycopg2
 from psycopg2 import sql
 
 from benchmarks.seed import DEFAULT_START
+from benchmarks.ours import as_planned
 
 TABLE = "orders_wide"
 COLUMNS = (
@@ -308,21 +309,6 @@ def spec_dict(src_conn: str = "backfill_source_pg", dst_conn: str = "backfill_de
     }
 
 
-def with_identity(spec: dict, src_url: str, dst_url: str, descriptors: list[dict]) -> list[dict]:
-    """The descriptors as the plan task hands them out: with the run's identity, resolved once."""
-    from airflow_backfill_provider import identity
-    from airflow_backfill_provider.spec import load_spec
-
-    loaded = load_spec(spec)
-    src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
-    try:
-        resolved = identity.of(loaded, src, dst, source_conn_id=src_url)
-    finally:
-        src.close()
-        dst.close()
-    return identity.attach(descriptors, resolved)
-
-
 def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
     """Median database work of an empty chunk of ours (probe + transfer), no Airflow: ms per chunk."""
     from benchmarks.rss import run_isolated
@@ -337,8 +323,10 @@ def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
         for i in range(n)
     ]
     spec = spec_dict("bench_src", "bench_dst")
-    chunks = with_identity(spec, src_url, dst_url, chunks)
-    r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
+    chunks, catalog = as_planned(spec, src_url, dst_url, chunks)
+    r = run_isolated(
+        "ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec, "catalog": catalog}
+    )
     per = sorted(c["seconds"] for c in r["per_chunk"])
     probe_ms = 1000 * r["probe_seconds"] / n
     return {
@@ -363,8 +351,10 @@ def key_range_path(src_url: str, dst_url: str, start: dt.date, end: dt.date) -> 
     finally:
         src.close()
         dst.close()
-    chunks = with_identity(spec, src_url, dst_url, [c.to_descriptor() for c in plan.chunks])
-    r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
+    chunks, catalog = as_planned(spec, src_url, dst_url, [c.to_descriptor() for c in plan.chunks])
+    r = run_isolated(
+        "ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec, "catalog": catalog}
+    )
     return {"rows": count(dst_url), "seconds": r["seconds"], "chunks": len(chunks), "state": "direct"}
 
 
@@ -420,6 +410,8 @@ def measure(args, log) -> dict:
                     "chunks": f["chunks"],
                     "state": f["state"],
                     "tasks": f["tasks"],
+                    "timeline": f["timeline"],  # [task, map_index, queued, start, end] seconds into the run
+                    "warm_up_seconds": f["warm_up_seconds"],  # the untimed first run (sandbox.run_backfill)
                 }
 
             run("ours_scheduler", ours)

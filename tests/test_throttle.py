@@ -72,6 +72,29 @@ def test_probe_inside_an_open_transaction_sees_fresh_figures(src_url):
         conn.close()
 
 
+def test_probe_is_bounded_by_its_own_timeout_and_restores_the_session_s(src_url, monkeypatch):
+    """The probe sends its statements in one round trip: the probe timeout still bounds the probe query
+    (set in the same query string, before it), and the session's own statement_timeout is back after it."""
+    from airflow_backfill_provider import throttle
+
+    conn = psycopg2.connect(src_url, options="-c statement_timeout=600000")
+    try:
+        assert probe_load(conn, timeout_s=0.5).active == 0  # the real query, bounded
+        with conn.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone()[0] == "10min"  # the probe's bound was transaction-local
+        conn.rollback()
+        # a probe that would take 30 s: cancelled by the server at the probe's 0.5 s, not the session's 10 min
+        slow = sql.SQL("SELECT 0, 0, false, NULL::float8, clock_timestamp() FROM pg_sleep(30)")
+        monkeypatch.setattr(throttle, "_probe_query", lambda _prefix: slow)
+        t0 = time.monotonic()
+        with pytest.raises(psycopg2.errors.QueryCanceled):
+            probe_load(conn, timeout_s=0.5)
+        assert time.monotonic() - t0 < 10
+    finally:
+        conn.close()
+
+
 def test_probe_prefix_is_not_a_like_pattern(src_url):
     conn = psycopg2.connect(src_url)
     conn.autocommit = True

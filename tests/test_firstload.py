@@ -1,0 +1,181 @@
+"""First load of an empty range straight into the target (firstload.py), on real PostgreSQL.
+
+The promise: the direct COPY is only a faster route to what the staging path writes. Where it would
+differ (triggers, rules, row-level security, a partitioned target, destination-side casts) the chunk
+stages as before; where a key is in the target after all, the COPY is rolled back and the chunk
+upserts newer-wins, with counts that add up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pendulum
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from airflow_backfill_provider.chunks import Chunk
+from airflow_backfill_provider.connections import open_destination, open_source
+from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.spec import load_spec
+from airflow_backfill_provider.transfer import transfer_chunk
+from tests.conftest import fetch_all
+from tests.seed import ORDERS_SPEC, create_orders, seed_orders
+
+DAY = pendulum.datetime(2023, 1, 2)
+CHUNK = Chunk("2023-01-02", DAY, DAY.add(days=1))
+COLUMNS = "id, customer_id, status, amount::text, created_at, updated_at, note"
+
+
+def _spec(**over):
+    return load_spec({**ORDERS_SPEC, "source_conn_id": "unused", "destination_conn_id": "unused", **over})
+
+
+class _Recording(psycopg2.extensions.cursor):
+    def execute(self, query, vars=None):
+        self.connection.statements.append(self.mogrify(query, vars).decode())
+        return super().execute(query, vars)
+
+    def copy_expert(self, query, file, size=8192):
+        self.connection.statements.append(query if isinstance(query, str) else query.as_string(self.connection))
+        return super().copy_expert(query, file, size)
+
+
+def _load(spec, src, dst, chunk=CHUNK):
+    """One chunk on a recorded destination session: (result, 'direct' or 'staged')."""
+    s = open_source(spec, "backfill:test:firstload", src)
+    d = open_destination(spec, "backfill:test:firstload", dst)
+    d.statements = []
+    d.cursor_factory = _Recording
+    try:
+        result = transfer_chunk(spec, chunk, source_conn=s, destination_conn=d, close=False)
+        staged = any("CREATE TEMP TABLE" in q for q in d.statements)
+        direct = any(q.startswith('COPY "public"."orders"') for q in d.statements)
+        return result, ("staged" if staged else "direct") if staged != direct else "both"
+    finally:
+        s.close()
+        d.close()
+
+
+def _source_day(src, chunk=CHUNK):
+    return fetch_all(
+        src,
+        f"SELECT {COLUMNS} FROM orders WHERE created_at >= %s AND created_at < %s ORDER BY id",
+        (chunk.start, chunk.end),
+    )
+
+
+@pytest.fixture()
+def tables(src_url, dst_url, pg):
+    seed_orders(pg(src_url), rows=300, days=3, start=dt.date(2023, 1, 1))
+    create_orders(pg(dst_url))
+    with pg(dst_url).cursor() as cur:  # what a time chunk's emptiness check probes
+        cur.execute("CREATE INDEX ON public.orders (created_at)")
+    return src_url, dst_url
+
+
+def test_an_empty_range_is_copied_straight_in_and_a_rerun_upserts(tables):
+    src, dst = tables
+    spec = _spec()
+    result, path = _load(spec, src, dst)
+    assert path == "direct" and (result.rows_extracted, result.inserted, result.updated) == (100, 100, 0)
+    assert fetch_all(dst, f"SELECT {COLUMNS} FROM public.orders ORDER BY id") == _source_day(src)
+    again, path = _load(spec, src, dst)
+    assert path == "staged" and (again.inserted, again.updated, again.unchanged) == (0, 0, 100)
+    (ledger,) = fetch_all(dst, "SELECT rows_extracted, rows_inserted FROM public.backfill_ledger")
+    assert ledger == (100, 0)  # the rerun's figures replaced the first load's
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        # COPY fires triggers (and foreign keys) like INSERT, but one that skips rows breaks the counts
+        "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;"
+        " CREATE TRIGGER keep BEFORE INSERT ON public.orders FOR EACH ROW EXECUTE FUNCTION keep()",
+        # COPY FROM refuses a table with row-level security (for a user it applies to)
+        "ALTER TABLE public.orders ENABLE ROW LEVEL SECURITY",
+        # the staging path casts this column in the destination (a domain is checked there, by name)
+        "CREATE DOMAIN short_note AS text CHECK (length(VALUE) < 100);"
+        " ALTER TABLE public.orders ALTER COLUMN note TYPE short_note",
+        # no index to check the range with: a scan per chunk would cost more than it saves
+        "DROP INDEX public.orders_created_at_idx",
+    ],
+    ids=["trigger", "row level security", "domain cast", "no time index"],
+)
+def test_where_a_plain_copy_would_differ_the_chunk_stages(tables, pg, ddl):
+    src, dst = tables
+    with pg(dst).cursor() as cur:
+        cur.execute(ddl)
+    result, path = _load(_spec(), src, dst)
+    assert path == "staged" and result.inserted == 100
+    assert fetch_all(dst, f"SELECT {COLUMNS} FROM public.orders ORDER BY id") == _source_day(src)
+
+
+def test_a_target_with_rules_is_refused_not_copied_around_them(tables, pg):
+    """COPY ignores rules: a direct COPY would load past the user's rule. The staging path's upsert refuses
+    such a table (PostgreSQL: ON CONFLICT cannot be used with INSERT rules), and so does the chunk."""
+    src, dst = tables
+    with pg(dst).cursor() as cur:
+        cur.execute(
+            "CREATE TABLE audit (id bigint);"
+            " CREATE RULE audit AS ON INSERT TO public.orders DO ALSO INSERT INTO audit VALUES (NEW.id)"
+        )
+    with pytest.raises(PermanentChunkError, match="rules"):
+        _load(_spec(), src, dst)
+    assert fetch_all(dst, "SELECT count(*) FROM public.orders") == [(0,)]
+
+
+def test_a_partitioned_target_stages(src_url, dst_url, pg):
+    seed_orders(pg(src_url), rows=300, days=3, start=dt.date(2023, 1, 1))
+    with pg(dst_url).cursor() as cur:
+        cur.execute(
+            "CREATE TABLE public.orders (id bigint, customer_id integer NOT NULL, status text NOT NULL,"
+            " amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,"
+            " note text, PRIMARY KEY (id)) PARTITION BY RANGE (id);"
+            " CREATE TABLE orders_lo PARTITION OF public.orders FOR VALUES FROM (MINVALUE) TO (MAXVALUE)"
+        )
+    result, path = _load(_spec(), src_url, dst_url)
+    assert path == "staged" and result.inserted == 100
+
+
+@pytest.mark.parametrize("newer", ["target", "source"])
+def test_a_key_outside_the_range_rolls_the_copy_back_and_upserts_newer_wins(tables, pg, newer):
+    """A time chunk checks its time range only: a row of the day's keys stored under another time (here
+    moved to 2022) is still found, by the unique index, and newer-wins decides as on the staging path."""
+    src, dst = tables
+    (first_id,) = fetch_all(src, "SELECT min(id) FROM orders WHERE created_at >= %s", (CHUNK.start,))[0]
+    row = fetch_all(
+        src, "SELECT id, customer_id, status, amount, updated_at, note FROM orders WHERE id = %s", (first_id,)
+    )
+    (rid, cust, status, amount, updated, note) = row[0]
+    updated = updated + (dt.timedelta(days=1) if newer == "target" else -dt.timedelta(days=1))
+    with pg(dst).cursor() as cur:
+        cur.execute(
+            "INSERT INTO public.orders VALUES (%s, %s, 'moved', %s, '2022-06-01 00:00+00', %s, %s)",
+            (rid, cust, amount, updated, note),
+        )
+    result, path = _load(_spec(), src, dst)
+    assert path == "both"  # tried the COPY, rolled back, staged
+    if newer == "target":  # the target's row is newer: kept
+        assert (result.inserted, result.updated, result.unchanged) == (99, 0, 1)
+        assert fetch_all(dst, "SELECT status FROM public.orders WHERE id = %s", (rid,)) == [("moved",)]
+    else:  # the source's row is newer: it replaces the target's
+        assert (result.inserted, result.updated, result.unchanged) == (99, 1, 0)
+        assert fetch_all(dst, "SELECT status FROM public.orders WHERE id = %s", (rid,)) == [(status,)]
+    assert fetch_all(dst, "SELECT count(*) FROM public.orders") == [(100,)]
+    (ledger,) = fetch_all(dst, "SELECT rows_inserted, rows_updated FROM public.backfill_ledger")
+    assert ledger == (result.inserted, result.updated)  # the rolled-back COPY's rows are not counted
+
+
+def test_key_ranges_check_their_key_range(tables, pg):
+    src, dst = tables
+    spec = _spec(chunk_by="key")
+    lo_chunk = Chunk("id 1..101", pendulum.datetime(2023, 1, 1), pendulum.datetime(2023, 1, 4), "id", None, 101)
+    hi_chunk = Chunk("id 101..", pendulum.datetime(2023, 1, 1), pendulum.datetime(2023, 1, 4), "id", 101, None)
+    result, path = _load(spec, src, dst, lo_chunk)
+    assert path == "direct" and result.inserted == 100
+    result, path = _load(spec, src, dst, hi_chunk)  # the other range is still empty: direct too
+    assert path == "direct" and result.inserted == 200
+    result, path = _load(spec, src, dst, lo_chunk)
+    assert path == "staged" and result.unchanged == 100
