@@ -4,7 +4,7 @@ A chunk's column plan (drift.py) is made from both catalogs: columns, unique key
 kind of the time filter. Read on every chunk's two fresh sessions, that is four statements over cold
 catalog caches (~18 ms of an empty chunk's ~45 ms). The plan task reads them once (``read``), and
 every chunk gets them (the plan task's XCom ``catalog``, the chunk operator's ``catalog`` argument).
-Before using them a chunk runs ONE statement per side (``check``): a fingerprint of the relation its
+Before using them a chunk runs ONE statement per side (``verify``): a fingerprint of the relation its
 spec names (its OID, every attribute's name, type, typmod, collation, nullability, and, on the
 destination, every unique index's shape). Any difference, a table dropped and re-created under the same
 name included, and the chunk re-reads the catalogs as before: carried facts can only skip work, never
@@ -53,7 +53,7 @@ FROM t
 
 @dataclass
 class Facts:
-    """One source range's catalog facts: what :func:`source.plan_from` needs, and the fingerprints."""
+    """One source range's catalog facts: what :func:`plan_from` needs, and the fingerprints."""
 
     source_table: str
     target: str

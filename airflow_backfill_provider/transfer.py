@@ -190,6 +190,7 @@ def transfer_chunk(
         ):
             # the plan's catalog facts, both fingerprints unchanged: no catalog reads (facts.py)
             src_table, plan = facts.plan_from(spec, carried, chunk)
+            log.debug("chunk %s: the plan's catalog facts, both tables unchanged since", chunk.chunk_id)
             if not checked[1]:
                 ledger.ensure_table(dst_conn, ledger_table)
         else:
