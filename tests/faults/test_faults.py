@@ -131,6 +131,60 @@ def test_source_backend_terminated_mid_copy_then_retried(big_world):
     inv.check([DAY1, DAY2])
 
 
+@pytest.fixture()
+def first_load_world(big_src, dst_url):
+    """An empty destination that indexes its time column: the big day is copied straight into the table
+    (firstload.py), not staged and upserted."""
+    create_destination(dst_url)
+    conn = connect(dst_url)
+    with conn.cursor() as cur:
+        cur.execute("CREATE INDEX ON orders (created_at)")
+    conn.close()
+    return make_spec(big_src, dst_url), Invariants(big_src, dst_url)
+
+
+def test_worker_sigkilled_mid_first_load_copy_then_retried(first_load_world):
+    """The same kill during a COPY straight into the target: the transaction takes it all back."""
+    spec, inv = first_load_world
+    appname = application_name(spec.effective_dag_id, DAY1.chunk_id)
+    before = digest(inv.dst, DAY1.start, DAY1.end)
+    proc = start_chunk_process(spec, DAY1)
+    try:
+        seen = wait_for_copy(inv.dst, appname, min_tuples=2000, done=lambda: proc.poll() is not None)
+        # it is the target the COPY writes, not a staging table
+        copying = query(
+            inv.dst,
+            "SELECT p.relid::regclass::text FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+            "WHERE a.application_name = %s AND p.command = 'COPY FROM'",
+            (appname,),
+        )
+        kill(proc)
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+    assert proc.returncode == -9 and copying == [("orders",)], copying
+    assert 0 < seen < BIG_DAY1_ROWS, "the kill must land mid-COPY"
+    wait_sessions_gone(inv.dst, appname)
+    wait_sessions_gone(inv.src, appname)
+    assert_nothing_committed(inv, DAY1, before)
+    assert query(inv.dst, "SELECT count(*) FROM orders") == [(0,)]
+    result = transfer_chunk(spec, DAY1)
+    assert (result.rows_extracted, result.inserted, result.updated) == (BIG_DAY1_ROWS, BIG_DAY1_ROWS, 0)
+    inv.check([DAY1])
+
+
+def test_source_terminated_mid_first_load_copy_commits_nothing(first_load_world):
+    """A source that dies mid-stream can look like a clean EOF to the destination's COPY: also when that COPY
+    writes the target itself, the writer check fails the chunk and nothing is committed."""
+    spec, inv = first_load_world
+    err = _run_with_source_terminated(spec, inv)
+    assert isinstance(err, TransientChunkError), f"expected a transient error, got {err!r}"
+    assert query(inv.dst, "SELECT count(*) FROM orders") == [(0,)]
+    assert inv.ledger_rows(DAY1) == []
+    assert transfer_chunk(spec, DAY1).inserted == BIG_DAY1_ROWS
+    inv.check([DAY1])
+
+
 def test_control_without_the_writer_check_a_truncated_stream_would_commit(big_world, monkeypatch):
     """Why stream_copy checks the writer: the destination COPY sees a cut stream as a clean EOF."""
     spec, inv = big_world
