@@ -75,9 +75,10 @@ def tables(src_url, dst_url, pg):
     return src_url, dst_url
 
 
-def test_an_empty_range_is_copied_straight_in_and_a_rerun_upserts(tables):
+@pytest.mark.parametrize("copy_format", ["binary", "text"])
+def test_an_empty_range_is_copied_straight_in_and_a_rerun_upserts(tables, copy_format):
     src, dst = tables
-    spec = _spec()
+    spec = _spec(copy_format=copy_format)
     result, path = _load(spec, src, dst)
     assert path == "direct" and (result.rows_extracted, result.inserted, result.updated) == (100, 100, 0)
     assert fetch_all(dst, f"SELECT {COLUMNS} FROM public.orders ORDER BY id") == _source_day(src)
