@@ -130,8 +130,6 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
             # per-chunk figures live in the ledger table and the task log; an XCom per chunk would only
             # add an API round trip to every task instance
             do_xcom_push=False,
-            # the catalog facts, read once by the plan (facts.py); PlainXComArg["key"] is the XCom of that key
-            catalog=plan.output["catalog"],  # type: ignore[index]
         ).expand(chunk=plan.output)
         last = load
         if spec.mode == "swap":

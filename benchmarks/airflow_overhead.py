@@ -321,7 +321,12 @@ def empty_chunk_work(src_url: str, dst_url: str, n: int) -> dict:
         }
         for i in range(n)
     ]
-    r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks})
+    # with what the example DAG's plan task hands its chunks: the run's identity
+    from benchmarks.ours import as_planned, spec_dict
+
+    spec = spec_dict()
+    chunks, _ = as_planned(spec, src_url, dst_url, chunks)
+    r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
     return {"seconds_per_chunk": r["seconds"] / n, "chunks": n}
 
 

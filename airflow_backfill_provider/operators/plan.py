@@ -60,7 +60,7 @@ class PlanBackfillOperator(BaseOperator):
         return (context.get("params") or {}).get(name)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        from airflow_backfill_provider import facts, identity, progress_log
+        from airflow_backfill_provider import identity, progress_log
         from airflow_backfill_provider.connections import close_all, connect, open_source
         from airflow_backfill_provider.planning import PLAN_STATEMENT_TIMEOUT_S, build_plan, preflight, resolve_range
         from airflow_backfill_provider.swap import ensure_parallel_table
@@ -92,8 +92,7 @@ class PlanBackfillOperator(BaseOperator):
                     src_conn=src,
                 )
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
-                per_range: dict = {}
-                for level, message in preflight(spec, plan, src, dst, carry=per_range):
+                for level, message in preflight(spec, plan, src, dst):
                     self.log.log(level, "%s", message)
                 if plan.chunks and not dry_run:
                     ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
@@ -136,8 +135,6 @@ class PlanBackfillOperator(BaseOperator):
             )
         if dry_run:
             return []
-        # read once here, re-used by every chunk after a fingerprint check (facts.py); {}: chunks read them
-        context["ti"].xcom_push(key="catalog", value=facts.carry(spec, per_range))
         mapped = identity.attach(mapped, backfill) if backfill is not None else mapped
         return progress_log.number(mapped, est_rows)
 
