@@ -38,10 +38,6 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
     :param spec: the backfill spec (dict or :class:`BackfillSpec`).
     :param chunk: a descriptor from the plan task: ``{"chunk_id", "start", "end"}`` (plus ``key`` for a
         key range), or a batch of chunks (``{"chunk_id", "batch"}``, batches.py) run one after the other.
-    :param catalog: catalog facts read earlier (``facts.carry``), re-used after a one-statement fingerprint
-        check per side (facts.py); without them the chunk reads both catalogs itself. The factory does not
-        pass them: pulled from XCom they cost a task instance more (~40 ms measured under ``dags test``) than
-        the catalog reads they save (~18 ms).
 
     Before the load probe, a chunk defers outside the spec's maintenance windows and while the source
     table is vacuumed or analyzed (operators/gates.py).
@@ -50,18 +46,10 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
     template_fields: Sequence[str] = ("chunk",)
     ui_color = "#dff0d8"
 
-    def __init__(
-        self,
-        *,
-        spec: dict[str, Any] | BackfillSpec,
-        chunk: dict[str, str],
-        catalog: dict[str, Any] | None = None,
-        **kwargs,
-    ) -> None:
+    def __init__(self, *, spec: dict[str, Any] | BackfillSpec, chunk: dict[str, str], **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
         self.chunk = chunk
-        self.catalog = catalog
 
     # --- source protection: probe -> (critical | wait deferred | pacing deferred) -> transfer --------
     #
@@ -253,7 +241,6 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 waited_load_s=run.waited_load_s,  # kept in the ledger row: the progress page shows the waits
                 waited_pacing_s=run.waited_pacing_s,
                 backfill=carried(spec, self.chunk),
-                catalog=self.catalog if isinstance(self.catalog, dict) else None,
             )
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
