@@ -24,6 +24,8 @@ import time
 import psycopg2
 import psycopg2.extensions
 
+from airflow_backfill_provider.interrupts import leave_signals_to_main_thread
+
 #: time a reachable server has, after its own statement_timeout, to report the cancel
 GRACE_S = 5.0
 
@@ -62,6 +64,7 @@ class _Watchdog:
             return False
 
     def _run(self) -> None:
+        leave_signals_to_main_thread()  # a signal must wake the main thread, not this one
         with self._cond:
             while True:
                 now = time.monotonic()

@@ -8,10 +8,27 @@ Classifying one as a database error would turn worker shutdown into a failure wi
 
 from __future__ import annotations
 
+import signal
+
+#: the signals that interrupt a chunk: SIGTERM (worker shutdown), SIGINT, SIGALRM (execution_timeout)
+_INTERRUPT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGALRM}
+
 
 class ChunkTerminated(BaseException):
     """The worker asked a running chunk to stop (SIGTERM on Airflow 3). Not an Exception, like Airflow's own
     interrupts, so no ``except Exception`` on the way swallows it; Airflow retries the task."""
+
+
+def leave_signals_to_main_thread() -> None:
+    """Block the interrupt signals in the calling helper thread, so the kernel delivers them to the main thread.
+
+    Python runs signal handlers in the main thread only, and only once its blocking system call returns. A
+    process-directed signal that the kernel hands to a helper thread instead (the COPY writer, blocked in libpq,
+    which retries on EINTR) interrupts nothing: the main thread stays blocked on the pipe until the source sends
+    more rows, which a slow or sleeping source may not do for minutes.
+    """
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere there is nothing to choose
+        signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPT_SIGNALS)
 
 
 def is_interrupt(err: BaseException) -> bool:

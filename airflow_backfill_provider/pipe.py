@@ -10,7 +10,7 @@ import os
 import threading
 
 from airflow_backfill_provider.exceptions import TransientChunkError
-from airflow_backfill_provider.interrupts import InterruptCatchingReader, is_interrupt
+from airflow_backfill_provider.interrupts import InterruptCatchingReader, is_interrupt, leave_signals_to_main_thread
 
 _PIPE_BUFFER = 1 << 20  # 1 MiB user-space buffer on each side of the pipe: few syscalls, flat memory
 
@@ -25,6 +25,7 @@ class _Writer(threading.Thread):
         self.rows = -1
 
     def run(self):
+        leave_signals_to_main_thread()  # the main thread, blocked reading the pipe, must see SIGTERM/SIGALRM
         out = os.fdopen(self.fd, "wb", buffering=_PIPE_BUFFER)
         try:
             self.cursor.copy_expert(self.statement, out, size=_PIPE_BUFFER)

@@ -7,9 +7,11 @@ DAGS_DIR (dag.test() on Airflow 3 serializes the DAGs folder), runs it, and prin
 Used by the interrupt tests: execution_timeout and SIGTERM arrive in this process, mid-chunk.
 """
 
+import faulthandler
 import json
 import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ dag = build_backfill_dag(
 
 
 def main() -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for our stacks when we hang
     dags, spec, conf, timeout_s = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     (dags / "spec.json").write_text(spec)
     (dags / "timeout_s").write_text(timeout_s)

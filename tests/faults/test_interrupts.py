@@ -76,20 +76,41 @@ def _world(src_url, dst_url, where: str, name: str):
 def _start(spec, timeout_s: float, dags_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     conf = {"start": DAY1.start.date().isoformat(), "end": DAY1.end.date().isoformat()}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(RUN_DAG),
-            str(dags_dir),
-            json.dumps(spec.model_dump(mode="json")),
-            json.dumps(conf),
-            str(timeout_s),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # output to a file, not a pipe: nobody reads a pipe while the test holds the chunk, and a full one would
+    # block the run's logging (the SIGTERM handler logs a stack) and so its reaction to the signal
+    log_path = dags_dir / f"run-{len(list(dags_dir.glob('run-*.log')))}.log"
+    with log_path.open("wb") as out:  # the run writes to its own copy of the descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(RUN_DAG),
+                str(dags_dir),
+                json.dumps(spec.model_dump(mode="json")),
+                json.dumps(conf),
+                str(timeout_s),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+def _stacks(proc: subprocess.Popen) -> str:
+    """The run's Python stacks, all threads (run_dag.py registers faulthandler on SIGUSR1), for a hang's report."""
+    if proc.poll() is not None:
+        return f"(the run had ended, exit {proc.returncode})"
+    before = len(_output(proc))
+    os.kill(proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "File " not in _output(proc)[before:]:
+        time.sleep(0.1)
+    return _output(proc)[before:]
 
 
 def _poll(predicate, what: str, timeout: float = 90):
@@ -106,12 +127,28 @@ def _sessions(url: str, appname: str, extra: str = "") -> int:
     return query(url, f"SELECT count(*) FROM pg_stat_activity WHERE application_name = %s {extra}", (appname,))[0][0]
 
 
-def _interrupted_try_left_nothing(inv: Invariants, appname: str) -> None:
-    """Once the interrupted try's sessions are gone: nothing of it is left in the destination."""
-    _poll(
-        lambda: _sessions(inv.dst, appname) == 0 and _sessions(inv.src, appname) == 0,
-        "the interrupted try's sessions to end",
+def _activity(url: str, appname: str) -> list:
+    return query(
+        url,
+        "SELECT state, wait_event_type, wait_event, now() - query_start, left(query, 200) "
+        "FROM pg_stat_activity WHERE application_name = %s",
+        (appname,),
     )
+
+
+def _interrupted_try_left_nothing(inv: Invariants, appname: str, proc: subprocess.Popen) -> None:
+    """Once the interrupted try's sessions are gone: nothing of it is left in the destination."""
+    try:
+        _poll(
+            lambda: _sessions(inv.dst, appname) == 0 and _sessions(inv.src, appname) == 0,
+            "the interrupted try's sessions to end",
+        )
+    except AssertionError as err:  # say where the run hangs: its sessions and its threads' stacks
+        raise AssertionError(
+            f"{err}\nsource sessions: {_activity(inv.src, appname)}\n"
+            f"destination sessions: {_activity(inv.dst, appname)}\nthe run's threads:\n{_stacks(proc)}\n"
+            f"run output:\n{_output(proc)[-6000:]}"
+        ) from None
     locks = query(
         inv.dst,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
@@ -126,7 +163,8 @@ def _finish(proc: subprocess.Popen, inv: Invariants) -> tuple[dict, str]:
     for url in (inv.src, inv.dst):  # let the retry run fast (the switch is on the side that was made slow)
         if query(url, "SELECT to_regclass('fault_switch') IS NOT NULL")[0][0]:
             query(url, "UPDATE fault_switch SET slow = false")
-    out, _ = proc.communicate(timeout=240)
+    proc.wait(timeout=240)
+    out = _output(proc)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert lines, f"run_dag.py printed no result (exit {proc.returncode}):\n{out[-4000:]}"
     return json.loads(lines[-1][len("RESULT ") :]), out
@@ -170,7 +208,8 @@ def _hold_mid_chunk(where: str, spec, inv: Invariants, appname: str, proc) -> No
     except AssertionError as err:
         if proc.poll() is None:
             proc.kill()
-        raise AssertionError(f"{err}; run output:\n{proc.communicate(timeout=60)[0][-5000:]}") from err
+            proc.wait(60)
+        raise AssertionError(f"{err}; run output:\n{_output(proc)[-5000:]}") from err
 
 
 @pytest.mark.parametrize("where", ["source", "destination"])
@@ -181,7 +220,7 @@ def test_execution_timeout_mid_chunk_rolls_back_and_is_retried(airflow_db, src_u
     proc = _start(spec, EXECUTION_TIMEOUT_S, tmp_path)
     try:
         _hold_mid_chunk(where, spec, inv, appname, proc)
-        _interrupted_try_left_nothing(inv, appname)  # the timeout fires by itself
+        _interrupted_try_left_nothing(inv, appname, proc)  # the timeout fires by itself
         result, out = _retried(spec, inv, *_finish(proc, inv), tmp_path)
     finally:
         if proc.poll() is None:
@@ -203,7 +242,7 @@ def test_sigterm_mid_chunk_rolls_back_and_is_retried(airflow_db, src_url, dst_ur
     try:
         _hold_mid_chunk(where, spec, inv, appname, proc)
         os.kill(proc.pid, signal.SIGTERM)
-        _interrupted_try_left_nothing(inv, appname)
+        _interrupted_try_left_nothing(inv, appname, proc)
         result, out = _retried(spec, inv, *_finish(proc, inv), tmp_path)
     finally:
         if proc.poll() is None:
