@@ -7,12 +7,49 @@ Memory is flat whatever the row count: rows are never in Python lists, only in t
 from __future__ import annotations
 
 import os
+import select
 import threading
 
 from airflow_backfill_provider.exceptions import TransientChunkError
 from airflow_backfill_provider.interrupts import InterruptCatchingReader, is_interrupt, leave_signals_to_main_thread
 
 _PIPE_BUFFER = 1 << 20  # 1 MiB user-space buffer on each side of the pipe: few syscalls, flat memory
+_WAKE_MS = 200  # longest the main thread blocks on the pipe before it looks at pending signals again
+
+
+class _PipeReader:
+    """The pipe's read end for ``copy_expert``: waits for rows in slices of at most ``_WAKE_MS``.
+
+    Python runs a signal's handler (SIGTERM, execution_timeout's SIGALRM) in the main thread, when a system
+    call returns EINTR or at its next bytecode check. A signal that lands in the instant between that check and
+    a blocking ``read()`` would wait until rows arrive, i.e. as long as the source stalls (seen: a SIGTERM
+    ignored for the 120 s of a sleeping source). Waiting in bounded slices handles it within ``_WAKE_MS``.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._poll.poll(_WAKE_MS):  # data, end of stream (POLLHUP) or an error: readable
+            pass  # back in the interpreter: a pending signal's handler runs here (the loop's bytecode check)
+        return os.read(self.fd, size if size > 0 else _PIPE_BUFFER)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _widen(fd: int) -> None:
+    """Grow the pipe to the buffer size (Linux), so one read takes up to 1 MiB of COPY data, not 64 KiB."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BUFFER)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size: default size
+        pass
 
 
 class _Writer(threading.Thread):
@@ -42,9 +79,10 @@ class _Writer(threading.Thread):
 def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]:
     """Pipe the source COPY into the destination COPY; returns (rows read, rows written)."""
     r, w = os.pipe()
+    _widen(w)
     writer = _Writer(src_conn.cursor(), copy_out_sql, w)
     writer.start()
-    reader = InterruptCatchingReader(os.fdopen(r, "rb", buffering=_PIPE_BUFFER))
+    reader = InterruptCatchingReader(_PipeReader(r))
     try:
         dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
         reader.close()
