@@ -104,6 +104,7 @@ def test_benchmark_produces_every_row(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.bench  # minutes of Airflow start-ups: `make bench-smoke`, not `make test`
 def test_benchmark_airflow_rows(tmp_path):
     """(5) and (8) need Airflow processes (a few minutes): GenericTransfer, `dags test` and a real scheduler."""
     from airflow_backfill_provider.compat import AIRFLOW_V_3

@@ -180,3 +180,56 @@ def test_key_ranges_check_their_key_range(tables, pg):
     assert path == "direct" and result.inserted == 200
     result, path = _load(spec, src, dst, lo_chunk)
     assert path == "staged" and result.unchanged == 100
+
+
+_LOCAL = {  # the time column's type -> how a local wall-clock time is written into it (%s: 'YYYY-MM-DD HH:MM:SS')
+    "timestamptz": "(%s::timestamp AT TIME ZONE current_setting('TimeZone'))",
+    "timestamp": "%s::timestamp",
+    "date": "%s::timestamp::date",
+}
+
+
+@pytest.mark.parametrize("tz", ["America/New_York", "Asia/Kolkata", "UTC"])
+@pytest.mark.parametrize("kind", ["timestamptz", "timestamp", "date"])
+def test_the_emptiness_check_follows_the_local_day_of_each_time_type(src_url, dst_url, pg, kind, tz):
+    """A row of a neighbouring local day leaves the range empty (straight in); one inside it does not (staged).
+
+    Both sides hold the time column as ``kind`` (a plain COPY needs no cast), read in the spec's timezone.
+    """
+    seed_orders(pg(src_url), rows=300, days=3, start=dt.date(2023, 1, 1))
+    create_orders(pg(dst_url))
+    local = "(created_at AT TIME ZONE %(tz)s)"
+    to_kind = {"timestamptz": "created_at", "timestamp": local, "date": f"{local}::date"}[kind]
+    for url in (src_url, dst_url):
+        with pg(url).cursor() as cur:
+            cur.execute(f"ALTER TABLE orders ALTER COLUMN created_at TYPE {kind} USING {to_kind}", {"tz": tz})
+    with pg(dst_url).cursor() as cur:
+        cur.execute("CREATE INDEX ON public.orders (created_at)")
+        cur.execute(f"SET TimeZone = '{tz}'")
+        # other keys at the last second before the local day and at its end: outside its range
+        for key, at in ((90_001, "2023-01-01 23:59:59"), (90_002, "2023-01-03 00:00:00")):
+            cur.execute(
+                f"INSERT INTO orders (id, customer_id, status, amount, created_at, updated_at)"
+                f" VALUES (%s, 1, 'new', 1, {_LOCAL[kind]}, now())",
+                (key, at),
+            )
+    pg(dst_url).commit()
+    spec = _spec(timezone=tz)
+    day = pendulum.datetime(2023, 1, 2, tz=tz)
+    chunk = Chunk("2023-01-02", day, day.add(days=1))
+    result, path = _load(spec, src_url, dst_url, chunk)
+    assert path == "direct", "a neighbouring local day's rows made the range look taken"
+    if kind == "date":
+        in_day, bounds = "created_at = %s", (day.date(),)
+    else:  # a timestamp holds local wall-clock times; a timestamptz compares as instants
+        lo, hi = (day.naive(), day.add(days=1).naive()) if kind == "timestamp" else (day, day.add(days=1))
+        in_day, bounds = "created_at >= %s AND created_at < %s", (lo, hi)
+    source_rows = fetch_all(src_url, f"SELECT {COLUMNS} FROM orders WHERE {in_day} ORDER BY id", bounds)
+    assert source_rows and result.inserted == len(source_rows)
+    assert fetch_all(dst_url, f"SELECT {COLUMNS} FROM orders WHERE id < 90000 ORDER BY id") == source_rows
+
+    # the next local day holds a row of another key (90_002 at its first instant): that range is not empty
+    nxt = Chunk("2023-01-03", day.add(days=1), day.add(days=2))
+    again, path = _load(spec, src_url, dst_url, nxt)
+    assert path == "staged", "a row inside the local day was missed by the emptiness check"
+    assert again.inserted > 0 and again.updated == 0
