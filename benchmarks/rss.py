@@ -22,6 +22,7 @@ TASKS = {
     "naive": "benchmarks.baselines:naive_loop",
     "generic_transfer": "benchmarks.baselines:generic_transfer",
     "ours": "benchmarks.ours:our_transfer",
+    "ours_batch": "benchmarks.ours:our_batch",
     "idle": "benchmarks.ours:idle",
 }
 
