@@ -27,8 +27,11 @@ Queries run per calendar month (and split at historical boundaries), so each sou
 short and under the spec's ``statement_timeout``; the source session is read-only. On a side whose time
 column is not in physical order (``pg_stats.correlation`` under 0.5; a destination without statistics
 yet follows the source) every month's statement would read pages from all over the table, so that side
-runs one statement over the whole range (still split at historical boundaries): one read of the table
-instead of one per month. The source and destination statements run at the same time (two sessions).
+runs one read of the whole range (still split at historical boundaries) instead of one per month. On
+PostgreSQL 14+ a plain table is read in slices of physical blocks (TID range scans, ~``SLICE_ROWS`` rows
+each, the last one open-ended), all in one REPEATABLE READ snapshot: each statement stays short and under
+``statement_timeout`` however large the table, and a row moved by a concurrent update is still counted
+exactly once. The source and destination statements run at the same time (two sessions).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 import pendulum
+import psycopg2.extensions
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl, drift, schema
@@ -288,12 +292,13 @@ def _first_date_at_or_after(p: str) -> sql.Composed:
     ).format(p=sql.Placeholder(p))
 
 
-def per_day_sql(side: SideQuery) -> sql.Composed:
+def per_day_sql(side: SideQuery, blocks: tuple[int, int | None] | None = None) -> sql.Composed:
     """``SELECT day, count(*), sum(..).., [checksum] FROM (<per row> FROM t WHERE <in [lo, hi)>) GROUP BY 1``.
 
     The day and the range test follow the time expression's own type, in the spec's timezone
     (parameter ``tz``; ``lo``/``hi`` are instants): a ``date`` is its local day (and is in the range
     when its local midnight is), a ``timestamp`` is local wall time, a ``timestamptz`` an instant.
+    ``blocks``: only the table's physical blocks ``[lo, hi)`` (hi None: to the end), see :func:`block_slices`.
     """
     v = side.time_expr
     if side.time_kind == "date":
@@ -325,17 +330,55 @@ def per_day_sql(side: SideQuery) -> sql.Composed:
         values.append(sql.SQL("{h} AS h").format(h=h))
         # order-independent: a sum of per-row hashes (numeric: no overflow)
         metrics.append(sql.SQL("sum(h)"))
+    where = [sql.SQL("{v} >= {lo} AND {v} < {hi}").format(v=v, lo=lo, hi=hi)]
+    if blocks is not None:
+        where.append(sql.SQL("ctid >= {b}::tid").format(b=sql.Literal(f"({blocks[0]},0)")))
+        if blocks[1] is not None:
+            where.append(sql.SQL("ctid < {b}::tid").format(b=sql.Literal(f"({blocks[1]},0)")))
     return sql.SQL(
-        "SELECT day, {metrics} FROM (SELECT {values} FROM {t} WHERE {v} >= {lo} AND {v} < {hi} OFFSET 0) AS r"
-        " GROUP BY 1"
+        "SELECT day, {metrics} FROM (SELECT {values} FROM {t} WHERE {where} OFFSET 0) AS r GROUP BY 1"
     ).format(
         metrics=sql.SQL(", ").join(metrics),
         values=sql.SQL(", ").join(values),
         t=sql.Identifier(*side.table.parts),
-        v=v,
-        lo=lo,
-        hi=hi,
+        where=sql.SQL(" AND ").join(where),
     )
+
+
+#: a side read whole is read in slices of about this many rows (block_slices)
+SLICE_ROWS = 2_000_000
+#: rows per block assumed for a table without statistics (narrow rows: slices err on the small side)
+_ROWS_PER_BLOCK_UNKNOWN = 100.0
+
+
+def _reads(slices: list[tuple[int, int | None]] | None) -> list[tuple[int, int | None] | None]:
+    """The statements of one segment: a slice each, or one over the whole table (None)."""
+    return [*slices] if slices else [None]
+
+
+def block_slices(conn, table: TableName) -> list[tuple[int, int | None]] | None:
+    """Physical block ranges ``[lo, hi)`` that cover ``table`` (the last one open-ended, for blocks added since),
+    each about ``SLICE_ROWS`` rows; None where one statement reads it: before PostgreSQL 14 (no TID range scan:
+    each slice would read the whole table), not a plain table (a view, a partitioned table), or one slice."""
+    if conn.server_version < 140000:
+        return None
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.relkind, c.relpages, c.reltuples::float8,"
+            " pg_relation_size(c.oid) / current_setting('block_size')::bigint"
+            " FROM pg_class c WHERE c.oid = to_regclass(%s)",
+            (sql.Identifier(*table.parts).as_string(cur),),
+        )
+        row = cur.fetchone()
+    if row is None or row[0] != "r":
+        return None
+    _, relpages, reltuples, blocks = row
+    per_block = reltuples / relpages if relpages > 0 and reltuples > 0 else _ROWS_PER_BLOCK_UNKNOWN
+    step = max(1, int(SLICE_ROWS / per_block))
+    if blocks <= step:
+        return None
+    starts = list(range(0, blocks, step))
+    return [(lo, lo + step) for lo in starts[:-1]] + [(starts[-1], None)]
 
 
 def source_query(
@@ -583,11 +626,18 @@ def validate_range(
         src_whole = bool(not spec.historical and _scattered(src_conn, spec.source, spec.time_column))
         dst_whole = _scattered(dst_conn, target, spec.time_column)
         dst_whole = src_whole if dst_whole is None else dst_whole
-        for side, table, whole in (("source", spec.source, src_whole), ("destination", target, dst_whole)):
+        src_slices = block_slices(src_conn, spec.source) if src_whole else None
+        dst_slices = block_slices(dst_conn, target) if dst_whole else None
+        for side, table, whole, slices, conn in (
+            ("source", spec.source, src_whole, src_slices, src_conn),
+            ("destination", target, dst_whole, dst_slices, dst_conn),
+        ):
             if whole:
-                _note(
-                    notes, f"{side} {table}: {spec.time_column} is not in physical order: one statement over the range"
-                )
+                how = f"{len(slices)} slices of its blocks in one snapshot" if slices else "one statement"
+                _note(notes, f"{side} {table}: {spec.time_column} is not in physical order: read whole, in {how}")
+            conn.rollback()  # the catalog reads above: the read below starts its own transaction
+            if slices:  # one snapshot for all slices: a row an update moves to another block is counted once
+                conn.isolation_level = psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ
         for conn in (src_conn, dst_conn):
             _pin_text_settings(conn)
         dest_cols = schema.table_columns(dst_conn, target, side="destination")
@@ -604,9 +654,10 @@ def validate_range(
 
         def run_destination() -> None:
             for seg in segments(spec, lo, hi, whole=dst_whole):
-                with dst_conn.cursor() as cur:
-                    cur.execute(per_day_sql(dst_side), params(seg))
-                    _add(dst_tally, cur.fetchall())
+                for blocks in _reads(dst_slices):
+                    with dst_conn.cursor() as cur:
+                        cur.execute(per_day_sql(dst_side, blocks), params(seg))
+                        _add(dst_tally, cur.fetchall())
 
         # the destination's statements run in a thread on their own session while the source's run here
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-destination") as pool:
@@ -622,11 +673,12 @@ def validate_range(
                         ),
                         typed_hash=typed,
                     )
-                    if i and pause:
-                        time.sleep(pause)  # pacing: the same lever the chunks use
-                    with src_conn.cursor() as cur:
-                        cur.execute(per_day_sql(src_side), params(seg))
-                        _add(src_tally, cur.fetchall())
+                    for j, blocks in enumerate(_reads(src_slices)):
+                        if (i or j) and pause:
+                            time.sleep(pause)  # pacing: the same lever the chunks use
+                        with src_conn.cursor() as cur:
+                            cur.execute(per_day_sql(src_side, blocks), params(seg))
+                            _add(src_tally, cur.fetchall())
             except BaseException:
                 dst_conn.cancel()  # do not wait for the destination's statements to fail the same way
                 raise
