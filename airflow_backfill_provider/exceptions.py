@@ -31,5 +31,9 @@ class ValidationFailed(BackfillError):
     """Source and destination differ by more than the fail threshold."""
 
 
+class ValidationTimeout(BackfillError):
+    """A validation statement ran past ``statement_timeout_s``: it would again on retry. Not retried."""
+
+
 class WatermarkError(BackfillError):
     """The requested range crosses the live-ingest watermark and the spec says to refuse."""

@@ -46,13 +46,14 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 import pendulum
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl, drift, schema
 from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.connections import close_all, open_destination, open_source
-from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
+from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError, ValidationTimeout
 from airflow_backfill_provider.spec import BackfillSpec, TableName
 from airflow_backfill_provider.source import source_for
 
@@ -349,6 +350,22 @@ def per_day_sql(side: SideQuery, blocks: tuple[int, int | None] | None = None) -
 SLICE_ROWS = 2_000_000
 #: rows per block assumed for a table without statistics (narrow rows: slices err on the small side)
 _ROWS_PER_BLOCK_UNKNOWN = 100.0
+
+
+def _read(conn, statement, params: dict, *, side: str, table: TableName, timeout_s: float) -> list:
+    """One validation statement; past the session's statement_timeout: a ValidationTimeout naming the fix."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall()
+    except psycopg2.errors.QueryCanceled as err:
+        if "statement timeout" not in str(err):
+            raise
+        raise ValidationTimeout(
+            f"validation's statement on the {side} table {str(table)!r} ran past statement_timeout_s "
+            f"({timeout_s:g} s), so would again on a retry: raise statement_timeout_s in the spec for a table this "
+            "size, or validate a shorter range (ValidateBackfillOperator start/end)"
+        ) from err
 
 
 def _reads(slices: list[tuple[int, int | None]] | None) -> list[tuple[int, int | None] | None]:
@@ -655,9 +672,15 @@ def validate_range(
         def run_destination() -> None:
             for seg in segments(spec, lo, hi, whole=dst_whole):
                 for blocks in _reads(dst_slices):
-                    with dst_conn.cursor() as cur:
-                        cur.execute(per_day_sql(dst_side, blocks), params(seg))
-                        _add(dst_tally, cur.fetchall())
+                    rows = _read(
+                        dst_conn,
+                        per_day_sql(dst_side, blocks),
+                        params(seg),
+                        side="destination",
+                        table=target,
+                        timeout_s=spec.statement_timeout_s,
+                    )
+                    _add(dst_tally, rows)
 
         # the destination's statements run in a thread on their own session while the source's run here
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-destination") as pool:
@@ -676,9 +699,15 @@ def validate_range(
                     for j, blocks in enumerate(_reads(src_slices)):
                         if (i or j) and pause:
                             time.sleep(pause)  # pacing: the same lever the chunks use
-                        with src_conn.cursor() as cur:
-                            cur.execute(per_day_sql(src_side, blocks), params(seg))
-                            _add(src_tally, cur.fetchall())
+                        rows = _read(
+                            src_conn,
+                            per_day_sql(src_side, blocks),
+                            params(seg),
+                            side="source",
+                            table=table,
+                            timeout_s=spec.statement_timeout_s,
+                        )
+                        _add(src_tally, rows)
             except BaseException:
                 dst_conn.cancel()  # do not wait for the destination's statements to fail the same way
                 raise

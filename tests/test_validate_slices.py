@@ -14,6 +14,7 @@ import pendulum
 import pytest
 
 from airflow_backfill_provider import validate
+from airflow_backfill_provider.exceptions import ValidationTimeout
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
 from tests.test_validate import ORDERS, make_spec
 
@@ -112,3 +113,17 @@ def test_rows_an_update_moves_between_slices_are_counted_once(scattered, pg, mon
     assert moved and moved[0] > 0
     assert sum(d.destination_rows for d in report.days) == 3000, "a moved row was counted twice (or lost)"
     assert report.status == PASS
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_statement_past_statement_timeout_fails_naming_the_fix(scattered, pg, side):
+    """A validation statement cut by statement_timeout_s would be cut again on a retry: a clear error instead."""
+    src, dst = scattered
+    with pg(src if side == "source" else dst).cursor() as cur:  # this side's read takes 3 s
+        cur.execute("ALTER TABLE public.orders RENAME TO orders_data")
+        cur.execute("CREATE VIEW public.orders AS SELECT o.* FROM orders_data o, (SELECT pg_sleep(3)) s")
+    spec = make_spec(statement_timeout_s=0.5)
+    with pytest.raises(ValidationTimeout) as raised:
+        validate_range(spec, START, END, source=src, destination=dst, store=False)
+    message = str(raised.value)
+    assert f"on the {side} table 'public.orders'" in message and "statement_timeout_s (0.5 s)" in message
