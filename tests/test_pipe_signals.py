@@ -3,7 +3,7 @@
 Python runs signal handlers in the main thread only, when a system call returns EINTR or at a bytecode
 check. A signal that trips the handler flag without interrupting the main thread's blocking read (it
 landed on another thread, or just before the read began) used to wait until the source sent more rows:
-a SIGTERM was ignored for the 120 s of a sleeping source (tests/faults/test_interrupts.py, 1 run in 34).
+a SIGTERM was ignored for the 120 s of a sleeping source (tests/faults/test_interrupts.py, 1 run in 40).
 """
 
 from __future__ import annotations
