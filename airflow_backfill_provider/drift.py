@@ -63,6 +63,8 @@ class ColumnPlan:
     check_types: list[tuple[str, str] | None] = field(default_factory=list)
     lossy: list[LossyCast] = field(default_factory=list)  # casts to verify value by value on the staging table
     changed: sql.Composable | None = None  # "a non-key column differs", exact per type (upsert predicate)
+    #: written columns that are GENERATED ALWAYS AS IDENTITY in the destination (the upsert overrides them)
+    identity_always: list[str] = field(default_factory=list)
 
     @property
     def filter_kind(self) -> str:
@@ -92,9 +94,9 @@ def plan_columns(
     the chunk path passes them; validation, which only reads the source, does not need them.
     """
     expressions = expressions or {}
-    wanted = spec.columns or [c.name for c in dest_cols]
     by_name = {c.name: c for c in dest_cols}
     src_names = {c.name for c in src_cols}
+    wanted, left_out = written_columns(spec, dest_cols, src_names, expressions)
     for required in (spec.time_column, *spec.key_columns):
         if required not in src_names and required not in expressions:
             raise PermanentChunkError(
@@ -123,6 +125,7 @@ def plan_columns(
             exprs.append(sql.SQL("NULL::{t}").format(t=type_sql))
             decisions.append(f"{name}: missing in source, loaded as NULL::{col.type_sql}")
         raws.append(raw)
+    decisions += left_out
     ignored = sorted(src_names - set(by_name))
     if ignored:
         decisions.append(f"source-only columns ignored: {ignored}")
@@ -143,10 +146,63 @@ def plan_columns(
         insert_exprs=[sql.Identifier(n) for n in wanted],
         dest_casts=[None] * len(wanted),
         check_types=[(by_name[n].type_sql, cast_type(by_name[n].type_sql)) for n in wanted],
+        identity_always=[n for n in wanted if by_name[n].identity == "a"],
     )
     if dest_types is not None and src_types is not None:
         _route(spec, plan, dest_types, src_types)
     return plan
+
+
+def written_columns(
+    spec: BackfillSpec, dest_cols: list[Column], src_names: set[str], expressions: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """The destination columns a chunk writes, and a decision line per column it leaves to the table.
+
+    A column the source range cannot give (not in the source, no historical expression) and the table
+    fills itself (a DEFAULT, an identity, a generated column) is left out of the write; a generated column
+    is never written (PostgreSQL refuses it). A column nothing fills (NOT NULL, no default, not in the
+    source) is refused here, before any chunk writes: every row would fail. Otherwise a missing column is
+    loaded as NULL (drift: the destination schema is the truth).
+    """
+    by_name = {c.name: c for c in dest_cols}
+    wanted = spec.columns or [c.name for c in dest_cols]
+    generated = [n for n in spec.columns or [] if by_name[n].generated]
+    if generated:
+        raise PermanentChunkError(
+            f"columns {generated} of the destination are GENERATED ALWAYS AS (...): PostgreSQL computes them and "
+            "refuses a written value; remove them from the spec's columns (the destination fills them)"
+        )
+    out: list[str] = []
+    notes: list[str] = []
+    for name in wanted:
+        col = by_name[name]
+        if col.generated:
+            notes.append(f"{name}: generated in the destination, not written (the destination computes it)")
+        elif name in src_names or name in expressions:
+            out.append(name)
+        elif col.filled_by_table:
+            what = "an identity" if col.identity else "a default"
+            notes.append(f"{name}: missing in source, not written: the destination fills it ({what})")
+        else:
+            out.append(name)
+    # NOT NULL and nothing fills it: left out of the write, or missing in the source (loaded as NULL)
+    unfilled = [
+        c.name
+        for c in dest_cols
+        if c.not_null
+        and not c.filled_by_table
+        and (c.name not in out or (c.name not in src_names and c.name not in expressions))
+    ]
+    if unfilled:
+        where = f"source table {spec.source_table!r}" + (" (or its historical ranges)" if spec.historical else "")
+        raise PermanentChunkError(
+            f"destination column(s) {unfilled} are NOT NULL without a default, and "
+            + ("not in the spec's columns" if spec.columns else f"missing in the {where}")
+            + ": every row would fail. Give them a default in the destination (ALTER TABLE ... ALTER COLUMN "
+            f"{unfilled[0]} SET DEFAULT ...), make them nullable, or load them: add them to the source, to a "
+            "historical range's expressions, or to columns:"
+        )
+    return out, notes
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")

@@ -143,14 +143,20 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
                 retry_delay=dt.timedelta(seconds=spec.retry_delay_s),
             )
         if spec.validation.enabled:
-            # runs when every chunk succeeded (after the merge in swap mode: it compares the live table);
-            # skipped with them on a dry run (no chunks)
+            # a run is green only when validation passed: it runs after the chunks (after the merge in swap
+            # mode: it compares the live table) also when the plan skipped every chunk as done in the ledger
+            # (zero mapped instances: load_chunk is skipped), and checks the whole planned range, so a ledger
+            # claim the destination no longer honours fails the run. none_failed: not after a failed chunk;
+            # plan as a direct upstream: a skipped-only upstream still lets it run. A dry run skips itself.
             # a passing (or only warning) validation emits the destination table's asset event (assets.py)
-            last >> ValidateBackfillOperator(
+            validate = ValidateBackfillOperator(
                 task_id="validate",
                 spec=spec_dict,
                 retries=1,
                 retry_delay=dt.timedelta(seconds=30),
                 outlets=[destination_asset(spec)],
+                trigger_rule="none_failed",
             )
+            plan >> validate
+            last >> validate
     return dag

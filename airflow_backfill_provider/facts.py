@@ -39,7 +39,8 @@ FINGERPRINT_SQL = (
     + """)
 SELECT md5(concat_ws('|', t.oid,
          (SELECT string_agg(concat_ws(',', a.attnum, a.attname, a.atttypid, a.atttypmod, a.attcollation,
-                                      a.attnotnull, a.attisdropped, a.attgenerated), ';' ORDER BY a.attnum)
+                                      a.attnotnull, a.attisdropped, a.attgenerated,
+                                      a.atthasdef, a.attidentity), ';' ORDER BY a.attnum)
             FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0),
          CASE WHEN %(keys)s THEN
          (SELECT string_agg(concat_ws(',', i.indexrelid, i.indkey, i.indnkeyatts, i.indimmediate, i.indisvalid,

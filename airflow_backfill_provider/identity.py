@@ -7,8 +7,14 @@ load ``orders_us`` and ``orders_eu`` into one ``orders`` are two backfills and e
     target      the destination relation the chunks write, resolved:  "public"."orders" -> public.orders
     key         sha256 over: source database (system identifier + current_database()), every resolved
                 source relation, the resolved destination, and what selects rows (time column, timezone,
-                historical ranges and their expressions)
-    description the same, as readable JSON (stored in the ledger next to the key)
+                historical ranges and their expressions); and what the ledger's "done" claims about the
+                destination as it physically is: the destination table's OID (a table dropped and
+                re-created is another table, whose rows nobody loaded) and what a chunk writes (per source
+                range, each written column with its destination type and what fills it from the source;
+                key and version columns, conflict policy, allowed lossy casts). A change in any of these
+                makes every range "not done" again: a rerun is cheap (an unchanged row is not rewritten).
+    description the same, as readable JSON (stored in the ledger next to the key); :func:`explain` says
+                why an earlier description's claims do not count for this one (the plan logs it)
 
 Relations are written ``format('%I.%I', schema, name)``: ``public.orders`` for ordinary names (the
 spelling the previous release stored for qualified names), unambiguous for names with dots or quotes.
@@ -116,7 +122,9 @@ def source_tables(spec: BackfillSpec) -> list[TableName]:
 
 
 def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = None) -> BackfillIdentity:
-    """The backfill ``spec`` describes, resolved on these sessions (two or three catalog lookups)."""
+    """The backfill ``spec`` describes, resolved on these sessions (a few catalog lookups)."""
+    from airflow_backfill_provider import schema
+
     target = resolve(dst_conn, spec.staging_target, side="destination", missing_ok=spec.mode == "swap")
     tables = source_tables(spec)
     with src_conn.cursor() as cur:
@@ -131,13 +139,88 @@ def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = N
     for rng in selection.get("historical", []):
         if rng.get("source_table"):
             rng["source_table"] = sources[str(TableName.parse(rng["source_table"]))]
+    # the live destination (swap mode: the parallel table is created LIKE it and merged into it)
+    dest_oid = schema.table_oid(dst_conn, spec.destination, side="destination")
+    dest_cols = schema.table_columns(dst_conn, spec.destination, side="destination")
+    src_cols = {str(t): schema.table_columns(src_conn, t, side="source") for t in {str(t): t for t in tables}.values()}
     description = {
         "source_database": _database_key(dbname, sysid, source_conn_id or spec.source_conn_id),
         "source": sources[str(spec.source)],
         "destination": target,
         "selection": selection,
+        "destination_oid": dest_oid,
+        "write": _write(spec, dest_cols, src_cols),
     }
     return _from_description(target, description)
+
+
+def _write(spec: BackfillSpec, dest_cols, src_cols: dict) -> dict:
+    """What a chunk writes, per source range: [[column, destination type, what fills it], ...]."""
+    from airflow_backfill_provider import drift
+
+    types = {c.name: c.type_sql for c in dest_cols}
+    ranges = [("", str(spec.source), {})] + [
+        (
+            str(r.until),
+            str(TableName.parse(r.source_table)) if r.source_table else str(spec.source),
+            r.column_expressions,
+        )
+        for r in spec.historical
+    ]
+    out = {}
+    for until, table, expressions in ranges:
+        src = {c.name: c.type_sql for c in src_cols[table]}
+        try:
+            written, _ = drift.written_columns(spec, dest_cols, set(src), expressions)
+        except PermanentChunkError:  # the plan's pre-flight names it; the identity only records what is
+            written = []
+        out[until or "current"] = [
+            [c, types[c], f"expr:{expressions[c]}" if c in expressions else (f"col:{src[c]}" if c in src else None)]
+            for c in written
+        ]
+    return {
+        "columns": out,
+        "key_columns": list(spec.key_columns),
+        "version_column": spec.version_column,
+        "conflict_policy": None if spec.version_column else spec.conflict_policy,
+        "allow_lossy_casts": spec.allow_lossy_casts,
+    }
+
+
+def explain(old: dict | None, new: dict) -> str | None:
+    """Why ledger rows recorded under ``old`` do not count as done for ``new``; None when ``old`` is another
+    backfill (another source or selection: its rows are its own, not a stale claim of this one)."""
+    if not isinstance(old, dict):
+        return None
+    if any(old.get(k) != new.get(k) for k in ("source_database", "source", "destination")):
+        return None
+    if json.dumps(old.get("selection"), sort_keys=True) != json.dumps(new.get("selection"), sort_keys=True):
+        return None
+    if "destination_oid" not in old:
+        return "recorded by an earlier release, which did not record which table and columns it wrote"
+    if old["destination_oid"] != new.get("destination_oid"):
+        return (
+            f"the destination table {new.get('destination')} was dropped and re-created since "
+            f"(oid {old['destination_oid']} then, {new.get('destination_oid')} now): the rows they claim are gone"
+        )
+    was, now = old.get("write") or {}, new.get("write") or {}
+    why = []
+    for field in ("key_columns", "version_column", "conflict_policy", "allow_lossy_casts"):
+        if was.get(field) != now.get(field):
+            why.append(f"{field} {was.get(field)!r} -> {now.get(field)!r}")
+    old_cols, new_cols = was.get("columns") or {}, now.get("columns") or {}
+    for rng in sorted(set(old_cols) | set(new_cols)):
+        a = {c[0]: c[1:] for c in old_cols.get(rng, [])}
+        b = {c[0]: c[1:] for c in new_cols.get(rng, [])}
+        where = "" if rng == "current" else f" (historical range until {rng})"
+        if set(b) - set(a):
+            why.append(f"column(s) {sorted(set(b) - set(a))} now written{where}")
+        if set(a) - set(b):
+            why.append(f"column(s) {sorted(set(a) - set(b))} no longer written{where}")
+        changed = sorted(c for c in set(a) & set(b) if a[c] != b[c])
+        if changed:
+            why.append(f"column(s) {changed} changed type or source{where}")
+    return "what a chunk writes changed: " + "; ".join(why) if why else "what a chunk writes changed"
 
 
 def _selection(spec: BackfillSpec) -> dict:

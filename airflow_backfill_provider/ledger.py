@@ -231,6 +231,31 @@ def done_rects(
         return out
 
 
+def other_claims(conn, ledger: TableName, backfill: BackfillIdentity, key_column: str | None = None):
+    """Ledger rows of the same target under another backfill key, grouped: [(description, rects)].
+
+    What the plan explains when a range it would have skipped before is loaded again (identity.explain):
+    e.g. the destination was re-created, or the columns written changed. Read-only."""
+    from airflow_backfill_provider.coverage import rect
+
+    if not is_current(conn, ledger):
+        return []
+    q = sql.SQL(
+        "SELECT backfill_key, backfill, range_start, range_end, key_column, key_lo, key_hi FROM {t}"
+        " WHERE target_table = %s AND backfill_key <> %s"
+    ).format(t=sql.Identifier(*ledger.parts))
+    groups: dict[str, tuple[dict | None, list]] = {}
+    with conn.cursor() as cur:
+        cur.execute(q, (backfill.target, backfill.key))
+        for key, description, a, b, col, lo, hi in cur.fetchall():
+            lo = None if lo is None or lo == KEY_MIN else lo
+            hi = None if hi is None or hi == KEY_MAX else hi
+            if (lo is not None or hi is not None) and col != key_column:
+                continue
+            groups.setdefault(key, (description, []))[1].append(rect(a, b, lo, hi))
+    return list(groups.values())
+
+
 def measured_rate(conn, ledger: TableName, target: str, *, last: int = 50) -> tuple[float, int] | None:
     """(rows/s, chunks) over the last ``last`` non-trivial chunks into ``target`` (resolved relation, any
     backfill): what auto sizing learns from."""

@@ -149,6 +149,7 @@ def build_plan(
         chunks = todo
         if skipped:
             notes.append(f"{len(skipped)} chunk(s) already in the ledger skipped (set reprocess to load them again)")
+        notes += _stale_claims(spec, dst_conn, backfill, todo)
     if backfill is None and dst_conn is not None and src_conn is not None:
         # no ledger yet, or reprocess: still recorded (the progress page selects the ledger rows by it)
         from airflow_backfill_provider.exceptions import PermanentChunkError
@@ -158,6 +159,28 @@ def build_plan(
         except PermanentChunkError:  # e.g. a missing source table: the plan's pre-flight names it, not this
             pass
     return Plan(lo, hi, granularity, chunks, skipped, wm, clipped, notes, backfill)
+
+
+def _stale_claims(spec: BackfillSpec, dst_conn, backfill, todo: list[Chunk]) -> list[str]:
+    """Why chunks the ledger records under an earlier description of this backfill are loaded again: the
+    ledger is a record of what was written, verified against the destination and spec as they are now."""
+    from airflow_backfill_provider import chunkplan, coverage, identity
+
+    if not todo:
+        return []
+    out = []
+    claims = ledger.other_claims(
+        dst_conn, TableName.parse(spec.ledger_table), backfill, key_column=spec.effective_key_column
+    )
+    for description, rects in claims:
+        why = identity.explain(description, backfill.description)
+        if why is None:
+            continue
+        done = coverage.Coverage(rects)
+        n = sum(1 for c in todo if chunkplan.is_done(done, c))
+        if n:
+            out.append(f"{n} chunk(s) the ledger records as loaded are not counted as done, and load again: {why}")
+    return out
 
 
 def _identity(spec: BackfillSpec, src_conn, dst_conn):

@@ -18,6 +18,14 @@ class Column:
     name: str
     type_sql: str  # format_type() output from the catalog, e.g. 'numeric(12,2)'
     not_null: bool = False
+    has_default: bool = False  # a DEFAULT expression (what the table fills when an INSERT leaves it out)
+    identity: str = ""  # pg_attribute.attidentity: 'a' GENERATED ALWAYS, 'd' BY DEFAULT, '' none
+    generated: str = ""  # pg_attribute.attgenerated: 's' stored (PostgreSQL 12+), 'v' virtual (18+), '' none
+
+    @property
+    def filled_by_table(self) -> bool:
+        """The table fills it when an INSERT or COPY leaves it out: a default, an identity, or generated."""
+        return self.has_default or bool(self.identity) or bool(self.generated)
 
 
 FIND_TABLE = """
@@ -34,10 +42,12 @@ _DESCRIBE = (
     + FIND_TABLE
     + """)
 SELECT t.oid,
-       (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull)
+       -- generated columns too: a source's can be read; a destination's is never written (drift.py)
+       (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                                         a.atthasdef AND a.attgenerated = '', a.attidentity, a.attgenerated)
                         ORDER BY a.attnum)
           FROM pg_attribute a
-         WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+         WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped),
        (SELECT json_agg(json_build_array(
                  ic.relname, con.conname,
                  -- key attributes only: INCLUDE columns (after indnkeyatts) are not part of the key

@@ -99,6 +99,7 @@ def upsert(
     conflict_policy: str,
     insert_exprs: Sequence[sql.Composable] | None = None,
     changed: sql.Composable | None = None,
+    identity_always: Sequence[str] = (),
 ) -> sql.Composed:
     """Stage -> destination, newer wins, and an unchanged row is never rewritten (no dead tuples on rerun).
 
@@ -111,6 +112,10 @@ def upsert(
     to count it cost ~7% of the statement's CPU on a first load (benchmarks/README.md).
     """
     non_keys = [c for c in columns if c not in keys]
+    # GENERATED ALWAYS AS IDENTITY columns written from the source: INSERT needs OVERRIDING SYSTEM VALUE
+    # (COPY needs nothing) and an UPDATE may only set them to DEFAULT, so they are never in the SET list
+    overriding = sql.SQL(" OVERRIDING SYSTEM VALUE") if any(c in identity_always for c in columns) else sql.SQL("")
+    set_cols = [c for c in non_keys if c not in identity_always]
     target = sql.Identifier("t")
     if changed is None:
         changed = sql.SQL("({tcols}) IS DISTINCT FROM ({ecols})").format(
@@ -123,17 +128,18 @@ def upsert(
             "EXCLUDED.{v} > t.{v} OR (t.{v} IS NULL AND EXCLUDED.{v} IS NOT NULL)"
             " OR (EXCLUDED.{v} IS NOT DISTINCT FROM t.{v} AND {changed})"
         ).format(v=v, changed=changed)
-        action = _do_update(non_keys, where)
+        action = _do_update(set_cols, where)
     elif conflict_policy == "backfill_wins":
-        action = _do_update(non_keys, changed)
+        action = _do_update(set_cols, changed)
     else:  # live_wins: a row already there (e.g. written by live ingest) is never touched
         action = sql.SQL("DO NOTHING")
-    if not non_keys:
+    if not set_cols:
         action = sql.SQL("DO NOTHING")
     select = sql.SQL(", ").join(insert_exprs) if insert_exprs else cols(columns)
-    return sql.SQL("INSERT INTO {dest} AS {t} ({c}) SELECT {s} FROM {stage} ON CONFLICT ({k}) {action}").format(
+    return sql.SQL("INSERT INTO {dest} AS {t} ({c}){o} SELECT {s} FROM {stage} ON CONFLICT ({k}) {action}").format(
         dest=ident(destination),
         t=target,
+        o=overriding,
         c=cols(columns),
         s=select,
         stage=sql.Identifier(stage),

@@ -28,7 +28,11 @@ def upsert_counted(
     if not first_write:
         cur.execute(q.xact_write_counts(), counters)
         ins0, upd0 = cur.fetchone()
-    extra = {"insert_exprs": plan.insert_exprs, "changed": plan.changed} if plan is not None else {}
+    extra = (
+        {"insert_exprs": plan.insert_exprs, "changed": plan.changed, "identity_always": plan.identity_always}
+        if plan is not None
+        else {}
+    )
     cur.execute(q.upsert(target, stage, columns, keys, version_column, conflict_policy, **extra))
     cur.execute(q.xact_write_counts(), counters)
     ins1, upd1 = cur.fetchone()

@@ -409,11 +409,13 @@ def source_query(
     notes: list[str],
     conn=None,
     comparable: dict[str, str] | None = None,
+    loaded: list[str] | None = None,
 ) -> SideQuery:
     """Source side: the transfer's table and column expressions (:func:`drift.plan_columns`), cast to
     the destination columns' comparable types (``comparable``, from :func:`comparable_types`; without
     it, to the destination types themselves); the time expression's type asked from the source (``conn``)."""
     plan = drift.plan_columns(spec, dest_cols, src_cols, expressions=expressions)
+    checked = [c for c in plan.columns if loaded is None or c in loaded]
     not_loaded = [c for c in spec.validation.sum_columns if c not in plan.columns]
     if not_loaded:
         raise PermanentChunkError(
@@ -438,9 +440,25 @@ def source_query(
         time_expr=plan.time_filter,
         time_kind=time_kind(conn, table, plan.time_filter),
         sums=tuple(value(c) for c in spec.validation.sum_columns),
-        row=tuple(value(c) for c in plan.columns) if spec.validation.checksum != "off" else (),
-        row_types=tuple(types.get(c) for c in plan.columns) if spec.validation.checksum != "off" else (),
+        row=tuple(value(c) for c in checked) if spec.validation.checksum != "off" else (),
+        row_types=tuple(types.get(c) for c in checked) if spec.validation.checksum != "off" else (),
     )
+
+
+def _loaded_columns(spec: BackfillSpec, dest_cols, src_conn, cache: dict) -> list[str]:
+    """The destination columns every source range writes (drift.written_columns): the checksum compares
+    these; a column the destination fills itself (a default, an identity, generated) is not the source's."""
+    ranges = [(spec.source, {})] + [
+        (TableName.parse(r.source_table) if r.source_table else spec.source, dict(r.column_expressions))
+        for r in spec.historical
+    ]
+    out: list[str] | None = None
+    for table, expressions in ranges:
+        if table not in cache:
+            cache[table] = schema.table_columns(src_conn, table, side="source")
+        written, _ = drift.written_columns(spec, dest_cols, {c.name for c in cache[table]}, expressions)
+        out = written if out is None else [c for c in out if c in written]
+    return out or []
 
 
 def destination_query(
@@ -449,6 +467,7 @@ def destination_query(
     dest_cols: list[schema.Column],
     conn=None,
     comparable: dict[str, str] | None = None,
+    loaded: list[str] | None = None,
 ) -> SideQuery:
     names = {c.name: c.type_sql for c in dest_cols}
     types = comparable or {}
@@ -464,7 +483,8 @@ def destination_query(
             f"its columns are {sorted(names)}"
         )
     t = sql.Identifier(spec.time_column)
-    loaded = spec.columns or [c.name for c in dest_cols]  # the transfer's column list (drift.plan_columns)
+    if loaded is None:  # the transfer's column list (drift.plan_columns): what every source range writes
+        loaded = spec.columns or [c.name for c in dest_cols if not c.generated]
     return SideQuery(
         table=table,
         time_expr=t,
@@ -662,8 +682,11 @@ def validate_range(
         dest_cols = schema.table_columns(dst_conn, target, side="destination")
         comparable = comparable_types(dst_conn, target)
         typed = checksum_method(src_conn, dst_conn) == "typed"
-        dst_side = replace(destination_query(spec, target, dest_cols, dst_conn, comparable), typed_hash=typed)
         src_cols_cache: dict[TableName, list[schema.Column]] = {}
+        loaded = _loaded_columns(spec, dest_cols, src_conn, src_cols_cache)
+        dst_side = replace(
+            destination_query(spec, target, dest_cols, dst_conn, comparable, loaded=loaded), typed_hash=typed
+        )
         src_tally: Tally = {}
         dst_tally: Tally = {}
         pause = spec.throttle.min_query_interval
@@ -694,7 +717,15 @@ def validate_range(
                         src_cols_cache[table] = schema.table_columns(src_conn, table, side="source")
                     src_side = replace(
                         source_query(
-                            spec, dest_cols, src_cols_cache[table], table, expressions, notes, src_conn, comparable
+                            spec,
+                            dest_cols,
+                            src_cols_cache[table],
+                            table,
+                            expressions,
+                            notes,
+                            src_conn,
+                            comparable,
+                            loaded=loaded,
                         ),
                         typed_hash=typed,
                     )

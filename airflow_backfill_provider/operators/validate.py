@@ -72,8 +72,24 @@ class ValidateBackfillOperator(BaseOperator):
         self.log.info("%s", report.format_table())
         totals = report.totals()
         if report.status == FAIL:
+            plan = self._plan(context) or {}
+            short = [d for d in report.ranked() if d.status == FAIL and d.destination_rows < d.source_rows]
+            # the plan trusted the ledger for some chunks: say so, the destination's state contradicts it
+            trusted = (
+                f"The plan skipped {plan['skipped_done']} chunk(s) the ledger records as loaded, and the destination "
+                f"holds {totals['destination_rows']} of {totals['source_rows']} source rows"
+                + (
+                    f" (e.g. {short[0].day.isoformat()}: {short[0].destination_rows} of {short[0].source_rows})"
+                    if short
+                    else ""
+                )
+                + ": the ledger's claims no longer hold (rows deleted or the table emptied since?). "
+                "Run again with reprocess=true over this range. "
+                if plan.get("skipped_done") and totals["destination_rows"] != totals["source_rows"]
+                else ""
+            )
             failure = ValidationFailed(
-                f"{totals['days_fail']} of {totals['days']} day(s) of {report.table} differ by more than "
+                trusted + f"{totals['days_fail']} of {totals['days']} day(s) of {report.table} differ by more than "
                 f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
                 f"({totals['worst_metric']} off by {totals['worst_diff']:.2%}); failed days: "
                 f"{', '.join(totals['failed_days'])}{' ...' if totals['failed_days_more'] else ''}. "
@@ -98,6 +114,12 @@ class ValidateBackfillOperator(BaseOperator):
 
         attach_extra(self, context, spec, event_extra(totals, dag_id=self.dag_id, run_id=run_id))
         return totals
+
+    def _plan(self, context) -> dict | None:
+        if self.start or self.end:
+            return None
+        plan = context["ti"].xcom_pull(task_ids=self.plan_task_id, key="plan")
+        return plan if isinstance(plan, dict) else None
 
     def _range(self, context) -> tuple[str, str]:
         if self.start or self.end:
