@@ -157,6 +157,7 @@ def build_backfill_dag(spec: dict[str, Any] | BackfillSpec, **dag_kwargs: Any) -
                 outlets=[destination_asset(spec)],
                 trigger_rule="none_failed",
             )
-            plan >> validate
+            if last is load:  # swap mode: the merge (none_failed) always runs, validate follows it
+                plan >> validate
             last >> validate
     return dag
