@@ -88,5 +88,21 @@ def run_type_of(context) -> str:
     return str(getattr(run_type, "value", run_type) or "manual")
 
 
+def pool_exists(name: str) -> bool | None:
+    """Whether the Airflow pool ``name`` exists; None when this process cannot tell.
+
+    Airflow 3 tasks cannot: the ORM is blocked in tasks, and neither the Task SDK nor the execution API has a
+    pool call (the REST API would need credentials a task does not have). On 2.11 tasks may use the ORM.
+    """
+    if AIRFLOW_V_3:
+        return None
+    from airflow.models.pool import Pool
+
+    try:
+        return Pool.get_pool(name) is not None
+    except Exception:  # noqa: BLE001 - no metadata DB here (a task run outside Airflow): cannot tell
+        return None
+
+
 #: Airflow 3.3 takes a backoff multiplier (float); 2.11 takes a bool (doubling).
 EXPONENTIAL_BACKOFF = 2.0 if AIRFLOW_V_3 else True

@@ -64,7 +64,19 @@ def resolve_range(
     interval_start,
     interval_end,
 ) -> tuple[pendulum.DateTime, pendulum.DateTime]:
-    """Params win when given; scheduled/backfill runs use their data interval; a bare manual run is an error."""
+    """Params win when given; scheduled/backfill runs use their data interval; a bare manual run is an error.
+
+    A backfill run with ``start``/``end`` is refused, not served: a backfill gives every run the same conf,
+    so each run would load the same range; ignoring them would instead load ranges other than the user typed.
+    """
+    if run_type == "backfill" and (param_start or param_end):
+        raise PlanError(
+            f"a backfill run loads its own data interval, but the params start={param_start!r} and "
+            f"end={param_end!r} are set, and every run of the backfill gets the same ones (each run would load "
+            "that range again). Leave start and end empty in backfill mode (the Backfill form, or "
+            "--dag-run-conf without them): the backfill's from/to dates choose the range; or trigger one manual "
+            "run with start and end instead of a backfill"
+        )
     if param_start or param_end:
         if not (param_start and param_end):
             missing = "end" if param_start else "start"

@@ -119,6 +119,10 @@ def airflow_db():
     proc = subprocess.run([str(airflow_bin), "db", "migrate"], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    # the specs' default pool: on Airflow 2.11 the plan task refuses a missing pool
+    subprocess.run(
+        [str(airflow_bin), "pools", "set", "backfill_source", "4", "test"], capture_output=True, check=True, timeout=300
+    )
     return os.environ["AIRFLOW_HOME"]
 
 

@@ -39,3 +39,23 @@ def test_dry_run_writes_nothing(example_dag, dst_url):
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(0,)]
     # nothing written at all: not even the ledger table was created
     assert fetch_all(dst_url, "SELECT to_regclass('backfill_ledger') IS NULL") == [(True,)]
+
+
+def test_a_missing_pool_fails_the_plan_naming_it_on_airflow_2(example_dag, dst_url, caplog, capsys):
+    """Airflow 2.11 (tasks may use the ORM there): the plan task fails at once naming the pool and the command,
+    and no chunk runs. Airflow 3 tasks cannot read pools (compat.pool_exists): the plan only logs the command."""
+    import yaml
+
+    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.factory import build_backfill_dag
+
+    if AIRFLOW_V_3:
+        pytest.skip("Airflow 3 tasks cannot read pools; see compat.pool_exists")
+    spec = yaml.safe_load((REPO / "dags" / "configs" / "orders.yaml").read_text())
+    dag = build_backfill_dag({**spec, "name": "orders_no_pool", "pool": "no_such_pool"})
+    run = dag.test(run_conf={"start": "2023-01-01", "end": "2023-01-03"})
+    out = caplog.text + capsys.readouterr().out
+    assert str(getattr(run.state, "value", run.state)) == "failed"
+    assert "pool 'no_such_pool' (spec key 'pool') does not exist" in out
+    assert 'airflow pools set no_such_pool 4 "source slots for backfills" --include-deferred' in out
+    assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(0,)]

@@ -31,7 +31,7 @@ def test_params_win_over_the_data_interval():
         spec,
         param_start="2024-01-01",
         param_end="2024-02-01",
-        run_type="backfill",
+        run_type="scheduled",
         interval_start=pendulum.datetime(2020, 1, 1),
         interval_end=pendulum.datetime(2020, 1, 2),
     )
@@ -49,6 +49,23 @@ def test_backfill_runs_use_their_data_interval():
         interval_end=pendulum.datetime(2024, 3, 11, 4, tz="UTC"),
     )
     assert lo.isoformat() == "2024-03-10T00:00:00-05:00" and hi.isoformat() == "2024-03-11T00:00:00-04:00"
+
+
+@pytest.mark.parametrize("start, end", [("2024-01-01", "2024-02-01"), ("2024-01-01", None), (None, "2024-02-01")])
+def test_a_backfill_run_refuses_start_and_end(start, end):
+    """Every run of a backfill gets the same conf: start/end would load one range N times, so they are refused
+    naming the params and the fix."""
+    with pytest.raises(PlanError) as err:
+        resolve_range(
+            load_spec(SPEC),
+            param_start=start,
+            param_end=end,
+            run_type="backfill",
+            interval_start=pendulum.datetime(2020, 1, 1),
+            interval_end=pendulum.datetime(2020, 1, 2),
+        )
+    assert f"start={start!r}" in str(err.value) and f"end={end!r}" in str(err.value)
+    assert "Leave start and end empty in backfill mode" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ def airflow_env(tmp_path_factory):
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([AIRFLOW, "pools", "set", "backfill_source", "4", "test"], env=env, check=True, capture_output=True)
     return env
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from airflow_backfill_provider.compat import AirflowFailException, BaseOperator, run_type_of
+from airflow_backfill_provider.compat import AirflowFailException, BaseOperator, pool_exists, run_type_of
 from airflow_backfill_provider.exceptions import BackfillError, PlanError
 from airflow_backfill_provider.spec import BackfillSpec, load_spec
 
@@ -59,6 +59,18 @@ class PlanBackfillOperator(BaseOperator):
             return given
         return (context.get("params") or {}).get(name)
 
+    def _check_pool(self, pool: str) -> None:
+        """Fail at once if the chunks' pool is missing: the scheduler would leave them 'scheduled' forever."""
+        fix = f'airflow pools set {pool} 4 "source slots for backfills" --include-deferred'
+        exists = pool_exists(pool)
+        if exists is False:
+            raise AirflowFailException(
+                f"the Airflow pool {pool!r} (spec key 'pool') does not exist: the chunks would stay "
+                f"'scheduled' forever. Create it, then clear this task: {fix}"
+            )
+        if exists is None:  # Airflow 3: a task cannot read pools (compat.pool_exists)
+            self.log.info("Chunks run in the Airflow pool %r; if they stay 'scheduled', it is missing: %s", pool, fix)
+
     def execute(self, context: Context) -> list[dict[str, Any]]:
         from airflow_backfill_provider import identity, progress_log
         from airflow_backfill_provider.connections import close_all, connect, open_source
@@ -66,6 +78,8 @@ class PlanBackfillOperator(BaseOperator):
         from airflow_backfill_provider.swap import ensure_parallel_table
 
         spec = load_spec(self.spec)
+        if context.get("dag_run") is not None:  # only a DAG run queues chunks in the pool
+            self._check_pool(spec.pool)
         try:
             dry_run = _truthy(self._param(context, "dry_run", self.plan_only), what="dry_run")
             reprocess = _truthy(self._param(context, "reprocess", self.reprocess), what="reprocess")
