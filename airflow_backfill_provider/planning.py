@@ -226,6 +226,8 @@ def preflight(
         if carry is not None:
             carry[facts.key(spec, chunk)] = read
         src_table, cplan = facts.plan_from(swap.as_live(spec), read, chunk)
+        if not lines and (coarse := coarse_version(spec, cplan)):
+            lines.append((logging.WARNING, coarse))
         timebounds.check_granularity(cplan.filter_kind, plan.granularity, column=spec.time_column)  # a param override
         lines += [
             (logging.INFO, f"Schema decision for {chunk.chunk_id} (from {src_table}): {d}") for d in cplan.decisions
@@ -256,3 +258,25 @@ def preflight(
         if warning:
             lines.append((logging.WARNING, warning))
     return lines
+
+
+def coarse_version(spec: BackfillSpec, cplan) -> str | None:
+    """A warning when the version column ties often: a ``date`` (or whole-second timestamp) version makes
+    two writes of one day (second) equal, and on a tie with different content the upsert cannot tell which
+    is newer: the backfill's copy rewrites the row, possibly over live ingest's later write."""
+    v = spec.version_column
+    if not v or v not in cplan.columns:
+        return None
+    type_sql = cplan.types[cplan.columns.index(v)]
+    if type_sql == "date":
+        unit = "day"
+    elif type_sql.startswith(("timestamp(0)", "time(0)")):
+        unit = "second"
+    else:
+        return None
+    return (
+        f"version_column {v!r} is {type_sql}: two versions of a row within one {unit} are equal, and on such a tie "
+        "with different content the backfill's copy wins (it may overwrite a later write of live ingest made the "
+        f"same {unit}). Prefer a finer version column (timestamptz with microseconds, or a counter); see "
+        "docs/live-and-swap.md"
+    )

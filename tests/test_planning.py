@@ -141,3 +141,36 @@ def test_plan_clips_to_or_refuses_the_live_watermark(dst_url, pg):
     with pytest.raises(WatermarkError, match="after the live watermark"):
         build_plan(_spec("s", dst_url, watermark={"policy": "refuse"}), "2024-01-01", "2024-01-10", dst_conn=conn)
     assert build_plan(spec, "2024-01-05", "2024-01-10", dst_conn=conn).chunks == []
+
+
+@pytest.mark.parametrize(
+    "version_type, warned",
+    [("date", True), ("timestamp(0) with time zone", True), ("timestamptz", False), ("bigint", False)],
+)
+def test_a_coarse_version_column_is_warned_about(version_type, warned, src_url, dst_url, pg):
+    """A date (or whole-second) version ties within a day (second): the plan says what that costs."""
+    import logging
+
+    from airflow_backfill_provider.planning import preflight
+
+    for url in (src_url, dst_url):
+        pg(url).cursor().execute(
+            f"DROP TABLE IF EXISTS coarse; CREATE TABLE coarse (id bigint PRIMARY KEY, d date NOT NULL, v {version_type})"
+        )
+    spec = load_spec(
+        dict(
+            name="coarse",
+            source_conn_id=src_url,
+            destination_conn_id=dst_url,
+            source_table="coarse",
+            destination_table="coarse",
+            time_column="d",
+            key_columns=["id"],
+            version_column="v",
+            granularity="day",
+        )
+    )
+    plan = build_plan(spec, "2024-01-01", "2024-01-03")
+    src, dst = pg(src_url), pg(dst_url)
+    warnings = [m for level, m in preflight(spec, plan, src, dst) if level == logging.WARNING and "version_column" in m]
+    assert bool(warnings) == warned, warnings
