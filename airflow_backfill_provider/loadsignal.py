@@ -332,10 +332,11 @@ def add_latency(sample, conn, spec, appname: str, *, destination: str | None = N
     """The chunk's probe, extended: a window on the chunk's own source session, rated against the
     baseline learned in the destination (``destination``: a DSN in place of the spec's connection id).
 
-    With ``throttle.watch_reads`` (the default) the read is watched on full ``load_window_s`` windows
-    (throttle.ReadWatch), so the start only needs a short look: a ``start_window_s`` window rated against
-    the stored baseline, which it does not lower. The first chunk of a source (no baseline stored yet)
-    samples a full window and learns from it, as without the watch."""
+    With ``throttle.watch_reads`` (the default) the read itself is watched on full ``load_window_s`` windows,
+    which also lower the baseline (throttle.ReadWatch), so the start only takes a short look: a
+    ``start_window_s`` window rated against the stored baseline. It seeds the baseline when none is stored
+    yet, and does not lower a stored one (the minimum of short windows would be biased low). A window that
+    measured nothing (too few transactions: an idle source) costs no destination session."""
     from airflow_backfill_provider.connections import close_all, connect
 
     throttle = spec.throttle
@@ -355,13 +356,18 @@ def add_latency(sample, conn, spec, appname: str, *, destination: str | None = N
         finally:
             close_all(c)
 
-    if throttle.watch_reads:
-        c = dst()
-        try:
-            stored = read_baseline(c, throttle.baseline_table, spec.source_conn_id)
-        finally:
-            close_all(c)
-        if stored is not None:
-            short = min(throttle.start_window_s, throttle.load_window_s)
-            return dataclasses.replace(sample, **measure(conn, throttle, baseline=stored, window_s=short))
-    return dataclasses.replace(sample, **measure(conn, throttle, learn=learn))
+    if not throttle.watch_reads:
+        return dataclasses.replace(sample, **measure(conn, throttle, learn=learn))
+    c = dst()
+    try:
+        stored = read_baseline(c, throttle.baseline_table, spec.source_conn_id)
+    finally:
+        close_all(c)
+
+    def seed(window: LoadWindow) -> Baseline:
+        if window.xact_latency_ms is None or stored is not None:
+            return stored or Baseline()
+        return learn(window)
+
+    short = min(throttle.start_window_s, throttle.load_window_s)
+    return dataclasses.replace(sample, **measure(conn, throttle, learn=seed, window_s=short))

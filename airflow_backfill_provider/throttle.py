@@ -603,6 +603,25 @@ class ReadWatch:
         finally:
             close_all(dst)
 
+    def _learn(self, window):
+        """The baseline to rate ``window`` against; lowered (in the destination) by a full window quieter than it.
+
+        Windows taken during the read include this chunk's own load, so they can only err high, and the
+        stored baseline only ever goes down (loadsignal.learn_baseline)."""
+        from airflow_backfill_provider.connections import close_all
+        from airflow_backfill_provider.loadsignal import Baseline, learn_baseline
+
+        base = self._baseline
+        x = window.xact_latency_ms
+        quieter = x is not None and (base is None or base.xact_latency_ms is None or x < base.xact_latency_ms)
+        if quieter and self.throttle.latency_baseline_ms is None and self._open_destination is not None:
+            dst = self._open_destination()
+            try:
+                self._baseline = learn_baseline(dst, self.throttle.baseline_table, self._baseline_key, window)
+            finally:
+                close_all(dst)
+        return self._baseline or Baseline()
+
     def _check(self, stop: threading.Event) -> tuple[Decision, LoadSample | None]:
         try:
             if not self._baseline_read:
@@ -614,9 +633,7 @@ class ReadWatch:
             if self.throttle.max_latency_ratio is not None:
                 from airflow_backfill_provider.loadsignal import measure
 
-                sample = dataclasses.replace(
-                    sample, **measure(conn, self.throttle, baseline=self._baseline, stop=stop)
-                )
+                sample = dataclasses.replace(sample, **measure(conn, self.throttle, learn=self._learn, stop=stop))
                 # "chunks of ours reading" means others: this chunk's own COPY is the one being watched
                 sample = dataclasses.replace(sample, own_active=max(0, sample.own_active - 1))
             self.checks += 1

@@ -26,6 +26,9 @@ from tests.seed import ORDERS_SPEC, create_orders, seed_orders
 
 ROWS = 300_000
 CHUNK = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
+#: rows a blocked source may still send while paused: TCP receive buffers compact and grow a little under a
+#: zero window (a few hundred rows in a second were seen); unpaused, it sends tens of thousands per second
+TRICKLE = 2000
 #: sleepers > max_active: the source is "busy" for the watch
 MAX_ACTIVE = 2
 SLEEPERS = 3
@@ -85,9 +88,36 @@ def source_blocked_on_socket(src) -> bool:
     ) == [(1,)]
 
 
+def source_rows_sent(src) -> int | None:
+    """Rows the chunk's COPY has produced on the source so far (pg_stat_progress_copy, PostgreSQL 14+)."""
+    rows = fetch_all(
+        src,
+        "SELECT p.tuples_processed FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+        "WHERE p.datname = current_database() AND p.command = 'COPY TO' AND a.application_name LIKE 'backfill:%%'",
+    )
+    return rows[0][0] if rows else None
+
+
+def stays_still(src, seconds: float) -> tuple[int | None, int | None]:
+    """The source COPY's row count now and after ``seconds`` (the pause's duration, not a wait for a condition)."""
+    before = source_rows_sent(src)
+    time.sleep(seconds)
+    return before, source_rows_sent(src)
+
+
+def source_stopped(src) -> bool:
+    """The source's COPY is blocked on its socket and sent no row for 0.3 s: the paused read has filled the
+    pipe's and the sockets' buffers (a moment after the pause began, the source still fills them)."""
+    if not source_blocked_on_socket(src):
+        return False
+    before, after = stays_still(src, 0.3)
+    return before is not None and after is not None and after - before <= TRICKLE
+
+
 def our_sessions(url) -> int:
     return fetch_all(
-        url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'backfill:%%'"
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'backfill:%%'",
     )[0][0]
 
 
@@ -117,8 +147,11 @@ def test_a_read_pauses_while_the_source_is_busy_and_resumes_when_the_load_goes_a
     with Sleepers(source, SLEEPERS) as load:
         chunk = Background(spec)
         wait_for("the watch paused the read", lambda: logged(caplog, "read paused"))
-        wait_for("the source's COPY waits on its socket", lambda: source_blocked_on_socket(source))
-        time.sleep(held_s)  # the load's duration (not a wait for a condition): the read stays paused meanwhile
+        wait_for("the source's COPY stopped on its socket", lambda: source_stopped(source))
+        before, after = stays_still(source, held_s)  # the load lasts held_s more; the source does no work meanwhile
+        assert before is not None and after is not None and after - before <= TRICKLE and after < ROWS, (
+            f"the source's COPY went on: {before} -> {after} rows"
+        )
         assert chunk.thread.is_alive(), "the chunk ended while the source was busy: its read was not paused"
         assert source_blocked_on_socket(source)
         load.end()
@@ -171,10 +204,12 @@ def test_an_interrupt_during_a_pause_ends_the_chunk_promptly_and_leaves_no_sessi
     caplog.set_level(logging.INFO, logger="airflow_backfill_provider")
     spec = spec_for(source, dst)
     sent: list[float] = []
+    held: list[tuple] = []
 
     def terminate():  # like the worker's SIGTERM, once the read is paused and the source blocked
         wait_for("the watch paused the read", lambda: logged(caplog, "read paused"))
-        wait_for("the source's COPY waits on its socket", lambda: source_blocked_on_socket(source))
+        wait_for("the source's COPY stopped on its socket", lambda: source_stopped(source))
+        held.append(stays_still(source, 0.5))  # paused: the source produces no rows meanwhile
         sent.append(time.monotonic())
         signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
@@ -193,6 +228,10 @@ def test_an_interrupt_during_a_pause_ends_the_chunk_promptly_and_leaves_no_sessi
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert sent, "the helper never saw the pause"
+    before, after = held[0]
+    assert before is not None and after is not None and after - before <= TRICKLE and after < ROWS, (
+        f"not paused when signalled: {before} -> {after} rows"
+    )
     assert ended - sent[0] < 5, f"the chunk took {ended - sent[0]:.1f} s to end after SIGTERM"
     wait_for("no session of ours left on the source", lambda: our_sessions(source) == 0, timeout=10)
     wait_for("no session of ours left on the destination", lambda: our_sessions(dst) == 0, timeout=10)
