@@ -52,7 +52,8 @@ _ACTIVITY = sql.SQL(
            count(*) FILTER (WHERE NOT ours AND backend_xid IS NOT NULL),
            count(*) FILTER (WHERE NOT ours AND (wait_event_type = 'IO'
                                                 OR (wait_event_type = 'LWLock' AND wait_event LIKE 'WAL%%'))),
-           count(*) FILTER (WHERE ours AND state = 'active' AND upper(left(ltrim(query), 4)) = 'COPY')
+           count(*) FILTER (WHERE ours AND state = 'active' AND upper(left(ltrim(query), 4)) = 'COPY'
+                            AND position('TO STDOUT' IN upper(query)) > 0)
       FROM (SELECT *, coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false) AS ours
               FROM pg_stat_activity
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS a
@@ -84,8 +85,9 @@ class LoadWindow:
     in_xact: float
     #: average sessions waiting on IO or WAL server-wide (ours excluded)
     io_wal_waits: float
-    #: our own chunks reading the source (sessions named backfill:* running a COPY; the most seen in the
-    #: window; other chunks' probe windows are not reading)
+    #: our own chunks reading the source (sessions named backfill:* running a COPY ... TO STDOUT; the most
+    #: seen in the window; other chunks' probe windows, and their destination COPY FROM STDIN when the
+    #: destination is the same server, are not reading)
     own_active: int
     window_s: float
     #: transaction ids assigned per second over the window (writing transactions, server-wide)
@@ -105,8 +107,18 @@ def _canary_burst(cur, n: int) -> list[float]:
     return out
 
 
+class WindowStopped(Exception):
+    """``sample_window`` was asked to stop before the window ended (throttle.ReadWatch stopping)."""
+
+
 def sample_window(
-    conn, *, window_s: float = 2.0, samples: int = 10, burst: int = 3, exclude_application_prefix: str = "backfill:"
+    conn,
+    *,
+    window_s: float = 2.0,
+    samples: int = 10,
+    burst: int = 3,
+    exclude_application_prefix: str = "backfill:",
+    stop=None,
 ) -> LoadWindow:
     """Sample the whole source server for about ``window_s`` seconds on ``conn``; leave it idle.
 
@@ -114,7 +126,8 @@ def sample_window(
     ``pg_stat_activity`` sample; the server-wide transaction counter at both ends. It all runs in one
     transaction, so the window adds one transaction to the count it measures, not one per statement.
     The pauses between samples are what makes it a window: a single snapshot is what made the old
-    probe blind.
+    probe blind. ``stop``: a ``threading.Event``; once set, the window ends at its next pause with
+    :class:`WindowStopped`.
     """
     autocommit = conn.autocommit
     if autocommit:
@@ -146,7 +159,11 @@ def sample_window(
                 waits.append(w)
                 own = max(own, o)
                 if i < samples - 1:
-                    time.sleep(max(0.0, gap - (time.monotonic() - s0)))  # spreads the samples; not a wait for load
+                    pause = max(0.0, gap - (time.monotonic() - s0))  # spreads the samples; not a wait for load
+                    if stop is None:
+                        time.sleep(pause)
+                    elif stop.wait(pause):
+                        raise WindowStopped("the window was stopped")
             cur.execute(_XACTS)
             (x1, id1), t1 = cur.fetchone(), time.monotonic()
     finally:
@@ -247,13 +264,44 @@ def learn_baseline(conn, table, key: str, window: LoadWindow) -> Baseline:
     return Baseline(xact_latency_ms=x, canary_ms=c)
 
 
+def read_baseline(conn, table, key: str) -> Baseline | None:
+    """The stored baseline of ``key``, without lowering it; None when none is stored (or no table yet).
+
+    ``conn``: a destination connection; left idle (its transaction is rolled back)."""
+    from airflow_backfill_provider.spec import TableName
+
+    table = TableName.parse(table)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (str(table),))
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute(
+                sql.SQL("SELECT xact_latency_ms, canary_ms FROM {t} WHERE source_key = %s").format(
+                    t=sql.Identifier(*table.parts)
+                ),
+                (key,),
+            )
+            row = cur.fetchone()
+    finally:
+        conn.rollback()
+    return None if row is None or row[0] is None else Baseline(xact_latency_ms=row[0], canary_ms=row[1])
+
+
 def soft_ratio(max_ratio: float) -> float:
     """Half-way to the budget: above it only one chunk of ours may read the source at a time."""
     return 1.0 + (max_ratio - 1.0) / 2.0
 
 
 def measure(
-    conn, throttle, *, baseline: Baseline | None = None, learn=None, exclude_application_prefix: str = "backfill:"
+    conn,
+    throttle,
+    *,
+    baseline: Baseline | None = None,
+    learn=None,
+    exclude_application_prefix: str = "backfill:",
+    window_s: float | None = None,
+    stop=None,
 ) -> dict[str, Any]:
     """Sample a window on the source ``conn`` and rate it against the baseline.
 
@@ -261,7 +309,12 @@ def measure(
     (the trigger: the one the chunk read before it deferred); ``throttle.latency_baseline_ms`` overrides
     its transaction latency. Returns the LoadSample fields ``latency_ratio``, ``own_active`` and ``window``.
     """
-    window = sample_window(conn, window_s=throttle.load_window_s, exclude_application_prefix=exclude_application_prefix)
+    window = sample_window(
+        conn,
+        window_s=window_s or throttle.load_window_s,
+        exclude_application_prefix=exclude_application_prefix,
+        stop=stop,
+    )
     if learn is not None:
         baseline = learn(window)
     baseline = baseline or Baseline()
@@ -277,19 +330,44 @@ def measure(
 
 def add_latency(sample, conn, spec, appname: str, *, destination: str | None = None):
     """The chunk's probe, extended: a window on the chunk's own source session, rated against the
-    baseline learned in the destination (``destination``: a DSN in place of the spec's connection id)."""
+    baseline learned in the destination (``destination``: a DSN in place of the spec's connection id).
+
+    With ``throttle.watch_reads`` (the default) the read itself is watched on full ``load_window_s`` windows,
+    which also lower the baseline (throttle.ReadWatch), so the start only takes a short look: a
+    ``start_window_s`` window rated against the stored baseline. It seeds the baseline when none is stored
+    yet, and does not lower a stored one (the minimum of short windows would be biased low). A window that
+    measured nothing (too few transactions: an idle source) costs no destination session."""
     from airflow_backfill_provider.connections import close_all, connect
 
-    def learn(window: LoadWindow) -> Baseline:
-        dst = connect(
+    throttle = spec.throttle
+
+    def dst():
+        return connect(
             destination or spec.destination_conn_id,
             application_name=f"{appname}:baseline",
             statement_timeout_s=10,
             lock_timeout_s=10,
         )
-        try:
-            return learn_baseline(dst, spec.throttle.baseline_table, spec.source_conn_id, window)
-        finally:
-            close_all(dst)
 
-    return dataclasses.replace(sample, **measure(conn, spec.throttle, learn=learn))
+    def learn(window: LoadWindow) -> Baseline:
+        c = dst()
+        try:
+            return learn_baseline(c, throttle.baseline_table, spec.source_conn_id, window)
+        finally:
+            close_all(c)
+
+    if not throttle.watch_reads:
+        return dataclasses.replace(sample, **measure(conn, throttle, learn=learn))
+    c = dst()
+    try:
+        stored = read_baseline(c, throttle.baseline_table, spec.source_conn_id)
+    finally:
+        close_all(c)
+
+    def seed(window: LoadWindow) -> Baseline:
+        if window.xact_latency_ms is None or stored is not None:
+            return stored or Baseline()
+        return learn(window)
+
+    short = min(throttle.start_window_s, throttle.load_window_s)
+    return dataclasses.replace(sample, **measure(conn, throttle, learn=seed, window_s=short))

@@ -26,12 +26,16 @@ class _PipeReader:
     ignored for the 120 s of a sleeping source). Waiting in bounded slices handles it within ``_WAKE_MS``.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, gate=None) -> None:
         self.fd = fd
+        self.gate = gate
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
     def read(self, size: int = -1) -> bytes:
+        if self.gate is not None:
+            # paused: the pipe is not drained, so the writer blocks on it and the source backend on its socket
+            self.gate.hold(_WAKE_MS / 1000)
         while not self._poll.poll(_WAKE_MS):  # data, end of stream (POLLHUP) or an error: readable
             pass  # back in the interpreter: a pending signal's handler runs here (the loop's bytecode check)
         return os.read(self.fd, size if size > 0 else _PIPE_BUFFER)
@@ -76,13 +80,28 @@ class _Writer(threading.Thread):
                 self.error = self.error or err
 
 
-def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql) -> tuple[int, int]:
-    """Pipe the source COPY into the destination COPY; returns (rows read, rows written)."""
-    r, w = os.pipe()
-    _widen(w)
-    writer = _Writer(src_conn.cursor(), copy_out_sql, w)
+def stream_copy(src_conn, dst_cur, copy_out_sql, copy_in_sql, *, gate=None) -> tuple[int, int]:
+    """Pipe the source COPY into the destination COPY; returns (rows read, rows written).
+
+    ``gate``: an object whose ``hold(slice_s)`` returns when the read may go on (throttle.ReadWatch): it is
+    called before each read of the pipe, and while it holds nothing drains the pipe, so the source's COPY
+    stops at its socket (backpressure). It waits in slices of at most ``slice_s`` (a pending signal's handler
+    runs between two), and is started before the stream and stopped after it, on every path."""
+    if gate is not None:
+        gate.start()
+    try:
+        r, w = os.pipe()
+        _widen(w)
+        writer = _Writer(src_conn.cursor(), copy_out_sql, w)
+        return _stream(writer, r, dst_cur, src_conn, copy_in_sql, gate)
+    finally:
+        if gate is not None:
+            gate.stop()
+
+
+def _stream(writer, r, dst_cur, src_conn, copy_in_sql, gate) -> tuple[int, int]:
     writer.start()
-    reader = InterruptCatchingReader(_PipeReader(r))
+    reader = InterruptCatchingReader(_PipeReader(r, gate))
     try:
         dst_cur.copy_expert(copy_in_sql, reader, size=_PIPE_BUFFER)
         reader.close()

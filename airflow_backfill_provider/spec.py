@@ -79,10 +79,23 @@ class ThrottleSpec(_Strict):
     #: destination table holding the pacing reservations (created on first use)
     pacing_table: str = "public.backfill_pacing"
     #: wait while the source server's transaction latency exceeds this many times its quiet
-    #: baseline (loadsignal.py); off when None. Costs each chunk a load_window_s sampling window.
-    max_latency_ratio: float | None = Field(None, gt=1)
-    #: seconds the latency signal is averaged over, before each chunk and at each re-probe
+    #: baseline (loadsignal.py); off when None (``null`` in YAML). On by default: a chunk samples a
+    #: start_window_s window before it reads, and its read is watched on the same signal (watch_reads).
+    max_latency_ratio: float | None = Field(1.5, gt=1)
+    #: seconds the latency signal is averaged over, while a chunk reads (watch_reads) and at each re-probe
     load_window_s: float = Field(2.0, gt=0, le=30)
+    #: the window sampled before a chunk starts reading, when watch_reads keeps watching its read with
+    #: load_window_s windows; it is rated against the baseline but does not lower it (a short window's
+    #: minimum would be biased low)
+    start_window_s: float = Field(0.5, gt=0, le=30)
+    #: keep watching the source while a chunk reads, and pause the read (stop draining the COPY pipe:
+    #: the source backend then waits on its socket) while the load is over the limits (pipe.py, throttle.py)
+    watch_reads: bool = True
+    #: how often the watch checks the source while a chunk reads (a latency window runs back to back)
+    read_check_s: float = Field(1.0, gt=0, le=60)
+    #: the longest a chunk's read may be paused in total; the read then goes on to its end. Pauses also
+    #: stop once half of statement_timeout_s has passed since the read began (a paused COPY is still running)
+    max_pause_s: float = Field(60.0, ge=0)
     #: the source's quiet transaction latency in ms; default: the lowest seen, kept in baseline_table
     latency_baseline_ms: float | None = Field(None, gt=0)
     #: destination table holding the learned baselines, one row per source connection (created on first use)

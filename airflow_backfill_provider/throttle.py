@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
+import threading
+import time
 from typing import Any, Literal
 
 import psycopg2.extensions
@@ -42,6 +45,8 @@ from psycopg2 import sql
 from airflow_backfill_provider import ddl
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider.spec import TableName, ThrottleSpec
+
+log = logging.getLogger(__name__)
 
 Decision = Literal["go", "wait", "critical"]
 
@@ -386,3 +391,305 @@ def reserve_destination_turn(
         )
     finally:
         conn.close()
+
+
+# --- watching a chunk's read (issue 23) -----------------------------------------------------------
+
+#: the watch's first look comes this long after the read began: a shorter read is the start gate's business
+#: (and a chunk of a batch that reads for milliseconds opens no watch session at all)
+WATCH_FIRST_CHECK_S = 0.5
+#: how long stopping the watch waits for its thread (its query is cancelled first); it closes its session anyway
+WATCH_STOP_JOIN_S = 2.0
+#: pauses stop once this share of statement_timeout_s has passed since the read began: a paused COPY is still a
+#: running statement on both sides, and the rest of the timeout is left for the read itself
+PAUSE_SHARE_OF_STATEMENT_TIMEOUT = 0.5
+
+
+class ReadWatch:
+    """Watches the source while one chunk reads; holds the read (the COPY pipe's gate, pipe.py) while the load
+    is over the limits.
+
+    A helper thread, on a short-lived source session of its own (``backfill:...:watch``, read-only, autocommit,
+    10 s statement timeout), checks the same signal as the start gate every ``throttle.read_check_s``: the
+    active-session count (``probe_load``) and, with ``max_latency_ratio``, a ``load_window_s`` latency window
+    against the stored baseline, with this chunk's own COPY left out of "chunks of ours reading". On "wait" or
+    "critical" it pauses the read; on "go" it resumes it. The main thread, in :meth:`hold`, then stops draining
+    the pipe: the writer thread blocks on the full pipe, libpq stops reading the socket, and the source backend
+    blocks on its socket write (wait event ``ClientWrite``) instead of scanning and sending rows.
+
+    Bounds: a chunk pauses ``throttle.max_pause_s`` seconds in all, and never once half of
+    ``statement_timeout_s`` has passed since the read began (a paused COPY counts toward the statement timeout
+    on both sides); the read then goes on to its end without further pauses. A failed check does not hold the
+    read (fail open; the start gate and the bounds stay in force); it is counted and logged once.
+    The thread blocks interrupt signals (interrupts.py), never holds the read once stopped, and closes its
+    session on every path; :meth:`stop` cancels its running query first, so stopping is prompt.
+    """
+
+    def __init__(
+        self,
+        open_source,
+        throttle: ThrottleSpec,
+        *,
+        statement_timeout_s: float,
+        open_destination=None,
+        baseline_key: str | None = None,
+        label: str = "chunk",
+        first_check_s: float = WATCH_FIRST_CHECK_S,
+    ) -> None:
+        self._open_source = open_source  # () -> a new source session, the watch's own
+        self._open_destination = open_destination  # () -> a destination session, to read the baseline once
+        self._baseline_key = baseline_key
+        self.throttle = throttle
+        self.label = label
+        self.first_check_s = first_check_s
+        self.statement_share_s = statement_timeout_s * PAUSE_SHARE_OF_STATEMENT_TIMEOUT
+        self._baseline = None
+        self._baseline_read = throttle.max_latency_ratio is None or throttle.latency_baseline_ms is not None
+        self._lock = threading.Lock()  # the session: cancelled by stop() in one thread, closed in the other
+        self._conn = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()  # set: the read must hold
+        self._running = threading.Event()  # set: the read may go on (the complement, to wait on)
+        self._running.set()
+        self._released = False  # a bound was reached: no more pauses in this chunk
+        self._read_started = 0.0
+        self._warned = False
+        #: counters, read by the caller once the stream is done
+        self.pauses = 0
+        self.paused_s = 0.0
+        self.longest_pause_s = 0.0
+        self.bound: str | None = None
+        self.checks = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.pause_reason: str | None = None
+
+    # --- the read's side (main thread) ---
+    def start(self) -> None:
+        """Begin watching (a new thread each time: a chunk may stream twice, the counters add up)."""
+        self._read_started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True, name="backfill-read-watch")
+        self._thread.start()
+
+    def hold(self, slice_s: float) -> None:
+        """Return at once unless the read is paused; else wait, in slices of ``slice_s`` (a pending signal's
+        handler runs between two), until it is resumed, stopped or a bound is reached."""
+        if not self._paused.is_set() or self._released:
+            return
+        t0 = time.monotonic()
+        self.pauses += 1
+        try:
+            while self._paused.is_set() and not self._released:
+                left = self._pause_left(t0)
+                if left <= 0:
+                    self._release(t0)
+                    break
+                self._running.wait(min(slice_s, left))
+        finally:
+            held = time.monotonic() - t0
+            self.paused_s += held
+            self.longest_pause_s = max(self.longest_pause_s, held)
+
+    def _pause_left(self, t0: float) -> float:
+        now = time.monotonic()
+        budget = self.throttle.max_pause_s - (self.paused_s + (now - t0))
+        statement = self._read_started + self.statement_share_s - now
+        return min(budget, statement)
+
+    def _release(self, t0: float) -> None:
+        now = time.monotonic()
+        if self.throttle.max_pause_s - (self.paused_s + (now - t0)) <= 0:
+            self.bound = f"throttle.max_pause_s={self.throttle.max_pause_s:g}"
+        else:
+            self.bound = f"half of statement_timeout_s ({self.statement_share_s:g} s since the read began)"
+        self._released = True
+        self._stop.set()  # nothing more to decide for this chunk: the watch session goes now
+        log.warning(
+            "%s: read paused for %.1f s in all, the limit (%s): reading on to the end although the source is "
+            "still busy (%s)",
+            self.label,
+            self.paused_s + (now - t0),
+            self.bound,
+            self.pause_reason,
+        )
+
+    def stop(self) -> None:
+        """End the watch: never leaves the read held; cancels the watch's query; its thread closes its session."""
+        self._stop.set()
+        self._paused.clear()
+        self._running.set()
+        with self._lock:
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                try:
+                    conn.cancel()
+                except Exception:  # noqa: BLE001 - best effort: the thread closes the session anyway
+                    pass
+        if self._thread is not None:
+            self._thread.join(timeout=WATCH_STOP_JOIN_S)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "read_pauses": self.pauses,
+            "paused_s": round(self.paused_s, 3),
+            "longest_pause_s": round(self.longest_pause_s, 3),
+            "pause_bound": self.bound,
+            "read_checks": self.checks,
+            "watch_errors": self.errors,
+        }
+
+    def describe(self) -> str:
+        text = (
+            f"read paused {self.pauses} time(s), {self.paused_s:.1f} s in all (longest {self.longest_pause_s:.1f} s); "
+            f"{self.checks} load check(s) during the read"
+        )
+        if self.bound:
+            text += f"; pauses ended by {self.bound}"
+        if self.errors:
+            text += f"; {self.errors} check(s) failed (last: {self.last_error})"
+        return text
+
+    # --- the watch's side (helper thread) ---
+    def _run(self, stop: threading.Event) -> None:
+        from airflow_backfill_provider.interrupts import leave_signals_to_main_thread
+
+        leave_signals_to_main_thread()
+        try:
+            if stop.wait(self.first_check_s):
+                return
+            while not stop.is_set():
+                t0 = time.monotonic()
+                decision, sample = self._check(stop)
+                if stop.is_set():
+                    break
+                self._apply(decision, sample)
+                stop.wait(max(0.0, self.throttle.read_check_s - (time.monotonic() - t0)))
+        finally:
+            self._paused.clear()
+            self._running.set()
+            self._close()
+
+    def _session(self):
+        with self._lock:
+            conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._open_source()
+            conn.autocommit = True
+            with self._lock:
+                self._conn = conn
+        return conn
+
+    def _close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None and not conn.closed:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _load_baseline(self) -> None:
+        from airflow_backfill_provider.connections import close_all
+        from airflow_backfill_provider.loadsignal import read_baseline
+
+        self._baseline_read = True
+        if self._open_destination is None or self._baseline_key is None:
+            return
+        dst = self._open_destination()
+        try:
+            self._baseline = read_baseline(dst, self.throttle.baseline_table, self._baseline_key)
+        finally:
+            close_all(dst)
+
+    def _learn(self, window):
+        """The baseline to rate ``window`` against; lowered (in the destination) by a full window quieter than it.
+
+        Windows taken during the read include this chunk's own load, so they can only err high, and the
+        stored baseline only ever goes down (loadsignal.learn_baseline)."""
+        from airflow_backfill_provider.connections import close_all
+        from airflow_backfill_provider.loadsignal import Baseline, learn_baseline
+
+        base = self._baseline
+        x = window.xact_latency_ms
+        quieter = x is not None and (base is None or base.xact_latency_ms is None or x < base.xact_latency_ms)
+        if quieter and self.throttle.latency_baseline_ms is None and self._open_destination is not None:
+            dst = self._open_destination()
+            try:
+                self._baseline = learn_baseline(dst, self.throttle.baseline_table, self._baseline_key, window)
+            finally:
+                close_all(dst)
+        return self._baseline or Baseline()
+
+    def _check(self, stop: threading.Event) -> tuple[Decision, LoadSample | None]:
+        try:
+            if not self._baseline_read:
+                self._load_baseline()
+            conn = self._session()
+            if stop.is_set():
+                return "go", None
+            sample = probe_load(conn)
+            if self.throttle.max_latency_ratio is not None:
+                from airflow_backfill_provider.loadsignal import measure
+
+                sample = dataclasses.replace(sample, **measure(conn, self.throttle, learn=self._learn, stop=stop))
+                # "chunks of ours reading" means others: this chunk's own COPY is the one being watched
+                sample = dataclasses.replace(sample, own_active=max(0, sample.own_active - 1))
+            self.checks += 1
+            return decide(sample, self.throttle), sample
+        except Exception as err:  # noqa: BLE001 - fail open: a signal we cannot read does not hold the read
+            if stop.is_set():  # cancelled by stop(): not a failure
+                return "go", None
+            self.errors += 1
+            self.last_error = str(err).strip()[:300]
+            if not self._warned:
+                self._warned = True
+                log.warning("%s: the load check during the read failed (reading on): %s", self.label, self.last_error)
+            self._close()
+            return "go", None
+
+    def _apply(self, decision: Decision, sample: LoadSample | None) -> None:
+        if decision != "go" and sample is not None:
+            if not self._paused.is_set() and not self._released:
+                self.pause_reason = wait_reason(sample, self.throttle)
+                self._running.clear()
+                self._paused.set()
+                log.info("%s: read paused (the source waits on its socket) because %s", self.label, self.pause_reason)
+        elif self._paused.is_set():
+            self._paused.clear()
+            self._running.set()
+            log.info(
+                "%s: read resumed: %s", self.label, sample.describe() if sample is not None else "load check failed"
+            )
+
+
+def read_watch(spec, appname: str, *, source: str | None = None, destination: str | None = None, label: str = ""):
+    """The :class:`ReadWatch` of one chunk's read with the spec's settings; None when ``throttle.watch_reads``
+    is off. ``source``/``destination``: connection ids or DSNs in place of the spec's."""
+    if not spec.throttle.watch_reads:
+        return None
+    from airflow_backfill_provider.connections import connect, open_source
+
+    name = f"{appname}:watch"
+
+    def open_src():
+        return open_source(spec, name, source, statement_timeout_s=PROBE_TIMEOUT_S)
+
+    def open_dst():
+        return connect(
+            destination or spec.destination_conn_id,
+            application_name=name,
+            statement_timeout_s=PROBE_TIMEOUT_S,
+            lock_timeout_s=PROBE_TIMEOUT_S,
+        )
+
+    return ReadWatch(
+        open_src,
+        spec.throttle,
+        statement_timeout_s=spec.statement_timeout_s,
+        open_destination=open_dst,
+        baseline_key=spec.source_conn_id,
+        label=label or appname,
+        first_check_s=min(WATCH_FIRST_CHECK_S, spec.throttle.read_check_s),
+    )

@@ -47,6 +47,7 @@ from airflow_backfill_provider.interrupts import is_interrupt
 from airflow_backfill_provider.pipe import stream_copy
 from airflow_backfill_provider.source import source_for, source_range
 from airflow_backfill_provider.spec import BackfillSpec, TableName
+from airflow_backfill_provider.throttle import read_watch
 from airflow_backfill_provider.upsert import upsert_counted
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class ChunkResult:
     seconds: float
     decisions: list[str] = field(default_factory=list)
     run_totals: tuple[int, int] | None = None  # (chunks, rows) of this run in the ledger, this chunk included
+    #: the read paused by the source's load while it ran (throttle.ReadWatch): how often, how long in all
+    read_pauses: int = 0
+    paused_s: float = 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -170,6 +174,8 @@ def transfer_chunk(
     src_conn, dst_conn = source_conn, destination_conn
     src_table = plan = None
     ok = False
+    # watches the source while the chunk reads, pausing the read under load (throttle.ReadWatch); None when off
+    watch = read_watch(spec, appname, source=source, destination=destination, label=f"chunk {chunk.chunk_id}")
     try:
         if src_conn is None:
             src_conn = open_source(spec, appname, source)
@@ -228,7 +234,7 @@ def transfer_chunk(
                 cur.execute(sql.SQL("SAVEPOINT {}").format(firstload.SAVEPOINT))
                 try:
                     extracted, staged = stream_copy(
-                        src_conn, cur, copy_out, q.copy_in(target, plan.columns, spec.copy_format)
+                        src_conn, cur, copy_out, q.copy_in(target, plan.columns, spec.copy_format), gate=watch
                     )
                     inserted, updated = staged, 0
                 except psycopg2.errors.UniqueViolation:
@@ -253,6 +259,7 @@ def transfer_chunk(
                     cur,
                     copy_out,
                     q.copy_in(_STAGE, plan.columns, spec.copy_format),
+                    gate=watch,
                 )
                 castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
                 inserted, updated = castcheck.upsert_naming_bad_values(
@@ -276,6 +283,11 @@ def transfer_chunk(
                     ),
                 )
             seconds = time.monotonic() - t0
+            if watch is not None and (watch.checks or watch.pauses or watch.errors):
+                log.info("chunk %s: %s", chunk.chunk_id, watch.describe())
+            paused_s = watch.paused_s if watch is not None else 0.0
+            if paused_s > 0:  # a pause of the read is a wait for the load too: the ledger's figure counts it
+                waited_load_s = (waited_load_s or 0.0) + paused_s
             stats = {
                 "extracted": staged,
                 "inserted": inserted,
@@ -317,6 +329,8 @@ def transfer_chunk(
             seconds=time.monotonic() - t0,
             decisions=plan.decisions,
             run_totals=totals,
+            read_pauses=watch.pauses if watch is not None else 0,
+            paused_s=round(paused_s, 3),
         )
     except BaseException as err:
         rollback_quietly(dst_conn)

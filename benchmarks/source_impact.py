@@ -14,7 +14,8 @@ TPC-B-like tables (``-s --scale``). pgbench ``-c 4 -j 2`` runs in back-to-back 3
 per-transaction logs (``-l``), so TPS, average and p99 latency can be cut exactly at the phase
 boundaries: **before** (no backfill), **during** (the whole backfill of the table through a real
 scheduler: LocalExecutor, 4-slot pool, triggerer), **after**. Each layout runs the backfill twice:
-throttle **off** (the default spec) and **on** (``throttle.max_latency_ratio``), each into an empty
+throttle **off** (``max_latency_ratio: null``, ``watch_reads: false``) and **on** (the default spec's
+latency budget and read watch, with ``--max-latency-ratio``), each into an empty
 destination. The source's quiet baseline is learned from one window during "before" (what the baseline
 table holds on a source the provider already knows).
 
@@ -145,7 +146,7 @@ def specs(args) -> list[dict]:
     for layout in ("separate", "shared"):
         for mode in ("off", "on"):
             throttle = (
-                {}
+                {"max_latency_ratio": None, "watch_reads": False}  # the latency budget and read watch are on by default
                 if mode == "off"
                 else {
                     "max_latency_ratio": args.max_latency_ratio,

@@ -199,7 +199,8 @@ def test_sample_round_trips_through_json():
 
 
 def _throttle(**kw):
-    base = {"max_active": 2, "poll_interval": 0.1, "poll_max": 0.4, "max_wait": 60}
+    # the session-count signal only: the latency budget (on by default) is tested in test_load_signal.py
+    base = {"max_active": 2, "poll_interval": 0.1, "poll_max": 0.4, "max_wait": 60, "max_latency_ratio": None}
     return ThrottleSpec(**{**base, **kw}).model_dump(mode="json")
 
 
