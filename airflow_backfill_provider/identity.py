@@ -159,7 +159,7 @@ def _write(spec: BackfillSpec, dest_cols, src_cols: dict) -> dict:
     from airflow_backfill_provider import drift
 
     types = {c.name: c.type_sql for c in dest_cols}
-    ranges = [("", str(spec.source), {})] + [
+    ranges: list[tuple[str, str, dict[str, str]]] = [("", str(spec.source), {})] + [
         (
             str(r.until),
             str(TableName.parse(r.source_table)) if r.source_table else str(spec.source),

@@ -443,7 +443,7 @@ class ReadWatch:
         self.label = label
         self.first_check_s = first_check_s
         self.statement_share_s = statement_timeout_s * PAUSE_SHARE_OF_STATEMENT_TIMEOUT
-        self._baseline = None
+        self._baseline: Any = None  # loadsignal.Baseline once read
         self._baseline_read = throttle.max_latency_ratio is None or throttle.latency_baseline_ms is not None
         self._lock = threading.Lock()  # the session: cancelled by stop() in one thread, closed in the other
         self._conn = None

@@ -448,7 +448,7 @@ def source_query(
 def _loaded_columns(spec: BackfillSpec, dest_cols, src_conn, cache: dict) -> list[str]:
     """The destination columns every source range writes (drift.written_columns): the checksum compares
     these; a column the destination fills itself (a default, an identity, generated) is not the source's."""
-    ranges = [(spec.source, {})] + [
+    ranges: list[tuple[TableName, dict[str, str]]] = [(spec.source, {})] + [
         (TableName.parse(r.source_table) if r.source_table else spec.source, dict(r.column_expressions))
         for r in spec.historical
     ]
