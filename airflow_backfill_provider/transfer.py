@@ -223,7 +223,6 @@ def transfer_chunk(
             copy_out = q.copy_out(select, spec.copy_format)
             direct = prepared is None and firstload.eligible(plan)
             direct = direct and firstload.range_is_empty(cur, target, spec, chunk, plan)
-            fresh = True
             if direct:  # nothing of the range in the target: COPY straight into it (firstload.py)
                 cur.execute(sql.SQL("SAVEPOINT {}").format(firstload.SAVEPOINT))
                 try:
@@ -236,7 +235,7 @@ def transfer_chunk(
                     cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(firstload.SAVEPOINT))
                     src_conn.rollback()
                     log.info("chunk %s: a key of the range is in the target already; upserting", chunk.chunk_id)
-                    direct = fresh = False
+                    direct = False
             if not direct:
                 stage_shape = (str(target), tuple(plan.columns), tuple(plan.stage_types))
                 if prepared is None:
@@ -261,8 +260,6 @@ def transfer_chunk(
                     _STAGE,
                     spec.key_columns,
                     chunk.chunk_id,
-                    # the transaction wrote the target only here, unless a first-load COPY was rolled back: its
-                    # counts stay in the transaction's counters (fresh=False reads them first)
                     lambda: upsert_counted(
                         cur,
                         target,
@@ -272,7 +269,6 @@ def transfer_chunk(
                         spec.version_column,
                         spec.conflict_policy,
                         plan,
-                        first_write=fresh,
                     ),
                 )
             seconds = time.monotonic() - t0

@@ -223,3 +223,39 @@ def test_a_batch_goes_past_a_bad_chunk_and_its_retry_loads_only_that_chunk(src_u
     assert run(mapped[0]) == {"batch": mapped[0]["chunk_id"], "chunks": 40, "loaded": 1, "rows": 2}
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger WHERE finished_at > %s", (fixed_at,)) == [(1,)]
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(240,)]
+
+
+def test_each_chunk_of_a_batch_records_its_own_counts(src_url, dst_url, pg):
+    """PostgreSQL keeps a session's per-transaction write counters across commits until it flushes its
+    statistics: a batch's chunks share one session, and their ledger rows read 24/48/-24, then 24/72/-48."""
+    from airflow_backfill_provider.compat import DAG
+    from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
+
+    seed_orders(pg(src_url), rows=96, days=4, start=dt.date(2022, 1, 1))  # 24 rows a day
+    create_orders(pg(dst_url))
+    spec = load_spec(
+        {
+            **BASE,
+            "source_conn_id": src_url,
+            "destination_conn_id": dst_url,
+            "granularity": "day",
+            "max_mapped_chunks": 1,
+            "max_batches": 1,
+            "watermark": {"enabled": False},
+        }
+    )
+    (batch,) = batches.descriptors(spec, plan_chunks("2022-01-01", "2022-01-05", "day", "UTC"), granularity="day")
+    counts = (
+        "SELECT rows_extracted, rows_inserted, rows_updated, rows_unchanged FROM backfill_ledger ORDER BY range_start"
+    )
+
+    def run():
+        with DAG(dag_id="bf_batch_counts", schedule=None, start_date=pendulum.datetime(2022, 1, 1)):
+            op = BackfillChunkOperator(task_id="load_chunk", spec=spec.model_dump(mode="json"), chunk=batch)
+        return op.execute({})
+
+    assert run()["loaded"] == 4
+    assert fetch_all(dst_url, counts) == [(24, 24, 0, 0)] * 4
+    pg(dst_url).cursor().execute("DELETE FROM backfill_ledger")  # load them again: every row is unchanged
+    assert run()["loaded"] == 4
+    assert fetch_all(dst_url, counts) == [(24, 0, 0, 24)] * 4
