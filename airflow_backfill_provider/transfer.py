@@ -150,13 +150,14 @@ def transfer_chunk(
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
     ``source``/``destination`` default to the spec's Airflow connection ids; DSN URLs work too.
-    ``source_conn``: a session from :func:`open_source` that the caller already used (the operator's
-    load probe), so a chunk opens one source session, not two; it is closed here either way.
+    ``source_conn``/``destination_conn``: sessions the caller opened (the chunk operator's, whose load
+    probe used the source one), so a task instance opens one session per side; closed here unless
+    ``close=False`` keeps them for the next chunk. On an error both are closed anyway (their state is
+    unknown), so check ``.closed`` before reusing them.
     Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
 
-    Batches (batches.py) pass ``destination_conn`` too, a ``prepared`` dict that caches the catalog
-    checks per source, and ``close=False`` to keep both sessions for the next chunk; on an error both
-    are closed anyway (their state is unknown), so check ``.closed`` before reusing them.
+    Batches (batches.py) pass a ``prepared`` dict too, which caches the catalog checks per source and
+    keeps one staging table per session.
 
     ``waited_load_s``/``waited_pacing_s``: the operator's deferred waits before this load, kept in the ledger
     row for the progress page.
