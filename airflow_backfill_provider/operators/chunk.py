@@ -127,7 +127,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             if batch:
                 run.source_conn = self._open_source(spec, appname)
                 dst = self._open_destination(spec, appname, label)
-                todo = self._not_in_ledger(spec, planned, run.source_conn, dst, run_id, label)
+                todo, backfill = self._not_in_ledger(spec, planned, run.source_conn, dst, run_id, label)
             for chunk in todo:
                 self._window_gate(spec)  # a long batch may run into a blackout: stop between chunks
                 if run.source_conn is None or run.source_conn.closed:
@@ -186,14 +186,14 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             )
         return {"batch": label, "chunks": len(planned), "loaded": len(results), "rows": self._lineage_rows}
 
-    def _not_in_ledger(self, spec: BackfillSpec, chunks: list[Chunk], src, dst, run_id, label) -> list[Chunk]:
-        """The batch's chunks the ledger does not hold (reprocess: that this run did not load yet)."""
+    def _not_in_ledger(self, spec: BackfillSpec, chunks: list[Chunk], src, dst, run_id, label):
+        """(the batch's chunks the ledger does not hold (reprocess: that this run did not load yet), the
+        backfill's identity it was read with, for the chunks' ledger rows)."""
         from airflow_backfill_provider import chunkplan, identity
 
         reprocess = bool(self.chunk["batch"].get("reprocess"))
-        done = chunkplan.done_coverage(
-            spec, dst, backfill=identity.of(spec, src, dst), run_id=run_id if reprocess else None
-        )
+        backfill = identity.of(spec, src, dst)
+        done = chunkplan.done_coverage(spec, dst, backfill=backfill, run_id=run_id if reprocess else None)
         todo = [c for c in chunks if not chunkplan.is_done(done, c)]
         self.log.info(
             "Batch %s: %d chunk(s), %d already in the ledger, %d to load",
@@ -202,7 +202,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             len(chunks) - len(todo),
             len(todo),
         )
-        return todo
+        return todo, backfill
 
     def on_kill(self) -> None:
         """SIGTERM (worker shutdown, pod eviction) while the chunk runs: stop it, roll back, let Airflow retry.
