@@ -106,12 +106,12 @@ class LineageMixin:
 
 
 def chunk_tables(spec, chunk_descriptor: dict) -> list[tuple[str, str, TableName, str]]:
-    """The chunk reads its source table (the historical one for its range) and writes the staging target."""
-    from airflow_backfill_provider.chunks import Chunk
+    """The chunks read their source tables (the historical one for each range) and write the staging target."""
+    from airflow_backfill_provider.batches import expand
     from airflow_backfill_provider.source import source_for
 
-    src_table, _ = source_for(spec, Chunk.from_descriptor(chunk_descriptor, spec.timezone))
-    return [("input", spec.source_conn_id, src_table, "source"),
+    sources = {str(t): t for t in (source_for(spec, c)[0] for c in expand(chunk_descriptor, spec))}
+    return [*(("input", spec.source_conn_id, t, "source") for t in sources.values()),
             ("output", spec.destination_conn_id, spec.staging_target, "destination")]  # fmt: skip
 
 

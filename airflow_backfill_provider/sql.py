@@ -151,7 +151,8 @@ def upsert(
 def xact_write_counts() -> sql.SQL:
     """(inserted, updated) rows written so far by this transaction into a table (``%(table)s``, a quoted
     name for ``to_regclass``) and, if it is partitioned, its partitions: PostgreSQL's own per-transaction
-    counters, free to read. ``pg_partition_tree`` lists nothing for a plain table, hence the UNION."""
+    counters, free to read; they also hold the session's earlier transactions until its statistics are
+    flushed, so only a difference of two reads counts this transaction. ``pg_partition_tree`` lists nothing for a plain table, hence the UNION."""
     return sql.SQL(
         "SELECT coalesce(sum(pg_stat_get_xact_tuples_inserted(r)), 0)::bigint,"
         " coalesce(sum(pg_stat_get_xact_tuples_updated(r)), 0)::bigint"

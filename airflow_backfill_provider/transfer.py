@@ -154,13 +154,14 @@ def transfer_chunk(
     """Load one chunk. Idempotent: a rerun of an unchanged chunk rewrites 0 rows.
 
     ``source``/``destination`` default to the spec's Airflow connection ids; DSN URLs work too.
-    ``source_conn``: a session from :func:`open_source` that the caller already used (the operator's
-    load probe), so a chunk opens one source session, not two; it is closed here either way.
+    ``source_conn``/``destination_conn``: sessions the caller opened (the chunk operator's, whose load
+    probe used the source one), so a task instance opens one session per side; closed here unless
+    ``close=False`` keeps them for the next chunk. On an error both are closed anyway (their state is
+    unknown), so check ``.closed`` before reusing them.
     Raises TransientChunkError (retry) or PermanentChunkError (fix the spec/tables first).
 
-    Batches (batches.py) pass ``destination_conn`` too, a ``prepared`` dict that caches the catalog
-    checks per source, and ``close=False`` to keep both sessions for the next chunk; on an error both
-    are closed anyway (their state is unknown), so check ``.closed`` before reusing them.
+    Batches (batches.py) pass a ``prepared`` dict too, which caches the catalog checks per source and
+    keeps one staging table per session.
 
     ``waited_load_s``/``waited_pacing_s``: the operator's deferred waits before this load, kept in the ledger
     row for the progress page.
@@ -229,7 +230,6 @@ def transfer_chunk(
             copy_out = q.copy_out(select, spec.copy_format)
             direct = prepared is None and firstload.eligible(plan)
             direct = direct and firstload.range_is_empty(cur, target, spec, chunk, plan)
-            fresh = True
             if direct:  # nothing of the range in the target: COPY straight into it (firstload.py)
                 cur.execute(sql.SQL("SAVEPOINT {}").format(firstload.SAVEPOINT))
                 try:
@@ -242,7 +242,7 @@ def transfer_chunk(
                     cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(firstload.SAVEPOINT))
                     src_conn.rollback()
                     log.info("chunk %s: a key of the range is in the target already; upserting", chunk.chunk_id)
-                    direct = fresh = False
+                    direct = False
             if not direct:
                 stage_shape = (str(target), tuple(plan.columns), tuple(plan.stage_types))
                 if prepared is None:
@@ -268,8 +268,6 @@ def transfer_chunk(
                     _STAGE,
                     spec.key_columns,
                     chunk.chunk_id,
-                    # the transaction wrote the target only here, unless a first-load COPY was rolled back: its
-                    # counts stay in the transaction's counters (fresh=False reads them first)
                     lambda: upsert_counted(
                         cur,
                         target,
@@ -279,7 +277,6 @@ def transfer_chunk(
                         spec.version_column,
                         spec.conflict_policy,
                         plan,
-                        first_write=fresh,
                     ),
                 )
             seconds = time.monotonic() - t0

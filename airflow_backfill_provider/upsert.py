@@ -15,19 +15,17 @@ def upsert_counted(
     version_column,
     conflict_policy,
     plan=None,
-    *,
-    first_write: bool = False,
 ) -> tuple[int, int]:
     """Run the newer-wins upsert from ``stage``; return (inserted, updated), read from the transaction's
     own per-table counters before and after it (free, and right for partitioned targets too).
     ``plan`` (a drift.ColumnPlan): casts run in the destination and the exact per-type change test.
-    ``first_write``: nothing wrote ``target`` earlier in this transaction, so its counters start at 0
-    and are read after the upsert only (one round trip less)."""
+
+    Read before too, always: PostgreSQL keeps a session's counters of committed transactions until it
+    flushes its statistics (at most once a second, when idle), so a batch's second chunk on the same
+    session starts from the first one's counts, not 0."""
     counters = {"table": q.ident(target).as_string(cur)}
-    ins0 = upd0 = 0
-    if not first_write:
-        cur.execute(q.xact_write_counts(), counters)
-        ins0, upd0 = cur.fetchone()
+    cur.execute(q.xact_write_counts(), counters)
+    ins0, upd0 = cur.fetchone()
     extra = (
         {"insert_exprs": plan.insert_exprs, "changed": plan.changed, "identity_always": plan.identity_always}
         if plan is not None

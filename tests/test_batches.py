@@ -62,13 +62,7 @@ def test_batches_are_few_small_and_expand_to_exactly_the_planned_chunks(make, gr
     assert len(mapped) <= spec.max_batches
     assert max(len(json.dumps(d)) for d in mapped) < (400 if granularity == "hour" else 4000)
     expanded = [c for d in mapped for c in batches.expand(d, spec)]
-    if granularity == "hour":  # regular chunks are re-cut: holes come back, and are ledger-covered at run time
-        ranges = {(c.start.timestamp(), c.end.timestamp()) for c in expanded}
-        assert {(c.start.timestamp(), c.end.timestamp()) for c in chunks} <= ranges
-        assert ranges <= {(c.start.timestamp(), c.end.timestamp()) for c in _hours()}
-        assert skip_every or _same(expanded, _hours())
-    else:
-        assert _same(expanded, chunks)
+    assert expanded == chunks  # exactly the plan's chunks: edges, key ranges and ids; holes stay holes
 
 
 def test_few_chunks_stay_one_mapped_instance_each():
@@ -82,7 +76,33 @@ def test_historical_splits_survive_the_batch_round_trip():
     chunks = split_at(_hours(), [pendulum.datetime(2022, 3, 1, 12, 30, tz="America/New_York")])
     spec = load_spec({**spec.model_dump(), "timezone": "America/New_York"})
     expanded = [c for d in batches.descriptors(spec, chunks, granularity="hour") for c in batches.expand(d, spec)]
-    assert _same(expanded, chunks)
+    assert expanded == chunks
+
+
+def test_key_batches_keep_each_chunks_own_time_range_across_a_historical_split():
+    """Issue 25 (N1): a key batch carried its first chunk's time range only, so the halves after ``until``
+    were never read and the halves before it loaded twice."""
+    until = pendulum.datetime(2022, 7, 1, 6, tz="UTC")
+    spec = load_spec({**BASE, "historical": [{"until": until.isoformat(), "source_table": "orders_old"}]})
+    chunks = split_at(_keys(), [until])
+    mapped = batches.descriptors(spec, chunks, granularity="key")
+    assert len(mapped) > 1 and max(len(json.dumps(d)) for d in mapped) < 4000
+    expanded = [c for d in mapped for c in batches.expand(d, spec)]
+    assert expanded == chunks
+    assert {(c.start, c.end) for c in expanded} == {(_keys()[0].start, until), (until, _keys()[0].end)}
+
+
+def test_a_single_chunk_descriptor_expands_to_a_batch_of_one():
+    spec = load_spec(BASE)
+    chunk = _keys()[3]
+    assert batches.expand(chunk.to_descriptor(), spec) == [chunk]
+
+
+def test_sub_second_edges_keep_their_exact_instants():
+    spec = load_spec({**BASE, "max_mapped_chunks": 1, "max_batches": 1})
+    chunks = plan_chunks("2024-01-01T00:00:00.250000", "2024-01-03T00:00:00.5", "day", "UTC")
+    (mapped,) = batches.descriptors(spec, chunks, granularity="day")
+    assert batches.expand(mapped, spec) == chunks
 
 
 # --- 2 years of hours from one trigger ------------------------------------------------------------------
@@ -203,3 +223,39 @@ def test_a_batch_goes_past_a_bad_chunk_and_its_retry_loads_only_that_chunk(src_u
     assert run(mapped[0]) == {"batch": mapped[0]["chunk_id"], "chunks": 40, "loaded": 1, "rows": 2}
     assert fetch_all(dst_url, "SELECT count(*) FROM backfill_ledger WHERE finished_at > %s", (fixed_at,)) == [(1,)]
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(240,)]
+
+
+def test_each_chunk_of_a_batch_records_its_own_counts(src_url, dst_url, pg):
+    """PostgreSQL keeps a session's per-transaction write counters across commits until it flushes its
+    statistics: a batch's chunks share one session, and their ledger rows read 24/48/-24, then 24/72/-48."""
+    from airflow_backfill_provider.compat import DAG
+    from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
+
+    seed_orders(pg(src_url), rows=96, days=4, start=dt.date(2022, 1, 1))  # 24 rows a day
+    create_orders(pg(dst_url))
+    spec = load_spec(
+        {
+            **BASE,
+            "source_conn_id": src_url,
+            "destination_conn_id": dst_url,
+            "granularity": "day",
+            "max_mapped_chunks": 1,
+            "max_batches": 1,
+            "watermark": {"enabled": False},
+        }
+    )
+    (batch,) = batches.descriptors(spec, plan_chunks("2022-01-01", "2022-01-05", "day", "UTC"), granularity="day")
+    counts = (
+        "SELECT rows_extracted, rows_inserted, rows_updated, rows_unchanged FROM backfill_ledger ORDER BY range_start"
+    )
+
+    def run():
+        with DAG(dag_id="bf_batch_counts", schedule=None, start_date=pendulum.datetime(2022, 1, 1)):
+            op = BackfillChunkOperator(task_id="load_chunk", spec=spec.model_dump(mode="json"), chunk=batch)
+        return op.execute({})
+
+    assert run()["loaded"] == 4
+    assert fetch_all(dst_url, counts) == [(24, 24, 0, 0)] * 4
+    pg(dst_url).cursor().execute("DELETE FROM backfill_ledger")  # load them again: every row is unchanged
+    assert run()["loaded"] == 4
+    assert fetch_all(dst_url, counts) == [(24, 0, 0, 24)] * 4

@@ -102,16 +102,10 @@ def test_state_after_pacing_adds_the_turns_wait_and_probes_again():
     assert run.carry_through_load_wait() == {"waited_pacing_s": 3.5}
 
 
-def test_state_owns_the_source_session_until_the_transfer_takes_it(src_url, pg):
+def test_state_closes_the_trys_sessions(src_url, pg):
     from airflow_backfill_provider.connections import connect
 
-    kept = ChunkRun(source_conn=connect(src_url, application_name="backfill:test:chunkrun"))
-    taken = kept.take_source()
-    assert kept.source_conn is None and not taken.closed
-    kept.close()  # nobody's session to close now: the taker owns it
-    assert not taken.closed
-    taken.close()
-    left = ChunkRun(source_conn=connect(src_url, application_name="backfill:test:chunkrun"))
-    conn = left.source_conn
-    left.close()  # an error or a deferral before the transfer: closed
-    assert conn.closed and left.source_conn is None
+    run = ChunkRun(source_conn=connect(src_url, application_name="backfill:test:chunkrun"))
+    conn, other = run.source_conn, connect(src_url, application_name="backfill:test:chunkrun")
+    run.close(other)  # an error, a deferral or the end of the try: closed
+    assert conn.closed and other.closed and run.source_conn is None

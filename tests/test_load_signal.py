@@ -26,7 +26,15 @@ from airflow_backfill_provider.spec import ThrottleSpec, load_spec
 from airflow_backfill_provider.throttle import LoadSample, decide
 from tests.conftest import fetch_all
 from tests.load_helpers import Sleepers
-from tests.test_throttle_operator import _chunks, _first_event, _nothing_written, _operator, _rebuild, _spec
+from tests.test_throttle_operator import (
+    _batch_operator,
+    _chunks,
+    _first_event,
+    _nothing_written,
+    _operator,
+    _rebuild,
+    _spec,
+)
 
 FAST_POLL = {"poll_interval": 0.2, "poll_max": 0.5}
 
@@ -84,17 +92,20 @@ class PgBench:
         self.end()
 
 
-@pytest.mark.parametrize("signal", ["latency", "sessions_only"])
+@pytest.mark.parametrize("signal", ["latency", "latency_batch", "sessions_only"])
 def test_loaded_source_makes_the_chunk_wait_and_it_goes_when_the_load_stops(private_source, dst_url, pg, signal):
     """pgbench's 4 sessions never exceed max_active=8, so the session count alone lets the chunk go
     (the blindness of issue 17); the latency budget makes it wait, and the chunk goes once pgbench ends."""
     src = private_source
     create_orders(pg(dst_url))
     throttle = dict(max_active=8, **FAST_POLL)
-    if signal == "latency":
+    if signal != "sessions_only":
         # a fixed quiet baseline (0.3 ms, the floor) keeps the test independent of what was learned earlier
         throttle.update(max_latency_ratio=3.0, load_window_s=1.0, latency_baseline_ms=0.3)
-    op = _operator(_spec(src, dst_url, **throttle), _chunks()[0], task_id=f"signal_{signal}")
+    if signal == "latency_batch":  # over max_mapped_chunks: the same signal (issue 22: batches ignored it)
+        op = _batch_operator(_spec(src, dst_url, **throttle), _chunks(), task_id=f"signal_{signal}")
+    else:
+        op = _operator(_spec(src, dst_url, **throttle), _chunks()[0], task_id=f"signal_{signal}")
     with PgBench(src) as load:
         if signal == "sessions_only":
             result = op.execute({})  # blind: it reads the source under the load
@@ -116,6 +127,10 @@ def test_loaded_source_makes_the_chunk_wait_and_it_goes_when_the_load_stops(priv
     ratio = event.payload["sample"]["latency_ratio"]
     assert ratio is None or ratio <= 3.0  # None: too few transactions to measure, no OLTP left to protect
     result = op.execute_after_wait({}, event=event.payload)
+    if signal == "latency_batch":
+        assert (result["loaded"], result["rows"]) == (3, 900)
+        assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(900,)]
+        return
     assert result["rows_extracted"] == 300 and result["inserted"] == 300
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(300,)]
 

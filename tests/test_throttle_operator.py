@@ -11,6 +11,7 @@ import time
 import pendulum
 import pytest
 
+from airflow_backfill_provider import batches
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.compat import DAG, AirflowException, AirflowFailException, TaskDeferred
 from tests.seed import create_orders, seed_orders
@@ -99,6 +100,39 @@ def test_busy_source_defers_writes_nothing_then_completes(seeded):
     # and kept in the chunk's ledger row, where the progress page reads it
     near = pytest.approx(result["waited_load_s"], abs=0.051)  # the XCom rounds to 0.1 s
     assert fetch_all(dst, "SELECT waited_load_s, waited_pacing_s FROM backfill_ledger") == [(near, 0.0)]
+
+
+def _batch_operator(spec, chunks, task_id="load_batch"):
+    """One task instance over every chunk (max_mapped_chunks=1, max_batches=1): a batch."""
+    spec = {**spec, "max_mapped_chunks": 1, "max_batches": 1}
+    (descriptor,) = batches.descriptors(load_spec(spec), chunks, granularity="day")
+    with DAG(dag_id=f"bf_throttle_{task_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)):
+        return BackfillChunkOperator(task_id=task_id, spec=spec, chunk=descriptor, pool="bf_test_pool")
+
+
+def test_a_busy_source_defers_a_batch_as_it_defers_a_chunk(seeded):
+    """One gate sequence (issue 22): a batch's load trigger counts from the try's start and carries the pacing
+    wait back, as a chunk's does; resumed, the batch loads all its chunks and the first ledger row has the wait."""
+    src, dst = seeded
+    op = _batch_operator(_spec(src, dst, max_active=2, **FAST_POLL), _chunks())
+    with Sleepers(src, 3):
+        before = time.time()
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({})
+        assert deferred.value.method_name == "execute_after_wait"
+        assert _nothing_written(dst)
+        trigger = _rebuild(deferred.value.trigger)
+        assert trigger.carry == {"waited_pacing_s": 0.0} and before <= trigger.started_at <= time.time()
+    event = asyncio.run(asyncio.wait_for(_first_event(trigger), 15))
+    assert event.payload["status"] == "ok"
+    assert op.execute_after_wait({}, event=event.payload) == {
+        "batch": op.chunk["chunk_id"],
+        "chunks": 3,
+        "loaded": 3,
+        "rows": 900,
+    }
+    waits = fetch_all(dst, "SELECT waited_load_s > 0, waited_pacing_s FROM backfill_ledger ORDER BY range_start")
+    assert waits == [(True, 0.0), (False, 0.0), (False, 0.0)]
 
 
 def test_critical_load_fails_at_once_without_retry(seeded):

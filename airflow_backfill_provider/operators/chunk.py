@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
-from airflow_backfill_provider.connections import close_all
 from airflow_backfill_provider.lineage import LineageMixin
 from airflow_backfill_provider.operators.chunkrun import ChunkRun
 from airflow_backfill_provider.operators.gates import ChunkGatesMixin
@@ -13,6 +12,7 @@ from airflow_backfill_provider.spec import BackfillSpec
 
 if TYPE_CHECKING:
     from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.transfer import ChunkResult
     from airflow_backfill_provider.compat import Context
     from airflow_backfill_provider.throttle import LoadSample
 
@@ -64,7 +64,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         return chunk_tables(load_spec(self.spec), self.chunk)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        return self._gate(context, ChunkRun())
+        return self._run(context, ChunkRun())
 
     def execute_after_wait(self, context: Context, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Resumed by SourceLoadTrigger: ok -> pacing/transfer; critical/timeout/error -> fail."""
@@ -83,39 +83,126 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         run = ChunkRun.after_load_wait(event)
         assert run.sample is not None  # the trigger's last probe, always in an ok event
         self.log.info("Source load dropped after %.1f s: %s", run.waited_load_s, run.sample.describe())
-        return self._gate(context, run)
+        return self._run(context, run)
 
     def execute_after_pacing(self, context: Context, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Resumed by PacingTrigger at the chunk's turn: re-probe (the load may have changed), then go."""
-        return self._gate(context, ChunkRun.after_pacing(event or {}))
+        return self._run(context, ChunkRun.after_pacing(event or {}))
 
-    def _gate(self, context: Context, run: ChunkRun) -> dict[str, Any]:
-        from airflow_backfill_provider.batches import is_batch
-        from airflow_backfill_provider.chunks import Chunk
+    def _run(self, context: Context, run: ChunkRun) -> dict[str, Any]:
+        """The task instance's chunks (one, or a batch's), each through the same gates, then its transfer:
+        window -> load probe (+ latency signal) -> maintenance -> critical / wait (deferred) -> pacing
+        (deferred) -> transfer -> ledger row. The probe and maintenance check run again once
+        ``throttle.poll_interval`` has passed, not before every small chunk of a batch.
+
+        A batch skips the chunks the ledger holds (a resumed or retried batch starts again, the ledger tells
+        it where); a failure in one chunk's data fails the batch after its other chunks, named. ``run``:
+        the waits of this try so far, written in the ledger row of the first chunk loaded after them."""
+        import time
+
+        from airflow_backfill_provider import batches
         from airflow_backfill_provider.connections import application_name
-        from airflow_backfill_provider.exceptions import PlanError
+        from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
+        from airflow_backfill_provider.identity import carried
         from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.transfer import transfer_chunk
 
         spec = load_spec(self.spec)
-        if is_batch(self.chunk):
-            return self._run_batch(context, spec, paced=run.paced, waited=(run.waited_load_s, run.waited_pacing_s))
         try:
-            chunk = Chunk.from_descriptor(self.chunk, spec.timezone)
+            planned = batches.expand(self.chunk, spec)
         except PlanError as err:
             raise AirflowFailException(str(err)) from err
-        appname = application_name(self.dag_id, chunk.chunk_id)
+        batch = batches.is_batch(self.chunk)
+        label = str(self.chunk.get("chunk_id") or planned[0].chunk_id)
+        run_id = getattr(context.get("dag_run"), "run_id", None)
+        appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)  # outside the maintenance window: defer before opening any session
-
-        self._in_chunk = True  # on_kill (SIGTERM on Airflow 3) interrupts only while the chunk runs
+        todo, dst = planned, None
+        prepared: dict | None = {} if batch else None  # a batch reuses catalog checks and its staging table
+        failed: list[tuple[Chunk, PermanentChunkError]] = []
+        results: list = []
+        last_check = -1e9
         try:
-            if not run.probed:
-                # the probe runs on the session the transfer will use: one source connection per chunk
-                run.source_conn, run.sample = self._probe(spec, appname)
-                self._maintenance_gate(spec, run.source_conn, appname)  # VACUUM/ANALYZE on the table: defer
-            return self._decide_and_go(context, spec, chunk, appname, run)
+            backfill = carried(spec, self.chunk)
+            if batch:
+                run.source_conn = self._open_source(spec, appname)
+                dst = self._open_destination(spec, appname, label)
+                todo, backfill = self._not_in_ledger(spec, planned, run.source_conn, dst, run_id, label)
+            for chunk in todo:
+                self._window_gate(spec)  # a long batch may run into a blackout: stop between chunks
+                if run.source_conn is None or run.source_conn.closed:
+                    run.source_conn = self._open_source(spec, appname)
+                if run.probed or time.monotonic() - last_check >= spec.throttle.poll_interval:
+                    if not run.probed:  # the load trigger's own last probe stands in for this one
+                        run.sample = self._probe(spec, run.source_conn, appname)
+                        self._maintenance_gate(spec, run.source_conn, appname)  # VACUUM/ANALYZE: defer
+                    self._decide(spec, run, appname)
+                    run.probed, last_check = False, time.monotonic()
+                self._pace(spec, run, appname)
+                if dst is None or dst.closed:
+                    dst = self._open_destination(spec, appname, chunk.chunk_id)
+                waits = (run.sample, run.waited_load_s, run.waited_pacing_s)
+                self._in_chunk = True  # on_kill (SIGTERM on Airflow 3) interrupts only while a chunk runs
+                try:
+                    result = transfer_chunk(
+                        spec,
+                        chunk,
+                        dag_id=self.dag_id,
+                        run_id=run_id,
+                        source_conn=run.source_conn,
+                        destination_conn=dst,
+                        prepared=prepared,
+                        close=False,
+                        waited_load_s=run.waited_load_s,  # in the ledger row: the progress page shows the waits
+                        waited_pacing_s=run.waited_pacing_s,
+                        backfill=backfill,
+                    )
+                except PermanentChunkError as err:  # this chunk's data: go on with the others, fail at the end
+                    self.log.error("Chunk %s failed (permanent): %s", chunk.chunk_id, err)
+                    failed.append((chunk, err))
+                else:
+                    results.append((result, waits))
+                    self._log_chunk(context, result, waits, batch)
+                finally:
+                    self._in_chunk = False
+                    # the turn a resumed try waited for is used by its first chunk, whose ledger row has the waits
+                    run.paced, run.waited_load_s, run.waited_pacing_s = False, 0.0, 0.0
         finally:
-            self._in_chunk = False
-            run.close()  # no-op once the transfer took the session; closed before any deferral
+            run.close(dst)  # also before any deferral: no session is held across one
+        self._lineage_rows = sum(r.rows_extracted for r, _ in results)  # OpenLineage output row count
+        if not batch:
+            if failed:
+                raise AirflowFailException(str(failed[0][1])) from failed[0][1]
+            return self._chunk_summary(*results[0])
+        self.log.info(
+            "Batch %s: %d chunk(s) loaded, %d rows, %d failed", label, len(results), self._lineage_rows, len(failed)
+        )
+        if failed:
+            named = [f"{c.chunk_id}: {err}" for c, err in failed]
+            raise AirflowFailException(
+                f"batch {label}: {len(failed)} of {len(todo)} chunk(s) failed, the other {len(results)} are "
+                "committed and in the ledger. Fix the cause and clear this task: only the chunks not in the ledger "
+                "run again.\n" + "\n".join(named[:20]) + ("\n..." if len(named) > 20 else "")
+            )
+        return {"batch": label, "chunks": len(planned), "loaded": len(results), "rows": self._lineage_rows}
+
+    def _not_in_ledger(self, spec: BackfillSpec, chunks: list[Chunk], src, dst, run_id, label):
+        """(the batch's chunks the ledger does not hold (reprocess: that this run did not load yet), the
+        backfill's identity it was read with, for the chunks' ledger rows)."""
+        from airflow_backfill_provider import chunkplan, identity
+
+        reprocess = bool(self.chunk["batch"].get("reprocess"))
+        backfill = identity.of(spec, src, dst)
+        done = chunkplan.done_coverage(spec, dst, backfill=backfill, run_id=run_id if reprocess else None)
+        todo = [c for c in chunks if not chunkplan.is_done(done, c)]
+        self.log.info(
+            "Batch %s: %d chunk(s), %d already in the ledger, %d to load",
+            label,
+            len(chunks),
+            len(chunks) - len(todo),
+            len(todo),
+        )
+        return todo, backfill
 
     def on_kill(self) -> None:
         """SIGTERM (worker shutdown, pod eviction) while the chunk runs: stop it, roll back, let Airflow retry.
@@ -134,19 +221,12 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 "and the chunk will be retried"
             )
 
-    def _decide_and_go(
-        self, context: Context, spec: BackfillSpec, chunk: Chunk, appname: str, run: ChunkRun
-    ) -> dict[str, Any]:
+    def _decide(self, spec: BackfillSpec, run: ChunkRun, appname: str) -> None:
+        """Fail over ``critical_active``; defer to SourceLoadTrigger while the source is too busy."""
         import time
 
-        from airflow_backfill_provider.throttle import (
-            critical_message,
-            decide,
-            reserve_destination_turn,
-            wait_reason,
-        )
+        from airflow_backfill_provider.throttle import critical_message, decide, wait_reason
         from airflow_backfill_provider.triggers.load import SourceLoadTrigger
-        from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
         throttle = spec.throttle
         sample = run.sample
@@ -168,82 +248,103 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                     conn_id=spec.source_conn_id,
                     throttle=throttle.model_dump(mode="json"),
                     started_at=time.time() - run.waited_load_s,  # max_wait counts all load waits of this try
-                    application_name=f"{appname}:probe",
+                    application_name=f"{appname}:probe"[:63],
                     carry=run.carry_through_load_wait(),
                     baseline=(sample.window or {}).get("baseline"),
                 ),
                 method_name="execute_after_wait",
             )
-        if throttle.min_query_interval > 0 and not run.paced:
-            turn = reserve_destination_turn(
-                spec.destination_conn_id,
-                throttle,
-                key=self.pool or "default_pool",
-                application_name=f"{appname}:pacing",
+
+    def _pace(self, spec: BackfillSpec, run: ChunkRun, appname: str) -> None:
+        """With ``min_query_interval``: reserve the pool slot's next turn; defer to PacingTrigger until then."""
+        import time
+
+        from airflow_backfill_provider.throttle import reserve_destination_turn
+        from airflow_backfill_provider.triggers.pacing import PacingTrigger
+
+        if spec.throttle.min_query_interval <= 0 or run.paced:
+            return
+        turn = reserve_destination_turn(
+            spec.destination_conn_id,
+            spec.throttle,
+            key=self.pool or "default_pool",
+            application_name=f"{appname}:pacing"[:63],
+        )
+        if turn.wait_s > 0:
+            self.log.info(
+                "Pacing: slot %d of pool %s may query the source in %.1f s (deferred until then)",
+                turn.slot,
+                self.pool,
+                turn.wait_s,
             )
-            if turn.wait_s > 0:
-                self.log.info(
-                    "Pacing: slot %d of pool %s may query the source in %.1f s (deferred until then)",
-                    turn.slot,
-                    self.pool,
-                    turn.wait_s,
-                )
-                self.defer(
-                    trigger=PacingTrigger(
-                        at=time.time() + turn.wait_s,
-                        carry=run.carry_through_pacing(),
-                    ),
-                    method_name="execute_after_pacing",
-                )
-        return self._transfer(context, spec, chunk, run)
+            self.defer(
+                trigger=PacingTrigger(at=time.time() + turn.wait_s, carry=run.carry_through_pacing()),
+                method_name="execute_after_pacing",
+            )
 
-    def _probe(self, spec: BackfillSpec, appname: str) -> tuple[Any, LoadSample]:
-        """Open the chunk's source session and probe the load on it: (connection, sample)."""
-        import psycopg2
-
-        from airflow_backfill_provider.compat import AirflowException
-        from airflow_backfill_provider.exceptions import PermanentChunkError
-        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
+    def _open_source(self, spec: BackfillSpec, appname: str) -> Any:
+        """The try's source session (probe and transfers): errors as the probe's (below)."""
         from airflow_backfill_provider.connections import open_source
 
-        conn = None
+        conn = self._source_errors(spec, lambda: open_source(spec, appname))
+        # read-only by session default; autocommit spares a BEGIN and a ROLLBACK per chunk
+        conn.autocommit = True
+        return conn
+
+    def _open_destination(self, spec: BackfillSpec, appname: str, chunk_id: str) -> Any:
+        """The try's destination session; a failure to connect is classified as a chunk's (errors.py)."""
+        import psycopg2
+
+        from airflow_backfill_provider.connections import open_destination
+        from airflow_backfill_provider.errors import classify
+        from airflow_backfill_provider.exceptions import PermanentChunkError
+
         try:
-            conn = open_source(spec, appname)
+            return open_destination(spec, appname)
+        except psycopg2.Error as err:
+            error = classify(err, chunk_id=chunk_id)
+            if isinstance(error, PermanentChunkError):
+                raise AirflowFailException(str(error)) from err
+            raise error from err
+        except PermanentChunkError as err:  # e.g. the connection id does not exist: a retry cannot fix it
+            raise AirflowFailException(str(err)) from err
+
+    def _probe(self, spec: BackfillSpec, conn: Any, appname: str) -> LoadSample:
+        """Probe the load on the chunk's own source session, with the server-wide latency signal if set."""
+        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
+
+        def probe() -> LoadSample:
             sample = probe_load(conn, timeout_s=PROBE_TIMEOUT_S)
             if spec.throttle.max_latency_ratio is not None:  # the server-wide latency signal (loadsignal.py)
                 from airflow_backfill_provider.loadsignal import add_latency
 
                 sample = add_latency(sample, conn, spec, appname)
-            return conn, sample
-        except psycopg2.Error as err:  # unreachable or overloaded source: a retry may succeed
-            close_all(conn)
+            return sample
+
+        return self._source_errors(spec, probe)
+
+    def _source_errors(self, spec: BackfillSpec, call):
+        """An unreachable or overloaded source is retried; a permanent error (e.g. the connection id does not
+        exist) fails at once."""
+        import psycopg2
+
+        from airflow_backfill_provider.compat import AirflowException
+        from airflow_backfill_provider.exceptions import PermanentChunkError
+
+        try:
+            return call()
+        except psycopg2.Error as err:
             raise AirflowException(
                 f"could not probe the source's load on {spec.source_conn_id!r}: {str(err).strip()}"
             ) from err
-        except PermanentChunkError as err:  # e.g. the connection id does not exist: a retry cannot fix it
-            close_all(conn)
-            raise AirflowFailException(str(err)) from err
-
-    def _transfer(self, context: Context, spec: BackfillSpec, chunk: Chunk, run: ChunkRun) -> dict[str, Any]:
-        from airflow_backfill_provider.exceptions import PermanentChunkError
-        from airflow_backfill_provider.identity import carried
-        from airflow_backfill_provider.throttle import chunk_summary
-        from airflow_backfill_provider.transfer import transfer_chunk
-
-        run_id = getattr(context.get("dag_run"), "run_id", None)
-        try:
-            result = transfer_chunk(
-                spec,
-                chunk,
-                dag_id=self.dag_id,
-                run_id=run_id,
-                source_conn=run.take_source(),
-                waited_load_s=run.waited_load_s,  # kept in the ledger row: the progress page shows the waits
-                waited_pacing_s=run.waited_pacing_s,
-                backfill=carried(spec, self.chunk),
-            )
         except PermanentChunkError as err:
             raise AirflowFailException(str(err)) from err
+
+    def _log_chunk(self, context: Context, result: ChunkResult, waits: tuple, batch: bool) -> None:
+        from airflow_backfill_provider.progress_log import log_chunk_share
+        from airflow_backfill_provider.throttle import chunk_summary
+
+        sample, waited_load_s, waited_pacing_s = waits
         self.log.info(
             "Chunk %s [%s, %s): %d rows extracted, %d inserted, %d updated, %d unchanged in %.2fs (%.0f rows/s)",
             result.chunk_id,
@@ -260,26 +361,29 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             "%s",
             chunk_summary(
                 chunk_id=result.chunk_id,
-                sample=run.sample,
-                waited_load_s=run.waited_load_s,
-                waited_pacing_s=run.waited_pacing_s,
+                sample=sample,
+                waited_load_s=waited_load_s,
+                waited_pacing_s=waited_pacing_s,
                 rows=result.rows_extracted,
                 seconds=result.seconds,
             ),
         )
-        from airflow_backfill_provider.progress_log import log_chunk_share
-
-        self._lineage_rows = result.rows_extracted  # OpenLineage output row count
+        # a batch's i/n count batches, not chunks: its share line counts rows (or says how many so far)
+        descriptor = {k: v for k, v in self.chunk.items() if not batch or k not in ("i", "n")}
         dag_run = context.get("dag_run")
         log_chunk_share(
-            self.log, self.chunk, totals=result.run_totals, run_started_at=getattr(dag_run, "start_date", None)
+            self.log, descriptor, totals=result.run_totals, run_started_at=getattr(dag_run, "start_date", None)
         )
+
+    def _chunk_summary(self, result: ChunkResult, waits: tuple) -> dict[str, Any]:
+        """A single chunk's XCom: its result, without what the plan logged already."""
+        sample, waited_load_s, waited_pacing_s = waits
         out = result.to_dict()
         out.pop("decisions", None)  # logged once by the plan; keep the XCom small
         out.pop("run_totals", None)
         out.update(
-            source_active=run.sample.active if run.sample is not None else None,
-            waited_load_s=round(run.waited_load_s, 1),
-            waited_pacing_s=round(run.waited_pacing_s, 1),
+            source_active=sample.active if sample is not None else None,
+            waited_load_s=round(waited_load_s, 1),
+            waited_pacing_s=round(waited_pacing_s, 1),
         )
         return out

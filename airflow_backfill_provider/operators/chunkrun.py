@@ -1,10 +1,9 @@
-"""The state of one try of a chunk through its gates: probe -> (wait) -> (pace) -> transfer.
+"""The state of one try of a task instance's chunks through their gates: probe -> (wait) -> (pace) -> transfer.
 
 A try may defer twice (load wait, pacing turn) and resume in a new worker process, so what the next
 step needs travels in the trigger event's ``carry`` (dag.test() on both Airflow versions hands the
 resumed method the event only, not defer(kwargs=...)). :class:`ChunkRun` is that state, built fresh
-at each step from the event; it also owns the source session the probe opened until the transfer
-takes it.
+at each step from the event; it also owns the try's source session (the probe's, then the transfers').
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ class ChunkRun:
     #: ``sample`` was just taken (by the load trigger): no probe before pacing
     probed: bool = False
     sample: LoadSample | None = None
-    #: the source session of the probe, reused by the transfer (one source connection per chunk)
+    #: the try's source session: the probe's, reused by the transfers (one source connection per task instance)
     source_conn: Any = None
 
     @classmethod
@@ -58,12 +57,7 @@ class ChunkRun:
         """What PacingTrigger hands back (its own wait is added from the event's ``waited_s``)."""
         return {"waited_load_s": self.waited_load_s, "waited_pacing_s": self.waited_pacing_s}
 
-    def take_source(self) -> Any:
-        """Hand the source session over (transfer_chunk closes it); None: the transfer opens its own."""
-        conn, self.source_conn = self.source_conn, None
-        return conn
-
-    def close(self) -> None:
-        """Close the session if nobody took it (an error or a deferral): never held across a deferral."""
-        close_all(self.source_conn)
+    def close(self, *others: Any) -> None:
+        """Close the try's sessions (the source one, and ``others``): never held across a deferral."""
+        close_all(self.source_conn, *others)
         self.source_conn = None
