@@ -39,11 +39,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation, localcontext
 
 import pendulum
 import psycopg2.errors
@@ -133,9 +134,9 @@ class ValidationReport:
         worst = self.worst if self.worst and self.worst.worst_diff > 0 else None  # no "worst" of equal days
         sums = {}
         for col in self.sum_columns:
-            s = sum((d.sums[col][0] or 0 for d in self.days), Decimal(0))
-            t = sum((d.sums[col][1] or 0 for d in self.days), Decimal(0))
-            sums[col] = {"source": float(s), "destination": float(t)}
+            s = _sum_days(d.sums[col][0] or 0 for d in self.days)
+            t = _sum_days(d.sums[col][1] or 0 for d in self.days)
+            sums[col] = {"source": _finite_or_text(float(s)), "destination": _finite_or_text(float(t))}
         failed = [d.day.isoformat() for d in self.ranked() if d.status == FAIL]
         return {
             "status": self.status,
@@ -151,7 +152,7 @@ class ValidationReport:
             "sums": sums,
             "worst_day": worst.day.isoformat() if worst else None,
             "worst_metric": worst.worst_metric if worst else None,
-            "worst_diff": round(worst.worst_diff, 6) if worst else 0.0,
+            "worst_diff": _finite_or_text(round(worst.worst_diff, 6)) if worst else 0.0,
             "checksum_days_differ": [d.day.isoformat() for d in self.ranked() if d.checksum_differs][:XCOM_MAX_DAYS],
             "failed_days": failed[:XCOM_MAX_DAYS],
             "failed_days_more": max(0, len(failed) - XCOM_MAX_DAYS),
@@ -202,6 +203,8 @@ class ValidationReport:
 
 
 def _pct(x: float) -> str:
+    if not math.isfinite(x):  # NaN or Infinity against another value: no percentage says how far
+        return "differs"
     return f"{x * 100:.2f}%" if x < 10 else f"{x * 100:.0f}%"
 
 
@@ -210,9 +213,16 @@ def _num(x: Decimal | None) -> str:
 
 
 def relative_diff(source, destination) -> float:
-    """``|s - d| / |s|``; relative to the destination when the source is 0; 0 when both are 0 (or NULL)."""
+    """``|s - d| / |s|``; relative to the destination when the source is 0; 0 when both are 0 (or NULL).
+
+    NaN and +-Infinity (a float8 or numeric sum can be either) compare as values: 0 when both sides hold the
+    same one, else ``math.inf``, a difference no threshold accepts (there is no "how much" between them).
+    """
     s = Decimal(source or 0)
     d = Decimal(destination or 0)
+    if not (s.is_finite() and d.is_finite()):
+        # compare_total: NaN equals NaN (== says it does not), Infinity equals only Infinity of the same sign
+        return 0.0 if s.compare_total(d) == 0 else math.inf
     if s == d:
         return 0.0
     base = abs(s) if s != 0 else abs(d)
@@ -220,11 +230,26 @@ def relative_diff(source, destination) -> float:
 
 
 def classify(diff: float, warn: float, fail: float) -> str:
-    if diff > fail:
+    # written so that a NaN difference (which compares false with everything) fails instead of passing
+    if not diff <= fail:
         return FAIL
-    if diff > warn:
+    if not diff <= warn:
         return WARN
     return PASS
+
+
+def _finite_or_text(x: float) -> float | str:
+    """JSON has no NaN or Infinity (json.dumps writes tokens jsonb and strict parsers reject): name them."""
+    if math.isfinite(x):
+        return x
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")  # also float8 input syntax
+
+
+def _sum_days(values) -> Decimal:
+    """The days' sums added up; Infinity + -Infinity gives NaN instead of raising InvalidOperation."""
+    with localcontext() as ctx:
+        ctx.traps[InvalidOperation] = False
+        return sum(values, Decimal(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,7 +820,7 @@ def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: s
                                 "status": d.status,
                                 "source_rows": d.source_rows,
                                 "destination_rows": d.destination_rows,
-                                "diffs": d.diffs,
+                                "diffs": {m: _finite_or_text(x) for m, x in d.diffs.items()},
                             }
                             for d in report.ranked()
                             if d.status != PASS
