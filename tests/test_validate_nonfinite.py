@@ -94,3 +94,23 @@ def test_classify_fails_nan_and_infinity_whatever_the_thresholds():
     assert classify(math.nan, 1e9, 1e9) == FAIL  # NaN compares false with everything: never a pass
     assert classify(0.0, 0.0, 0.0) == PASS
     assert classify(0.02, 0.01, 0.05) == WARN and classify(0.06, 0.01, 0.05) == FAIL
+
+
+def test_failure_message_names_a_nan_or_infinity_difference(nonfinite):
+    """The task's failure message formats the worst difference; NaN/Infinity against another value is text."""
+    from airflow_backfill_provider.compat import AirflowFailException
+    from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
+
+    src, dst = nonfinite
+    spec = make_spec(validation={"sum_columns": ["n"], "checksum": "off"})
+    task = ValidateBackfillOperator(
+        task_id="v",
+        spec=spec,
+        start="2024-01-01T00:00:00+00:00",
+        end="2024-01-11T00:00:00+00:00",
+        source=src,
+        destination=dst,
+    )
+    with pytest.raises(AirflowFailException) as info:
+        task.execute({"run_id": "nf_message"})
+    assert "off by NaN or Infinity against a different value" in str(info.value), str(info.value)
