@@ -280,6 +280,6 @@ def run_live_ingest(
         rollback_quietly(dst_conn)
         if is_interrupt(err):  # execution_timeout, SIGTERM: rolled back; Airflow retries it as it is
             raise
-        raise classify(err, chunk_id=f"live {target}") from err
+        raise classify(err, chunk_id=f"live {target}", source_conn=src_conn, conns=(dst_conn,)) from err
     finally:
         close_all(src_conn, dst_conn)

@@ -170,7 +170,7 @@ def merge_parallel_table(
         rollback_quietly(conn)
         if is_interrupt(err):  # execution_timeout, SIGTERM: rolled back; Airflow retries it as it is
             raise
-        raise classify(err, chunk_id=f"merge {parallel}") from err
+        raise classify(err, chunk_id=f"merge {parallel}", conns=(conn,)) from err
     finally:
         close_all(conn)
     return MergeResult(str(live), str(parallel), True, rows, inserted, rows - inserted, time.monotonic() - t0)

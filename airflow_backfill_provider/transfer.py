@@ -345,7 +345,11 @@ def transfer_chunk(
             if found is not None:
                 raise PermanentChunkError(found.describe(chunk.chunk_id, spec.key_columns)) from err
         raise classify(
-            err, chunk_id=chunk.chunk_id, source_conn=src_conn, statement_timeout_s=spec.statement_timeout_s
+            err,
+            chunk_id=chunk.chunk_id,
+            source_conn=src_conn,
+            statement_timeout_s=spec.statement_timeout_s,
+            conns=(dst_conn,),
         ) from err
     finally:
         if close or not ok:

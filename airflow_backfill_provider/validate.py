@@ -14,7 +14,8 @@ a day that differs. With ``validation.checksum`` (default 'fail') each day also 
 order-independent checksum of every loaded column, the source side cast to the destination types, so an
 altered value is named even when counts and sums agree: ``sum(hash_record_extended(ROW(..), 0))`` over
 the values by type where both servers are PostgreSQL 14+ (common built-in types hashed as values, text
-byte by byte, every other type as its text), else ``sum(hashtextextended(ROW(..)::text, 0))`` over the
+byte by byte, numeric/float/jsonb by their send form so that "equal" means what the upsert's change test
+means, docs/equality.md; every other type as its text), else ``sum(hashtextextended(ROW(..)::text, 0))`` over the
 row's text (about twice the CPU). Both sessions pin TimeZone, DateStyle, IntervalStyle,
 extra_float_digits and bytea_output for the text (SET LOCAL, inside validation's own read transaction).
 
@@ -39,11 +40,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation, localcontext
 
 import pendulum
 import psycopg2.errors
@@ -133,9 +135,9 @@ class ValidationReport:
         worst = self.worst if self.worst and self.worst.worst_diff > 0 else None  # no "worst" of equal days
         sums = {}
         for col in self.sum_columns:
-            s = sum((d.sums[col][0] or 0 for d in self.days), Decimal(0))
-            t = sum((d.sums[col][1] or 0 for d in self.days), Decimal(0))
-            sums[col] = {"source": float(s), "destination": float(t)}
+            s = _sum_days(d.sums[col][0] or 0 for d in self.days)
+            t = _sum_days(d.sums[col][1] or 0 for d in self.days)
+            sums[col] = {"source": _finite_or_text(float(s)), "destination": _finite_or_text(float(t))}
         failed = [d.day.isoformat() for d in self.ranked() if d.status == FAIL]
         return {
             "status": self.status,
@@ -151,7 +153,7 @@ class ValidationReport:
             "sums": sums,
             "worst_day": worst.day.isoformat() if worst else None,
             "worst_metric": worst.worst_metric if worst else None,
-            "worst_diff": round(worst.worst_diff, 6) if worst else 0.0,
+            "worst_diff": _finite_or_text(round(worst.worst_diff, 6)) if worst else 0.0,
             "checksum_days_differ": [d.day.isoformat() for d in self.ranked() if d.checksum_differs][:XCOM_MAX_DAYS],
             "failed_days": failed[:XCOM_MAX_DAYS],
             "failed_days_more": max(0, len(failed) - XCOM_MAX_DAYS),
@@ -202,6 +204,8 @@ class ValidationReport:
 
 
 def _pct(x: float) -> str:
+    if not math.isfinite(x):  # NaN or Infinity against another value: no percentage says how far
+        return "differs"
     return f"{x * 100:.2f}%" if x < 10 else f"{x * 100:.0f}%"
 
 
@@ -210,9 +214,16 @@ def _num(x: Decimal | None) -> str:
 
 
 def relative_diff(source, destination) -> float:
-    """``|s - d| / |s|``; relative to the destination when the source is 0; 0 when both are 0 (or NULL)."""
+    """``|s - d| / |s|``; relative to the destination when the source is 0; 0 when both are 0 (or NULL).
+
+    NaN and +-Infinity (a float8 or numeric sum can be either) compare as values: 0 when both sides hold the
+    same one, else ``math.inf``, a difference no threshold accepts (there is no "how much" between them).
+    """
     s = Decimal(source or 0)
     d = Decimal(destination or 0)
+    if not (s.is_finite() and d.is_finite()):
+        # compare_total: NaN equals NaN (== says it does not), Infinity equals only Infinity of the same sign
+        return 0.0 if s.compare_total(d) == 0 else math.inf
     if s == d:
         return 0.0
     base = abs(s) if s != 0 else abs(d)
@@ -220,11 +231,26 @@ def relative_diff(source, destination) -> float:
 
 
 def classify(diff: float, warn: float, fail: float) -> str:
-    if diff > fail:
+    # written so that a NaN difference (which compares false with everything) fails instead of passing
+    if not diff <= fail:
         return FAIL
-    if diff > warn:
+    if not diff <= warn:
         return WARN
     return PASS
+
+
+def _finite_or_text(x: float) -> float | str:
+    """JSON has no NaN or Infinity (json.dumps writes tokens jsonb and strict parsers reject): name them."""
+    if math.isfinite(x):
+        return x
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")  # also float8 input syntax
+
+
+def _sum_days(values) -> Decimal:
+    """The days' sums added up; Infinity + -Infinity gives NaN instead of raising InvalidOperation."""
+    with localcontext() as ctx:
+        ctx.traps[InvalidOperation] = False
+        return sum(values, Decimal(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +279,10 @@ _TYPED_HASH = {
     "time without time zone", "timestamp without time zone", "timestamp with time zone", "jsonb",
 }  # fmt: skip
 _BYTEWISE = {"text", "character varying", "character"}
+#: types whose '=' and hash ignore a difference the upsert's change test rewrites (casts.change_test compares
+#: their binary send form): 1.5 vs 1.50000, 0 vs -0, jsonb 10.5 vs 10.50000. Hashed by that same send form, so
+#: validation and the upsert mean the same by "equal" (docs/equality.md)
+_BY_SEND = {"numeric": "numeric_send", "real": "float4send", "double precision": "float8send", "jsonb": "jsonb_send"}
 
 
 def checksum_method(src_conn, dst_conn) -> str:
@@ -263,6 +293,8 @@ def checksum_method(src_conn, dst_conn) -> str:
 
 def _hash_field(expr: sql.Composable, comparable: str | None) -> sql.Composable:
     base = re.sub(r"\(\d+(,\d+)?\)", "", comparable or "")
+    if base in _BY_SEND:  # a bytea, hashed by its bytes
+        return sql.SQL("{f}({e})").format(f=sql.Identifier("pg_catalog", _BY_SEND[base]), e=expr)
     if base in _TYPED_HASH:
         return expr
     if base in _BYTEWISE:
@@ -826,7 +858,7 @@ def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: s
                                 "status": d.status,
                                 "source_rows": d.source_rows,
                                 "destination_rows": d.destination_rows,
-                                "diffs": d.diffs,
+                                "diffs": {m: _finite_or_text(x) for m, x in d.diffs.items()},
                             }
                             for d in report.ranked()
                             if d.status != PASS

@@ -71,6 +71,9 @@ class ValidateBackfillOperator(BaseOperator):
             raise AirflowFailException(str(err)) from err
         self.log.info("%s", report.format_table())
         totals = report.totals()
+        worst = totals["worst_diff"]
+        # not a number: NaN or Infinity against a different value (validate._finite_or_text)
+        off = f"{worst:.2%}" if isinstance(worst, (int, float)) else "NaN or Infinity against a different value"
         if report.status == FAIL:
             plan = self._plan(context) or {}
             short = [d for d in report.ranked() if d.status == FAIL and d.destination_rows < d.source_rows]
@@ -91,7 +94,7 @@ class ValidateBackfillOperator(BaseOperator):
             failure = ValidationFailed(
                 trusted + f"{totals['days_fail']} of {totals['days']} day(s) of {report.table} differ by more than "
                 f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
-                f"({totals['worst_metric']} off by {totals['worst_diff']:.2%}); failed days: "
+                f"({totals['worst_metric']} off by {off}); failed days: "
                 f"{', '.join(totals['failed_days'])}{' ...' if totals['failed_days_more'] else ''}. "
                 + (
                     f"The checksum of the loaded columns differs on {', '.join(totals['checksum_days_differ'])} "
