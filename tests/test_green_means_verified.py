@@ -192,3 +192,42 @@ def test_destination_only_not_null_column_without_default_is_refused_by_the_plan
     assert states.get("plan") == "failed", states
     assert fetch_all(dst_url, "SELECT count(*) FROM events") == [(0,)]
     assert fetch_all(dst_url, "SELECT to_regclass('backfill_ledger') IS NULL") == [(True,)]
+
+
+ARCHIVE = """
+CREATE TABLE events_old (legacy_id bigint PRIMARY KEY, d timestamptz NOT NULL, amount numeric(12,2), note text,
+                         updated_at timestamptz NOT NULL);
+INSERT INTO events_old SELECT 1000 + g, timestamptz '2024-02-01 00:00+00' + (g - 1) * interval '40 minutes',
+       g * 0.5, 'old' || g, timestamptz '2024-04-01 00:00+00'
+FROM generate_series(1, 72) g;
+"""
+
+
+def test_key_batches_with_a_historical_table_read_every_row_once(make_dag, src_url, dst_url, pg):
+    """Issue 25's N1: chunk_by key + a historical range with its own table + more chunks than
+    max_mapped_chunks (batches). The release before read the halves after ``until`` never and the halves
+    before it twice, and both batch tasks ended green."""
+    pg(dst_url).cursor().execute(DEST.format(extra=""))
+    pg(src_url).cursor().execute(ARCHIVE)
+    dag = make_dag(
+        chunk_by="key",
+        target_chunk_rows=10,
+        max_mapped_chunks=2,
+        max_batches=2,
+        historical=[
+            {
+                "until": "2024-02-02T00:00:00Z",
+                "source_table": "public.events_old",
+                "column_expressions": {"id": "legacy_id"},
+            }
+        ],
+    )
+    run = dag.test(run_conf={"start": "2024-02-01", "end": "2024-03-04"})
+    assert _state(run) == "success", _task_states(run)
+    expected = fetch_all(
+        src_url,
+        "SELECT legacy_id, d, amount, note FROM events_old WHERE d < '2024-02-02Z'"
+        " UNION ALL SELECT id, d, amount, note FROM events WHERE d >= '2024-02-02Z' ORDER BY 1",
+    )
+    assert fetch_all(dst_url, "SELECT id, d, amount, note FROM events ORDER BY 1") == expected
+    assert len(expected) == 36 + 48
