@@ -44,6 +44,18 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
     key_stats = sourcestats.column_stats(src_conn, table, key_col) if key_is_int else sourcestats.ColumnStats()
     from airflow_backfill_provider.schema import time_column_indexed
 
+    sampled = None
+    if (
+        spec.chunk_by == "time"
+        and granularity == "auto"
+        and (tstats.rows is None or not time_stats.usable)
+        and (sampled := _sample(spec, src_conn, table, key_col if key_is_int else None, notes)) is not None
+    ):
+        # never analyzed: a small sample stands in for the statistics, so the plan is the one ANALYZE would give
+        tstats, time_stats = sampled.table, sampled.time
+        if key_is_int and key_stats.correlation is None:
+            key_stats = sampled.key
+
     def estimate(a: float, b: float) -> float:
         return (tstats.rows or 0.0) * time_stats.fraction(a, b)
 
@@ -63,8 +75,8 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
     if granularity == "auto":
         if est_range is None:
             notes.append(
-                f"granularity auto: no statistics for {table}.{spec.time_column} (run ANALYZE on the source "
-                "table); fell back to 'day'"
+                f"granularity auto: no statistics for {table}.{spec.time_column} and no usable sample of it (run "
+                "ANALYZE on the source table); fell back to 'day'"
             )
             granularity = "day"
         else:
@@ -82,6 +94,7 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
                 key_indexed=key_indexed,
                 historical=bool(spec.historical),
                 target=target,
+                stats_label="sampled " if sampled else "pg_stats.",
             )
             if reason is not None:
                 notes.append(f"granularity auto chose key ranges of {key_col}: {reason}")
@@ -89,8 +102,8 @@ def make_chunks(spec: BackfillSpec, lo, hi, granularity: str, notes: list[str], 
                 return keyed, "key"
             notes.append(
                 f"granularity auto: {len(chunks)} chunk(s) for ~{est_range:,.0f} estimated rows, about "
-                f"{est_range / max(1, len(chunks)):,.0f} each ({why}; estimated from reltuples and the pg_stats "
-                f"histogram of {spec.time_column})"
+                f"{est_range / max(1, len(chunks)):,.0f} each ({why}; estimated from "
+                f"{'a sample' if sampled else 'reltuples and the pg_stats histogram'} of {spec.time_column})"
             )
             _advise(
                 spec,
@@ -135,16 +148,39 @@ def _key_chunks(spec, src_conn, table, key_col, key_stats, tstats, target, why, 
     if len(chunks) > spec.max_chunks:
         raise PlanError(f"{len(chunks)} key ranges > max_chunks={spec.max_chunks}: raise target_chunk_rows")
     source = (
-        "pg_stats histogram of " + key_col
+        ("the sampled histogram of " if key_stats.origin == "a sample" else "pg_stats histogram of ") + key_col
         if len(key_stats.bounds) >= 2
         else "an even split of the key span (no statistics: run ANALYZE on the source table)"
     )
+    rows_from = "sampled rows" if key_stats.origin == "a sample" else "reltuples"
     notes.append(
         f"chunk_by key: {len(chunks)} range(s) of {key_col} from {kmin} to {kmax}, about "
-        f"{(tstats.rows or 0) / len(chunks):,.0f} rows each by {source} and reltuples={tstats.rows}; {why}; "
+        f"{(tstats.rows or 0) / len(chunks):,.0f} rows each by {source} and {rows_from}={tstats.rows if tstats.rows is None else round(tstats.rows)}; {why}; "
         f"each range also bounded by {spec.time_column} in [{lo.isoformat()}, {hi.isoformat()})"
     )
     return chunks
+
+
+def _sample(spec: BackfillSpec, src_conn, table: TableName, key_col: str | None, notes: list[str]):
+    """A bounded sample standing in for missing statistics (sourcestats.sample_stats), and a note saying so."""
+    from airflow_backfill_provider.schema import time_column_indexed
+
+    indexed = time_column_indexed(src_conn, table, spec.time_column)
+    s = sourcestats.sample_stats(
+        src_conn, table, spec.time_column, key_col, timezone=spec.timezone, time_indexed=indexed
+    )
+    if s is None:
+        return None
+    corr = "unknown" if s.time.correlation is None else f"{s.time.correlation:.2f}"
+    key = f", {key_col} correlation {s.key.correlation:.2f}" if key_col and s.key.correlation is not None else ""
+    notes.append(
+        f"granularity auto: {table} has no statistics (never analyzed), so the estimate was sampled: "
+        f"{s.sampled_rows:,} rows from {s.sampled_pages:,} of its {s.table.pages:,} pages (TABLESAMPLE SYSTEM, "
+        f"{s.seconds * 1000:,.0f} ms): ~{s.table.rows or 0:,.0f} rows, {spec.time_column} correlation {corr}{key}"
+        f"{f', {spec.time_column} min/max from its index' if s.time_bounds_from_index else ''}. Run ANALYZE on "
+        "the source table for the server's own statistics (the backfill never runs it: it does not write to the source)"
+    )
+    return s
 
 
 def _advise(

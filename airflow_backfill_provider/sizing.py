@@ -125,12 +125,13 @@ def prefer_key_ranges(
     key_indexed: bool,
     historical: bool,
     target: int,
+    stats_label: str = "pg_stats.",
 ) -> str | None:
     """Why ``granularity: auto`` should cut key ranges rather than time chunks, or None to keep time chunks.
 
     Time chunks on a table not in time order each read pages from all over it (:func:`pages_touched`);
     ranges of an indexed integer key that follows the physical order read contiguous pages, the whole
-    table about once in all. Only when that is known from the statistics (both correlations), the key
+    table about once in all. Only when that is known from the statistics or a sample (both correlations), the key
     is indexed, the range needs more than one time chunk and no historical ranges switch the source by
     time (their split is by time).
     """
@@ -144,7 +145,7 @@ def prefer_key_ranges(
         return None
     n_key = max(1, math.ceil(table_rows / max(1, target)))
     return (
-        f"the time column is not in physical order (pg_stats.correlation {time_corr:.2f}), so {n_time_chunks} time "
+        f"the time column is not in physical order ({stats_label}correlation {time_corr:.2f}), so {n_time_chunks} time "
         f"chunks would read ~{time_reads / pages:.1f}x the table's {pages:,} pages; ~{n_key} ranges of the indexed key "
         f"(correlation {key_corr:.2f}) read it about once"
     )

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 from psycopg2 import sql
@@ -40,8 +41,10 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    base = args.pg.rpartition("/")[0]
-    src_url, dst_url = f"{base}/backfill_demo_source", f"{base}/backfill_demo_dest"
+    def with_db(name: str) -> str:  # only the path: a socket server's ?host=/dir (or %2F host) is kept
+        return urlunsplit(urlsplit(args.pg)._replace(path="/" + name))
+
+    src_url, dst_url = with_db("backfill_demo_source"), with_db("backfill_demo_dest")
     admin = psycopg2.connect(args.pg)
     admin.autocommit = True
     with admin.cursor() as cur:

@@ -41,9 +41,12 @@ def _admin():
     return conn
 
 
-def db_url(dbname: str) -> str:
-    base, _, _ = ADMIN_URL.rpartition("/")
-    return f"{base}/{dbname}"
+def db_url(dbname: str, admin_url: str | None = None) -> str:
+    """The server's URL with another database: only the path changes, so a Unix-socket server given as
+    ``postgresql://postgres@/postgres?host=/run/dir`` (or a percent-encoded host) keeps its query."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(admin_url or ADMIN_URL)._replace(path="/" + dbname))
 
 
 class ThrowawayDatabases:

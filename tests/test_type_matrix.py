@@ -111,6 +111,19 @@ REPRESENTATION_CHANGES = [
 ]
 
 
+def same_columns(conn) -> list:
+    """SAME without xml on a server built without libxml (the PostgreSQL 18 wheel scripts/pg.sh may start):
+    it has the type but refuses every value."""
+    import psycopg2
+
+    with conn.cursor() as cur:  # an autocommit connection (matrix_dbs): a failed probe leaves nothing behind
+        try:
+            cur.execute("SELECT '<a/>'::xml")
+        except psycopg2.errors.FeatureNotSupported:
+            return [s for s in SAME if s[1] != "xml"]
+    return SAME
+
+
 @pytest.fixture(scope="module")
 def matrix_dbs(databases):
     import psycopg2
@@ -126,11 +139,12 @@ def matrix_dbs(databases):
         if citext:
             cur.execute("CREATE EXTENSION citext")
     dest_only = DEST_ONLY + ([CITEXT] if citext else [])
+    same = same_columns(conns[src])
     with conns[src].cursor() as cur:
         cur.execute(TYPES_BOTH + TYPES_SOURCE_ONLY)
-        cur.execute(_table("matrix", [(c, t) for c, t, _ in SAME] + [(c, s) for c, s, _, _ in dest_only]))
+        cur.execute(_table("matrix", [(c, t) for c, t, _ in same] + [(c, s) for c, s, _, _ in dest_only]))
         for row in (1, 2, 3):
-            cols = [(c, t, v[row - 1]) for c, t, v in SAME] + [(c, s, v[row - 1]) for c, s, _, v in dest_only]
+            cols = [(c, t, v[row - 1]) for c, t, v in same] + [(c, s, v[row - 1]) for c, s, _, v in dest_only]
             cur.execute(
                 sql.SQL("INSERT INTO matrix (id, at, updated_at, {cols}) VALUES (%s, %s, %s, {vals})").format(
                     cols=sql.SQL(", ").join(sql.Identifier(c) for c, _, _ in cols),
@@ -181,7 +195,8 @@ CHUNK = Chunk("2024-01-01", pendulum.datetime(2024, 1, 1), pendulum.datetime(202
 def test_every_type_round_trips_exactly_and_reruns_rewrite_nothing(matrix_dbs, copy_format, versioned):
     src, dst, conns, dest_only, _ = matrix_dbs
     target = f"m_{copy_format}_{int(versioned)}"
-    columns = ["id", "at", "updated_at", *[c for c, _, _ in SAME], *[c for c, _ in dest_only]]
+    same = same_columns(conns[src])
+    columns = ["id", "at", "updated_at", *[c for c, _, _ in same], *[c for c, _ in dest_only]]
     with conns[src].cursor() as cur:  # a private copy of the seeded source: this test changes it
         cur.execute(
             sql.SQL("CREATE TABLE {t} (LIKE matrix INCLUDING ALL); INSERT INTO {t} SELECT * FROM matrix").format(
@@ -189,7 +204,7 @@ def test_every_type_round_trips_exactly_and_reruns_rewrite_nothing(matrix_dbs, c
             )
         )
     with conns[dst].cursor() as cur:
-        cur.execute(_table(target, [(c, t) for c, t, _ in SAME] + dest_only))
+        cur.execute(_table(target, [(c, t) for c, t, _ in same] + dest_only))
     spec = load_spec(
         dict(
             name="matrix",
@@ -216,7 +231,9 @@ def test_every_type_round_trips_exactly_and_reruns_rewrite_nothing(matrix_dbs, c
     # same version, a new representation only (equal by '=', or no '=' at all): that is a change to write
     with conns[src].cursor() as cur:
         for row, column, value in REPRESENTATION_CHANGES:
-            ctype = next(t for c, t, _ in SAME if c == column)
+            if column not in {c for c, _, _ in same}:
+                continue  # xml on a server without libxml (row 1 still changes through other columns)
+            ctype = next(t for c, t, _ in same if c == column)
             cur.execute(
                 sql.SQL("UPDATE {t} SET {c} = %s::{ty} WHERE id = %s").format(
                     t=sql.Identifier(target), c=sql.Identifier(column), ty=sql.SQL(ctype)

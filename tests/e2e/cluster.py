@@ -133,9 +133,10 @@ def _pg_admin_cursor():
 
 
 def _db_url(dbname: str, driver: str = "postgresql") -> str:
-    base, _, _ = ADMIN_URL.rpartition("/")
-    scheme, rest = base.split("://", 1)
-    return f"{driver}://{rest}/{dbname}" if driver != scheme else f"{base}/{dbname}"
+    from urllib.parse import urlsplit, urlunsplit
+
+    # scheme and path only: a socket server's ?host=/dir query stays with it
+    return urlunsplit(urlsplit(ADMIN_URL)._replace(scheme=driver, path="/" + dbname))
 
 
 # --------------------------------------------------------------------------------------------- executors
