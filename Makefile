@@ -15,7 +15,7 @@ PG := PYTHON=$(VENV)/bin/python bash scripts/pg.sh
 PG2 := PYTHON=$(VENV2)/bin/python bash scripts/pg.sh
 UNIT := not e2e and not browser and not faults and not slow
 
-.PHONY: venv venv-af2 pg pg-stop browser demo test test-af2 test-all check lint fmt race bench bench-peers bench-smoke bench-source clean
+.PHONY: venv venv-af2 pg pg-stop browser demo test test-af2 test-all check lint fmt wheel-check race bench bench-peers bench-smoke bench-source clean
 
 $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 needed (pyproject requires-python); set PYTHON=python3.x") if sys.version_info < (3, 11) else None'
@@ -81,6 +81,11 @@ lint: venv
 
 fmt: venv
 	$(VENV)/bin/ruff format .
+
+# build the sdist and wheel (python -m build), twine check, the files they hold; install the wheel into a fresh
+# temporary venv with the Airflow 3.3 pins; `airflow providers list` and `airflow plugins` must show it (~3 min)
+wheel-check: venv
+	PYTHON=$(VENV)/bin/python bash scripts/check_wheel.sh
 
 # the backfill/live-ingest race test, many rounds (each round is bounded to 30 s)
 race: venv

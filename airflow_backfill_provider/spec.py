@@ -59,7 +59,7 @@ class _Strict(BaseModel):
 
 
 class ThrottleSpec(_Strict):
-    """Source protection. See README "Source protection: the three levers"."""
+    """Source protection. See docs/source-protection.md."""
 
     #: active (non-idle) sessions on the source database, ours excluded, above which a chunk waits (deferred)
     max_active: int = Field(8, ge=1)

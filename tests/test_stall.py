@@ -2,7 +2,7 @@
 
 A TCP proxy in front of the real server goes silent mid-session: it keeps the sockets open (its kernel
 still acknowledges data and keepalive probes) and forwards nothing, like a hung proxy or load balancer.
-The stated bounds (README fault table, docs/faults.md):
+The stated bounds (CONTRIBUTING.md fault table, docs/faults.md):
 - SourceLoadTrigger fires its ``timeout`` event within ``max_wait + EVENT_MARGIN_S``;
 - a chunk fails as transient within ``statement_timeout_s + GRACE_S`` of its source going silent, and
   leaves no row, no ledger row, no advisory lock and no open transaction in the destination.
