@@ -96,13 +96,13 @@ def plan_columns(
     expressions = expressions or {}
     by_name = {c.name: c for c in dest_cols}
     src_names = {c.name for c in src_cols}
-    wanted, left_out = written_columns(spec, dest_cols, src_names, expressions)
     for required in (spec.time_column, *spec.key_columns):
         if required not in src_names and required not in expressions:
             raise PermanentChunkError(
                 f"source table {spec.source_table!r} has no column {required!r} (needed as time/key column); "
                 f"its columns are {sorted(src_names)}"
             )
+    wanted, left_out = written_columns(spec, dest_cols, src_names, expressions)
     src_type_sql = {c.name: c.type_sql for c in src_cols}
     exprs: list[sql.Composable] = []
     raws: list[sql.Composable | None] = []
