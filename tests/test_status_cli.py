@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,10 +63,15 @@ def test_status_names_the_failed_day_and_counts_rows(failed_run):
     out = status("backfill_orders", "--config", str(REPO / "dags" / "configs"))
     assert out.returncode == 1, out.stderr  # 1: some chunk failed
     text = out.stdout
-    assert f"run {failed_run.run_id}" in text
+    assert f"run {failed_run.run_id}" in text, out.stderr[-3000:]
     assert "chunks: 4/5 done (80%)" in text and "failed 1" in text and "loaded 4" in text
     assert "failed chunks: 2023-01-03" in text
-    assert "rows: 400 loaded by this run" in text
+    # read vs written (a first load: every row read was inserted); the rate is over the chunks' load window
+    assert "rows: 400 read by this run, 400 written (400 inserted, 0 updated, 0 unchanged)" in text
+    assert re.search(r"rate [\d,]+ rows/s read over [\d.]+ s of loading", text), text
+    # why the chunk failed: the first line of its error, grouped with its count (recorded by the chunk itself)
+    assert "why they failed (first line of each error, identical ones grouped):" in text
+    assert re.search(r"^  1 x .*injected.*  \[2023-01-03\]$", text, re.M), text
     assert "ETA: unknown (1 failed chunk(s) to clear)" in text
     assert "validation: not run yet" in text
     assert "waits: 0.0 s for the source's load, 0.0 s for pacing (0 loaded chunk(s) waited)" in text
@@ -79,6 +85,10 @@ def test_status_names_the_failed_day_and_counts_rows(failed_run):
     waits = {row[0]: (row[cols.index("waited_load_s")], row[cols.index("waited_pacing_s")])
              for row in as_json["chunks"]["rows"]}  # fmt: skip
     assert waits["2023-01-01"] == (0.0, 0.0) and waits["2023-01-03"] == (None, None)  # measured by the chunk
+    (failure,) = as_json["failures"]
+    assert failure["count"] == 1 and failure["chunks"] == ["2023-01-03"] and "injected" in failure["error"]
+    errors = {row[0]: row[cols.index("error")] for row in as_json["chunks"]["rows"]}
+    assert errors["2023-01-03"] == failure["error"] and errors["2023-01-01"] is None
 
 
 def test_status_finds_the_spec_in_the_serialized_dag(failed_run):
