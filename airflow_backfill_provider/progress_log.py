@@ -186,6 +186,8 @@ def record_failure(context, *, final: bool | None = None) -> None:
     try:
         ti = context.get("ti") or context.get("task_instance")
         task = context.get("task") or getattr(ti, "task", None)
+        if task is None:
+            raise ValueError("no task in the callback's context")
         spec = load_spec(task.spec)
         chunk = task.chunk if isinstance(getattr(task, "chunk", None), dict) else {}
         error = context.get("exception")
