@@ -32,16 +32,19 @@ COLORS = {
 
 def create_app() -> FastAPI:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-    from airflow.api_fastapi.core_api.security import requires_access_dag, requires_authenticated
+    from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 
     app = FastAPI(title="Backfill progress", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_dag = [Depends(requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE))]
+    the_user = Depends(get_user)  # Airflow's user dependency: 401/403 without a valid token
 
-    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(requires_authenticated())])
-    def index() -> str:
+    @app.get("/", response_class=HTMLResponse)
+    def index(user=the_user) -> str:
         from airflow_backfill_provider.airflow_state import backfill_dag_ids
 
-        items = "".join(f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in backfill_dag_ids())
+        items = "".join(
+            f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in readable_dag_ids(user, backfill_dag_ids())
+        )
         return _page("Backfill progress", f"<h1>Backfill progress</h1><ul>{items or '<li>no backfill DAGs</li>'}</ul>")
 
     @app.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=can_read_dag)
@@ -56,6 +59,30 @@ def create_app() -> FastAPI:
         return JSONResponse(_collect(dag_id, run_id).to_dict())
 
     return app
+
+
+def readable_dag_ids(user, dag_ids: list[str]) -> list[str]:
+    """The DAGs whose progress page the user may open: Airflow's auth manager asked exactly what the DAG page's
+    own dependency asks (``is_authorized_dag`` GET on the DAG's task instances, with the DAG's team), so the
+    index lists no DAG the user may not read and links no page that would answer 403."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+
+    if not dag_ids:
+        return []
+    auth_manager = get_auth_manager()
+    teams = DagModel.get_dag_id_to_team_name_mapping(list(dag_ids))  # one query (multi-team setups)
+    return [
+        d
+        for d in dag_ids
+        if auth_manager.is_authorized_dag(
+            method="GET",
+            access_entity=DagAccessEntity.TASK_INSTANCE,
+            details=DagDetails(id=d, team_name=teams.get(d)),
+            user=user,
+        )
+    ]
 
 
 def _collect(dag_id: str, run_id: str | None):
