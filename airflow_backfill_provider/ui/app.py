@@ -43,7 +43,8 @@ def create_app() -> FastAPI:
         from airflow_backfill_provider.airflow_state import backfill_dag_ids
 
         items = "".join(
-            f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in readable_dag_ids(user, backfill_dag_ids())
+            f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>'
+            for d in readable_dag_ids(user, backfill_dag_ids())
         )
         return _page("Backfill progress", f"<h1>Backfill progress</h1><ul>{items or '<li>no backfill DAGs</li>'}</ul>")
 
