@@ -2,7 +2,7 @@
 
 Plan:  ``Plan size: 730 chunk(s) to load, 12 already done; ~2,190,000 rows (source planner estimate);
         ~1.9 h of chunk time at 320 rows/s per chunk measured by earlier chunks (less with parallel chunks)``
-Chunk: ``chunk 212/730, 41% of rows, ETA 6 min``
+Chunk: ``chunk 212/730 committed; run: 300/730 chunks done (41%), 1,234,567 rows read; ETA 6 min``
 
 Never fails a task: an estimate that cannot be had is logged as unknown. The chunk descriptor carries its
 position ``i``/``n`` and the plan's row estimate ``est`` (three small ints).
@@ -93,25 +93,25 @@ def number(descriptors: list[dict], est_rows: int | None) -> list[dict]:
     ]
 
 
-def chunk_message(i: int | None, n: int | None, *, rows_done: int, chunks_done: int, est_rows: int | None,
+def chunk_message(i: int | None, n: int | None, *, rows_done: int, chunks_done: int, est_rows: int | None = None,
                   elapsed_s: float | None) -> str:  # fmt: skip
-    """``chunk 212/730, 41% of rows, ETA 6 min``: share of the whole run, ETA from its wall-clock rate."""
-    pos = f"chunk {i}/{n}" if i and n else "chunk"
-    if est_rows:
-        share = min(1.0, rows_done / est_rows)
-        part = f"{share:.0%} of rows"
-        left = max(0, est_rows - rows_done)
-        rate = rows_done / elapsed_s if elapsed_s and elapsed_s > 0 and rows_done else None
-        eta = left / rate if rate else None
-    elif n:
-        share = min(1.0, chunks_done / n)
-        part = f"{share:.0%} of chunks"
-        eta = (n - chunks_done) * elapsed_s / chunks_done if elapsed_s and chunks_done else None
-    else:
-        return f"{pos}: {rows_done:,} rows loaded by this run so far"
-    if share >= 1.0:
-        return f"{pos}, {part}, ETA done"
-    return f"{pos}, {part}, ETA {format_eta(eta, 'no rate yet')}"
+    """``chunk 212/730 committed; run: 300/730 chunks done (41%), 1,234,567 rows read; ETA 6 min``.
+
+    ``212/730`` is the chunk's position in the plan (the grid's order, not the order chunks finish in); the
+    percentage is of the run's chunks committed so far (ledger rows of this run, this chunk included), so it only
+    grows from one log line to the next whatever order parallel chunks finish in, and reaches 100% with the
+    last one. Rows are a count (the planner's row estimate ``est_rows`` is an estimate: a share of it jumped
+    and stopped short of 100%). ETA: chunks left at the run's pace so far.
+    """
+    pos = f"chunk {i}/{n} committed" if i and n else "chunk committed"
+    if not n:
+        return f"{pos}: {rows_done:,} rows read by this run so far"
+    done = min(chunks_done, n)
+    part = f"run: {done}/{n} chunks done ({done / n:.0%}), {rows_done:,} rows read"
+    if done >= n:
+        return f"{pos}; {part}; ETA done"
+    eta = (n - done) * elapsed_s / done if elapsed_s and done else None
+    return f"{pos}; {part}; ETA {format_eta(eta, 'no rate yet')}"
 
 
 def log_chunk_share(task_log, descriptor: dict, *, totals: tuple[int, int] | None, run_started_at) -> None:
