@@ -161,10 +161,15 @@ def failures_table(spec):
     return TableName(schema_=ledger.schema_, name=f"{ledger.name}_failures")
 
 
-def first_line(error: BaseException | str | None) -> str:
-    """The first non-empty line of an error's message (its class name when it has none), capped."""
+def first_line(error: BaseException | str | None, chunk_id: str | None = None) -> str:
+    """The first non-empty line of an error's message (its class name when it has none), capped.
+
+    The provider's chunk errors start with ``chunk <id>: ``: that prefix is dropped (the page names the chunk
+    next to it), so one cause on 90 chunks is one line with a count of 90, not 90 different lines."""
     text = str(error or "").strip()
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if chunk_id and line.startswith(f"chunk {chunk_id}: "):
+        line = line[len(f"chunk {chunk_id}: ") :]
     if not line:
         line = type(error).__name__ if isinstance(error, BaseException) else "unknown error"
     return line if len(line) <= ERROR_MAX_CHARS else line[: ERROR_MAX_CHARS - 3] + "..."
@@ -214,7 +219,7 @@ def record_failure(context, *, final: bool | None = None) -> None:
                            failed_at = EXCLUDED.failed_at"""
                 ).format(t=sql.Identifier(*table.parts)),
                 (dag_id, run_id, chunk_id, map_index, getattr(ti, "try_number", None), bool(final),
-                 type(error).__name__ if error is not None else None, first_line(error)),
+                 type(error).__name__ if error is not None else None, first_line(error, chunk_id)),
             )  # fmt: skip
         conn.commit()
     except Exception as err:  # noqa: BLE001 - best effort: never fails (or hides) the task's own error
