@@ -303,3 +303,52 @@ def test_page_shows_waits_per_chunk_and_in_total():
     assert '<tr data-chunk="2024-01-01" data-state="loaded"><td>2024-01-01</td><td>loaded</td><td>success</td>' in body
     assert "<td>12.2</td><td>0.0</td>" in body and "<td>0.0</td><td>3.0</td>" in body
     assert '<tr data-chunk="2024-01-03" data-state="skipped">' in body and "<td>-</td><td>-</td><td>0</td>" in body
+
+
+def test_page_shows_this_runs_figures_failure_reasons_and_read_vs_written():
+    """Issue 24 items 5, 6, 8 on the page: a failed chunk shows no rows or rows/s of an earlier run (its rows are
+    marked as that run's), why chunks failed (grouped), and rows read vs written over the load window."""
+    pytest.importorskip("fastapi")  # the page is Airflow 3's (its API server is FastAPI)
+    from airflow_backfill_provider.ui.app import render
+
+    rows = [
+        LedgerRow("2024-01-01", day(0), day(1), 1_000, 2.0, "r1", day(40), inserted=0, updated=10),
+        LedgerRow("2024-01-02", day(1), day(2), 2_220, 0.054, "r0", day(30), inserted=2_220, updated=0),  # earlier
+    ]
+    tis = [TaskState("2024-01-01", "success"), TaskState("2024-01-02", "failed"), TaskState("2024-01-03", "failed")]
+    errors = [ChunkFailure("2024-01-02", "permanent error (SQLSTATE P0001): injected"),
+              ChunkFailure("2024-01-03", "permanent error (SQLSTATE P0001): injected")]  # fmt: skip
+    p = build_progress(make_spec(), dag_id="d", run=run(3), ledger_rows=rows, task_states=tis, validation=None,
+                       failures=errors)  # fmt: skip
+    body = render(p, [])
+    failed_row = body[body.index('<tr data-chunk="2024-01-02"') :].split("</tr>")[0]
+    assert "41,111" not in failed_row and "<td class='rate'>-</td>" in failed_row  # 2,220 / 0.054 s: not this run's
+    assert "2,220 (earlier run)</span>" in failed_row and 'title="loaded by run r0"' in failed_row
+    assert "<td class='err'>permanent error (SQLSTATE P0001): injected</td>" in failed_row
+    assert "<h2>Why 2 chunk(s) failed</h2>" in body
+    assert ("<tr data-count='2'><td class='err'>permanent error (SQLSTATE P0001): injected</td><td>2</td>"
+            "<td>2024-01-02, 2024-01-03</td></tr>") in body  # fmt: skip
+    assert "rows: 1,000 read by this run, 10 written (0 inserted, 10 updated, 990 unchanged)" in body
+    assert "rate 500 rows/s read over 2.0 s of loading" in body
+
+
+@pytest.mark.parametrize(
+    "diffs,status,expected",
+    [
+        ({"rows": 0.0, "sum(a)": 0.0005, "checksum": 1.0}, "fail",
+         "checksum of the loaded columns differs: a value differs (counts and sums within thresholds: "
+         "sum(a) off by 0.05%)"),
+        ({"rows": 0.0, "checksum": 1.0}, "fail",
+         "checksum of the loaded columns differs: a value differs (counts and sums are equal)"),
+        ({"rows": 0.25, "sum(a)": 0.0005, "checksum": 1.0}, "fail",
+         "rows off by 25.00% (over fail_threshold 1.00%); the checksum of the loaded columns differs too"),
+        ({"rows": 0.005, "sum(a)": 0.0}, "warn", "rows off by 0.50% (over warn_threshold 0.10%)"),
+        ({"rows": 0.0, "sum(a)": 0.0005}, "pass", "within thresholds (sum(a) off by 0.05%)"),
+        ({"rows": 0.0}, "pass", "equal"),
+    ],
+)  # fmt: skip
+def test_one_wording_of_a_days_validation_reason(diffs, status, expected):
+    """Never a sum under the threshold as the reason, never the checksum's 0/1 as "off by 100%"."""
+    from airflow_backfill_provider.progress import day_reason
+
+    assert day_reason(diffs, status, 0.001, 0.01) == expected
