@@ -73,7 +73,8 @@ def readable_dag_ids(user, dag_ids: list[str]) -> list[str]:
     if not dag_ids:
         return []
     auth_manager = get_auth_manager()
-    teams = DagModel.get_dag_id_to_team_name_mapping(list(dag_ids))  # one query (multi-team setups)
+    mapping = getattr(DagModel, "get_dag_id_to_team_name_mapping", None)  # 3.3: one query (multi-team setups)
+    teams = mapping(list(dag_ids)) if mapping is not None else {}
     return [
         d
         for d in dag_ids
