@@ -223,7 +223,7 @@ def task_states(dag_id: str, run_id: str, descriptors: list | None = None) -> li
 def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None = None):
     """One run's :class:`~airflow_backfill_provider.progress.Progress`: metadata DB + destination (read-only)."""
     from airflow_backfill_provider.connections import close_all, connect
-    from airflow_backfill_provider.progress import build_progress, read_ledger, read_validation
+    from airflow_backfill_provider.progress import build_progress, read_failures, read_ledger, read_validation
 
     spec = spec or spec_for_dag(dag_id)
     run = run_info(spec, dag_id, run_id)
@@ -234,7 +234,9 @@ def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None
         # this backfill's rows: by the key its plan recorded; before the plan ran, those this DAG wrote
         rows = read_ledger(conn, spec, backfill_key=run.backfill_key if run else None, dag_id=dag_id)
         validation = read_validation(conn, spec, dag_id=dag_id, run_id=run.run_id if run else None)
+        failures = read_failures(conn, spec, dag_id=dag_id, run_id=run.run_id if run else None)
     finally:
         conn.rollback()
         close_all(conn)
-    return build_progress(spec, dag_id=dag_id, run=run, ledger_rows=rows, task_states=states, validation=validation)
+    return build_progress(spec, dag_id=dag_id, run=run, ledger_rows=rows, task_states=states, validation=validation,
+                          failures=failures)  # fmt: skip

@@ -16,6 +16,8 @@ A chunk's state, most telling first:
 
 from __future__ import annotations
 
+import math
+
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -57,6 +59,20 @@ class LedgerRow:
     #: seconds the chunk waited, deferred, for the source's load / its pacing turn (None: not measured)
     waited_load_s: float | None = None
     waited_pacing_s: float | None = None
+    #: what the chunk wrote of the rows it read (``rows``): inserted, updated; the rest were unchanged
+    inserted: int | None = None
+    updated: int | None = None
+
+
+@dataclass(frozen=True)
+class ChunkFailure:
+    """The first line of a chunk's last error in a run, recorded by the chunk (progress_log.record_failure)."""
+
+    chunk_id: str
+    error: str
+    try_number: int = 0
+    final: bool = True
+    failed_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,8 @@ def read_ledger(
             raise ValueError("read_ledger needs the backfill_key or the dag_id of the backfill")
         cur.execute(
             sql.SQL(
-                "SELECT chunk_id, range_start, range_end, rows_extracted, seconds, run_id, finished_at, {waits} "
+                "SELECT chunk_id, range_start, range_end, rows_extracted, seconds, run_id, finished_at, {waits}, "
+                "rows_inserted, rows_updated "
                 "FROM {t} WHERE target_table = %s AND {w}"
             ).format(t=sql.Identifier(*ledger.parts), w=where, waits=waits),
             (_target(conn, spec), *args),
@@ -169,6 +186,27 @@ def ledger_rate(conn, spec: BackfillSpec, backfill_key: str | None = None) -> fl
     return float(rows) / seconds if rows and seconds else None
 
 
+def read_failures(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None) -> list[ChunkFailure]:
+    """The chunks' last recorded errors in the run (progress_log.record_failure): one query; [] without a
+    failures table (no chunk has failed since this release) or a run."""
+    from airflow_backfill_provider.progress_log import failures_table
+
+    table = failures_table(spec)
+    if run_id is None:
+        return []
+    with conn.cursor() as cur:
+        if not ddl.exists(cur, table):
+            return []
+        cur.execute(
+            sql.SQL(
+                "SELECT chunk_id, error, coalesce(try_number, 0), final, failed_at FROM {t}"
+                " WHERE dag_id = %s AND run_id = %s"
+            ).format(t=sql.Identifier(*table.parts)),
+            (dag_id, run_id),
+        )
+        return [ChunkFailure(*row) for row in cur.fetchall()]
+
+
 def read_validation(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None) -> dict | None:
     """The latest validation summary row of the run (or of the DAG when ``run_id`` is None), as a dict."""
     table = TableName.parse(spec.validation.report_table)
@@ -194,22 +232,39 @@ def read_validation(conn, spec: BackfillSpec, *, dag_id: str, run_id: str | None
 # ------------------------------------------------------------------------------------------ model
 @dataclass
 class ChunkProgress:
+    """One chunk of the run. ``rows``, ``seconds``, ``inserted``/``updated`` and the waits are figures of
+    THIS run only (its ledger row was written by this run); a ledger row of an earlier run (a chunk the plan
+    skipped as done, or one this run has not loaded: failed, running, pending) is kept apart, in
+    ``earlier_rows`` / ``earlier_run_id``, and shown as an earlier run's."""
+
     chunk_id: str
     start: dt.datetime
     end: dt.datetime
     state: str
     ti_state: str | None = None
-    rows: int | None = None
+    rows: int | None = None  # rows read (extracted) by this run's load of the chunk
     seconds: float | None = None
     tries: int = 0
     waited_load_s: float | None = None  # deferred for the source's load before it read (ledger)
     waited_pacing_s: float | None = None  # deferred for its pacing turn
+    inserted: int | None = None  # of ``rows``: written as new rows
+    updated: int | None = None  # of ``rows``: written over older versions (the rest were unchanged)
+    finished_at: dt.datetime | None = None  # the ledger row's time (its transaction's start)
+    earlier_run_id: str | None = None  # a ledger row of another run covers this chunk
+    earlier_rows: int | None = None
+    error: str | None = None  # first line of the chunk's last recorded error in this run
 
     @property
     def rows_per_s(self) -> float | None:
         if self.rows is None or not self.seconds:
             return None
         return self.rows / self.seconds
+
+    @property
+    def written(self) -> int | None:
+        if self.inserted is None or self.updated is None:
+            return None
+        return self.inserted + self.updated
 
 
 @dataclass
@@ -227,14 +282,29 @@ class Progress:
     run: RunInfo | None
     chunks: list[ChunkProgress]
     counts: dict[str, int]
-    rows_loaded: int  # rows committed by this run's chunks
+    rows_loaded: int  # rows read (extracted) and committed by this run's chunks
     rows_done: int  # loaded + skipped-as-done
-    rate_rows_s: float | None  # rows of this run per wall-clock second since the run started
+    rate_rows_s: float | None  # rows read by this run per second of its load window (load_s)
     eta_s: float | None
     eta_note: str
     days: list[DayCell]
     validation: dict | None
     worst_days: list[dict] = field(default_factory=list)  # validation, worst first
+    #: rows of this run's loads written as new / over older versions (None: a ledger row without the counts)
+    rows_inserted: int | None = None
+    rows_updated: int | None = None
+    #: seconds in which this run's chunks loaded: the union of their [start, end] (parallel chunks once)
+    load_s: float | None = None
+    #: failed chunks' reasons: [(first error line, count, [chunk ids])], most frequent first
+    failures: list[tuple[str, int, list[str]]] = field(default_factory=list)
+    #: the validation thresholds the reasons are worded against (the stored report's, else the spec's)
+    thresholds: tuple[float, float] | None = None
+
+    @property
+    def rows_written(self) -> int | None:
+        if self.rows_inserted is None or self.rows_updated is None:
+            return None
+        return self.rows_inserted + self.rows_updated
 
     @property
     def waits(self) -> dict[str, float | int]:
@@ -271,7 +341,13 @@ class Progress:
             "counts": self.counts,
             "rows_loaded": self.rows_loaded,
             "rows_done": self.rows_done,
+            "rows_read": self.rows_loaded,
+            "rows_written": self.rows_written,
+            "rows_inserted": self.rows_inserted,
+            "rows_updated": self.rows_updated,
+            "load_s": None if self.load_s is None else round(self.load_s, 3),
             "rate_rows_s": self.rate_rows_s,
+            "failures": [{"error": e, "count": n, "chunks": ids} for e, n, ids in self.failures],
             "eta_s": self.eta_s,
             "eta": format_eta(self.eta_s, self.eta_note),
             "waits": self.waits,
@@ -289,6 +365,11 @@ class Progress:
                     "tries",
                     "waited_load_s",
                     "waited_pacing_s",
+                    "inserted",
+                    "updated",
+                    "earlier_run_id",
+                    "earlier_rows",
+                    "error",
                 ],  # fmt: skip
                 "rows": [
                     [
@@ -301,6 +382,11 @@ class Progress:
                         c.tries,
                         c.waited_load_s,
                         c.waited_pacing_s,
+                        c.inserted,
+                        c.updated,
+                        c.earlier_run_id,
+                        c.earlier_rows,
+                        c.error,
                     ]
                     for c in chunks
                 ],  # fmt: skip
@@ -367,12 +453,14 @@ def build_progress(
     task_states: Iterable[TaskState],
     validation: dict | None,
     now: dt.datetime | None = None,
+    failures: Iterable[ChunkFailure] = (),
 ) -> Progress:
     """Combine the inputs into one run's progress (see the module docstring for the states)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     ledger_rows = list(ledger_rows)
     by_range = {(_ts(r.start), _ts(r.end)): r for r in ledger_rows}
     tis = {t.chunk_id: t for t in task_states}
+    errors = {f.chunk_id: f for f in failures}
     chunks: list[ChunkProgress] = []
     seen: set[str] = set()
     for chunk_id, start, end in run_chunks(spec, run, ledger_rows):
@@ -386,13 +474,20 @@ def build_progress(
             end = row.end if row else start
             chunks.append(_chunk(chunk_id, start, end, ti, row, run))
     chunks.sort(key=lambda c: (_ts(c.start), c.chunk_id))
+    for c in chunks:  # the reason of a chunk not loaded (a loaded one's earlier error is history)
+        if c.chunk_id in errors and c.state in ("failed", "running", "pending", "deferred"):
+            c.error = errors[c.chunk_id].error
 
     counts = {s: 0 for s in STATES}
     for c in chunks:
         counts[c.state] += 1
-    rows_loaded = sum(c.rows or 0 for c in chunks if c.state == "loaded")
-    rows_done = rows_loaded + sum(c.rows or 0 for c in chunks if c.state == "skipped")
-    rate, eta, note = _eta(chunks, counts, rows_loaded, run, now)
+    mine = [c for c in chunks if c.rows is not None]  # this run's loads (state loaded, or failed after loading)
+    rows_loaded = sum(c.rows or 0 for c in mine)
+    rows_done = sum(c.rows or 0 for c in chunks if c.state == "loaded")
+    rows_done += sum(c.earlier_rows or 0 for c in chunks if c.state == "skipped")
+    counted = all(c.written is not None for c in mine)
+    load_s = _load_window(mine)
+    rate, eta, note = _eta(chunks, counts, rows_loaded, load_s)
     worst = _worst_days(validation)
     return Progress(
         dag_id=dag_id,
@@ -407,51 +502,97 @@ def build_progress(
         days=_days(spec, chunks, worst),
         validation=validation,
         worst_days=worst,
+        rows_inserted=sum(c.inserted or 0 for c in mine) if counted else None,
+        rows_updated=sum(c.updated or 0 for c in mine) if counted else None,
+        load_s=load_s,
+        failures=group_failures(chunks),
+        thresholds=_thresholds(spec, validation),
+    )
+
+
+def group_failures(chunks: Iterable[ChunkProgress]) -> list[tuple[str, int, list[str]]]:
+    """Failed chunks grouped by the first line of their error, most frequent first; a failed chunk with no
+    recorded error (killed, or failed before it could record one) is grouped as such."""
+    groups: dict[str, list[str]] = {}
+    for c in chunks:
+        if c.state == "failed":
+            groups.setdefault(c.error or NO_REASON, []).append(c.chunk_id)
+    return sorted(((e, len(ids), ids) for e, ids in groups.items()), key=lambda g: (-g[1], g[0] == NO_REASON, g[0]))
+
+
+NO_REASON = "no reason recorded (see the chunk's task log)"
+
+
+def _thresholds(spec: BackfillSpec, validation: dict | None) -> tuple[float, float]:
+    stored = ((validation or {}).get("totals") or {}).get("thresholds") or {}
+    return (
+        float(stored.get("warn", spec.validation.warn_threshold)),
+        float(stored.get("fail", spec.validation.fail_threshold)),
     )
 
 
 def _chunk(chunk_id, start, end, ti: TaskState | None, row: LedgerRow | None, run: RunInfo | None) -> ChunkProgress:
-    rows = row.rows if row else None
-    seconds = row.seconds if row else None
+    mine = row is not None and run is not None and row.run_id == run.run_id  # written by this run
     if ti is not None and ti.state:
         state = _TI_STATE.get(ti.state, "pending")
     elif row is not None:
         # no task instance for it in this run: the plan skipped it as done, unless this run wrote it
-        state = "loaded" if run is not None and row.run_id == run.run_id else "skipped"
+        state = "loaded" if mine else "skipped"
     else:
         state = "pending"
+    theirs = row if row is not None and not mine else None
     return ChunkProgress(
         chunk_id,
         start,
         end,
         state,
         ti.state if ti else None,
-        rows,
-        seconds,
+        row.rows if mine and row else None,
+        row.seconds if mine and row else None,
         ti.try_number if ti else 0,
-        row.waited_load_s if row else None,
-        row.waited_pacing_s if row else None,
+        row.waited_load_s if mine and row else None,
+        row.waited_pacing_s if mine and row else None,
+        inserted=row.inserted if mine and row else None,
+        updated=row.updated if mine and row else None,
+        finished_at=row.finished_at if mine and row else None,
+        earlier_run_id=theirs.run_id if theirs else None,
+        earlier_rows=theirs.rows if theirs else None,
     )
 
 
-def _eta(chunks, counts, rows_loaded, run, now) -> tuple[float | None, float | None, str]:
-    """Rate = this run's rows per wall-clock second since its first chunk started; ETA = rows left / rate.
+def _load_window(chunks: list[ChunkProgress]) -> float | None:
+    """Seconds in which the chunks loaded: the union of their intervals, so parallel chunks count once and
+    the time between a clear and the retry (or before the first chunk, waiting for a slot) not at all.
+
+    A ledger row's ``finished_at`` is its transaction's ``now()`` (the transaction's start, just after the
+    chunk connected): the chunk ran about [finished_at, finished_at + seconds]."""
+    spans = sorted((_ts(c.finished_at), _ts(c.finished_at) + c.seconds) for c in chunks
+                   if c.finished_at is not None and c.seconds)  # fmt: skip
+    if not spans:
+        return None
+    total, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            total, lo = total + hi - lo, a
+        hi = max(hi, b)
+    return total + hi - lo
+
+
+def _eta(chunks, counts, rows_loaded, load_s) -> tuple[float | None, float | None, str]:
+    """Rate = rows this run read per second of its load window (:func:`_load_window`); ETA = rows left / rate.
 
     Rows left are estimated from the mean rows of the chunks loaded so far (chunks are calendar slices,
-    so this is a per-period mean). Parallel chunks are measured together: wall clock, not chunk seconds.
+    so this is a per-period mean). Parallel chunks are measured together (the window, not the sum of chunk
+    seconds); a pause (a clear, waiting for a pool slot) is not load time.
     """
     remaining = counts["pending"] + counts["running"] + counts["deferred"]
-    loaded = [c for c in chunks if c.state == "loaded" and c.rows is not None]
-    started = [c for c in chunks if c.state == "loaded"]
-    begin = run.started_at if run and run.started_at else None
-    end = run.ended_at if run and run.ended_at and remaining == 0 else now
-    elapsed = (_ts(end) - _ts(begin)) if begin else None
-    rate = rows_loaded / elapsed if elapsed and elapsed > 0 and rows_loaded else None
+    loaded = [c for c in chunks if c.rows is not None]
+    rate = rows_loaded / load_s if load_s and rows_loaded else None
     if remaining == 0:
         note = f"{counts['failed']} failed chunk(s) to clear" if counts["failed"] else "done"
         return rate, 0.0 if not counts["failed"] else None, note
     if not loaded or not rate:
-        return rate, None, "no chunk loaded yet: no rate to extrapolate" if not started else "no rate yet"
+        return rate, None, "no chunk loaded yet: no rate to extrapolate" if not loaded else "no rate yet"
     mean_rows = sum(c.rows for c in loaded) / len(loaded)
     eta = remaining * mean_rows / rate
     note = f"{remaining} chunk(s) left at {rate:,.0f} rows/s"
@@ -485,8 +626,9 @@ def _days(spec: BackfillSpec, chunks: list[ChunkProgress], worst: list[dict]) ->
             elif _RANK[c.state] < _RANK[cell.state]:
                 cell.state = c.state
             cell.chunks += 1
-            if c.rows and i == 0:
-                cell.rows += c.rows
+            done = c.rows if c.rows is not None else (c.earlier_rows if c.state == "skipped" else None)
+            if done and i == 0:
+                cell.rows += done
     for d in worst:
         try:
             day = dt.date.fromisoformat(str(d.get("day")))
@@ -521,8 +663,7 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
         f"chunks: {p.done}/{p.total} done ({p.percent:.0f}%)  "
         + "  ".join(f"{s} {p.counts[s]}" for s in STATES if p.counts[s])
     )
-    rate = f"{p.rate_rows_s:,.0f} rows/s" if p.rate_rows_s else "-"
-    lines.append(f"rows: {p.rows_loaded:,} loaded by this run, {p.rows_done:,} done in range; rate {rate}")
+    lines.append(f"rows: {rows_summary(p)}; {p.rows_done:,} done in range; rate {rate_summary(p)}")
     lines.append(f"ETA: {format_eta(p.eta_s, p.eta_note)}")
     w = p.waits
     lines.append(
@@ -534,6 +675,11 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
         lines.append(
             "failed chunks: " + ", ".join(c.chunk_id for c in failed[:20]) + (" ..." if len(failed) > 20 else "")
         )
+        lines.append("why they failed (first line of each error, identical ones grouped):")
+        for error, n, ids in p.failures[:10]:
+            lines.append(f"  {n} x {error}  [{', '.join(ids[:5])}{' ...' if n > 5 else ''}]")
+        if len(p.failures) > 10:
+            lines.append(f"  ... and {len(p.failures) - 10} other error(s) (--json lists every chunk's)")
     waiting = [c for c in p.chunks if c.state == "deferred"]
     if waiting:
         lines.append(f"waiting for the source (deferred): {len(waiting)} chunk(s): "
@@ -550,20 +696,67 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
             for d in p.worst_days[:worst]:
                 lines.append(
                     f"  {d['day']}  {str(d['status']).upper():4}  src {d.get('source_rows')}  dst "
-                    f"{d.get('destination_rows')}  {describe_worst(d.get('diffs') or {})}"
+                    f"{d.get('destination_rows')}  {day_reason_of(d, p.thresholds or (0.0, 0.0))}"
                 )
     else:
         lines.append("validation: not run yet")
     return "\n".join(lines)
 
 
-def describe_worst(diffs: dict) -> str:
-    """A day's worst difference in words: a count or sum that differs says more than the checksum, which
-    only says "something differs" (its 0/1 is not a percentage)."""
-    measured = {m: x for m, x in diffs.items() if m != "checksum" and x > 0}
-    if measured:
-        metric = max(measured, key=lambda m: measured[m])
-        return f"{metric} off by {measured[metric]:.2%}"
-    if diffs.get("checksum"):
-        return "checksum differs (same counts and sums)"
-    return "rows off by 0.00%"
+def _pct(x: float) -> str:
+    if not math.isfinite(x):  # validate.relative_diff: NaN or an infinity against a different value
+        return "100% (NaN or Infinity against a different value)"
+    return f"{x * 100:.2f}%"
+
+
+def day_reason(diffs: dict, status: str, warn: float, fail: float) -> str:
+    """Why validation gave a day its status, in words: the ONE wording of a validation reason, used by the
+    validate task's log and failure message, the progress page and the ``status`` command.
+
+    ``diffs``: metric ("rows", "sum(col)") -> relative difference, plus "checksum" (0.0 equal, 1.0 differs);
+    ``status``: the day's ("pass", "warn", "fail"); ``warn``/``fail``: the thresholds it was judged by.
+    Names the metrics over the threshold that gave the status, and the checksum when it differs; a sum under
+    the threshold is named as such, never as the reason.
+    """
+    measured = {m: float(x) for m, x in diffs.items() if m != "checksum"}
+    checksum = bool(diffs.get("checksum"))
+    limit, name = (fail, "fail") if status == "fail" else (warn, "warn")
+    over = sorted(((m, x) for m, x in measured.items() if x > limit), key=lambda mx: (-mx[1], mx[0]))
+    largest = max(((m, x) for m, x in measured.items() if x > 0), key=lambda mx: mx[1], default=None)
+    under = f"{largest[0]} off by {_pct(largest[1])}" if largest else None
+    if status == "pass" or (not over and not checksum):
+        if status == "pass":
+            return f"within thresholds ({under})" if under else "equal"
+        return f"{under} (over {name}_threshold {_pct(limit)})" if under else status
+    parts = [f"{m} off by {_pct(x)}" for m, x in over]
+    reason = ", ".join(parts) + f" (over {name}_threshold {_pct(limit)})" if parts else ""
+    if checksum:
+        if reason:
+            reason += "; the checksum of the loaded columns differs too"
+        else:
+            reason = "checksum of the loaded columns differs: a value differs " + (
+                f"(counts and sums within thresholds: {under})" if under else "(counts and sums are equal)"
+            )
+    return reason
+
+
+def day_reason_of(d: dict, thresholds: tuple[float, float]) -> str:
+    """:func:`day_reason` of a stored non-passing day (the validation summary's ``days_not_passing``)."""
+    return day_reason(d.get("diffs") or {}, str(d.get("status")), *thresholds)
+
+
+def rows_summary(p: Progress) -> str:
+    """``215,400 read by this run, 0 written (0 inserted, 0 updated, 215,400 unchanged)``: read vs written."""
+    text = f"{p.rows_loaded:,} read by this run"
+    written = p.rows_written
+    if written is None:
+        return text + ", written unknown (ledger rows without the counts)"
+    return (f"{text}, {written:,} written ({p.rows_inserted:,} inserted, {p.rows_updated:,} updated, "
+            f"{p.rows_loaded - written:,} unchanged)")  # fmt: skip
+
+
+def rate_summary(p: Progress) -> str:
+    """``140 rows/s read over 2.9 s of loading``: rows read per second of the run's load window."""
+    if not p.rate_rows_s or not p.load_s:
+        return "-"
+    return f"{p.rate_rows_s:,.0f} rows/s read over {p.load_s:,.1f} s of loading"

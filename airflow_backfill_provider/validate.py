@@ -851,6 +851,8 @@ def store_summary(conn, table: TableName, report: ValidationReport, *, dag_id: s
                 "totals": json.dumps(
                     {
                         **t,
+                        # what the days were judged by: the page words their reasons against these (progress.day_reason)
+                        "thresholds": {"warn": report.warn_threshold, "fail": report.fail_threshold},
                         "schema_decisions": report.notes,
                         "days_not_passing": [
                             {

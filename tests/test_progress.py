@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from airflow_backfill_provider import ledger
 from airflow_backfill_provider.progress import (
+    NO_REASON,
     STATES,
+    ChunkFailure,
     LedgerRow,
     RunInfo,
     TaskState,
@@ -98,28 +100,70 @@ def test_counts_and_calendar_cells_match_the_chunks(states):
         assert cell.chunks == len(of_day)
 
 
-def test_eta_extrapolates_the_measured_wall_clock_rate():
-    """10 days planned, 4 loaded (100 rows each) in 40 s of wall clock: 10 rows/s, 6 x 100 rows left -> 60 s."""
-    started = day(50)
-    now = started + dt.timedelta(seconds=40)
-    rows = [lrow(i) for i in range(4)]
+def test_rate_is_over_the_window_chunks_loaded_in_not_since_the_run_started():
+    """4 chunks of 100 rows, 1 s each: two in parallel at t=0, one at t=10 s, one at t=10.5 s (a clear and a
+    retry between): loaded during [0, 1] + [10, 11.5] = 2.5 s -> 160 rows/s. The run's (clear-reset) start date
+    plays no part; 5 x 100 rows left (the failed chunk is not work left) -> 3.1 s."""
+    t0 = day(50)
+    at = [0.0, 0.0, 10.0, 10.5]
+    rows = [LedgerRow(f"2024-01-{i + 1:02d}", day(i), day(i + 1), 100, 1.0, "r1", t0 + dt.timedelta(seconds=s),
+                      inserted=60, updated=10) for i, s in enumerate(at)]  # fmt: skip
     tis = [TaskState(f"2024-01-{i + 1:02d}", "success") for i in range(4)]
     tis += [TaskState("2024-01-05", "running"), TaskState("2024-01-06", "failed")]
-    p = build_progress(
-        make_spec(),
-        dag_id="d",
-        run=run(10, started_at=started),
-        ledger_rows=rows,
-        task_states=tis,
-        validation=None,
-        now=now,
-    )
+    clear_reset = t0 + dt.timedelta(seconds=10.4)  # the run's start date after a clear: 1.1 s before "now"
+    p = build_progress(make_spec(), dag_id="d", run=run(10, started_at=clear_reset), ledger_rows=rows,
+                       task_states=tis, validation=None, now=clear_reset + dt.timedelta(seconds=1.1))  # fmt: skip
     assert p.counts == {"failed": 1, "running": 1, "deferred": 0, "pending": 4, "loaded": 4, "skipped": 0}
-    assert p.rows_loaded == 400 and p.rate_rows_s == pytest.approx(10.0)
-    assert p.eta_s == pytest.approx(5 * 100 / 10.0)  # failed chunks are not counted as work left
-    assert "failed" in p.eta_note
+    assert p.load_s == pytest.approx(2.5) and p.rate_rows_s == pytest.approx(160.0)
+    assert p.eta_s == pytest.approx(5 * 100 / 160.0)
+    assert (p.rows_loaded, p.rows_written, p.rows_inserted, p.rows_updated) == (400, 280, 240, 40)
     text = format_text(p)
-    assert "ETA: 50 s" in text and "failed chunks: 2024-01-06" in text and "4/10 done (40%)" in text
+    assert "rows: 400 read by this run, 280 written (240 inserted, 40 updated, 120 unchanged)" in text
+    assert "rate 160 rows/s read over 2.5 s of loading" in text
+    assert "ETA: 3 s" in text and "failed chunks: 2024-01-06" in text and "4/10 done (40%)" in text
+
+
+def test_a_rerun_that_changed_nothing_reads_rows_and_writes_none():
+    rows = [LedgerRow("2024-01-01", day(0), day(1), 215_400, 2.0, "r1", day(50), inserted=0, updated=0)]
+    p = build_progress(make_spec(), dag_id="d", run=run(1), ledger_rows=rows,
+                       task_states=[TaskState("2024-01-01", "success")], validation=None)  # fmt: skip
+    assert "rows: 215,400 read by this run, 0 written (0 inserted, 0 updated, 215,400 unchanged)" in format_text(p)
+    assert p.to_dict()["rows_written"] == 0 and p.to_dict()["rows_read"] == 215_400
+
+
+def test_an_earlier_runs_figures_are_not_this_runs():
+    """A chunk this run has not loaded (failed, running, pending) whose ledger row an earlier run wrote: no rows
+    or rows/s of this run; the earlier run's rows are kept apart, named by its run id."""
+    earlier = LedgerRow("2024-01-01", day(0), day(1), 2_220, 0.054, "r0", day(40), inserted=2_220, updated=0)
+    for ti_state in ("failed", "running", "scheduled"):
+        p = build_progress(make_spec(), dag_id="d", run=run(1), ledger_rows=[earlier],
+                           task_states=[TaskState("2024-01-01", ti_state)], validation=None)  # fmt: skip
+        (c,) = p.chunks
+        assert (c.rows, c.seconds, c.rows_per_s, c.inserted) == (None, None, None, None)
+        assert (c.earlier_run_id, c.earlier_rows) == ("r0", 2_220)
+        assert p.rows_loaded == 0 and p.rate_rows_s is None and p.rows_done == 0
+    # skipped as done by the earlier run: counted as done in range, shown as the earlier run's
+    p = build_progress(make_spec(), dag_id="d", run=run(1), ledger_rows=[earlier], task_states=[], validation=None)
+    assert p.chunks[0].state == "skipped" and p.rows_done == 2_220 and p.rows_loaded == 0
+    assert p.days[0].rows == 2_220
+
+
+def test_failures_are_grouped_by_their_first_line_with_counts():
+    tis = [TaskState(f"2024-01-{i + 1:02d}", "failed") for i in range(5)] + [TaskState("2024-01-06", "success")]
+    errors = [ChunkFailure("2024-01-01", 'relation "public.orders" does not exist'),
+              ChunkFailure("2024-01-02", "source too busy"),
+              ChunkFailure("2024-01-03", 'relation "public.orders" does not exist'),
+              ChunkFailure("2024-01-06", "an earlier try's error: this chunk loaded since")]  # fmt: skip
+    p = build_progress(make_spec(), dag_id="d", run=run(6), ledger_rows=[lrow(5)], task_states=tis,
+                       validation=None, failures=errors)  # fmt: skip
+    assert p.failures == [
+        ('relation "public.orders" does not exist', 2, ["2024-01-01", "2024-01-03"]),
+        (NO_REASON, 2, ["2024-01-04", "2024-01-05"]),
+        ("source too busy", 1, ["2024-01-02"]),
+    ]
+    assert {c.chunk_id: c.error for c in p.chunks}["2024-01-06"] is None  # loaded: its old error is history
+    text = format_text(p)
+    assert '  2 x relation "public.orders" does not exist  [2024-01-01, 2024-01-03]' in text
 
 
 def test_finished_run_with_failures_has_no_eta_but_says_why():
@@ -197,7 +241,8 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     payload = p.to_dict()
     assert payload["days"][3] == ["2024-01-04", "failed", 1, 0, "fail"]
     assert payload["chunks"]["rows"][0][:5] == ["2024-01-01", "2024-01-01T00:00:00+00:00", "loaded", "success", 100]
-    assert payload["chunks"]["rows"][1][-2:] == [2.5, 0.0]
+    cols = payload["chunks"]["columns"]
+    assert [payload["chunks"]["rows"][1][cols.index(k)] for k in ("waited_load_s", "waited_pacing_s")] == [2.5, 0.0]
     assert payload["waits"] == {"load_s": 2.5, "pacing_s": 1.0, "chunks_waited": 2, "deferred_now": 0}
 
 
@@ -258,3 +303,52 @@ def test_page_shows_waits_per_chunk_and_in_total():
     assert '<tr data-chunk="2024-01-01" data-state="loaded"><td>2024-01-01</td><td>loaded</td><td>success</td>' in body
     assert "<td>12.2</td><td>0.0</td>" in body and "<td>0.0</td><td>3.0</td>" in body
     assert '<tr data-chunk="2024-01-03" data-state="skipped">' in body and "<td>-</td><td>-</td><td>0</td>" in body
+
+
+def test_page_shows_this_runs_figures_failure_reasons_and_read_vs_written():
+    """Issue 24 items 5, 6, 8 on the page: a failed chunk shows no rows or rows/s of an earlier run (its rows are
+    marked as that run's), why chunks failed (grouped), and rows read vs written over the load window."""
+    pytest.importorskip("fastapi")  # the page is Airflow 3's (its API server is FastAPI)
+    from airflow_backfill_provider.ui.app import render
+
+    rows = [
+        LedgerRow("2024-01-01", day(0), day(1), 1_000, 2.0, "r1", day(40), inserted=0, updated=10),
+        LedgerRow("2024-01-02", day(1), day(2), 2_220, 0.054, "r0", day(30), inserted=2_220, updated=0),  # earlier
+    ]
+    tis = [TaskState("2024-01-01", "success"), TaskState("2024-01-02", "failed"), TaskState("2024-01-03", "failed")]
+    errors = [ChunkFailure("2024-01-02", "permanent error (SQLSTATE P0001): injected"),
+              ChunkFailure("2024-01-03", "permanent error (SQLSTATE P0001): injected")]  # fmt: skip
+    p = build_progress(make_spec(), dag_id="d", run=run(3), ledger_rows=rows, task_states=tis, validation=None,
+                       failures=errors)  # fmt: skip
+    body = render(p, [])
+    failed_row = body[body.index('<tr data-chunk="2024-01-02"') :].split("</tr>")[0]
+    assert "41,111" not in failed_row and "<td class='rate'>-</td>" in failed_row  # 2,220 / 0.054 s: not this run's
+    assert "2,220 (earlier run)</span>" in failed_row and 'title="loaded by run r0"' in failed_row
+    assert "<td class='err'>permanent error (SQLSTATE P0001): injected</td>" in failed_row
+    assert "<h2>Why 2 chunk(s) failed</h2>" in body
+    assert ("<tr data-count='2'><td class='err'>permanent error (SQLSTATE P0001): injected</td><td>2</td>"
+            "<td>2024-01-02, 2024-01-03</td></tr>") in body  # fmt: skip
+    assert "rows: 1,000 read by this run, 10 written (0 inserted, 10 updated, 990 unchanged)" in body
+    assert "rate 500 rows/s read over 2.0 s of loading" in body
+
+
+@pytest.mark.parametrize(
+    "diffs,status,expected",
+    [
+        ({"rows": 0.0, "sum(a)": 0.0005, "checksum": 1.0}, "fail",
+         "checksum of the loaded columns differs: a value differs (counts and sums within thresholds: "
+         "sum(a) off by 0.05%)"),
+        ({"rows": 0.0, "checksum": 1.0}, "fail",
+         "checksum of the loaded columns differs: a value differs (counts and sums are equal)"),
+        ({"rows": 0.25, "sum(a)": 0.0005, "checksum": 1.0}, "fail",
+         "rows off by 25.00% (over fail_threshold 1.00%); the checksum of the loaded columns differs too"),
+        ({"rows": 0.005, "sum(a)": 0.0}, "warn", "rows off by 0.50% (over warn_threshold 0.10%)"),
+        ({"rows": 0.0, "sum(a)": 0.0005}, "pass", "within thresholds (sum(a) off by 0.05%)"),
+        ({"rows": 0.0}, "pass", "equal"),
+    ],
+)  # fmt: skip
+def test_one_wording_of_a_days_validation_reason(diffs, status, expected):
+    """Never a sum under the threshold as the reason, never the checksum's 0/1 as "off by 100%"."""
+    from airflow_backfill_provider.progress import day_reason
+
+    assert day_reason(diffs, status, 0.001, 0.01) == expected

@@ -14,18 +14,17 @@ from airflow_backfill_provider.progress_log import chunk_message, estimate_rows,
 @pytest.mark.parametrize(
     "i,n,rows_done,chunks_done,est,elapsed,expected",
     [
-        (212, 730, 410, 212, 1000, 60.0, "chunk 212/730, 41% of rows, ETA 86 s"),  # 410 rows a minute, 590 left
-        (1, 4, 100, 1, 400, 10.0, "chunk 1/4, 25% of rows, ETA 30 s"),
-        (4, 4, 400, 4, 400, 40.0, "chunk 4/4, 100% of rows, ETA done"),
-        (4, 4, 500, 4, 400, 40.0, "chunk 4/4, 100% of rows, ETA done"),  # estimate too low: capped
-        (2, 4, 0, 2, 400, 40.0, "chunk 2/4, 0% of rows, ETA unknown (no rate yet)"),  # empty chunks so far
-        (1, 4, 50, 1, None, 10.0, "chunk 1/4, 25% of chunks, ETA 30 s"),  # no estimate: by chunks
-        (3, 3, 50, 3, None, 10.0, "chunk 3/3, 100% of chunks, ETA done"),
-        (None, None, 50, 1, None, 10.0, "chunk: 50 rows loaded by this run so far"),  # old descriptor
-        (5, 10, 7200, 5, 14400, 3600.0, "chunk 5/10, 50% of rows, ETA 60 min"),
-        (5, 10, 7200, 5, 144000, 3600.0, "chunk 5/10, 5% of rows, ETA 19.0 h"),
+        (212, 730, 410, 300, 1000, 60.0,
+         "chunk 212/730 committed; run: 300/730 chunks done (41%), 410 rows read; ETA 86 s"),  # 430 left, 5/s
+        (1, 4, 100, 1, 400, 10.0, "chunk 1/4 committed; run: 1/4 chunks done (25%), 100 rows read; ETA 30 s"),
+        (3, 4, 400, 4, 400, 40.0, "chunk 3/4 committed; run: 4/4 chunks done (100%), 400 rows read; ETA done"),
+        (4, 4, 500, 5, 400, 40.0, "chunk 4/4 committed; run: 4/4 chunks done (100%), 500 rows read; ETA done"),
+        (2, 4, 0, 2, 400, 40.0, "chunk 2/4 committed; run: 2/4 chunks done (50%), 0 rows read; ETA 40 s"),
+        (1, 4, 50, 1, None, None, "chunk 1/4 committed; run: 1/4 chunks done (25%), 50 rows read; "
+         "ETA unknown (no rate yet)"),
+        (None, None, 50, 1, None, 10.0, "chunk committed: 50 rows read by this run so far"),  # old descriptor
     ],
-)
+)  # fmt: skip
 def test_chunk_share_line(i, n, rows_done, chunks_done, est, elapsed, expected):
     assert (
         chunk_message(i, n, rows_done=rows_done, chunks_done=chunks_done, est_rows=est, elapsed_s=elapsed) == expected
@@ -81,8 +80,13 @@ def test_a_real_run_logs_the_plan_size_and_each_chunks_share(
     assert re.search(
         r"Plan size: 4 chunk\(s\) to load, 0 already done; ~\d[\d,]* rows \(source planner estimate\)", text
     )
-    shares = sorted(set(re.findall(r"chunk (\d)/4, (\d+)% of rows, ETA ([^\n\[]+)", text)))  # 2.11 logs twice
-    assert sorted({s[0] for s in shares}) == ["1", "2", "3", "4"], text[-3000:]
-    # the share is of rows committed so far, whatever order the chunks ran in: 25, 50, 75, 100 %
-    assert sorted(int(s[1]) for s in {(s[0], s[1]) for s in shares}) == [25, 50, 75, 100]
-    assert [s[2].strip() for s in shares if s[1] == "100"][0] == "done"
+    # in the order they were logged (2.11 logs each line twice: keep the first of each)
+    lines = re.findall(
+        r"chunk (\d)/4 committed; run: (\d)/4 chunks done \((\d+)%\), (\d+) rows read; ETA ([^\n\[]+)", text
+    )
+    shares = list(dict.fromkeys(lines))
+    assert sorted(s[0] for s in shares) == ["1", "2", "3", "4"], text[-3000:]
+    # the share is of the run's chunks committed so far, whatever order the chunks ran in: monotonic, ends at 100%
+    assert [int(s[2]) for s in shares] == [25, 50, 75, 100]
+    assert [int(s[3]) for s in shares] == sorted(int(s[3]) for s in shares)  # rows read so far only grow
+    assert shares[-1][4].strip() == "done"

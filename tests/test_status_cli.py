@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,9 @@ from tests.conftest import REPO
 FAULT = """
 CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF (NEW.created_at AT TIME ZONE 'UTC')::date = DATE '2023-01-03' THEN RAISE EXCEPTION 'injected'; END IF;
+    IF (NEW.created_at AT TIME ZONE 'UTC')::date IN (DATE '2023-01-03', DATE '2023-01-04') THEN
+        RAISE EXCEPTION 'injected';
+    END IF;
     RETURN NEW;
 END $$;
 CREATE TRIGGER fault BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION fault();
@@ -62,11 +65,17 @@ def test_status_names_the_failed_day_and_counts_rows(failed_run):
     out = status("backfill_orders", "--config", str(REPO / "dags" / "configs"))
     assert out.returncode == 1, out.stderr  # 1: some chunk failed
     text = out.stdout
-    assert f"run {failed_run.run_id}" in text
-    assert "chunks: 4/5 done (80%)" in text and "failed 1" in text and "loaded 4" in text
-    assert "failed chunks: 2023-01-03" in text
-    assert "rows: 400 loaded by this run" in text
-    assert "ETA: unknown (1 failed chunk(s) to clear)" in text
+    assert f"run {failed_run.run_id}" in text, out.stderr[-3000:]
+    assert "chunks: 3/5 done (60%)" in text and "failed 2" in text and "loaded 3" in text
+    assert "failed chunks: 2023-01-03, 2023-01-04" in text
+    # read vs written (a first load: every row read was inserted); the rate is over the chunks' load window
+    assert "rows: 300 read by this run, 300 written (300 inserted, 0 updated, 0 unchanged)" in text
+    assert re.search(r"rate [\d,]+ rows/s read over [\d.]+ s of loading", text), text
+    # why the chunk failed: the first line of its error, grouped with its count (recorded by the chunk itself)
+    assert "why they failed (first line of each error, identical ones grouped):" in text
+    # the same cause on two chunks: one line, counted (the chunk id the message starts with is not part of it)
+    assert "\n  2 x permanent error (SQLSTATE P0001): injected  [2023-01-03, 2023-01-04]\n" in text, text
+    assert "ETA: unknown (2 failed chunk(s) to clear)" in text
     assert "validation: not run yet" in text
     assert "waits: 0.0 s for the source's load, 0.0 s for pacing (0 loaded chunk(s) waited)" in text
 
@@ -74,11 +83,16 @@ def test_status_names_the_failed_day_and_counts_rows(failed_run):
     as_json = json.loads(out.stdout.strip().splitlines()[-1])  # 2.11 logs connection lookups to stdout
     states = {row[0]: row[2] for row in as_json["chunks"]["rows"]}
     assert states == {"2023-01-01": "loaded", "2023-01-02": "loaded", "2023-01-03": "failed",
-                      "2023-01-04": "loaded", "2023-01-05": "loaded"}  # fmt: skip
+                      "2023-01-04": "failed", "2023-01-05": "loaded"}  # fmt: skip
     cols = as_json["chunks"]["columns"]
     waits = {row[0]: (row[cols.index("waited_load_s")], row[cols.index("waited_pacing_s")])
              for row in as_json["chunks"]["rows"]}  # fmt: skip
     assert waits["2023-01-01"] == (0.0, 0.0) and waits["2023-01-03"] == (None, None)  # measured by the chunk
+    (failure,) = as_json["failures"]
+    assert failure == {"error": "permanent error (SQLSTATE P0001): injected", "count": 2,
+                       "chunks": ["2023-01-03", "2023-01-04"]}  # fmt: skip
+    errors = {row[0]: row[cols.index("error")] for row in as_json["chunks"]["rows"]}
+    assert errors["2023-01-03"] == failure["error"] and errors["2023-01-01"] is None
 
 
 def test_status_finds_the_spec_in_the_serialized_dag(failed_run):

@@ -7,6 +7,7 @@ throwaway databases, then a validate-only DAG after corrupting one day. Each ``a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -115,13 +116,49 @@ def test_validate_task_in_a_real_run(airflow_env, src_url, dst_url, pg):
         assert cur.fetchone()[0] == 64
         # one archive-era day loses a row: the next validation fails and names it
         cur.execute("DELETE FROM public.orders WHERE id = 17")  # 2021-05-28 00:00
+        # another day: one amount altered by a cent, its day's sum off by 0.01% (under the 0.10% warn threshold):
+        # the checksum fails it, and that is its reason everywhere (never "sum off by 0.01%", nor "100%")
+        cur.execute("UPDATE public.orders SET amount = amount + 0.01 WHERE id = 49")  # 2021-06-05 00:00
 
     run = dags_test(env, "validate_only", conf)
     out = run.stdout + run.stderr
     assert run.returncode != 0 or "state=failed" in out, out[-4000:]
-    assert "1 of 16 day(s) of public.orders differ by more than fail_threshold=1.00%; worst 2021-05-28" in out
+    checksum_reason = (
+        "checksum of the loaded columns differs: a value differs (counts and sums within thresholds: "
+        "sum(amount) off by 0.01%)"
+    )
+    rows_reason = (
+        "rows off by 25.00%, sum(amount) off by 24.77% (over fail_threshold 1.00%); "
+        "the checksum of the loaded columns differs too"
+    )
+    # the failure message and the log name the same reason per day (progress.day_reason)
+    assert (
+        f"2 of 16 day(s) of public.orders differ by more than fail_threshold=1.00%; worst 2021-05-28: {rows_reason};"
+        in out
+    ), out[-4000:]
+    assert "off by 100.00%" not in out
+    assert f"Validation FAIL on 2021-06-05: {checksum_reason}" in out
+    assert f"Validation FAIL on 2021-05-28: {rows_reason}" in out
     table_line = next(line for line in out.splitlines() if line.lstrip().startswith("2021-05-28"))
     assert "FAIL" in table_line and "25.00%" in table_line
     with pg(dst_url).cursor() as cur:
-        cur.execute("SELECT status, worst_day::text, days_fail FROM public.backfill_validation ORDER BY id")
-        assert cur.fetchall() == [("pass", None, 0), ("fail", "2021-05-28", 1)]
+        cur.execute("SELECT status, days_fail FROM public.backfill_validation ORDER BY id")
+        assert cur.fetchall() == [("pass", 0), ("fail", 2)]
+    # ... and so do the progress page and the status command, from the stored summary
+    from airflow_backfill_provider.progress import build_progress, format_text, read_validation
+    from airflow_backfill_provider.spec import load_spec
+
+    full = load_spec(spec)
+    with pg(dst_url) as conn:
+        v = read_validation(conn, full, dag_id="validate_only", run_id=None)
+    p = build_progress(full, dag_id="validate_only", run=None, ledger_rows=[], task_states=[], validation=v)
+    text = format_text(p)
+    assert f"2021-06-05  FAIL  src 4  dst 4  {checksum_reason}" in text, text
+    assert f"2021-05-28  FAIL  src 4  dst 3  {rows_reason}" in text, text
+    if importlib.util.find_spec("fastapi"):  # the page: Airflow 3's API server
+        import html
+
+        from airflow_backfill_provider.ui.app import _validation
+
+        page = _validation(p)
+        assert html.escape(checksum_reason) in page and html.escape(rows_reason) in page

@@ -50,6 +50,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         super().__init__(**kwargs)
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
         self.chunk = chunk
+        from airflow_backfill_provider.progress_log import attach_failure_recorder
+
+        attach_failure_recorder(self)  # a failed try records its error's first line for the page and `status`
 
     # --- source protection: probe -> (critical | wait deferred | pacing deferred) -> transfer --------
     #

@@ -71,9 +71,14 @@ class ValidateBackfillOperator(BaseOperator):
             raise AirflowFailException(str(err)) from err
         self.log.info("%s", report.format_table())
         totals = report.totals()
-        worst = totals["worst_diff"]
-        # not a number: NaN or Infinity against a different value (validate._finite_or_text)
-        off = f"{worst:.2%}" if isinstance(worst, (int, float)) else "NaN or Infinity against a different value"
+        from airflow_backfill_provider.progress import day_reason
+
+        def reason(d) -> str:  # the same words as the progress page and the status command
+            return day_reason(d.diffs, d.status, report.warn_threshold, report.fail_threshold)
+
+        not_passing = [d for d in report.ranked() if d.status != "pass"]
+        for d in not_passing[:10]:
+            self.log.info("Validation %s on %s: %s", d.status.upper(), d.day.isoformat(), reason(d))
         if report.status == FAIL:
             plan = self._plan(context) or {}
             short = [d for d in report.ranked() if d.status == FAIL and d.destination_rows < d.source_rows]
@@ -93,8 +98,8 @@ class ValidateBackfillOperator(BaseOperator):
             )
             failure = ValidationFailed(
                 trusted + f"{totals['days_fail']} of {totals['days']} day(s) of {report.table} differ by more than "
-                f"fail_threshold={spec.validation.fail_threshold:.2%}; worst {totals['worst_day']} "
-                f"({totals['worst_metric']} off by {off}); failed days: "
+                f"fail_threshold={report.fail_threshold:.2%}; worst {not_passing[0].day.isoformat()}: "
+                f"{reason(not_passing[0])}; failed days: "
                 f"{', '.join(totals['failed_days'])}{' ...' if totals['failed_days_more'] else ''}. "
                 + (
                     f"The checksum of the loaded columns differs on {', '.join(totals['checksum_days_differ'])} "

@@ -32,16 +32,20 @@ COLORS = {
 
 def create_app() -> FastAPI:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-    from airflow.api_fastapi.core_api.security import requires_access_dag, requires_authenticated
+    from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 
     app = FastAPI(title="Backfill progress", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_dag = [Depends(requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE))]
+    the_user = Depends(get_user)  # Airflow's user dependency: 401/403 without a valid token
 
-    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(requires_authenticated())])
-    def index() -> str:
+    @app.get("/", response_class=HTMLResponse)
+    def index(user=the_user) -> str:
         from airflow_backfill_provider.airflow_state import backfill_dag_ids
 
-        items = "".join(f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>' for d in backfill_dag_ids())
+        items = "".join(
+            f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>'
+            for d in readable_dag_ids(user, backfill_dag_ids())
+        )
         return _page("Backfill progress", f"<h1>Backfill progress</h1><ul>{items or '<li>no backfill DAGs</li>'}</ul>")
 
     @app.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=can_read_dag)
@@ -56,6 +60,31 @@ def create_app() -> FastAPI:
         return JSONResponse(_collect(dag_id, run_id).to_dict())
 
     return app
+
+
+def readable_dag_ids(user, dag_ids: list[str]) -> list[str]:
+    """The DAGs whose progress page the user may open: Airflow's auth manager asked exactly what the DAG page's
+    own dependency asks (``is_authorized_dag`` GET on the DAG's task instances, with the DAG's team), so the
+    index lists no DAG the user may not read and links no page that would answer 403."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+
+    if not dag_ids:
+        return []
+    auth_manager = get_auth_manager()
+    mapping = getattr(DagModel, "get_dag_id_to_team_name_mapping", None)  # 3.3: one query (multi-team setups)
+    teams = mapping(list(dag_ids)) if mapping is not None else {}
+    return [
+        d
+        for d in dag_ids
+        if auth_manager.is_authorized_dag(
+            method="GET",
+            access_entity=DagAccessEntity.TASK_INSTANCE,
+            details=DagDetails(id=d, team_name=teams.get(d)),
+            user=user,
+        )
+    ]
 
 
 def _collect(dag_id: str, run_id: str | None):
@@ -80,7 +109,7 @@ table.cal td.c{width:14px;height:14px;display:table-cell}
 td.v-fail{outline:2px solid #000;outline-offset:-1px} td.v-warn{outline:2px dashed #f0ad4e;outline-offset:-1px}
 table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
 table.t td:first-child,table.t th:first-child{text-align:left}
-.runs a{margin-right:8px}
+.runs a{margin-right:8px} .earlier{color:#888;font-style:italic} td.err{text-align:left;color:#a94442}
 """
 
 
@@ -121,12 +150,13 @@ def render(p, runs: list[dict]) -> str:
     out.append(
         f'<p id="run">Run <b>{e(run.run_id)}</b> ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>'
     )
-    rate = f"{p.rate_rows_s:,.0f} rows/s" if p.rate_rows_s else "-"
+    from airflow_backfill_provider.progress import rate_summary, rows_summary
+
     out.append(
         '<div class="totals">'
         f'<span class="big" id="done">{p.done}/{p.total} chunks done ({p.percent:.0f}%)</span>'
-        f'<span id="rows">{p.rows_loaded:,} rows loaded by this run ({p.rows_done:,} done in range)</span>'
-        f'<span id="rate">rate {e(rate)}</span>'
+        f'<span id="rows">rows: {e(rows_summary(p))} ({p.rows_done:,} done in range)</span>'
+        f'<span id="rate">rate {e(rate_summary(p))}</span>'
         f'<span class="big" id="eta">ETA {e(format_eta(p.eta_s, p.eta_note))}</span></div>'
     )
     out.append(
@@ -145,6 +175,7 @@ def render(p, runs: list[dict]) -> str:
         f'<span id="wait-pacing">{w["pacing_s"]:,.1f} s</span> for pacing turns ({w["chunks_waited"]} loaded '
         f"chunk(s) waited){waiting_now}</p>"
     )
+    out.append(_failures(p))
     out.append("<h2>Calendar</h2>" + _calendar(p))
     out.append(_validation(p))
     out.append(_chunks_table(p))
@@ -191,22 +222,47 @@ def _validation(p) -> str:
     rows = "".join(
         f"<tr><td>{e(str(d.get('day')))}</td><td>{e(str(d.get('status')).upper())}</td>"
         f"<td>{_num(d.get('source_rows'))}</td><td>{_num(d.get('destination_rows'))}</td>"
-        f"<td>{e(_worst_metric(d))}</td></tr>"
+        f"<td>{e(_worst_metric(p, d))}</td></tr>"
         for d in p.worst_days[:50]
     )
     return (
         "<h2>Validation: worst days first</h2>" + head + "<table class='t' id='worst-days'><tr><th>day</th>"
-        "<th>status</th><th>source rows</th><th>destination rows</th><th>worst difference</th></tr>" + rows + "</table>"
+        "<th>status</th><th>source rows</th><th>destination rows</th><th>reason</th></tr>" + rows + "</table>"
     )
 
 
-def _worst_metric(d: dict) -> str:
-    diffs = d.get("diffs") or {}
-    if not diffs:
+def _worst_metric(p, d: dict) -> str:
+    if not d.get("diffs"):
         return "-"
-    from airflow_backfill_provider.progress import describe_worst
+    from airflow_backfill_provider.progress import day_reason_of
 
-    return describe_worst(diffs)
+    return day_reason_of(d, p.thresholds or (0.0, 0.0))
+
+
+def _failures(p) -> str:
+    """Why chunks failed: the first line of each error, identical ones grouped, most frequent first."""
+    if not p.failures:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr data-count='{n}'><td class='err'>{e(error)}</td><td>{n}</td>"
+        f"<td>{e(', '.join(ids[:10]))}{' ...' if n > 10 else ''}</td></tr>"
+        for error, n, ids in p.failures[:50]
+    )
+    return (
+        f"<h2>Why {p.counts['failed']} chunk(s) failed</h2><table class='t' id='failures'><tr><th>error (first line)"
+        "</th><th>chunks</th><th>which</th></tr>" + rows + "</table>"
+    )
+
+
+def _rows_cell(c) -> str:
+    """This run's rows; a ledger row of an earlier run is shown as such, never as this run's figure."""
+    if c.rows is not None:
+        return _num(c.rows)
+    if c.earlier_rows is not None:
+        return (f'<span class="earlier" title="loaded by run {html.escape(c.earlier_run_id or "")}">'
+                f"{_num(c.earlier_rows)} (earlier run)</span>")  # fmt: skip
+    return "-"
 
 
 def _chunks_table(p) -> str:
@@ -216,16 +272,15 @@ def _chunks_table(p) -> str:
     shown = sorted(p.chunks, key=lambda c: (order[c.state], -c.start.timestamp()))[:TABLE_ROWS]
     rows = "".join(
         f'<tr data-chunk="{e(c.chunk_id)}" data-state="{c.state}"><td>{e(c.chunk_id)}</td><td>{c.state}</td>'
-        f"<td>{e(c.ti_state or '-')}</td><td>{_num(c.rows)}</td>"
-        f"<td>{'-' if c.seconds is None else f'{c.seconds:.2f}'}</td><td>{_num(c.rows_per_s)}</td>"
-        f"<td>{_secs(c.waited_load_s)}</td><td>{_secs(c.waited_pacing_s)}</td><td>{c.tries}</td></tr>"
+        f"<td>{e(c.ti_state or '-')}</td><td class='rows'>{_rows_cell(c)}</td><td>{_num(c.written)}</td>"
+        f"<td>{'-' if c.seconds is None else f'{c.seconds:.2f}'}</td><td class='rate'>{_num(c.rows_per_s)}</td>"
+        f"<td>{_secs(c.waited_load_s)}</td><td>{_secs(c.waited_pacing_s)}</td><td>{c.tries}</td>"
+        f"<td class='err'>{e(c.error or '')}</td></tr>"
         for c in shown
     )
     more = f"<p>{len(p.chunks) - len(shown)} more chunk(s) in the JSON API.</p>" if len(p.chunks) > len(shown) else ""
     return (
-        "<h2>Chunks</h2><table class='t' id='chunks'><tr><th>chunk</th><th>state</th><th>task state</th><th>rows</th>"
-        "<th>seconds</th><th>rows/s</th><th>load wait s</th><th>pacing wait s</th><th>tries</th></tr>"
-        + rows
-        + "</table>"
-        + more
+        "<h2>Chunks</h2><table class='t' id='chunks'><tr><th>chunk</th><th>state</th><th>task state</th>"
+        "<th>rows read</th><th>written</th><th>seconds</th><th>rows/s</th><th>load wait s</th><th>pacing wait s</th>"
+        "<th>tries</th><th>error (first line)</th></tr>" + rows + "</table>" + more
     )

@@ -302,7 +302,7 @@ def test_browser_sees_the_failed_day_totals_and_eta_during_a_run(env, browser, t
         assert "2023-02-03 failed" in failed.get_attribute("title")
         done = page.locator("#done").inner_text()
         assert re.fullmatch(r"\d+/14 chunks done \(\d+%\)", done), done
-        assert re.search(r"[1-9][\d,]* rows loaded by this run", page.locator("#rows").inner_text())
+        assert re.search(r"rows: [1-9][\d,]* read by this run", page.locator("#rows").inner_text())
         eta = page.locator("#eta").inner_text()
         assert re.fullmatch(r"ETA \d+(\.\d)? (s|min|h)", eta), eta
         assert page.locator('#chunks tr[data-chunk="2023-02-03"]').get_attribute("data-state") == "failed"
