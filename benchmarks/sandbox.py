@@ -120,6 +120,12 @@ class BackfillSandbox(AirflowSandbox):
         )
         return {s: n for s, n in rows if isinstance(s, str)}
 
+    def run_started(self, dag_id: str, run_id: str) -> float | None:
+        """The DAG run's start (epoch seconds), None while it has not started."""
+        rows = self._query("SELECT start_date FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id))
+        start = rows[0][0] if rows else None
+        return start.timestamp() if hasattr(start, "timestamp") else None
+
     def task_logs(self, dag_id: str, run_id: str) -> list[Path]:
         """The local log files of every task instance of one run (every map index and attempt)."""
         folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
