@@ -104,7 +104,7 @@ bench: venv bench-peers
 # pgbench on the source while a backfill runs under a real scheduler: separate servers (a private source
 # cluster on its own port) and the shared-server case; throttle off and on. ROWS sizes the table.
 bench-source: venv
-	$(PG) run $(VENV)/bin/python -m benchmarks.source_impact $(if $(ROWS),--rows $(ROWS)) $(BENCH_ARGS)
+	$(VENV)/bin/python -m benchmarks.source_impact $(if $(ROWS),--rows $(ROWS)) $(BENCH_ARGS)
 
 clean: pg-stop
 	rm -rf $(VENV) $(VENV2) .demo .pytest_cache .pgdata

@@ -21,6 +21,8 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
+from benchmarks import cpuset
+
 REPO = Path(__file__).resolve().parent.parent
 ROOT = REPO / ".bench_pg"
 PG_BINDIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
@@ -51,8 +53,18 @@ def free_port() -> int:
 class PrivateCluster:
     """initdb + pg_ctl start on a free port; :meth:`stop` stops it and removes its data folder."""
 
-    def __init__(self, *, user: str = "postgres", settings: dict[str, str] | None = None, keep: bool = False):
+    def __init__(
+        self,
+        *,
+        user: str = "postgres",
+        settings: dict[str, str] | None = None,
+        keep: bool = False,
+        cpus: tuple[int, ...] | None = None,
+    ):
+        """``cpus``: start the server pinned to these cores (``taskset -c``: the postmaster and every backend
+        it forks inherit them)."""
         self.run_as = user if os.geteuid() == 0 else None
+        self.cpus = cpus
         self.port = free_port()
         self.dir = ROOT / f"src_{uuid.uuid4().hex[:8]}"
         self.keep = keep
@@ -100,6 +112,7 @@ class PrivateCluster:
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")
         self._run(
+            *cpuset.prefix(self.cpus),
             pg_bin("pg_ctl"),
             "-D",
             str(self.dir),
@@ -113,6 +126,14 @@ class PrivateCluster:
         )
         self.started = True
         return self
+
+    @property
+    def postmaster_pid(self) -> int:
+        return int((self.dir / "postmaster.pid").read_text().split()[0])
+
+    def pin(self, cpus) -> int:
+        """Pin the running server (postmaster, every backend, background processes) to ``cpus``."""
+        return cpuset.pin_tree(self.postmaster_pid, cpus)
 
     @property
     def admin_url(self) -> str:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import yaml
 
@@ -109,6 +110,26 @@ class BackfillSandbox(AirflowSandbox):
             "chunks": sum(n for t, s, n, _ in tis if t == "load_chunk"),
             "timeline": [[t, i, rel(q), rel(b), rel(e)] for t, i, q, b, e in rows],
         }
+
+    def states_now(self, dag_id: str, run_id: str) -> dict[str, int]:
+        """How many of the run's task instances are running and deferred right now."""
+        rows = self._query(
+            "SELECT state, count(*) FROM task_instance WHERE dag_id = %s AND run_id = %s "
+            "AND state IN ('running', 'deferred') GROUP BY 1",
+            (dag_id, run_id),
+        )
+        return {s: n for s, n in rows if isinstance(s, str)}
+
+    def run_started(self, dag_id: str, run_id: str) -> float | None:
+        """The DAG run's start (epoch seconds), None while it has not started."""
+        rows = self._query("SELECT start_date FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id))
+        start = rows[0][0] if rows else None
+        return start.timestamp() if hasattr(start, "timestamp") else None
+
+    def task_logs(self, dag_id: str, run_id: str) -> list[Path]:
+        """The local log files of every task instance of one run (every map index and attempt)."""
+        folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+        return sorted(folder.glob("**/attempt=*.log"))
 
     def deferred_now(self, dag_id: str, run_id: str) -> int:
         return self._query(
