@@ -705,7 +705,7 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
 
 def _pct(x: float) -> str:
     if not math.isfinite(x):  # validate.relative_diff: NaN or an infinity against a different value
-        return "100% (NaN or Infinity against a different value)"
+        return "NaN or Infinity against a different value"
     return f"{x * 100:.2f}%"
 
 
