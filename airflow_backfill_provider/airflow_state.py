@@ -73,24 +73,86 @@ def backfill_dag_ids() -> list[str]:
     return sorted({r[0] for r in rows})
 
 
-def runs(dag_id: str, limit: int = 50) -> list[dict]:
-    """Latest runs of the DAG, newest first: run_id, state, run_type, start/end dates."""
+def _logical_date_column():
+    from airflow.models.dagrun import DagRun
+
+    return DagRun.logical_date if AIRFLOW_V_3 else DagRun.execution_date
+
+
+def _backfill_column():
+    """Airflow 3: the run's Backfill (``dag_run.backfill_id``); 2.11 has no Backfill object: NULL."""
+    from airflow.models.dagrun import DagRun
+    from sqlalchemy import null
+
+    return DagRun.backfill_id if AIRFLOW_V_3 else null()
+
+
+def runs(dag_id: str, limit: int = 50, *, backfill_id: str | None = None, backfill: bool = False) -> list[dict]:
+    """Latest runs of the DAG, most recently started first: run_id, state, run_type, start/end dates, logical
+    date, backfill id (Airflow 3). ``backfill``: only the runs of one backfill (:func:`backfill_runs`)."""
     from airflow.models.dagrun import DagRun
     from sqlalchemy import select
 
     order = DagRun.start_date.desc().nulls_last() if AIRFLOW_V_3 else DagRun.execution_date.desc()
+    query = select(DagRun.run_id, DagRun.state, DagRun.run_type, DagRun.start_date, DagRun.end_date, DagRun.conf,
+                   _logical_date_column(), _backfill_column()).where(DagRun.dag_id == dag_id)  # fmt: skip
+    if backfill:
+        if AIRFLOW_V_3:
+            query = query.where(DagRun.backfill_id == int(backfill_id or 0))
+        else:  # 2.11: the DAG's backfill-type runs (``airflow dags backfill``)
+            query = query.where(DagRun.run_type == "backfill")
     with _session() as session:
-        rows = session.execute(
-            select(DagRun.run_id, DagRun.state, DagRun.run_type, DagRun.start_date, DagRun.end_date, DagRun.conf)
-            .where(DagRun.dag_id == dag_id)
-            .order_by(order, DagRun.id.desc())
-            .limit(limit)
-        ).all()
+        rows = session.execute(query.order_by(order, DagRun.id.desc()).limit(limit)).all()
     return [
         {"run_id": r[0], "state": str(getattr(r[1], "value", r[1]) or ""), "run_type": str(getattr(r[2], "value", r[2])),
-         "start_date": r[3], "end_date": r[4], "conf": r[5] or {}}
+         "start_date": r[3], "end_date": r[4], "conf": r[5] or {}, "logical_date": r[6],
+         "backfill_id": None if r[7] is None else str(r[7])}
         for r in rows
     ]  # fmt: skip
+
+
+def in_logical_order(listed: list[dict]) -> list[dict]:
+    """Runs by logical date (a run without one, e.g. a manual run on Airflow 3, by its start), then run id."""
+    far = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+    return sorted(listed, key=lambda r: (r.get("logical_date") or r.get("start_date") or far, r["run_id"]))
+
+
+def backfill_of(run: dict) -> str | None:
+    """The backfill a run (a :func:`runs` row) belongs to: Airflow 3's Backfill id; on 2.11 ``"runs"`` for a
+    backfill-type run (all the DAG's backfill-type runs are its backfill: 2.11 has no Backfill object); else None."""
+    if run.get("backfill_id") is not None:
+        return str(run["backfill_id"])
+    if not AIRFLOW_V_3 and run.get("run_type") == "backfill":
+        return "runs"
+    return None
+
+
+def latest_backfill(dag_id: str) -> str | None:
+    """The DAG's newest backfill: Airflow 3's highest Backfill id; 2.11: ``"runs"`` when it has backfill-type runs."""
+    from sqlalchemy import func, select
+
+    with _session() as session:
+        if AIRFLOW_V_3:
+            from airflow.models.backfill import Backfill
+
+            found = session.scalar(select(func.max(Backfill.id)).where(Backfill.dag_id == dag_id))
+            return None if found is None else str(found)
+        from airflow.models.dagrun import DagRun
+
+        found = session.scalar(select(func.count()).where(DagRun.dag_id == dag_id, DagRun.run_type == "backfill"))
+        return "runs" if found else None
+
+
+def backfill_runs(dag_id: str, backfill_id: str) -> list[dict]:
+    """All runs of one backfill, in logical-date order: on Airflow 3 those with its Backfill id, on 2.11 the DAG's
+    backfill-type runs. Raises :class:`SpecError` when there are none."""
+    if AIRFLOW_V_3 and not str(backfill_id).isdigit():
+        raise SpecError(f"a backfill id is a number (Airflow 3's Backfill id, /api/v2/backfills), not {backfill_id!r}")
+    listed = in_logical_order(runs(dag_id, limit=100_000, backfill_id=backfill_id, backfill=True))
+    if not listed:
+        what = f"backfill {backfill_id}" if AIRFLOW_V_3 else "backfill-type runs"
+        raise SpecError(f"DAG {dag_id!r} has no {what} (airflow backfill create / airflow dags backfill makes them)")
+    return listed
 
 
 def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | None:
@@ -98,8 +160,8 @@ def run_info(spec: BackfillSpec, dag_id: str, run_id: str | None) -> RunInfo | N
     from airflow.models.dagrun import DagRun
     from sqlalchemy import select
 
-    latest = runs(dag_id, limit=1)
     if run_id is None:
+        latest = runs(dag_id, limit=1)
         if not latest:
             return None
         run_id = latest[0]["run_id"]
@@ -240,3 +302,78 @@ def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None
         close_all(conn)
     return build_progress(spec, dag_id=dag_id, run=run, ledger_rows=rows, task_states=states, validation=validation,
                           failures=failures)  # fmt: skip
+
+
+def collect_backfill(dag_id: str, backfill_id: str | None = None, *, spec: BackfillSpec | None = None):
+    """A whole backfill's :class:`~airflow_backfill_provider.progress.Progress` (default: the DAG's newest
+    backfill): every run's chunks, totals, ETA and failure reasons; its runs in logical-date order.
+
+    Per run: its range (run_info), and one destination query each for its failures and validation; one metadata
+    query per run for its chunk task states; the ledger once (one backfill key)."""
+    from airflow_backfill_provider.connections import close_all, connect
+    from airflow_backfill_provider.progress import (
+        RunInputs,
+        build_backfill,
+        read_failures,
+        read_ledger,
+        read_validation,
+    )
+
+    spec = spec or spec_for_dag(dag_id)
+    backfill_id = backfill_id or latest_backfill(dag_id)
+    if backfill_id is None:
+        raise SpecError(f"DAG {dag_id!r} has no backfill (airflow backfill create makes one); drop --backfill")
+    listed = backfill_runs(dag_id, backfill_id)
+    infos = [(r, run_info(spec, dag_id, r["run_id"])) for r in listed]
+    conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
+                   statement_timeout_s=30)  # fmt: skip
+    try:
+        key = next((i.backfill_key for _, i in infos if i is not None and i.backfill_key), None)
+        rows = read_ledger(conn, spec, backfill_key=key, dag_id=dag_id)
+        inputs = [
+            RunInputs(
+                run=info,
+                logical_date=r["logical_date"],
+                task_states=task_states(dag_id, info.run_id, info.descriptors),
+                failures=read_failures(conn, spec, dag_id=dag_id, run_id=info.run_id),
+                validation=read_validation(conn, spec, dag_id=dag_id, run_id=info.run_id),
+            )
+            for r, info in infos
+            if info is not None
+        ]
+    finally:
+        conn.rollback()
+        close_all(conn)
+    shown_id = None if backfill_id == "runs" else backfill_id
+    return build_backfill(spec, dag_id=dag_id, backfill_id=shown_id, runs=inputs, ledger_rows=rows)
+
+
+def collect_view(
+    dag_id: str,
+    run_id: str | None = None,
+    *,
+    backfill_id: str | None = None,
+    whole: bool | None = None,
+    spec: BackfillSpec | None = None,
+):
+    """What the page and ``status`` show: a run, or a whole backfill.
+
+    ``whole`` True: the backfill ``backfill_id`` (default: the run's, else the newest); False: the run only;
+    None (default): the whole backfill when no run is asked for and the latest run belongs to a backfill."""
+    spec = spec or spec_for_dag(dag_id)
+    if whole is None:
+        whole = False
+        if run_id is None and backfill_id is None:
+            latest = runs(dag_id, limit=1)
+            backfill_id = backfill_of(latest[0]) if latest else None
+            whole = backfill_id is not None
+        elif backfill_id is not None:
+            whole = True
+    if whole:
+        if backfill_id is None and run_id is not None:
+            found = [r for r in runs(dag_id, limit=100_000) if r["run_id"] == run_id]
+            backfill_id = backfill_of(found[0]) if found else None
+            if backfill_id is None:
+                raise SpecError(f"run {run_id!r} of DAG {dag_id!r} belongs to no backfill")
+        return collect_backfill(dag_id, backfill_id, spec=spec)
+    return collect(dag_id, run_id, spec=spec)

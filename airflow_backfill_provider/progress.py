@@ -276,6 +276,31 @@ class DayCell:
     validation: str | None = None  # 'fail' / 'warn' when validation found this day off
 
 
+@dataclass(frozen=True)
+class BackfillRun:
+    """One run of a backfill, as the whole-backfill view lists it (in logical-date order)."""
+
+    run_id: str
+    logical_date: dt.datetime | None
+    state: str | None
+    total: int
+    done: int
+    failed: int
+
+
+@dataclass
+class BackfillInfo:
+    """Which backfill: Airflow 3's Backfill object (``id``), or on 2.11 the DAG's backfill-type runs (``id`` None)."""
+
+    id: str | None
+    runs: list[BackfillRun]
+    state: str
+
+    @property
+    def label(self) -> str:
+        return f"backfill {self.id}" if self.id is not None else "backfill-type runs"
+
+
 @dataclass
 class Progress:
     dag_id: str
@@ -299,6 +324,8 @@ class Progress:
     failures: list[tuple[str, int, list[str]]] = field(default_factory=list)
     #: the validation thresholds the reasons are worded against (the stored report's, else the spec's)
     thresholds: tuple[float, float] | None = None
+    #: set when this is a whole backfill's progress (all its runs' chunks): :func:`build_backfill`
+    backfill: BackfillInfo | None = None
 
     @property
     def rows_written(self) -> int | None:
@@ -331,7 +358,25 @@ class Progress:
     def to_dict(self, *, max_chunks: int | None = None) -> dict:
         """JSON for the page's API; chunks as compact columns (20k chunks stay a few hundred kB)."""
         chunks = self.chunks if max_chunks is None else self.chunks[:max_chunks]
+        b = self.backfill
         return {
+            "backfill": None
+            if b is None
+            else {
+                "id": b.id,
+                "state": b.state,
+                "runs": [
+                    {
+                        "run_id": r.run_id,
+                        "logical_date": _jsonable(r.logical_date),
+                        "state": r.state,
+                        "total": r.total,
+                        "done": r.done,
+                        "failed": r.failed,
+                    }
+                    for r in b.runs
+                ],
+            },  # fmt: skip
             "dag_id": self.dag_id,
             "run_id": self.run.run_id if self.run else None,
             "run_state": self.run.state if self.run else None,
@@ -478,6 +523,20 @@ def build_progress(
         if c.chunk_id in errors and c.state in ("failed", "running", "pending", "deferred"):
             c.error = errors[c.chunk_id].error
 
+    return summarize(spec, dag_id=dag_id, run=run, chunks=chunks, validation=validation)
+
+
+def summarize(
+    spec: BackfillSpec,
+    *,
+    dag_id: str,
+    run: RunInfo | None,
+    chunks: list[ChunkProgress],
+    validation: dict | None,
+    worst: list[dict] | None = None,
+) -> Progress:
+    """Counts, rows, load window, rate, ETA, calendar and failure groups of the chunks (one run's, or a whole
+    backfill's: :func:`build_backfill`)."""
     counts = {s: 0 for s in STATES}
     for c in chunks:
         counts[c.state] += 1
@@ -488,7 +547,7 @@ def build_progress(
     counted = all(c.written is not None for c in mine)
     load_s = _load_window(mine)
     rate, eta, note = _eta(chunks, counts, rows_loaded, load_s)
-    worst = _worst_days(validation)
+    worst = _worst_days(validation) if worst is None else worst
     return Progress(
         dag_id=dag_id,
         run=run,
@@ -508,6 +567,77 @@ def build_progress(
         failures=group_failures(chunks),
         thresholds=_thresholds(spec, validation),
     )
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What :func:`build_backfill` needs of one run of the backfill (read by airflow_state.collect_backfill)."""
+
+    run: RunInfo
+    logical_date: dt.datetime | None
+    task_states: list[TaskState]
+    failures: list[ChunkFailure] = field(default_factory=list)
+    validation: dict | None = None
+
+
+def backfill_state(states: Iterable[str | None]) -> str:
+    """A backfill's state from its runs': running while one is queued/running, else failed if one failed."""
+    states = [s or "queued" for s in states]
+    if any(s in ("running", "queued") for s in states):
+        return "running"
+    if any(s == "failed" for s in states):
+        return "failed"
+    return "success" if states else "no runs"
+
+
+def build_backfill(
+    spec: BackfillSpec,
+    *,
+    dag_id: str,
+    backfill_id: str | None,
+    runs: Iterable[RunInputs],
+    ledger_rows: Iterable[LedgerRow],
+    now: dt.datetime | None = None,
+) -> Progress:
+    """A whole backfill's progress: every run's chunks (:func:`build_progress` per run) on one calendar, with
+    the totals, load window, rate, ETA and failure reasons over all of them; its runs in logical-date order.
+
+    A chunk two runs cover (ranges of a backfill's runs do not overlap, but a rerun may) is the one a run loaded
+    or tried, the later run's; a chunk only skipped as done shows as skipped."""
+    ledger_rows = list(ledger_rows)
+    far = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+    ordered = sorted(runs, key=lambda r: (r.logical_date or far, r.run.run_id))
+    merged: dict[str, ChunkProgress] = {}
+    listed: list[BackfillRun] = []
+    worst: dict[str, dict] = {}
+    for r in ordered:
+        p = build_progress(spec, dag_id=dag_id, run=r.run, ledger_rows=ledger_rows, task_states=r.task_states,
+                           validation=r.validation, now=now, failures=r.failures)  # fmt: skip
+        listed.append(BackfillRun(r.run.run_id, r.logical_date, r.run.state, p.total, p.done, p.counts["failed"]))
+        for c in p.chunks:
+            old = merged.get(c.chunk_id)
+            if old is None or c.state != "skipped" or old.state == "skipped":
+                merged[c.chunk_id] = c
+        for d in p.worst_days:
+            worst[str(d.get("day"))] = d
+    chunks = sorted(merged.values(), key=lambda c: (_ts(c.start), c.chunk_id))
+    starts = [r.run.start for r in ordered if r.run.start is not None]
+    ends = [r.run.end for r in ordered if r.run.end is not None]
+    state = backfill_state(r.run.state for r in ordered)
+    label = BackfillInfo(backfill_id, listed, state).label
+    run = RunInfo(
+        run_id=label,
+        state=state,
+        start=min(starts, key=_ts) if starts else None,
+        end=max(ends, key=_ts) if ends else None,
+        granularity=next((r.run.granularity for r in ordered if r.run.granularity), None),
+        started_at=min((r.run.started_at for r in ordered if r.run.started_at), key=_ts, default=None),
+        backfill_key=next((r.run.backfill_key for r in ordered if r.run.backfill_key), None),
+    )
+    ranked = sorted(worst.values(), key=lambda d: (d.get("status") != "fail", str(d.get("day"))))
+    p = summarize(spec, dag_id=dag_id, run=run, chunks=chunks, validation=None, worst=ranked)
+    p.backfill = BackfillInfo(backfill_id, listed, state)
+    return p
 
 
 def group_failures(chunks: Iterable[ChunkProgress]) -> list[tuple[str, int, list[str]]]:
@@ -656,7 +786,11 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
     """What ``python -m airflow_backfill_provider status`` prints."""
     lines = []
     run = p.run
-    lines.append(f"{p.dag_id}  run {run.run_id if run else '-'}  ({run.state if run else 'no run'})")
+    b = p.backfill
+    if b is not None:
+        lines.append(f"{p.dag_id}  {b.label}: {len(b.runs)} run(s)  ({b.state})")
+    else:
+        lines.append(f"{p.dag_id}  run {run.run_id if run else '-'}  ({run.state if run else 'no run'})")
     if run and run.start is not None and run.end is not None:
         lines.append(f"range [{run.start.isoformat()}, {run.end.isoformat()})  {run.granularity or ''}")
     lines.append(
@@ -684,8 +818,20 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
     if waiting:
         lines.append(f"waiting for the source (deferred): {len(waiting)} chunk(s): "
                      + ", ".join(c.chunk_id for c in waiting[:10]))  # fmt: skip
+    if b is not None:
+        lines.append("runs (logical date order):")
+        for r in b.runs:
+            when = r.logical_date.isoformat() if r.logical_date else "-"
+            nfail = f", {r.failed} failed" if r.failed else ""
+            lines.append(f"  {when}  {r.run_id}  ({r.state or '-'})  {r.done}/{r.total} chunks done{nfail}")
     v = p.validation
-    if v:
+    if b is not None and p.worst_days:
+        lines.append("validation, days not passing in this backfill's runs:")
+        for d in p.worst_days[:worst]:
+            lines.append(f"  {d['day']}  {str(d['status']).upper():4}  {day_reason_of(d, p.thresholds or (0.0, 0.0))}")
+    elif b is not None:
+        lines.append("validation: no failing or warning day in this backfill's runs")
+    elif v:
         lines.append(
             f"validation ({v.get('run_id')}): {str(v['status']).upper()}, {v['days']} day(s), "
             f"{v['days_warn']} warn, {v['days_fail']} fail; source {v['source_rows']:,} rows, "
@@ -747,7 +893,7 @@ def day_reason_of(d: dict, thresholds: tuple[float, float]) -> str:
 
 def rows_summary(p: Progress) -> str:
     """``215,400 read by this run, 0 written (0 inserted, 0 updated, 215,400 unchanged)``: read vs written."""
-    text = f"{p.rows_loaded:,} read by this run"
+    text = f"{p.rows_loaded:,} read by " + ("this backfill's runs" if p.backfill is not None else "this run")
     written = p.rows_written
     if written is None:
         return text + ", written unknown (ledger rows without the counts)"

@@ -107,3 +107,86 @@ def test_a_ledger_from_before_the_wait_columns_still_counts_and_is_migrated(src_
         (r.chunk_id, r.waited_load_s, r.waited_pacing_s) for r in read_ledger(conn, spec, dag_id="backfill_orders")
     )
     assert got == [(DAYS[0].chunk_id, None, None), (DAYS[1].chunk_id, 2.0, 0.5)]
+
+
+# ------------------------------------------------------------------ the whole backfill (issue 24 item 7)
+BACKFILL_DAYS = plan_chunks("2024-02-01", "2024-02-05", "day", "UTC")  # one run per day, as `backfill create`
+
+
+def _backfill_inputs(spec, dst_url, pg, src_url):
+    """Four daily runs of one backfill: the 1st and 4th loaded their day for real, the 2nd's is pending, the 3rd's
+    failed."""
+    from airflow_backfill_provider.progress import ChunkFailure, RunInputs
+
+    seed_orders(pg(src_url), rows=400, days=4, start=dt.date(2024, 2, 1))
+    create_orders(pg(dst_url))
+    ids = [f"backfill__{c.start.isoformat()}" for c in BACKFILL_DAYS]
+    for i in (0, 3):
+        transfer_chunk(spec, BACKFILL_DAYS[i], dag_id="backfill_orders", run_id=ids[i])
+    key = build_plan(spec, "2024-02-01", "2024-02-05", dst_conn=pg(dst_url), src_conn=pg(src_url)).backfill_key
+    states = ("success", "running", "failed", "success")
+    inputs = [
+        RunInputs(
+            run=RunInfo(run_id=ids[i], state=states[i], start=c.start, end=c.end, granularity="day",
+                        started_at=c.start, backfill_key=key),
+            logical_date=c.start,
+            task_states=[TaskState(c.chunk_id, {0: "success", 1: None, 2: "failed", 3: "success"}[i])],
+            failures=[ChunkFailure(c.chunk_id, "permanent error (SQLSTATE P0001): injected")] if i == 2 else [],
+        )
+        for i, c in enumerate(BACKFILL_DAYS)
+    ]  # fmt: skip
+    return ids, key, inputs
+
+
+def test_a_whole_backfill_adds_up_its_runs_chunks_in_logical_date_order(src_url, dst_url, pg):
+    from airflow_backfill_provider.progress import build_backfill, format_text
+
+    spec = spec_for(src_url, dst_url, "orders", "orders")
+    ids, key, inputs = _backfill_inputs(spec, dst_url, pg, src_url)
+    rows = read_ledger(pg(dst_url), spec, backfill_key=key)
+    jumbled = [inputs[2], inputs[0], inputs[3], inputs[1]]  # the order runs started in
+    p = build_backfill(spec, dag_id="backfill_orders", backfill_id="7", runs=jumbled, ledger_rows=rows)
+    per_day = rows_per_day(src_url, "orders")
+    assert [r.run_id for r in p.backfill.runs] == ids  # logical-date order
+    assert [(r.done, r.total, r.failed) for r in p.backfill.runs] == [(1, 1, 0), (0, 1, 0), (0, 1, 1), (1, 1, 0)]
+    assert (p.done, p.total, p.counts["failed"], p.counts["pending"]) == (2, 4, 1, 1)
+    assert [(d.day.isoformat(), d.state) for d in p.days] == [
+        ("2024-02-01", "loaded"),
+        ("2024-02-02", "pending"),
+        ("2024-02-03", "failed"),
+        ("2024-02-04", "loaded"),
+    ]  # fmt: skip  (one calendar for every run's chunks)
+    assert p.rows_loaded == per_day["2024-02-01"] + per_day["2024-02-04"]
+    assert p.failures == [("permanent error (SQLSTATE P0001): injected", 1, ["2024-02-03"])]
+    assert p.backfill.state == "running" and p.eta_s is not None  # one chunk left, a rate from two
+    text = format_text(p)
+    assert text.splitlines()[0] == "backfill_orders  backfill 7: 4 run(s)  (running)"
+    assert "chunks: 2/4 done (50%)" in text and f"rows: {p.rows_loaded:,} read by this backfill's runs" in text
+    assert "\n  1 x permanent error (SQLSTATE P0001): injected  [2024-02-03]\n" in text
+    listed = [line.split()[1] for line in text.split("runs (logical date order):\n")[1].splitlines()[:4]]
+    assert listed == ids
+    assert p.to_dict()["backfill"]["runs"][2] == {"run_id": ids[2], "logical_date": BACKFILL_DAYS[2].start.isoformat(),
+                                                  "state": "failed", "total": 1, "done": 0, "failed": 1}  # fmt: skip
+
+
+def test_the_page_shows_the_backfills_runs_in_order_and_a_fixed_width_calendar(src_url, dst_url, pg):
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from airflow_backfill_provider.progress import build_backfill
+    from airflow_backfill_provider.ui.app import CSS, _page, render
+
+    spec = spec_for(src_url, dst_url, "orders", "orders")
+    ids, key, inputs = _backfill_inputs(spec, dst_url, pg, src_url)
+    rows = read_ledger(pg(dst_url), spec, backfill_key=key)
+    p = build_backfill(spec, dag_id="backfill_orders", backfill_id="7", runs=inputs[::-1], ledger_rows=rows)
+    body = render(p, [])
+    table = body[body.index("id='backfill-runs'") :].split("</table>")[0]
+    assert [table.index(f'data-run="{i}"') for i in ids] == sorted(table.index(f'data-run="{i}"') for i in ids)
+    assert '<p id="run"><b>Backfill 7</b>: 4 run(s) (running), [2024-02-01, 2024-02-05), day</p>' in body
+    assert '<span class="big" id="done">2/4 chunks done (50%)</span>' in body
+    # the calendar: a header cell per day number, every cell fixed width; a legend; styled, no external asset
+    assert "<th class='d'>1</th><th class='d'>2</th>" in body and "<th class='d'>31</th>" in body
+    assert "table-layout:fixed" in CSS and "width:18px" in CSS and 'id="counts"' in body
+    page = _page("t", body)
+    assert "<style>" in page and "http" not in page.split("<body>")[0] and "<link" not in page

@@ -24,9 +24,11 @@ if TYPE_CHECKING:
     from airflow_backfill_provider.progress import DayCell
 
 TABLE_ROWS = 200
+#: close to Airflow's task-state colours (failed red, deferred mediumpurple, scheduled grey, success green);
+#: "skipped" here means done by an earlier run: a paler green, not Airflow's hotpink "skipped"
 COLORS = {
-    "failed": "#d9534f", "running": "#5bc0de", "deferred": "#9b59b6", "pending": "#e4e4e4",
-    "loaded": "#5cb85c", "skipped": "#a8d5a8",
+    "failed": "#e53e3e", "running": "#4299e1", "deferred": "#9370db", "pending": "#cbd5e0",
+    "loaded": "#008000", "skipped": "#9ae6b4",
 }  # fmt: skip
 
 
@@ -49,15 +51,16 @@ def create_app() -> FastAPI:
         return _page("Backfill progress", f"<h1>Backfill progress</h1><ul>{items or '<li>no backfill DAGs</li>'}</ul>")
 
     @app.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=can_read_dag)
-    def dag_page(dag_id: str, run_id: str | None = None) -> str:
-        from airflow_backfill_provider.airflow_state import runs
+    def dag_page(dag_id: str, run_id: str | None = None, backfill_id: str | None = None) -> str:
+        from airflow_backfill_provider.airflow_state import in_logical_order, runs
 
-        progress = _collect(dag_id, run_id)
-        return _page(f"Backfill progress: {dag_id}", render(progress, runs(dag_id, limit=20)), refresh=10)
+        progress = _collect(dag_id, run_id, backfill_id)
+        listed = in_logical_order(runs(dag_id, limit=20))[::-1]  # newest logical date first, not start order
+        return _page(f"Backfill progress: {dag_id}", render(progress, listed), refresh=10)
 
     @app.get("/api/dags/{dag_id}", dependencies=can_read_dag)
-    def dag_json(dag_id: str, run_id: str | None = None) -> JSONResponse:
-        return JSONResponse(_collect(dag_id, run_id).to_dict())
+    def dag_json(dag_id: str, run_id: str | None = None, backfill_id: str | None = None) -> JSONResponse:
+        return JSONResponse(_collect(dag_id, run_id, backfill_id).to_dict())
 
     return app
 
@@ -87,29 +90,46 @@ def readable_dag_ids(user, dag_ids: list[str]) -> list[str]:
     ]
 
 
-def _collect(dag_id: str, run_id: str | None):
-    from airflow_backfill_provider.airflow_state import collect
+def _collect(dag_id: str, run_id: str | None, backfill_id: str | None = None):
+    """``backfill_id``: that backfill's whole view ("latest": the newest); with neither it nor a run: the whole
+    backfill when the latest run belongs to one, else the latest run."""
+    from airflow_backfill_provider.airflow_state import collect_view
     from airflow_backfill_provider.exceptions import BackfillError
 
     try:
-        return collect(dag_id, run_id or None)
+        if backfill_id:
+            return collect_view(dag_id, run_id or None, whole=True,
+                                backfill_id=None if backfill_id == "latest" else backfill_id)  # fmt: skip
+        return collect_view(dag_id, run_id or None, whole=False if run_id else None)
     except BackfillError as err:
         raise HTTPException(status_code=404, detail=str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------ HTML
 CSS = """
-body{font-family:system-ui,sans-serif;margin:16px;color:#222}
-h1{font-size:20px;margin:0 0 8px} h2{font-size:16px;margin:18px 0 6px}
-.totals span{display:inline-block;margin-right:18px} .big{font-size:18px;font-weight:600}
-.legend i,.cal td.c{display:inline-block;width:14px;height:14px;border-radius:2px}
-.legend span{margin-right:12px}
-table.cal{border-collapse:separate;border-spacing:2px} table.cal td{padding:0;font-size:11px}
-table.cal td.c{width:14px;height:14px;display:table-cell}
-td.v-fail{outline:2px solid #000;outline-offset:-1px} td.v-warn{outline:2px dashed #f0ad4e;outline-offset:-1px}
-table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:right}
+body{font-family:Inter,-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+ margin:0;padding:20px 24px;color:#1a202c;background:#fff;font-size:14px;line-height:1.45}
+a{color:#017cee;text-decoration:none} a:hover{text-decoration:underline}
+h1{font-size:20px;font-weight:600;margin:0 0 12px} h2{font-size:16px;font-weight:600;margin:22px 0 8px}
+.card{border:1px solid #e2e8f0;border-radius:6px;padding:10px 14px;margin:10px 0;background:#f7fafc}
+.totals span{display:inline-block;margin:2px 22px 2px 0} .big{font-size:18px;font-weight:600}
+.legend{margin:8px 0} .legend span{display:inline-flex;align-items:center;gap:4px;margin-right:14px;font-size:13px}
+.legend i{display:inline-block;width:14px;height:14px;border-radius:3px}
+table.cal{border-collapse:separate;border-spacing:3px;table-layout:fixed}
+table.cal th,table.cal td{padding:0;width:18px;min-width:18px;max-width:18px;height:18px;font-size:11px;
+ font-weight:400;text-align:center;color:#718096}
+table.cal th.m,table.cal td.m{width:64px;min-width:64px;max-width:64px;text-align:left;color:#1a202c}
+table.cal td.c{border-radius:3px;cursor:default} table.cal td.e{background:#f7fafc}
+td.v-fail{outline:2px solid #1a202c;outline-offset:-1px} td.v-warn{outline:2px dashed #dd6b20;outline-offset:-1px}
+table.t{border-collapse:collapse;font-size:13px;margin:4px 0}
+table.t td,table.t th{border-bottom:1px solid #e2e8f0;padding:4px 10px;text-align:right}
+table.t th{background:#edf2f7;font-weight:600;color:#4a5568}
 table.t td:first-child,table.t th:first-child{text-align:left}
-.runs a{margin-right:8px} .earlier{color:#888;font-style:italic} td.err{text-align:left;color:#a94442}
+table.t tr.current td{background:#ebf8ff;font-weight:600}
+.runs{margin:6px 0} .runs a{display:inline-block;margin:2px 8px 2px 0;padding:1px 8px;border:1px solid #e2e8f0;
+ border-radius:12px;font-size:12px} .runs a.current{background:#017cee;color:#fff;border-color:#017cee}
+.earlier{color:#718096;font-style:italic} td.err{text-align:left;color:#c53030}
+.s{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-size:12px}
 """
 
 
@@ -135,25 +155,32 @@ def render(p, runs: list[dict]) -> str:
 
     e = html.escape
     run = p.run
+    b = p.backfill
     out = [f"<h1>Backfill progress: {e(p.dag_id)}</h1>"]
     if runs:
+        current = run.run_id if run and b is None else None
         links = "".join(
-            f'<a href="?run_id={quote(r["run_id"])}">{"<b>" if run and r["run_id"] == run.run_id else ""}'
-            f"{e(r['run_id'])} ({e(r['state'])}){'</b>' if run and r['run_id'] == run.run_id else ''}</a>"
+            f'<a href="?run_id={quote(r["run_id"])}"{" class=current" if r["run_id"] == current else ""}>'
+            f"{e(r['run_id'])} ({e(r['state'])})</a>"
             for r in runs[:10]
         )
-        out.append(f'<div class="runs">Runs: {links}</div>')
+        whole = next((r for r in runs if r.get("backfill_id") or r.get("run_type") == "backfill"), None)
+        if whole is not None and b is None:
+            target = whole.get("backfill_id") or "latest"
+            links += f'<a id="whole-backfill" href="?backfill_id={quote(str(target))}">whole backfill</a>'
+        out.append(f'<div class="runs">Runs (logical date, newest first): {links}</div>')
     if run is None:
         out.append("<p>No run yet.</p>")
         return "".join(out)
     rng = f"[{run.start.date()}, {run.end.date()})" if run.start and run.end else "range not planned yet"
-    out.append(
-        f'<p id="run">Run <b>{e(run.run_id)}</b> ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>'
-    )
+    what = f"{e(b.label.capitalize())}</b>: {len(b.runs)} run(s)" if b is not None else f"Run <b>{e(run.run_id)}</b>"
+    if b is not None:
+        what = "<b>" + what
+    out.append(f'<p id="run">{what} ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>')
     from airflow_backfill_provider.progress import rate_summary, rows_summary
 
     out.append(
-        '<div class="totals">'
+        '<div class="totals card">'
         f'<span class="big" id="done">{p.done}/{p.total} chunks done ({p.percent:.0f}%)</span>'
         f'<span id="rows">rows: {e(rows_summary(p))} ({p.rows_done:,} done in range)</span>'
         f'<span id="rate">rate {e(rate_summary(p))}</span>'
@@ -164,7 +191,9 @@ def render(p, runs: list[dict]) -> str:
         + "".join(
             f'<span data-state="{s}"><i style="background:{COLORS[s]}"></i> {s} {p.counts[s]}</span>' for s in STATES
         )
-        + '<span><i style="outline:2px solid #000;outline-offset:-1px"></i> validation failed</span></div>'
+        + '<span><i style="outline:2px solid #1a202c;outline-offset:-1px"></i> validation failed</span>'
+        '<span><i style="outline:2px dashed #dd6b20;outline-offset:-1px"></i> validation warned</span>'
+        '<span><i style="background:#f7fafc;border:1px solid #e2e8f0"></i> no chunk</span></div>'
     )
     w = p.waits
     waiting_now = (
@@ -175,6 +204,8 @@ def render(p, runs: list[dict]) -> str:
         f'<span id="wait-pacing">{w["pacing_s"]:,.1f} s</span> for pacing turns ({w["chunks_waited"]} loaded '
         f"chunk(s) waited){waiting_now}</p>"
     )
+    if b is not None:
+        out.append(_backfill_runs(b))
     out.append(_failures(p))
     out.append("<h2>Calendar</h2>" + _calendar(p))
     out.append(_validation(p))
@@ -182,19 +213,38 @@ def render(p, runs: list[dict]) -> str:
     return "".join(out)
 
 
+def _backfill_runs(b) -> str:
+    """The backfill's runs in logical-date order, each with its chunks done and failed."""
+    e = html.escape
+    rows = "".join(
+        f'<tr data-run="{e(r.run_id)}"><td>{e(r.logical_date.isoformat() if r.logical_date else "-")}</td>'
+        f'<td><a href="?run_id={quote(r.run_id)}">{e(r.run_id)}</a></td><td>{e(r.state or "-")}</td>'
+        f"<td>{r.done}/{r.total}</td><td>{r.failed}</td></tr>"
+        for r in b.runs
+    )
+    return (
+        f"<h2>Runs of this backfill ({len(b.runs)}), logical date order</h2><table class='t' id='backfill-runs'>"
+        "<tr><th>logical date</th><th>run</th><th>state</th><th>chunks done</th><th>failed</th></tr>"
+        + rows
+        + "</table>"
+    )
+
+
 def _calendar(p) -> str:
-    """One row per month, one cell per day; a cell shows the day's most telling chunk state."""
+    """One row per month, one fixed-width cell per day (header: day numbers 1-31, one per column); a cell shows the
+    day's most telling chunk state."""
     e = html.escape
     months: dict[tuple[int, int], dict[int, DayCell]] = {}
     for cell in p.days:
         months.setdefault((cell.day.year, cell.day.month), {})[cell.day.day] = cell
-    rows = ["<table class='cal' id='calendar'><tr><td></td>" + "".join(f"<td>{d}</td>" for d in range(1, 32)) + "</tr>"]
+    head = "<th class='m'></th>" + "".join(f"<th class='d'>{d}</th>" for d in range(1, 32))
+    rows = [f"<table class='cal' id='calendar'><tr>{head}</tr>"]
     for (y, m), cells in sorted(months.items()):
         tds = []
         for d in range(1, 32):
             cell = cells.get(d)
             if cell is None:
-                tds.append("<td></td>")
+                tds.append("<td class='e'></td>")
                 continue
             v = f" v-{cell.validation}" if cell.validation else ""
             title = f"{cell.day} {cell.state}: {cell.chunks} chunk(s), {cell.rows:,} rows"
@@ -203,13 +253,21 @@ def _calendar(p) -> str:
                 f'<td class="c{v}" data-day="{cell.day}" data-state="{cell.state}" '
                 f'data-validation="{cell.validation or ""}" style="background:{COLORS[cell.state]}" title="{e(title)}"></td>'
             )
-        rows.append(f"<tr><td>{y}-{m:02d}</td>{''.join(tds)}</tr>")
+        rows.append(f"<tr><td class='m'>{y}-{m:02d}</td>{''.join(tds)}</tr>")
     return "".join(rows) + "</table>"
 
 
 def _validation(p) -> str:
     e = html.escape
     v = p.validation
+    if not v and p.backfill is not None and p.worst_days:
+        rows = "".join(
+            f"<tr><td>{e(str(d.get('day')))}</td><td>{e(str(d.get('status')).upper())}</td>"
+            f"<td>{e(_worst_metric(p, d))}</td></tr>"
+            for d in p.worst_days[:50]
+        )
+        return ("<h2>Validation: days not passing in this backfill's runs</h2><table class='t' id='worst-days'>"
+                "<tr><th>day</th><th>status</th><th>reason</th></tr>" + rows + "</table>")  # fmt: skip
     if not v:
         return '<h2>Validation</h2><p id="validation">Not run yet for this run.</p>'
     head = (
