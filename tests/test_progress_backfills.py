@@ -190,3 +190,51 @@ def test_the_page_shows_the_backfills_runs_in_order_and_a_fixed_width_calendar(s
     assert "table-layout:fixed" in CSS and "width:18px" in CSS and 'id="counts"' in body
     page = _page("t", body)
     assert "<style>" in page and "http" not in page.split("<body>")[0] and "<link" not in page
+
+
+def test_status_finds_the_latest_runs_backfill_in_the_metadata_db(airflow_db, src_url, dst_url, pg, capsys):
+    """Real metadata rows: one backfill's daily runs (Airflow 3: a Backfill and its runs' backfill_id; 2.11:
+    backfill-type runs) started in jumbled order; ``status`` prints the whole backfill, runs by logical date."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    from airflow_backfill_provider import airflow_state
+    from airflow_backfill_provider.compat import AIRFLOW_V_3
+
+    dag_id = "backfill_whole_view"
+    spec = load_spec({
+        "name": "whole_view", "dag_id": dag_id, "source_conn_id": src_url, "destination_conn_id": dst_url,
+        "source_table": "orders", "destination_table": "public.orders", "time_column": "created_at",
+        "key_columns": ["id"], "version_column": "updated_at", "timezone": "UTC", "granularity": "day"})  # fmt: skip
+    assert spec.effective_dag_id == dag_id
+    seed_orders(pg(src_url), rows=400, days=4, start=dt.date(2024, 2, 1))
+    create_orders(pg(dst_url))
+    ids = [f"backfill__{c.start.isoformat()}" for c in BACKFILL_DAYS]
+    with create_session() as session:
+        backfill_id = None
+        if AIRFLOW_V_3:
+            from airflow.models.backfill import Backfill
+
+            bf = Backfill(dag_id=dag_id, from_date=BACKFILL_DAYS[0].start, to_date=BACKFILL_DAYS[-1].start,
+                          dag_run_conf={})  # fmt: skip
+            session.add(bf)
+            session.flush()
+            backfill_id = bf.id
+        for n, i in enumerate((2, 0, 3, 1)):  # started in this order
+            c = BACKFILL_DAYS[i]
+            kw = {"logical_date": c.start, "run_after": c.end, "backfill_id": backfill_id} if AIRFLOW_V_3 else {
+                "execution_date": c.start}  # fmt: skip
+            session.add(DagRun(dag_id=dag_id, run_id=ids[i], run_type="backfill", data_interval=(c.start, c.end),
+                               state=DagRunState.SUCCESS if i in (0, 3) else DagRunState.RUNNING,
+                               start_date=c.end + dt.timedelta(minutes=n), **kw))  # fmt: skip
+    for i in (0, 3):
+        transfer_chunk(spec, BACKFILL_DAYS[i], dag_id=dag_id, run_id=ids[i])
+
+    listed = airflow_state.backfill_runs(dag_id, airflow_state.latest_backfill(dag_id))
+    assert [r["run_id"] for r in listed] == ids
+    p = airflow_state.collect_view(dag_id, spec=spec)  # automatic: the latest run is in a backfill
+    assert p.backfill is not None and [r.run_id for r in p.backfill.runs] == ids
+    assert (p.done, p.total) == (2, 4)
+    run_only = airflow_state.collect_view(dag_id, ids[1], spec=spec, whole=False)
+    assert run_only.backfill is None and run_only.total == 1
