@@ -5,7 +5,7 @@ rest are built. Strict mode (``strict=True`` or env ``AIRFLOW_BACKFILL_STRICT=1`
 the first problem instead, so a bad config fails the build.
 
 A broken entry shows as an import error through a second DAG file that defines no DAG and only calls
-:func:`raise_config_errors`. It has to be a file of its own: on Airflow 3.3 and 2.11 an import error of a
+``configcheck.raise_config_errors``. It has to be a file of its own: on Airflow 3.3 and 2.11 an import error of a
 file marks every DAG of that file as having import errors (3.3 also marks them stale), so the scheduler
 stops creating their runs; an error raised in the file that builds the good DAGs would take them down too.
 
@@ -92,46 +92,6 @@ def _fail(result: LoadResult, where: str, message: str, strict: bool) -> None:
         raise SpecError(message)
     result.errors[where] = message
     log.error("Backfill config %s skipped: %s", where, message)
-
-
-class ConfigErrors(SpecError):
-    """Broken backfill configs, raised by the config-check DAG file so Airflow records an import error."""
-
-
-def config_errors(config_dir: str | os.PathLike) -> dict[str, str]:
-    """Every broken entry under ``config_dir`` (file or ``file[i]`` -> message), as the DAG files would see it.
-
-    Builds both the backfill and the live DAG of each spec (a build can refuse a spec that validates), with
-    ``auto_register=False`` so that no DAG is registered from the calling file.
-    """
-    from airflow_backfill_provider.factory import build_backfill_dag
-    from airflow_backfill_provider.live_factory import build_live_dag
-
-    errors: dict[str, str] = {}
-    for build in (build_backfill_dag, build_live_dag):
-        result = load_backfill_dags(
-            config_dir, strict=False, build=lambda spec, build=build: build(spec, auto_register=False)
-        )
-        for where, message in result.errors.items():
-            errors.setdefault(where, message)
-    return errors
-
-
-def raise_config_errors(config_dir: str | os.PathLike) -> None:
-    """Raise :class:`ConfigErrors` naming every broken entry under ``config_dir``; return if there is none.
-
-    Call it from a DAG file of its own (``dags/backfill_config_check.py``): Airflow then shows one import
-    error for that file (UI, ``airflow dags list-import-errors``), while the DAG file that builds the good
-    specs keeps loading them.
-    """
-    errors = config_errors(config_dir)
-    if not errors:
-        return
-    raise ConfigErrors(
-        f"{len(errors)} backfill config entr{'y is' if len(errors) == 1 else 'ies are'} broken in {config_dir}; "
-        "their DAGs are not loaded (the other configs' DAGs are). Fix the key named below in the YAML file; "
-        "this error clears on the next parse.\n\n" + "\n\n".join(errors[where] for where in sorted(errors))
-    )
 
 
 def register(

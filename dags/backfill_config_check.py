@@ -7,6 +7,6 @@ backfill_dags.py would stop the good DAGs too (see airflow_backfill_provider/loa
 
 from pathlib import Path
 
-from airflow_backfill_provider.loader import raise_config_errors
+from airflow_backfill_provider.configcheck import raise_config_errors
 
 raise_config_errors(Path(__file__).parent / "configs")
