@@ -21,8 +21,8 @@ from psycopg2 import sql
 class BackfillSandbox(AirflowSandbox):
     """``specs``: the YAML specs (dicts) to put in the DAG folder's configs/, one DAG each."""
 
-    def __init__(self, admin_url: str, src_url: str, dst_url: str, specs: list[dict], log=print):
-        super().__init__(admin_url, src_url, dst_url, log=log)
+    def __init__(self, admin_url: str, src_url: str, dst_url: str, specs: list[dict], log=print, keep: bool = False):
+        super().__init__(admin_url, src_url, dst_url, log=log, keep=keep)
         self.specs = specs
         self.dag_ids = [s.get("dag_id") or f"backfill_{s['name']}" for s in specs]
 

@@ -583,15 +583,27 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="separate,shared", help="separate, shared or both")
     p.add_argument("--skip-idle", action="store_true", help="skip the idle-source runs (no pgbench, off vs on)")
     p.add_argument("--skip-mid-load", action="store_true", help="skip the mid-backfill load scenario")
+    p.add_argument(
+        "--only-mid-load",
+        action="store_true",
+        help="separate layout: only the idle unthrottled run (the expected time) and the mid-backfill load run",
+    )
     p.add_argument("--mid-load-from", type=float, default=0.25, help="start pgbench at this share of the expected time")
     p.add_argument("--mid-load-to", type=float, default=0.60, help="and stop it at this share")
     p.add_argument("--timeout", type=float, default=7200, help="give up on one backfill run after this many s")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep both clusters' data folders (stopped), the Airflow metadata database and AIRFLOW_HOME (task logs)",
+    )
     args = p.parse_args(argv)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     bad = [x for x in layouts if x not in ("separate", "shared")]
     if bad or not layouts:
         p.error(f"--layouts takes separate, shared or both (comma-separated), got {args.layouts!r}")
+    if args.only_mid_load and (args.skip_idle or args.skip_mid_load):
+        p.error("--only-mid-load needs the idle run and the mid-load run: drop --skip-idle/--skip-mid-load")
     if not 0 <= args.mid_load_from < args.mid_load_to:
         p.error("--mid-load-from must be >= 0 and below --mid-load-to")
     layouts.sort(key=("separate", "shared").index)
@@ -605,8 +617,8 @@ def main(argv=None) -> int:
     pins: dict[str, dict] = {}
     # the host cluster: the destination, Airflow's metadata database and the shared layout's source
     with (
-        PrivateCluster(cpus=pinning.source) as src_pc,
-        PrivateCluster(settings={"max_connections": "200"}) as host_pc,
+        PrivateCluster(cpus=pinning.source, keep=args.keep) as src_pc,
+        PrivateCluster(settings={"max_connections": "200"}, keep=args.keep) as host_pc,
         tempfile.TemporaryDirectory(prefix="bench_source_") as tmp,
     ):
         hosts = Hosts(pinning, src_pc, host_pc)
@@ -622,22 +634,29 @@ def main(argv=None) -> int:
                 capture_output=True,
                 timeout=1800,
             )
-        sb = BackfillSandbox(host_pc.admin_url, shared_src, dst, specs(), log=log)
+        sb = BackfillSandbox(host_pc.admin_url, shared_src, dst, specs(), log=log, keep=args.keep)
         sb.env.update({f"AIRFLOW_CONN_BENCH_SRC_{k.upper()}": v for k, v in srcs.items()})
         with sb:
             sb.start_services()
             # a freshly started Airflow 3 spends ~8-10 s on its very first task instance, once per start: one
             # untimed run over an empty day first (as benchmarks.run's (9) does), so the first timed run is not
             # charged for it
+            # its plan checks the destination table, created per scenario: create it for the warm-up too
+            scattered.fresh_destination(dst)
             w = sb.start_run(sb.dag_ids[0], {"start": "2031-01-01", "end": "2031-01-02"})
-            log(f"warm-up run over an empty day (not timed): {sb.wait_run(sb.dag_ids[0], w)['state']}")
+            warm = sb.wait_run(sb.dag_ids[0], w)
+            log(f"warm-up run over an empty day (not timed): {warm['state']} in {warm['run_seconds']:.1f} s")
+            if warm["state"] != "success":
+                log(f"warm-up task instances: {json.dumps(warm['tasks'])}")
             for layout in layouts:
                 pins[layout] = hosts.apply(layout, sb)
                 log(f"{layout}: cores in use {json.dumps(pins[layout])}")
                 for kind in ("oltp", "idle"):
-                    if kind == "idle" and args.skip_idle:
+                    if (kind == "idle" and args.skip_idle) or (kind == "oltp" and args.only_mid_load):
                         continue
                     for mode in ("off", "on"):
+                        if args.only_mid_load and mode == "on":  # the idle "off" run gives the expected time
+                            continue
                         log(f"{layout}, throttle {mode}, {kind}")
                         r = run_scenario(sb, args, hosts, layout, mode, srcs[layout], dst, Path(tmp), kind)
                         r["cores"] = pins[layout]
@@ -670,7 +689,14 @@ def main(argv=None) -> int:
                     )
                     r.update(expected_s=expected, expected_from=src_of, cores=pins[layout])
                     results.append(r)
-        dbs.drop()
+        if args.keep:
+            log(
+                f"kept (stopped): source cluster {src_pc.dir} (port {src_pc.port}), host cluster {host_pc.dir} "
+                f"(port {host_pc.port}: destination, Airflow metadata); start one with "
+                f"`runuser -u postgres -- {pg_bin('pg_ctl')} -D DIR start`"
+            )
+        else:
+            dbs.drop()
     load_end = [round(x, 2) for x in os.getloadavg()]
     print()
     print(
