@@ -31,7 +31,7 @@ A last scenario (separate layout, default spec) starts the backfill on a quiet s
 ~25% to ~60% (``--mid-load-from/--mid-load-to``) of the backfill's expected time: the idle "off" run's time
 (DAG run start to end) of the same layout measured earlier in this run. Phases are cut at the DAG run's own
 start and end (metadata database); one untimed warm-up run over an empty day comes first. Every second it counts the run's task instances
-running and deferred (metadata database) and the chunks whose read is paused (the read watch's
+running, deferred and up for retry (metadata database) and the chunks whose read is paused (the read watch's
 "read paused"/"read resumed" lines in the chunk task logs, timestamped); the ledger's ``waited_load_s``
 (deferred waits plus read pauses) and the chunks' "read paused N time(s), X s in all" lines are summed.
 
@@ -311,7 +311,7 @@ def run_scenario(
     conf = {"start": start.isoformat(), "end": (start + dt.timedelta(days=args.days)).isoformat(), "reprocess": True}
     oltp = Oltp(src_url, tmp / f"{layout}_{mode}_{kind}", cpus=hosts.pgbench_cpus)
     marks: dict[str, float] = {}
-    series: list[tuple[float, int, int]] = []  # (epoch, running, deferred)
+    series: list[tuple[float, int, int, int]] = []  # (epoch, running, deferred, waiting to retry)
     result: dict = {"layout": layout, "throttle": mode, "kind": kind, "mid_load": kind == "mid"}
     sb.wait_idle()
     if kind == "oltp":
@@ -339,7 +339,7 @@ def run_scenario(
         if run_start is None:
             run_start = sb.run_started(dag_id, run_id)
         states = sb.states_now(dag_id, run_id)
-        series.append((now, states.get("running", 0), states.get("deferred", 0)))
+        series.append((now, states.get("running", 0), states.get("deferred", 0), states.get("up_for_retry", 0)))
         if len(series) % 5 == 1:  # the task processes the scheduler started since: did they inherit the pin?
             for proc in sb.procs.values():
                 affinity.update(cpuset.allowed_in_tree(proc.pid))
@@ -373,7 +373,8 @@ def run_scenario(
         rows_loaded=scattered.count(dst_url),
         pgbench_runs=oltp.runs,
         pgbench_errors=oltp.errors[:2],
-        max_deferred_at_once=max((d for _, _, d in series), default=0),
+        max_deferred_at_once=max((d for _, _, d, _ in series), default=0),
+        retried=figures.get("retried", 0),  # task instances on a second or later try (a failed try before)
         read_pauses=pauses["pauses"],
         paused_s=pauses["paused_s"],
         chunks_paused=pauses["chunks_paused"],
@@ -398,17 +399,17 @@ def run_scenario(
 
 def timeline(series, intervals, t0: float, on: float | None, off: float | None) -> dict:
     """Per second since ``t0`` (the run's start): task instances running, deferred, chunk reads paused."""
-    n = int(max((t for t, _, _ in series), default=t0) - t0) + 1
-    running, deferred, paused = [0] * n, [0] * n, [0] * n
-    for t, r, d in series:
+    n = int(max((t for t, *_ in series), default=t0) - t0) + 1
+    running, deferred, paused, retry = [0] * n, [0] * n, [0] * n, [0] * n
+    for t, r, d, u in series:
         i = int(t - t0)
         if 0 <= i < n:
-            running[i], deferred[i] = max(running[i], r), max(deferred[i], d)
+            running[i], deferred[i], retry[i] = max(running[i], r), max(deferred[i], d), max(retry[i], u)
     for a, b in intervals:
         for i in range(max(0, int(a - t0)), min(n, int(b - t0) + 1)):
             paused[i] += 1
     load = [round(on - t0, 1) if on else None, round(off - t0, 1) if off else None]
-    return {"running": running, "deferred": deferred, "paused": paused, "load": load}
+    return {"running": running, "deferred": deferred, "paused": paused, "retry": retry, "load": load}
 
 
 def mid_summary(tl: dict, wall: float) -> dict:
@@ -527,7 +528,10 @@ def report_lines(results: list[dict], rows: int, pin: dict) -> list[str]:
             f"    {'running':<9}{digits(tl['running'])}",
             f"    {'deferred':<9}{digits(tl['deferred'])}",
             f"    {'paused':<9}{digits(tl['paused'])}",
+            f"    {'retry':<9}{digits(tl.get('retry', []))}  (up_for_retry: a try failed, waiting retry_delay)",
         ]
+        if mid.get("retried"):
+            lines.append(f"  {mid['retried']} chunk(s) needed a second try (see the task logs / scheduler log)")
     lines += target_lines(by, mid, rows, pin)
     return lines
 
