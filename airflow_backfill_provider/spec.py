@@ -74,6 +74,12 @@ class ThrottleSpec(_Strict):
     #: first re-probe interval while waiting; doubles up to poll_max
     poll_interval: float = Field(5.0, gt=0)
     poll_max: float = Field(60.0, gt=0)
+    #: a chunk deferred for the source's load (or its maintenance) resumes no sooner than this after deferring.
+    #: A faster resume races Airflow's scheduler: the worker reports the deferring process's exit up to
+    #: [workers] min_heartbeat_interval (5 s) later, and a scheduler that sees that report after the chunk was
+    #: queued again fails the chunk as "killed externally" (a retry and its retry_delay; apache/airflow#67287,
+    #: #72716). Keep it above min_heartbeat_interval plus a scheduler loop or two.
+    min_defer_s: float = Field(8.0, ge=0)
     #: pacing slots sharing min_query_interval (set it to the pool's slot count: "per pool slot")
     pacing_slots: int = Field(1, ge=1)
     #: destination table holding the pacing reservations (created on first use)

@@ -49,8 +49,9 @@ def _free_port() -> int:
 class AirflowSandbox:
     """A private AIRFLOW_HOME, metadata database, dags folder and (optionally) running services."""
 
-    def __init__(self, admin_url: str, src_url: str, dst_url: str, log=print):
-        self.admin_url, self.log = admin_url, log
+    def __init__(self, admin_url: str, src_url: str, dst_url: str, log=print, keep: bool = False):
+        """``keep``: leave the metadata database and AIRFLOW_HOME (task and service logs) for inspection."""
+        self.admin_url, self.log, self.keep = admin_url, log, keep
         self.meta_db = f"bench_meta_{uuid.uuid4().hex[:10]}"
         self.home = Path(tempfile.mkdtemp(prefix="bench_airflow_"))
         self.dags = self.home / "dags"
@@ -95,6 +96,9 @@ class AirflowSandbox:
 
     def __exit__(self, *exc) -> None:
         self.stop_services()
+        if self.keep:
+            self.log(f"kept: AIRFLOW_HOME {self.home}, metadata database {self.meta_db} ({self.admin_url})")
+            return
         admin = admin_connect(self.admin_url)
         try:
             with admin.cursor() as cur:
@@ -172,13 +176,22 @@ class AirflowSandbox:
         return rows[0][0] if rows and rows[0] else None
 
     def wait_scheduled_run_created(self, dag_id: str, timeout: float = 120) -> None:
-        """A scheduled DAG (catchup off) gets one run for its latest interval when it appears: let it go first."""
+        """A scheduled DAG (catchup off) gets one run for its latest interval when it appears: let it go first.
+
+        Returns at once when no automatic run can come: the DAG's ``next_dagrun_create_after`` is NULL (the
+        provider's BackfillOnlyTimetable, or no schedule), as Airflow writes it when it stores the DAG."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rows = self._query(
-                "SELECT count(*) FROM dag WHERE dag_id = %s AND next_dagrun_create_after > now()", (dag_id,)
+                "SELECT count(*), count(*) FILTER (WHERE next_dagrun_create_after > now()), "
+                "count(*) FILTER (WHERE next_dagrun_create_after IS NULL) FROM dag WHERE dag_id = %s",
+                (dag_id,),
             )
-            if rows[0][0]:
+            known, created, never = rows[0] if len(rows[0]) == 3 else (0, 0, 0)
+            if created:
+                return
+            if known and never:
+                self.log(f"(8) {dag_id}: no automatic run (next_dagrun_create_after is NULL); not waiting for one")
                 return
             time.sleep(1)
         self.log(f"(8) no scheduled run of {dag_id} seen within {timeout}s; continuing")

@@ -21,8 +21,8 @@ from psycopg2 import sql
 class BackfillSandbox(AirflowSandbox):
     """``specs``: the YAML specs (dicts) to put in the DAG folder's configs/, one DAG each."""
 
-    def __init__(self, admin_url: str, src_url: str, dst_url: str, specs: list[dict], log=print):
-        super().__init__(admin_url, src_url, dst_url, log=log)
+    def __init__(self, admin_url: str, src_url: str, dst_url: str, specs: list[dict], log=print, keep: bool = False):
+        super().__init__(admin_url, src_url, dst_url, log=log, keep=keep)
         self.specs = specs
         self.dag_ids = [s.get("dag_id") or f"backfill_{s['name']}" for s in specs]
 
@@ -108,14 +108,18 @@ class BackfillSandbox(AirflowSandbox):
             "end": end,
             "tasks": {f"{t}:{s}": n for t, s, n, _ in tis},
             "chunks": sum(n for t, s, n, _ in tis if t == "load_chunk"),
+            "retried": self._query(
+                "SELECT count(*) FROM task_instance WHERE dag_id = %s AND run_id = %s AND try_number > 1",
+                (dag_id, run_id),
+            )[0][0],
             "timeline": [[t, i, rel(q), rel(b), rel(e)] for t, i, q, b, e in rows],
         }
 
     def states_now(self, dag_id: str, run_id: str) -> dict[str, int]:
-        """How many of the run's task instances are running and deferred right now."""
+        """How many of the run's task instances are running, deferred and up for retry right now."""
         rows = self._query(
             "SELECT state, count(*) FROM task_instance WHERE dag_id = %s AND run_id = %s "
-            "AND state IN ('running', 'deferred') GROUP BY 1",
+            "AND state IN ('running', 'deferred', 'up_for_retry') GROUP BY 1",
             (dag_id, run_id),
         )
         return {s: n for s, n in rows if isinstance(s, str)}

@@ -31,7 +31,7 @@ A last scenario (separate layout, default spec) starts the backfill on a quiet s
 ~25% to ~60% (``--mid-load-from/--mid-load-to``) of the backfill's expected time: the idle "off" run's time
 (DAG run start to end) of the same layout measured earlier in this run. Phases are cut at the DAG run's own
 start and end (metadata database); one untimed warm-up run over an empty day comes first. Every second it counts the run's task instances
-running and deferred (metadata database) and the chunks whose read is paused (the read watch's
+running, deferred and up for retry (metadata database) and the chunks whose read is paused (the read watch's
 "read paused"/"read resumed" lines in the chunk task logs, timestamped); the ledger's ``waited_load_s``
 (deferred waits plus read pauses) and the chunks' "read paused N time(s), X s in all" lines are summed.
 
@@ -311,7 +311,7 @@ def run_scenario(
     conf = {"start": start.isoformat(), "end": (start + dt.timedelta(days=args.days)).isoformat(), "reprocess": True}
     oltp = Oltp(src_url, tmp / f"{layout}_{mode}_{kind}", cpus=hosts.pgbench_cpus)
     marks: dict[str, float] = {}
-    series: list[tuple[float, int, int]] = []  # (epoch, running, deferred)
+    series: list[tuple[float, int, int, int]] = []  # (epoch, running, deferred, waiting to retry)
     result: dict = {"layout": layout, "throttle": mode, "kind": kind, "mid_load": kind == "mid"}
     sb.wait_idle()
     if kind == "oltp":
@@ -339,7 +339,7 @@ def run_scenario(
         if run_start is None:
             run_start = sb.run_started(dag_id, run_id)
         states = sb.states_now(dag_id, run_id)
-        series.append((now, states.get("running", 0), states.get("deferred", 0)))
+        series.append((now, states.get("running", 0), states.get("deferred", 0), states.get("up_for_retry", 0)))
         if len(series) % 5 == 1:  # the task processes the scheduler started since: did they inherit the pin?
             for proc in sb.procs.values():
                 affinity.update(cpuset.allowed_in_tree(proc.pid))
@@ -373,7 +373,8 @@ def run_scenario(
         rows_loaded=scattered.count(dst_url),
         pgbench_runs=oltp.runs,
         pgbench_errors=oltp.errors[:2],
-        max_deferred_at_once=max((d for _, _, d in series), default=0),
+        max_deferred_at_once=max((d for _, _, d, _ in series), default=0),
+        retried=figures.get("retried", 0),  # task instances on a second or later try (a failed try before)
         read_pauses=pauses["pauses"],
         paused_s=pauses["paused_s"],
         chunks_paused=pauses["chunks_paused"],
@@ -398,17 +399,17 @@ def run_scenario(
 
 def timeline(series, intervals, t0: float, on: float | None, off: float | None) -> dict:
     """Per second since ``t0`` (the run's start): task instances running, deferred, chunk reads paused."""
-    n = int(max((t for t, _, _ in series), default=t0) - t0) + 1
-    running, deferred, paused = [0] * n, [0] * n, [0] * n
-    for t, r, d in series:
+    n = int(max((t for t, *_ in series), default=t0) - t0) + 1
+    running, deferred, paused, retry = [0] * n, [0] * n, [0] * n, [0] * n
+    for t, r, d, u in series:
         i = int(t - t0)
         if 0 <= i < n:
-            running[i], deferred[i] = max(running[i], r), max(deferred[i], d)
+            running[i], deferred[i], retry[i] = max(running[i], r), max(deferred[i], d), max(retry[i], u)
     for a, b in intervals:
         for i in range(max(0, int(a - t0)), min(n, int(b - t0) + 1)):
             paused[i] += 1
     load = [round(on - t0, 1) if on else None, round(off - t0, 1) if off else None]
-    return {"running": running, "deferred": deferred, "paused": paused, "load": load}
+    return {"running": running, "deferred": deferred, "paused": paused, "retry": retry, "load": load}
 
 
 def mid_summary(tl: dict, wall: float) -> dict:
@@ -527,7 +528,10 @@ def report_lines(results: list[dict], rows: int, pin: dict) -> list[str]:
             f"    {'running':<9}{digits(tl['running'])}",
             f"    {'deferred':<9}{digits(tl['deferred'])}",
             f"    {'paused':<9}{digits(tl['paused'])}",
+            f"    {'retry':<9}{digits(tl.get('retry', []))}  (up_for_retry: a try failed, waiting retry_delay)",
         ]
+        if mid.get("retried"):
+            lines.append(f"  {mid['retried']} chunk(s) needed a second try (see the task logs / scheduler log)")
     lines += target_lines(by, mid, rows, pin)
     return lines
 
@@ -583,15 +587,28 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="separate,shared", help="separate, shared or both")
     p.add_argument("--skip-idle", action="store_true", help="skip the idle-source runs (no pgbench, off vs on)")
     p.add_argument("--skip-mid-load", action="store_true", help="skip the mid-backfill load scenario")
+    p.add_argument("--skip-oltp", action="store_true", help="skip the runs with pgbench before/during/after")
+    p.add_argument(
+        "--only-mid-load",
+        action="store_true",
+        help="separate layout: only the idle unthrottled run (the expected time) and the mid-backfill load run",
+    )
     p.add_argument("--mid-load-from", type=float, default=0.25, help="start pgbench at this share of the expected time")
     p.add_argument("--mid-load-to", type=float, default=0.60, help="and stop it at this share")
     p.add_argument("--timeout", type=float, default=7200, help="give up on one backfill run after this many s")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep both clusters' data folders (stopped), the Airflow metadata database and AIRFLOW_HOME (task logs)",
+    )
     args = p.parse_args(argv)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     bad = [x for x in layouts if x not in ("separate", "shared")]
     if bad or not layouts:
         p.error(f"--layouts takes separate, shared or both (comma-separated), got {args.layouts!r}")
+    if args.only_mid_load and (args.skip_idle or args.skip_mid_load):
+        p.error("--only-mid-load needs the idle run and the mid-load run: drop --skip-idle/--skip-mid-load")
     if not 0 <= args.mid_load_from < args.mid_load_to:
         p.error("--mid-load-from must be >= 0 and below --mid-load-to")
     layouts.sort(key=("separate", "shared").index)
@@ -605,8 +622,8 @@ def main(argv=None) -> int:
     pins: dict[str, dict] = {}
     # the host cluster: the destination, Airflow's metadata database and the shared layout's source
     with (
-        PrivateCluster(cpus=pinning.source) as src_pc,
-        PrivateCluster(settings={"max_connections": "200"}) as host_pc,
+        PrivateCluster(cpus=pinning.source, keep=args.keep) as src_pc,
+        PrivateCluster(settings={"max_connections": "200"}, keep=args.keep) as host_pc,
         tempfile.TemporaryDirectory(prefix="bench_source_") as tmp,
     ):
         hosts = Hosts(pinning, src_pc, host_pc)
@@ -622,22 +639,32 @@ def main(argv=None) -> int:
                 capture_output=True,
                 timeout=1800,
             )
-        sb = BackfillSandbox(host_pc.admin_url, shared_src, dst, specs(), log=log)
+        sb = BackfillSandbox(host_pc.admin_url, shared_src, dst, specs(), log=log, keep=args.keep)
         sb.env.update({f"AIRFLOW_CONN_BENCH_SRC_{k.upper()}": v for k, v in srcs.items()})
         with sb:
             sb.start_services()
             # a freshly started Airflow 3 spends ~8-10 s on its very first task instance, once per start: one
             # untimed run over an empty day first (as benchmarks.run's (9) does), so the first timed run is not
             # charged for it
-            w = sb.start_run(sb.dag_ids[0], {"start": "2031-01-01", "end": "2031-01-02"})
-            log(f"warm-up run over an empty day (not timed): {sb.wait_run(sb.dag_ids[0], w)['state']}")
+            # its plan checks the destination table, created per scenario: create it for the warm-up too
+            scattered.fresh_destination(dst)
+            warm_dag = f"backfill_src_{layouts[0]}_off"  # a layout whose source was seeded in this run
+            w = sb.start_run(warm_dag, {"start": "2031-01-01", "end": "2031-01-02"})
+            warm = sb.wait_run(warm_dag, w)
+            log(f"warm-up run over an empty day (not timed): {warm['state']} in {warm['run_seconds']:.1f} s")
+            if warm["state"] != "success":
+                log(f"warm-up task instances: {json.dumps(warm['tasks'])}")
             for layout in layouts:
                 pins[layout] = hosts.apply(layout, sb)
                 log(f"{layout}: cores in use {json.dumps(pins[layout])}")
                 for kind in ("oltp", "idle"):
-                    if kind == "idle" and args.skip_idle:
+                    if (kind == "idle" and args.skip_idle) or (
+                        kind == "oltp" and (args.only_mid_load or args.skip_oltp)
+                    ):
                         continue
                     for mode in ("off", "on"):
+                        if args.only_mid_load and mode == "on":  # the idle "off" run gives the expected time
+                            continue
                         log(f"{layout}, throttle {mode}, {kind}")
                         r = run_scenario(sb, args, hosts, layout, mode, srcs[layout], dst, Path(tmp), kind)
                         r["cores"] = pins[layout]
@@ -670,7 +697,14 @@ def main(argv=None) -> int:
                     )
                     r.update(expected_s=expected, expected_from=src_of, cores=pins[layout])
                     results.append(r)
-        dbs.drop()
+        if args.keep:
+            log(
+                f"kept (stopped): source cluster {src_pc.dir} (port {src_pc.port}), host cluster {host_pc.dir} "
+                f"(port {host_pc.port}: destination, Airflow metadata); start one with "
+                f"`runuser -u postgres -- {pg_bin('pg_ctl')} -D DIR start`"
+            )
+        else:
+            dbs.drop()
     load_end = [round(x, 2) for x in os.getloadavg()]
     print()
     print(

@@ -36,7 +36,9 @@ from tests.test_throttle_operator import (
     _spec,
 )
 
-FAST_POLL = {"poll_interval": 0.2, "poll_max": 0.5}
+#: re-probe fast and resume as soon as the load drops (the resume floor, min_defer_s, is tested in
+#: test_throttle_operator.py)
+FAST_POLL = {"poll_interval": 0.2, "poll_max": 0.5, "min_defer_s": 0}
 
 
 @pytest.fixture(scope="module")

@@ -278,8 +278,11 @@ def test_trigger_backoff_doubles_to_poll_max(src_url):
 
 
 def test_trigger_serializes_small_json_without_secrets(src_url):
-    trigger = SourceLoadTrigger(conn_id="prod_pg", throttle=_throttle(), started_at=1700000000.0)
+    trigger = SourceLoadTrigger(
+        conn_id="prod_pg", throttle=_throttle(), started_at=1700000000.0, not_before=1700000008.0
+    )
     classpath, kwargs = trigger.serialize()
+    assert kwargs["not_before"] == 1700000008.0  # the triggerer re-creates it with the chunk's floor
     assert classpath == "airflow_backfill_provider.triggers.load.SourceLoadTrigger"
     assert len(json.dumps(kwargs)) < 1000
     again = SourceLoadTrigger(**kwargs)

@@ -20,7 +20,9 @@ from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
 from tests.load_helpers import Sleepers, count_probes, wait_until
 
-FAST_POLL = {"poll_interval": 0.2, "poll_max": 0.5}
+#: re-probe fast, and resume as soon as the load drops: these tests are about the gate's decisions (the resume
+#: floor, throttle.min_defer_s, has its own test below)
+FAST_POLL = {"poll_interval": 0.2, "poll_max": 0.5, "min_defer_s": 0}
 
 
 @pytest.fixture()
@@ -100,6 +102,32 @@ def test_busy_source_defers_writes_nothing_then_completes(seeded):
     # and kept in the chunk's ledger row, where the progress page reads it
     near = pytest.approx(result["waited_load_s"], abs=0.051)  # the XCom rounds to 0.1 s
     assert fetch_all(dst, "SELECT waited_load_s, waited_pacing_s FROM backfill_ledger") == [(near, 0.0)]
+
+
+def test_a_deferred_chunk_resumes_no_sooner_than_min_defer_s(seeded):
+    """The load drops right after the chunk deferred: the trigger still fires no sooner than min_defer_s after
+    the deferral. Under a real scheduler a faster resume races the executor's report of the deferring process's
+    exit, and the scheduler fails the resumed chunk as killed externally (a retry, retry_delay lost)."""
+    src, dst = seeded
+    floor = 3.0  # the default is 8 s; shorter here to keep the test short
+    op = _operator(
+        _spec(src, dst, max_active=2, max_latency_ratio=None, poll_interval=0.2, poll_max=0.5, min_defer_s=floor),
+        _chunks()[0],
+    )
+    with Sleepers(src, 3):
+        before = time.time()
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({})
+        deferred_at = time.time()
+    trigger = _rebuild(deferred.value.trigger)  # the source is quiet from here on
+    assert before + floor <= trigger.not_before <= deferred_at + floor
+    probes = count_probes(trigger)
+    event = asyncio.run(asyncio.wait_for(_first_event(trigger), 30))
+    fired_at = time.time()
+    assert event.payload["status"] == "ok" and event.payload["sample"]["active"] == 0, event.payload
+    assert fired_at >= trigger.not_before, f"fired {trigger.not_before - fired_at:.2f} s before the floor"
+    assert len(probes) == 1  # timed to end at the floor: no probing of a source it cannot act on yet
+    assert op.execute_after_wait({}, event=event.payload)["rows_extracted"] == 300
 
 
 def _batch_operator(spec, chunks, task_id="load_batch"):

@@ -182,6 +182,7 @@ def test_a_running_vacuum_or_analyze_makes_a_chunk_wait(src_url, dst_url, pg, co
         assert deferred.value.method_name == "execute_after_maintenance"
         assert _nothing_written(dst_url)
         trigger = _rebuild(deferred.value.trigger)
+        assert trigger.not_before is not None  # the resume floor travels with it (here min_defer_s: 0)
 
         async def wait_then_end():
             task = asyncio.ensure_future(_first_event(trigger))
@@ -198,3 +199,19 @@ def test_a_running_vacuum_or_analyze_makes_a_chunk_wait(src_url, dst_url, pg, co
     result = op.execute_after_maintenance({}, event=event.payload)
     assert result["rows_extracted"] == 20000
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(20000,)]
+
+
+def test_the_maintenance_trigger_fires_no_sooner_than_its_floor(seeded):
+    """Maintenance over at once: the event still waits for not_before (the deferral + throttle.min_defer_s)."""
+    from airflow_backfill_provider.spec import ThrottleSpec
+    from airflow_backfill_provider.triggers.maintenance import MaintenanceTrigger
+
+    src, _ = seeded
+    not_before = time.time() + 2.0
+    trigger = _rebuild(
+        MaintenanceTrigger(
+            conn_id=src, table="public.orders", throttle=ThrottleSpec().model_dump(mode="json"), not_before=not_before
+        )
+    )
+    event = asyncio.run(asyncio.wait_for(_first_event(trigger), 30))
+    assert event.payload["status"] == "ok" and time.time() >= not_before

@@ -254,6 +254,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                     application_name=f"{appname}:probe"[:63],
                     carry=run.carry_through_load_wait(),
                     baseline=(sample.window or {}).get("baseline"),
+                    # no event sooner than min_defer_s: a faster resume races Airflow's scheduler (spec.py)
+                    not_before=time.time() + throttle.min_defer_s,
                 ),
                 method_name="execute_after_wait",
             )

@@ -47,6 +47,8 @@ class ChunkGatesMixin(_OperatorBase):
 
     # --- VACUUM / ANALYZE on the source table ---------------------------------------------------------
     def _maintenance_gate(self, spec, src_conn, appname: str, src_table=None) -> None:
+        import time
+
         from airflow_backfill_provider.maintenance import running
         from airflow_backfill_provider.triggers.maintenance import MaintenanceTrigger
 
@@ -63,6 +65,7 @@ class ChunkGatesMixin(_OperatorBase):
                 table=str(table),
                 throttle=spec.throttle.model_dump(mode="json"),
                 application_name=f"{appname}:maintenance",
+                not_before=time.time() + spec.throttle.min_defer_s,  # no resume racing the scheduler
             ),
             method_name="execute_after_maintenance",
         )

@@ -1,7 +1,9 @@
 """SourceLoadTrigger: wait in the triggerer, not in a worker, until the source's load drops.
 
-The chunk operator defers to this trigger when its probe said "wait". The trigger re-probes with
-exponential backoff (``poll_interval`` doubling up to ``poll_max``) and fires once:
+The chunk operator defers to this trigger when its probe said "wait". The trigger probes first at
+``not_before`` (``throttle.min_defer_s`` after the deferral: a sooner resume races Airflow's scheduler, see
+``ThrottleSpec.min_defer_s``), then re-probes with exponential backoff (``poll_interval`` doubling up to
+``poll_max``) and fires once, never before ``not_before``:
 
 - ``{"status": "ok", "sample": ..., "waited_s": ...}`` when the load is back under the thresholds;
 - ``{"status": "critical", "sample": ..., "waited_s": ..., "message": ...}`` when it went over
@@ -44,6 +46,8 @@ class SourceLoadTrigger(BaseTrigger):
     :param carry: a small JSON dict echoed in the event, so the resumed task gets back what it knew.
     :param baseline: the source's quiet latency baseline the chunk read (``loadsignal.Baseline`` as a
         dict), for ``throttle.max_latency_ratio``; the trigger compares with it and never writes it.
+    :param not_before: epoch seconds before which no event fires (the chunk's deferral + ``throttle.min_defer_s``):
+        the first probe is timed to end then, and an earlier answer is held until then.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class SourceLoadTrigger(BaseTrigger):
         exclude_application_prefix: str | None = "backfill:",
         carry: dict[str, Any] | None = None,
         baseline: dict[str, Any] | None = None,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         if dsn_has_password(conn_id):
@@ -67,6 +72,7 @@ class SourceLoadTrigger(BaseTrigger):
         self.exclude_application_prefix = exclude_application_prefix
         self.carry = dict(carry or {})
         self.baseline = dict(baseline) if baseline else None
+        self.not_before = None if not_before is None else float(not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -79,6 +85,7 @@ class SourceLoadTrigger(BaseTrigger):
                 "exclude_application_prefix": self.exclude_application_prefix,
                 "carry": self.carry,
                 "baseline": self.baseline,
+                "not_before": self.not_before,
             },
         )
 
@@ -130,11 +137,19 @@ class SourceLoadTrigger(BaseTrigger):
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.spec import ThrottleSpec
         from airflow_backfill_provider.throttle import critical_message, decide, timeout_message, wait_reason
+        from airflow_backfill_provider.triggers import hold_until
 
         throttle = ThrottleSpec.model_validate(self.throttle)
+        # the chunk has just seen the source busy: the first probe ends at not_before, not at once (a resume
+        # sooner than min_defer_s after the deferral races Airflow's scheduler: spec.py, ThrottleSpec.min_defer_s)
+        window = throttle.load_window_s if throttle.max_latency_ratio is not None else 0.0
+        await hold_until(
+            self.not_before, lead_s=window, cap_s=max(0.0, throttle.max_wait - (time.time() - self.started_at))
+        )
         try:
             kwargs = await aconnection_kwargs(self.conn_id)
         except PermanentChunkError as err:
+            await hold_until(self.not_before)
             yield self._event("error", None, message=str(err))
             return
         interval = throttle.poll_interval
@@ -157,13 +172,16 @@ class SourceLoadTrigger(BaseTrigger):
                 decision = decide(fresh, throttle)
                 if decision == "go":
                     self.log.info("Source load dropped: %s", fresh.describe())
+                    await hold_until(self.not_before)
                     yield self._event("ok", fresh)
                     return
                 if decision == "critical":
+                    await hold_until(self.not_before)
                     yield self._event("critical", fresh, message=critical_message(fresh, throttle))
                     return
             waited = time.time() - self.started_at
             if waited >= throttle.max_wait:
+                await hold_until(self.not_before)
                 yield self._event("timeout", sample, message=timeout_message(sample, throttle, waited, last_error))
                 return
             delay = min(interval, throttle.max_wait - waited)

@@ -1,7 +1,8 @@
 """MaintenanceTrigger: wait in the triggerer until no VACUUM/ANALYZE runs on the source table.
 
-Polls ``maintenance.running`` on a short-lived source session (in a thread: psycopg2 blocks) with the
-load throttle's backoff (``poll_interval`` doubling up to ``poll_max``) and bound (``max_wait``).
+Polls ``maintenance.running`` on a short-lived source session (in a thread: psycopg2 blocks) from
+``not_before`` on (the deferral + ``throttle.min_defer_s``), with the load throttle's backoff (``poll_interval``
+doubling up to ``poll_max``) and bound (``max_wait``).
 Fires once: ``{"status": "ok"}``, ``{"status": "timeout", "message"}`` or ``{"status": "error", "message"}``.
 Serializes only the connection id, the table name and the throttle numbers, never credentials.
 """
@@ -25,6 +26,7 @@ class MaintenanceTrigger(BaseTrigger):
         throttle: dict[str, Any],
         started_at: float | None = None,
         application_name: str = "backfill:maintenance",
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         if dsn_has_password(conn_id):
@@ -34,6 +36,8 @@ class MaintenanceTrigger(BaseTrigger):
         self.throttle = dict(throttle)
         self.started_at = float(started_at if started_at is not None else time.time())
         self.application_name = application_name
+        #: no event before this (epoch seconds): the deferral + throttle.min_defer_s (ThrottleSpec says why)
+        self.not_before = None if not_before is None else float(not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -44,6 +48,7 @@ class MaintenanceTrigger(BaseTrigger):
                 "throttle": self.throttle,
                 "started_at": self.started_at,
                 "application_name": self.application_name,
+                "not_before": self.not_before,
             },
         )
 
@@ -74,8 +79,11 @@ class MaintenanceTrigger(BaseTrigger):
         from airflow_backfill_provider.connections import aconnection_kwargs
         from airflow_backfill_provider.exceptions import PermanentChunkError
         from airflow_backfill_provider.spec import ThrottleSpec
+        from airflow_backfill_provider.triggers import hold_until
 
         throttle = ThrottleSpec.model_validate(self.throttle)
+        # maintenance was running a moment ago: the first check comes at not_before
+        await hold_until(self.not_before, cap_s=max(0.0, throttle.max_wait - (time.time() - self.started_at)))
         try:
             kwargs = await aconnection_kwargs(self.conn_id)
         except PermanentChunkError as err:

@@ -1,8 +1,8 @@
 """The end-to-end scenarios of the orders DAG, written once for both Airflow versions.
 
 Each scenario uses its own date range, so scenarios sharing one cluster and one destination never overlap.
-The seed covers 2023-01-01 .. 2023-03-10. Taken: 01-01..01-09 (2a), 01-10..01-18 (2c), 02-01..02-11 (2b),
-03-01..03-05 (2d), 03-06..03-09 (test_ui_trigger.py).
+The seed covers 2023-01-01 .. 2023-03-10. Taken: 01-01..01-09 (2a), 01-10..01-18 (2c), 01-20..01-22 (2e),
+02-01..02-11 (2b), 03-01..03-05 (2d), 03-06..03-09 (test_ui_trigger.py).
 The few version differences (backfill command, what a clear can target) live in tests/e2e/cluster.py.
 """
 
@@ -111,4 +111,27 @@ def retry_only_the_failed_chunk(cluster: AirflowCluster, env: OrdersEnv) -> None
             assert t.try_number == first[label].try_number + 1
         else:
             assert (t.try_number, t.start_date) == (first[label].try_number, first[label].start_date)
+    assert_loaded_exactly_once(env, start, end)
+
+
+def deferred_chunk_resumes_in_its_first_try(cluster: AirflowCluster, env: OrdersEnv) -> None:
+    """2e: chunks defer on a busy source whose load ends the moment one is deferred; each resumes and succeeds in
+    its first try. A resume sooner than the scheduler's processing of the deferral (the worker reports the task
+    process's exit up to 5 s later) made Airflow 3.3 fail the re-queued chunk as killed externally: with the
+    example's ``retries: 0`` here, a failed run (throttle.min_defer_s prevents it)."""
+    from tests.load_helpers import Sleepers
+
+    start, end = D(2023, 1, 20), D(2023, 1, 22)
+    with Sleepers(env.src_url, 9, seconds=600) as sleepers:  # the example's throttle.max_active is 8
+        run = cluster.trigger(DAG_ID, {"start": start.isoformat(), "end": end.isoformat()})
+        cluster.wait_until(
+            "a chunk deferred on the busy source",
+            lambda: any(t.state == "deferred" for t in cluster.task_instances(DAG_ID, run, CHUNK_TASK)),
+            timeout=240,
+            interval=0.3,
+        )
+        sleepers.end()
+    assert cluster.wait_for_run(DAG_ID, run) == "success", cluster.task_instances(DAG_ID, run)
+    chunks = cluster.task_instances(DAG_ID, run, CHUNK_TASK)
+    assert [(t.state, t.try_number) for t in chunks] == [("success", 1)] * (end - start).days, chunks
     assert_loaded_exactly_once(env, start, end)

@@ -23,3 +23,7 @@ def test_retry_only_the_failed_chunk(orders_cluster, orders):
 def test_backfill_create_over_10_days(orders_cluster, orders):
     """`airflow backfill create` (3.x): the scheduler runs the 10 runs of the unpaused DAG."""
     scenarios.backfill_each_day_once(orders_cluster, orders)
+
+
+def test_deferred_chunk_resumes_in_its_first_try(orders_cluster, orders):
+    scenarios.deferred_chunk_resumes_in_its_first_try(orders_cluster, orders)
