@@ -130,6 +130,7 @@ table.t tr.current td{background:#ebf8ff;font-weight:600}
  border-radius:12px;font-size:12px} .runs a.current{background:#017cee;color:#fff;border-color:#017cee}
 .earlier{color:#718096;font-style:italic} td.err{text-align:left;color:#c53030}
 .s{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-size:12px}
+.problem{border-color:#c53030;background:#fff5f5;color:#c53030;font-weight:600} .problem p{margin:2px 0}
 """
 
 
@@ -169,6 +170,10 @@ def render(p, runs: list[dict]) -> str:
             target = whole.get("backfill_id") or "latest"
             links += f'<a id="whole-backfill" href="?backfill_id={quote(str(target))}">whole backfill</a>'
         out.append(f'<div class="runs">Runs (logical date, newest first): {links}</div>')
+    if p.problems:
+        out.append(
+            '<div class="card problem" id="problems">' + "".join(f"<p>{e(m)}</p>" for m in p.problems) + "</div>"
+        )
     if run is None:
         out.append("<p>No run yet.</p>")
         return "".join(out)
