@@ -157,8 +157,8 @@ def test_cli_lists_the_import_error_and_keeps_the_good_dag_active(tmp_path, airf
     def cli(*args: str, rc: int = 0) -> str:
         proc = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == rc, proc.stderr[-2000:]
-        # the JSON line; Airflow may print warnings (graphviz) to stdout before it
-        return next((line for line in proc.stdout.splitlines() if line.startswith("[")), "")
+        # the JSON line; Airflow may print warnings (graphviz) and, on 2.11, log lines ("[2026-...") before it
+        return next((line for line in proc.stdout.splitlines() if line.startswith(("[{", "[]"))), "")
 
     if AIRFLOW_V_3:
         cli("dags", "reserialize")
