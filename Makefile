@@ -15,7 +15,7 @@ PG := PYTHON=$(VENV)/bin/python bash scripts/pg.sh
 PG2 := PYTHON=$(VENV2)/bin/python bash scripts/pg.sh
 UNIT := not e2e and not browser and not faults and not slow
 
-.PHONY: venv venv-af2 pg pg-stop browser demo test test-af2 test-all check lint fmt wheel-check race bench bench-peers bench-smoke bench-source clean
+.PHONY: venv venv-af2 pg pg-stop browser docs-screenshots demo test test-af2 test-all check lint fmt wheel-check race bench bench-peers bench-smoke bench-source clean
 
 $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 needed (pyproject requires-python); set PYTHON=python3.x") if sys.version_info < (3, 11) else None'
@@ -53,6 +53,10 @@ pg-stop:
 
 browser:
 	bash scripts/ensure_browser.sh
+
+# docs/img/first-hour-*.png from tests/e2e/test_first_hour.py (Airflow 3.3 components, Chromium)
+docs-screenshots: venv browser
+	$(PG) run $(VENV)/bin/python scripts/docs_screenshots.py
 
 demo: venv
 	$(PG) run $(VENV)/bin/python scripts/demo.py

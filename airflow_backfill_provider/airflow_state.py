@@ -290,8 +290,9 @@ def collect(dag_id: str, run_id: str | None = None, *, spec: BackfillSpec | None
     spec = spec or spec_for_dag(dag_id)
     run = run_info(spec, dag_id, run_id)
     states = task_states(dag_id, run.run_id, run.descriptors) if run else []
+    # outside a task (the page, the status CLI): Airflow 3's task-side lookup would miss metadata-DB connections
     conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
-                   statement_timeout_s=30)  # fmt: skip
+                   statement_timeout_s=30, outside_task=True)  # fmt: skip
     try:
         # this backfill's rows: by the key its plan recorded; before the plan ran, those this DAG wrote
         rows = read_ledger(conn, spec, backfill_key=run.backfill_key if run else None, dag_id=dag_id)
@@ -325,8 +326,9 @@ def collect_backfill(dag_id: str, backfill_id: str | None = None, *, spec: Backf
         raise SpecError(f"DAG {dag_id!r} has no backfill (airflow backfill create makes one); drop --backfill")
     listed = backfill_runs(dag_id, backfill_id)
     infos = [(r, run_info(spec, dag_id, r["run_id"])) for r in listed]
+    # outside a task (the page, the status CLI): Airflow 3's task-side lookup would miss metadata-DB connections
     conn = connect(spec.destination_conn_id, application_name=f"backfill:{dag_id}:progress", readonly=True,
-                   statement_timeout_s=30)  # fmt: skip
+                   statement_timeout_s=30, outside_task=True)  # fmt: skip
     try:
         key = next((i.backfill_key for _, i in infos if i is not None and i.backfill_key), None)
         rows = read_ledger(conn, spec, backfill_key=key, dag_id=dag_id)
@@ -361,6 +363,25 @@ def collect_view(
     ``whole`` True: the backfill ``backfill_id`` (default: the run's, else the newest); False: the run only;
     None (default): the whole backfill when no run is asked for and the latest run belongs to a backfill."""
     spec = spec or spec_for_dag(dag_id)
+    progress = _collect_view(dag_id, run_id, backfill_id=backfill_id, whole=whole, spec=spec)
+    if not pool_exists(spec.pool):
+        from airflow_backfill_provider.progress import missing_pool_problem
+
+        missing_pool_problem(progress, spec.pool)
+    return progress
+
+
+def pool_exists(name: str) -> bool:
+    """Whether the Airflow pool exists. Read here, outside tasks: on Airflow 3 a task cannot read pools, so the
+    plan task can only hint at a missing one; the page and ``status`` name it with the fix."""
+    from airflow.models.pool import Pool
+    from sqlalchemy import select
+
+    with _session() as session:
+        return session.scalar(select(Pool.id).where(Pool.pool == name)) is not None
+
+
+def _collect_view(dag_id, run_id, *, backfill_id, whole, spec):
     if whole is None:
         whole = False
         if run_id is None and backfill_id is None:

@@ -54,6 +54,7 @@ __all__ = [
     "TaskDeferred",
     "TriggerEvent",
     "aget_connection",
+    "get_connection_outside_task",
     "run_type_of",
 ]
 
@@ -79,6 +80,23 @@ async def aget_connection(conn_id: str):
     import asyncio
 
     return await asyncio.to_thread(BaseHook.get_connection, conn_id)
+
+
+def get_connection_outside_task(conn_id: str):
+    """An Airflow connection for code that runs outside a task: the ``status`` CLI, the api-server's page.
+
+    Airflow 3's hook lookup (``BaseHook.get_connection``, the Task SDK's) reads the metadata database only in a
+    task (through the API server) or in a process Airflow marked as a server (api-server, scheduler); in any
+    other process, such as ``python -m airflow_backfill_provider status``, it sees ``AIRFLOW_CONN_*`` variables
+    and external secrets backends only, so a connection made with ``airflow connections add`` is "not defined".
+    ``Connection.get_connection_from_secrets`` is the lookup ``airflow connections get`` uses: every configured
+    secrets backend, the metadata database included. 2.11: the hook's lookup already does that.
+    """
+    if AIRFLOW_V_3:
+        from airflow.models.connection import Connection
+
+        return Connection.get_connection_from_secrets(conn_id)
+    return BaseHook.get_connection(conn_id)
 
 
 def run_type_of(context) -> str:

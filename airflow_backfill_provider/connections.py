@@ -102,11 +102,22 @@ def _hook_params(conn_id: str, connection=None) -> dict[str, Any]:
     return params
 
 
-def connection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
-    """psycopg2.connect kwargs for an Airflow connection id (or a libpq DSN/URI, for tests and scripts)."""
+def connection_kwargs(conn_id_or_dsn: str, *, outside_task: bool = False) -> dict[str, Any]:
+    """psycopg2.connect kwargs for an Airflow connection id (or a libpq DSN/URI, for tests and scripts).
+
+    ``outside_task``: the caller is not a task (the ``status`` CLI, the progress page): look the id up as the
+    ``airflow`` CLI does (compat.get_connection_outside_task), the metadata database included on Airflow 3."""
     if is_dsn(conn_id_or_dsn):
         return psycopg2.extensions.parse_dsn(conn_id_or_dsn)
-    return _hook_params(conn_id_or_dsn)
+    if not outside_task:
+        return _hook_params(conn_id_or_dsn)
+    from airflow_backfill_provider.compat import get_connection_outside_task
+
+    try:
+        conn = get_connection_outside_task(conn_id_or_dsn)
+    except Exception as err:  # AirflowNotFoundException differs by version
+        raise _not_found(conn_id_or_dsn) from err
+    return _hook_params(conn_id_or_dsn, conn)
 
 
 async def aconnection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
@@ -134,14 +145,16 @@ def connect(
     statement_timeout_s: float | None = None,
     lock_timeout_s: float | None = None,
     idle_in_transaction_timeout_s: float | None = None,
+    outside_task: bool = False,
 ) -> psycopg2.extensions.connection:
     """A psycopg2 session with the settings a backfill needs (see the module docstring).
 
     ``timezone``: the session TimeZone, i.e. the spec's ``timezone`` wherever a spec is at hand.
-    ``application_name`` lets a DBA see which DAG and chunk a session is.
+    ``application_name`` lets a DBA see which DAG and chunk a session is. ``outside_task``: see
+    :func:`connection_kwargs`.
     """
     return open_connection(
-        connection_kwargs(conn_id_or_dsn),
+        connection_kwargs(conn_id_or_dsn, outside_task=outside_task),
         application_name=application_name,
         timezone=timezone,
         readonly=readonly,

@@ -326,6 +326,8 @@ class Progress:
     thresholds: tuple[float, float] | None = None
     #: set when this is a whole backfill's progress (all its runs' chunks): :func:`build_backfill`
     backfill: BackfillInfo | None = None
+    #: what stops chunks from running that a user must fix (e.g. a missing pool), each naming the fix
+    problems: list[str] = field(default_factory=list)
 
     @property
     def rows_written(self) -> int | None:
@@ -378,6 +380,7 @@ class Progress:
                 ],
             },  # fmt: skip
             "dag_id": self.dag_id,
+            "problems": list(self.problems),
             "run_id": self.run.run_id if self.run else None,
             "run_state": self.run.state if self.run else None,
             "total": self.total,
@@ -770,6 +773,18 @@ def _days(spec: BackfillSpec, chunks: list[ChunkProgress], worst: list[dict]) ->
 
 
 # ------------------------------------------------------------------------------------------ text
+def missing_pool_problem(p: Progress, pool: str) -> None:
+    """Record on ``p`` that the chunks' Airflow pool does not exist: the scheduler leaves them 'scheduled'
+    (pending here) forever and Airflow only says so in its scheduler log. The ETA then names the cause."""
+    fix = f'airflow pools set {pool} 4 "source slots for backfills" --include-deferred'
+    p.problems.append(
+        f"The Airflow pool {pool!r} (spec key 'pool') does not exist: chunks stay 'scheduled' until it does. "
+        f"Create it: {fix}"
+    )
+    if p.counts["pending"]:
+        p.eta_s, p.eta_note = None, f"pool {pool!r} missing: {p.counts['pending']} chunk(s) cannot start"
+
+
 def format_eta(seconds: float | None, note: str = "") -> str:
     if seconds is None:
         return f"unknown ({note})" if note else "unknown"
@@ -791,6 +806,7 @@ def format_text(p: Progress, *, worst: int = 10) -> str:
         lines.append(f"{p.dag_id}  {b.label}: {len(b.runs)} run(s)  ({b.state})")
     else:
         lines.append(f"{p.dag_id}  run {run.run_id if run else '-'}  ({run.state if run else 'no run'})")
+    lines += [f"PROBLEM: {problem}" for problem in p.problems]
     if run and run.start is not None and run.end is not None:
         lines.append(f"range [{run.start.isoformat()}, {run.end.isoformat()})  {run.granularity or ''}")
     lines.append(

@@ -140,16 +140,15 @@ def test_config_check_is_silent_without_broken_configs(tmp_path, monkeypatch):
 
 
 def test_cli_lists_the_import_error_and_keeps_the_good_dag_active(tmp_path, airflow_db, monkeypatch):
-    """Airflow 3.3, through the CLI and the metadata DB: `airflow dags list-import-errors` shows the typo and the
-    good DAG is neither stale nor flagged (an error raised in backfill_dags.py itself would flag both)."""
+    """Through the CLI, on 3.3 and 2.11: `airflow dags list-import-errors` shows the typo and exits 1, and the
+    good DAGs are listed (an error raised in backfill_dags.py itself would flag both). 3.3 reads both from the
+    metadata DB (written here by `dags reserialize`); 2.11's commands parse the folder themselves."""
     import json
     import subprocess
     import sys
 
     from airflow_backfill_provider.compat import AIRFLOW_V_3
 
-    if not AIRFLOW_V_3:
-        pytest.skip("2.11's `dags reserialize` records no import errors; the DagBag test above covers 2.11")
     folder = _dags_folder_with_a_typo(tmp_path)
     airflow = str(Path(sys.executable).with_name("airflow"))
     env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(folder), "PYTHONPATH": str(REPO)}
@@ -158,12 +157,57 @@ def test_cli_lists_the_import_error_and_keeps_the_good_dag_active(tmp_path, airf
     def cli(*args: str, rc: int = 0) -> str:
         proc = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == rc, proc.stderr[-2000:]
-        # the JSON line; Airflow may print warnings (graphviz) to stdout before it
-        return next((line for line in proc.stdout.splitlines() if line.startswith("[")), "")
+        # the JSON line; Airflow may print warnings (graphviz) and, on 2.11, log lines ("[2026-...") before it
+        return next((line for line in proc.stdout.splitlines() if line.startswith(("[{", "[]"))), "")
 
-    cli("dags", "reserialize")
+    if AIRFLOW_V_3:
+        cli("dags", "reserialize")
     errors = json.loads(cli("dags", "list-import-errors", "-o", "json", rc=1))  # exits 1 on errors: usable in CI
     assert [Path(e["filepath"]).name for e in errors] == ["backfill_config_check.py"]
     assert "granularity: 'daily' is not valid" in errors[0]["error"]
     listed = {d["dag_id"] for d in json.loads(cli("dags", "list", "-o", "json"))}
     assert {"backfill_good_a", "backfill_good_c"} <= listed and "backfill_typo_b" not in listed
+
+
+RECORD_2_11 = """
+import json, logging, sys
+from pathlib import Path
+from airflow.dag_processing.processor import DagFileProcessor
+from airflow.models.dag import DagModel
+from airflow.models.errors import ParseImportError
+from airflow.utils.session import create_session
+
+folder = sys.argv[1]
+processor = DagFileProcessor(dag_ids=None, dag_directory=folder, log=logging.getLogger("record"))
+for path in sorted(Path(folder).glob("*.py")):
+    processor.process_file(str(path), callback_requests=[])
+with create_session() as session:
+    errors = [(e.filename, e.stacktrace) for e in session.query(ParseImportError).filter(ParseImportError.filename.startswith(folder))]
+    active = [d.dag_id for d in session.query(DagModel).filter(DagModel.fileloc.startswith(folder), DagModel.is_active)]
+print(json.dumps({"errors": errors, "active": sorted(active)}))
+"""
+
+
+def test_2_11_the_scheduler_records_the_import_error_the_ui_shows(tmp_path, airflow_db, monkeypatch):
+    """2.11's UI (and /api/v1/importErrors) show the import errors its scheduler's DagFileProcessor records in
+    the metadata DB: run that processor over the folder; the typo is recorded for backfill_config_check.py only
+    and the good DAGs are active."""
+    import json
+    import subprocess
+    import sys
+
+    from airflow_backfill_provider.compat import AIRFLOW_V_3
+
+    if AIRFLOW_V_3:
+        pytest.skip("Airflow 3's dag-processor: test_cli_lists_the_import_error... and tests/e2e/test_first_hour.py")
+    folder = _dags_folder_with_a_typo(tmp_path)
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(folder), "PYTHONPATH": str(REPO)}
+    env.pop("AIRFLOW_BACKFILL_STRICT", None)
+    proc = subprocess.run([sys.executable, "-c", RECORD_2_11, str(folder)], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [Path(f).name for f, _ in recorded["errors"]] == ["backfill_config_check.py"], recorded
+    assert "b.yaml" in recorded["errors"][0][1] and "granularity: 'daily' is not valid" in recorded["errors"][0][1]
+    assert {"backfill_good_a", "backfill_good_c", "live_good_c"} <= set(recorded["active"])
+    assert "backfill_typo_b" not in recorded["active"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
+import importlib.util
 
 import pendulum
 import pytest
@@ -352,3 +354,24 @@ def test_one_wording_of_a_days_validation_reason(diffs, status, expected):
     from airflow_backfill_provider.progress import day_reason
 
     assert day_reason(diffs, status, 0.001, 0.01) == expected
+
+
+def test_a_missing_pool_is_named_with_its_fix_on_the_page_in_status_and_the_eta():
+    """Issue 24 item 3: chunks of a missing pool stay 'scheduled' (pending); the page and ``status`` say which
+    pool and how to create it, and the ETA names the cause instead of 'no chunk loaded yet'."""
+    from airflow_backfill_provider.progress import format_text, missing_pool_problem
+
+    tis = [TaskState("2024-01-01", "scheduled"), TaskState("2024-01-02", "scheduled")]
+    p = build_progress(make_spec(), dag_id="d", run=run(2), ledger_rows=[], task_states=tis, validation=None)
+    missing_pool_problem(p, "reports")
+    fix = 'airflow pools set reports 4 "source slots for backfills" --include-deferred'
+    text = format_text(p)
+    assert "PROBLEM: The Airflow pool 'reports' (spec key 'pool') does not exist" in text and fix in text
+    assert "ETA: unknown (pool 'reports' missing: 2 chunk(s) cannot start)" in text
+    assert p.to_dict()["problems"] == p.problems and len(p.problems) == 1
+    if importlib.util.find_spec("fastapi") is not None:  # the page is Airflow 3's
+        from airflow_backfill_provider.ui.app import render
+
+        body = render(p, [])
+        assert '<div class="card problem" id="problems"><p>The Airflow pool &#x27;reports&#x27;' in body
+        assert html.escape(fix) in body

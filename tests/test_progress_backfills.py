@@ -185,6 +185,8 @@ def test_the_page_shows_the_backfills_runs_in_order_and_a_fixed_width_calendar(s
     assert [table.index(f'data-run="{i}"') for i in ids] == sorted(table.index(f'data-run="{i}"') for i in ids)
     assert '<p id="run"><b>Backfill 7</b>: 4 run(s) (running), [2024-02-01, 2024-02-05), day</p>' in body
     assert '<span class="big" id="done">2/4 chunks done (50%)</span>' in body
+    # no run's validation found a day off: said as `status --backfill` says it, not "not run yet for this run"
+    assert '<p id="validation">No failing or warning day in this backfill\'s runs.</p>' in body
     # the calendar: a header cell per day number, every cell fixed width; a legend; styled, no external asset
     assert "<th class='d'>1</th><th class='d'>2</th>" in body and "<th class='d'>31</th>" in body
     assert "table-layout:fixed" in CSS and "width:18px" in CSS and 'id="counts"' in body

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import psycopg2.extensions
 import pytest
 
 from tests.seed import create_orders, seed_orders
@@ -107,3 +108,68 @@ def test_status_refuses_unknown_dag_and_run_with_the_fix(failed_run):
     assert "--config" in out.stderr
     out = status("backfill_orders", "--run-id", "nope", "--config", str(REPO / "dags" / "configs"))
     assert out.returncode == 2 and "has no run 'nope'" in out.stderr
+
+
+def test_status_finds_a_connection_stored_in_the_metadata_db(airflow_db, src_url, dst_url, pg, tmp_path):
+    """A connection made with `airflow connections add` (metadata DB, no AIRFLOW_CONN_* variable) is found.
+
+    Airflow 3's hook lookup outside a task sees only AIRFLOW_CONN_* variables and external secrets backends:
+    `status` said the destination connection "does not exist" while `airflow connections get` showed it."""
+    import uuid
+
+    seed_orders(pg(src_url), rows=200, days=2, start=dt.date(2023, 1, 1))
+    create_orders(pg(dst_url))
+    conn_id = f"status_dest_{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    # fields, not --conn-uri: 2.11's CLI fails masking a URI without a password (its _build_metrics)
+    dsn = psycopg2.extensions.parse_dsn(dst_url)
+    fields = ["--conn-type", "postgres", "--conn-host", dsn["host"], "--conn-port", str(dsn.get("port", 5432)),
+              "--conn-login", dsn["user"], "--conn-schema", dsn["dbname"]]  # fmt: skip
+    added = subprocess.run([airflow, "connections", "add", conn_id, *fields], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert added.returncode == 0, added.stderr[-2000:]
+    spec = tmp_path / "metadb_conn.yaml"
+    spec.write_text(
+        f"name: metadb_conn\nsource_conn_id: {src_url}\ndestination_conn_id: {conn_id}\nsource_table: orders\n"
+        "destination_table: public.orders\ntime_column: created_at\nkey_columns: [id]\nversion_column: updated_at\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "airflow_backfill_provider", "status", "backfill_metadb_conn", "--config", str(spec)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "backfill_metadb_conn  run -  (no run)" in out.stdout and "chunks: 0/0 done" in out.stdout
+
+    subprocess.run([airflow, "connections", "delete", conn_id], env=env, capture_output=True, timeout=120, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-m", "airflow_backfill_provider", "status", "backfill_metadb_conn", "--config", str(spec)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert gone.returncode == 2 and f"Airflow connection {conn_id!r} does not exist" in gone.stderr, gone.stderr
+    assert f"airflow connections add {conn_id}" in gone.stderr
+
+
+def test_status_names_a_missing_pool_with_the_command_to_create_it(airflow_db, src_url, dst_url, pg, tmp_path):
+    """Chunks in a pool that does not exist stay 'scheduled' forever and Airflow says so only in its scheduler
+    log; on Airflow 3 the plan task cannot read pools. `status` (and the page) can: the pool and the fix."""
+    import uuid
+
+    create_orders(pg(dst_url))
+    pool = f"status_pool_{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / "pooled.yaml"
+    spec.write_text(
+        f"name: pooled\nsource_conn_id: {src_url}\ndestination_conn_id: {dst_url}\nsource_table: orders\n"
+        f"destination_table: public.orders\ntime_column: created_at\nkey_columns: [id]\npool: {pool}\n"
+    )
+    out = status("backfill_pooled", "--config", str(spec))
+    assert out.returncode == 0, out.stderr[-3000:]
+    fix = f'airflow pools set {pool} 4 "source slots for backfills" --include-deferred'
+    assert f"PROBLEM: The Airflow pool {pool!r} (spec key 'pool') does not exist" in out.stdout, out.stdout
+    assert fix in out.stdout
+
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    subprocess.run([airflow, "pools", "set", pool, "4", "source slots for backfills"], check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    out = status("backfill_pooled", "--config", str(spec))
+    assert out.returncode == 0 and "PROBLEM" not in out.stdout, out.stdout

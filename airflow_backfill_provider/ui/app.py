@@ -130,6 +130,8 @@ table.t tr.current td{background:#ebf8ff;font-weight:600}
  border-radius:12px;font-size:12px} .runs a.current{background:#017cee;color:#fff;border-color:#017cee}
 .earlier{color:#718096;font-style:italic} td.err{text-align:left;color:#c53030}
 .s{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-size:12px}
+.problem{border-color:#c53030;background:#fff5f5;color:#c53030;font-weight:600} .problem p{margin:2px 0}
+code.cmd{white-space:nowrap;background:#fff;border:1px solid #fed7d7;border-radius:3px;padding:0 4px}
 """
 
 
@@ -139,6 +141,15 @@ def _page(title: str, body: str, refresh: int | None = None) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(title)}</title>"
         f"<style>{CSS}</style></head><body>{body}</body></html>"
     )
+
+
+def _problem(message: str) -> str:
+    """A problem's paragraph; the command after "Create it: " on one line (a wrapped "--include-deferred"
+    reads as two arguments)."""
+    head, sep, command = message.partition("Create it: ")
+    if not sep:
+        return f"<p>{html.escape(message)}</p>"
+    return f"<p>{html.escape(head + sep)}<code class='cmd'>{html.escape(command)}</code></p>"
 
 
 def _secs(value) -> str:
@@ -169,6 +180,8 @@ def render(p, runs: list[dict]) -> str:
             target = whole.get("backfill_id") or "latest"
             links += f'<a id="whole-backfill" href="?backfill_id={quote(str(target))}">whole backfill</a>'
         out.append(f'<div class="runs">Runs (logical date, newest first): {links}</div>')
+    if p.problems:
+        out.append('<div class="card problem" id="problems">' + "".join(map(_problem, p.problems)) + "</div>")
     if run is None:
         out.append("<p>No run yet.</p>")
         return "".join(out)
@@ -268,6 +281,8 @@ def _validation(p) -> str:
         )
         return ("<h2>Validation: days not passing in this backfill's runs</h2><table class='t' id='worst-days'>"
                 "<tr><th>day</th><th>status</th><th>reason</th></tr>" + rows + "</table>")  # fmt: skip
+    if not v and p.backfill is not None:  # the same words as `status --backfill`
+        return '<h2>Validation</h2><p id="validation">No failing or warning day in this backfill\'s runs.</p>'
     if not v:
         return '<h2>Validation</h2><p id="validation">Not run yet for this run.</p>'
     head = (

@@ -9,6 +9,9 @@ The few version differences (backfill command, what a clear can target) live in 
 from __future__ import annotations
 
 import datetime as dt
+import re
+import subprocess
+import sys
 import warnings
 
 from tests.e2e.cluster import AirflowCluster, max_overlap
@@ -70,6 +73,18 @@ def backfill_each_day_once(cluster: AirflowCluster, env: OrdersEnv) -> None:
     ]
     assert all(len(tis) == 1 and tis[0].state == "success" for tis in per_run.values()), per_run
     assert_loaded_exactly_once(env, D(2023, 2, 1), D(2023, 2, 11))
+
+    # the whole backfill from the terminal: Airflow 3's Backfill object, on 2.11 the DAG's backfill-type runs
+    out = subprocess.run(
+        [sys.executable, "-m", "airflow_backfill_provider", "status", DAG_ID, "--backfill"],
+        capture_output=True, text=True, timeout=120, env=cluster.env, cwd=cluster.home,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    label = r"backfill \d+" if cluster.v3 else "backfill-type runs"
+    assert re.search(rf"^{DAG_ID}  {label}: 10 run\(s\)  \(success\)$", out.stdout, flags=re.M), out.stdout
+    assert "chunks: 10/10 done (100%)" in out.stdout, out.stdout
+    listed = re.findall(r"^  \S+  (\S+)  \(success\)  1/1 chunks done$", out.stdout, flags=re.M)
+    assert listed == runs, out.stdout  # in logical-date order (runs: sorted by logical date)
 
 
 def pool_caps_chunks_on_source(cluster: AirflowCluster, env: OrdersEnv) -> None:
