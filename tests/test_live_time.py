@@ -16,8 +16,8 @@ from psycopg2 import sql
 
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.specs import table_spec
 
 ZONE = "America/New_York"
 FILL = {
@@ -61,18 +61,13 @@ def test_live_and_backfill_together_load_every_row_of_a_naive_or_date_cursor(dat
             if url == src:
                 cur.execute(FILL[kind])
         conn.close()
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            timezone=ZONE,
-            live={"enabled": True, "lookback_s": 60, "start_from": START_FROM[kind]},
-        )
+    spec = table_spec(
+        src,
+        dst,
+        "ev",
+        time_column="t",
+        timezone=ZONE,
+        live={"enabled": True, "lookback_s": 60, "start_from": START_FROM[kind]},
     )
     run_live_ingest(spec)
     top = fetch(src, "SELECT max(t) FROM ev")[0][0]

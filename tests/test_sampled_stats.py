@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import fetch_all
 from tests.seed import create_orders
-from tests.test_sizing import _plan, _spec
+from tests.specs import make_spec
+from tests.test_sizing import _plan
 
 ROWS = 200_000
 TARGET = 20_000
@@ -60,7 +61,7 @@ def _count(plan) -> int:
 def test_a_table_without_statistics_gets_the_plan_analyze_would_give(src_url, dst_url, pg, time_order, granularity):
     _seed(src_url, time_order=time_order)
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
+    spec = make_spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
     assert _no_statistics(src_url)
 
     sampled = _plan(spec, src_url, dst_url, "2022-01-01", "2024-01-01")
@@ -130,7 +131,7 @@ def test_a_sample_that_cannot_finish_in_time_falls_back_to_days(src_url, dst_url
     try:
         with blocker.cursor() as cur:
             cur.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")  # as an ALTER TABLE would
-        spec = _spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
+        spec = make_spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
         plan = _plan(spec, src_url, dst_url, "2022-01-01", "2022-01-08")
     finally:
         blocker.rollback()

@@ -19,10 +19,10 @@ import pytest
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.deadlines import GRACE_S
 from airflow_backfill_provider.exceptions import TransientChunkError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.triggers.load import EVENT_MARGIN_S, SourceLoadTrigger
 from tests.session_helpers import SilentProxy, dbname, run_sql, wait_until
+from tests.specs import table_spec
 
 #: scheduling slack on a shared 2-core machine, on top of each stated bound
 SLACK_S = 3.0
@@ -76,17 +76,13 @@ def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_noth
     )  # ~4 MB of COPY: far more than the proxy lets through
     proxy = proxies(trigger=b"COPY (", grace_bytes=64 * 1024)
     statement_timeout_s = 1.0
-    spec = load_spec(
-        dict(
-            name="stall",
-            source_conn_id=proxy.url(dbname(src_url)),
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            statement_timeout_s=statement_timeout_s,
-        )
+    spec = table_spec(
+        proxy.url(dbname(src_url)),
+        dst_url,
+        "ev",
+        time_column="t",
+        name="stall",
+        statement_timeout_s=statement_timeout_s,
     )
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     outcome: dict = {}
@@ -155,17 +151,13 @@ def test_chunk_whose_destination_goes_silent_fails_transient_and_leaves_nothing(
     )  # ~4 MB: more than the socket buffers between the chunk and the silent proxy hold
     proxy = proxies(trigger=trigger)
     statement_timeout_s = 1.0
-    spec = load_spec(
-        dict(
-            name="stall",
-            source_conn_id=src_url,
-            destination_conn_id=proxy.url(dbname(dst_url)),
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            statement_timeout_s=statement_timeout_s,
-        )
+    spec = table_spec(
+        src_url,
+        proxy.url(dbname(dst_url)),
+        "ev",
+        time_column="t",
+        name="stall",
+        statement_timeout_s=statement_timeout_s,
     )
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     outcome: dict = {}
@@ -235,18 +227,7 @@ def test_a_destination_statement_over_the_statement_timeout_fails_transient_nami
         "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;"
         " CREATE TRIGGER slow BEFORE INSERT ON ev FOR EACH ROW EXECUTE FUNCTION slow()",
     )
-    spec = load_spec(
-        dict(
-            name="slowdst",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            statement_timeout_s=1.5,
-        )
-    )
+    spec = table_spec(src_url, dst_url, "ev", time_column="t", name="slowdst", statement_timeout_s=1.5)
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     with pytest.raises(TransientChunkError, match=r"statement_timeout \(1.5 s\) hit on the destination"):
         transfer_chunk(spec, chunk)

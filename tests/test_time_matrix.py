@@ -28,8 +28,9 @@ from psycopg2 import sql
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider import timebounds
 from airflow_backfill_provider.chunks import day_start, plan_chunks
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.specs import table_spec
 
 SRC_TZ, DST_TZ = "Pacific/Chatham", "Atlantic/Azores"  # neither is a spec timezone below
 _UTC = dt.timezone.utc
@@ -117,20 +118,10 @@ def chunk_members(conn, kind: str, zone: str, chunks) -> list[tuple[int, int]]:
 
 
 def make_spec(src: str, dst: str, kind: str, zone: str, granularity: str):
-    return load_spec(
-        dict(
-            name=f"tm_{kind}",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table=TABLES[kind],
-            destination_table=TABLES[kind],
-            time_column="t",
-            key_columns=["id"],
-            timezone=zone,
-            granularity=granularity,
-            throttle={"max_active": 1000},
-        )
-    )
+    return table_spec(
+        src, dst, TABLES[kind], time_column="t", name=f"tm_{kind}", timezone=zone, granularity=granularity,
+        throttle={"max_active": 1000},
+    )  # fmt: skip
 
 
 def fetch(url: str, query, params=None):

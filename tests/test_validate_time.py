@@ -16,9 +16,9 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import timebounds
 from airflow_backfill_provider.chunks import plan_chunks, utc
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
+from tests.specs import table_spec
 
 TYPES = {"date": "date", "timestamp": "timestamp", "timestamptz": "timestamptz"}
 FILL = {
@@ -57,19 +57,7 @@ def _setup(databases, kind: str):
             if url == src:
                 cur.execute(FILL[kind])
         conn.close()
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            timezone=ZONE,
-            validation={"sum_columns": ["v"]},
-        )
-    )
+    spec = table_spec(src, dst, "ev", time_column="t", timezone=ZONE, validation={"sum_columns": ["v"]})
     return spec, src, dst
 
 
