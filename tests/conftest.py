@@ -135,6 +135,18 @@ def fetch_all(url: str, query, params=None) -> list[tuple]:
         return cur.fetchall()
 
 
+def plan_on(spec, src_url: str, dst_url: str, start, end, **kw):
+    """``build_plan`` with its own source and destination sessions, closed after."""
+    from airflow_backfill_provider.planning import build_plan
+
+    src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
+    try:
+        return build_plan(spec, start, end, src_conn=src, dst_conn=dst, **kw)
+    finally:
+        src.close()
+        dst.close()
+
+
 def table_digest(url: str, table: str = "orders", key: str = "id") -> tuple[int, str]:
     """(row count, md5 of all rows in key order): equal digests mean equal tables."""
     q = sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.{k}), '')) FROM {t} t").format(

@@ -21,6 +21,7 @@ from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 from tests.conftest import fetch_all
 from tests.specs import make_spec
+from tests.test_ledger_ranges import OLD_LEDGER
 
 DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
 
@@ -110,14 +111,6 @@ def test_chunk_lock_serializes_one_backfill_not_two(src_url, dst_url, pg):
     finally:
         gate.close()
     assert transfer_chunk(us, day).inserted == 100
-
-
-OLD_LEDGER = """CREATE TABLE backfill_ledger (
-    target_table text NOT NULL, range_start timestamptz NOT NULL, range_end timestamptz NOT NULL,
-    chunk_id text NOT NULL, rows_extracted bigint NOT NULL, rows_inserted bigint NOT NULL,
-    rows_updated bigint NOT NULL, rows_unchanged bigint NOT NULL, seconds double precision NOT NULL,
-    dag_id text, run_id text, finished_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (target_table, range_start, range_end))"""
 
 
 def test_a_previous_release_ledger_is_migrated_in_place_and_its_rows_count_for_no_backfill(src_url, dst_url, pg):

@@ -7,10 +7,9 @@ import pytest
 
 from tests.seed import create_orders
 from airflow_backfill_provider.exceptions import PlanError
-from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
-from tests.conftest import fetch_all, table_digest
+from tests.conftest import fetch_all, plan_on, table_digest
 from tests.specs import make_spec, spec_dict
 
 #: key ranges of about 1,500 rows
@@ -54,12 +53,7 @@ def _seed(url: str, runs) -> int:
 
 
 def _plan(spec, src, dst, start="2023-01-01", end="2024-01-01", **kw):
-    s, d = psycopg2.connect(src), psycopg2.connect(dst)
-    try:
-        return build_plan(spec, start, end, src_conn=s, dst_conn=d, **kw)
-    finally:
-        s.close()
-        d.close()
+    return plan_on(spec, src, dst, start, end, **kw)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

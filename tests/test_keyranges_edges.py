@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from psycopg2 import sql
 
 from airflow_backfill_provider.exceptions import PlanError, SpecError
-from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.conftest import plan_on
 from tests.session_helpers import run_sql
 from tests.specs import table_spec
 
@@ -36,12 +36,7 @@ def _spec(src, dst, **kw):
 
 
 def _plan(spec, src, dst, start="2024-01-01", end="2024-02-01"):
-    s, d = psycopg2.connect(src), psycopg2.connect(dst)
-    try:
-        return build_plan(spec, start, end, src_conn=s, dst_conn=d)
-    finally:
-        s.close()
-        d.close()
+    return plan_on(spec, src, dst, start, end)
 
 
 def _insert(url, ids, *, table="ev", grp=None):
