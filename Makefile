@@ -2,7 +2,8 @@
 #   make demo   - install, start a private PostgreSQL, seed 2 years of orders, run the backfill DAG, print the result
 #   make test   - install, start a private PostgreSQL, run the test suite on Airflow 3.3 (and `make test-af2` on 2.11)
 # PostgreSQL: BACKFILL_TEST_PG_URL=postgresql://... uses that server; unset, scripts/pg.sh starts a private one
-# (initdb into .pgdata/, its own port, stopped when the target ends). Quick loop: `make check` (unit tests, lint, types).
+# (initdb into .pgdata/, its own port, stopped when the target ends). Quick loop: `make check` (unit tests, lint, types);
+# quicker: `make unit` (no database, no Airflow run, under 30 s).
 # VENV=/path (or VENV2=/path), on the command line or in the environment, uses that virtualenv as it is.
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +15,13 @@ BENCH_ARGS ?=
 PG := PYTHON=$(VENV)/bin/python bash scripts/pg.sh
 PG2 := PYTHON=$(VENV2)/bin/python bash scripts/pg.sh
 UNIT := not e2e and not browser and not faults and not slow
+# tests that reach no PostgreSQL server (marker `db`, set in tests/conftest.py), run no Airflow (`slow` above) and
+# take no more than a second or so of CPU (`heavy`: large plans, checked in `make check`)
+FAST := $(UNIT) and not db and not heavy
+# a closed port: in `make unit` a test that reaches PostgreSQL without being marked `db` fails instead of passing
+NO_PG := postgresql://postgres@127.0.0.1:1/postgres
 
-.PHONY: venv venv-af2 pg pg-stop browser docs-screenshots demo test test-af2 test-all check lint fmt wheel-check race bench bench-peers bench-smoke bench-source clean
+.PHONY: venv venv-af2 pg pg-stop browser docs-screenshots demo test test-af2 test-all check unit unit-af2 lint fmt wheel-check race bench bench-peers bench-smoke bench-source clean
 
 $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 needed (pyproject requires-python); set PYTHON=python3.x") if sys.version_info < (3, 11) else None'
@@ -77,6 +83,13 @@ test-all: test test-af2
 # quick loop (~3 min on 2 cores): lint, types, and the unit tests (no e2e, browser, fault or slow tests)
 check: lint venv
 	$(PG) run $(VENV)/bin/pytest -q -x -m "$(UNIT)" $(PYTEST_ARGS)
+
+# the fast tier (under 30 s on 2 cores): no database server needed or started, no Airflow run
+unit: venv
+	BACKFILL_TEST_PG_URL=$(NO_PG) $(VENV)/bin/pytest -q -m "$(FAST)" $(PYTEST_ARGS)
+
+unit-af2: venv-af2
+	BACKFILL_TEST_PG_URL=$(NO_PG) $(VENV2)/bin/pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -135,6 +135,18 @@ def fetch_all(url: str, query, params=None) -> list[tuple]:
         return cur.fetchall()
 
 
+def plan_on(spec, src_url: str, dst_url: str, start, end, **kw):
+    """``build_plan`` with its own source and destination sessions, closed after."""
+    from airflow_backfill_provider.planning import build_plan
+
+    src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
+    try:
+        return build_plan(spec, start, end, src_conn=src, dst_conn=dst, **kw)
+    finally:
+        src.close()
+        dst.close()
+
+
 def table_digest(url: str, table: str = "orders", key: str = "id") -> tuple[int, str]:
     """(row count, md5 of all rows in key order): equal digests mean equal tables."""
     q = sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.{k}), '')) FROM {t} t").format(
@@ -147,10 +159,23 @@ def table_digest(url: str, table: str = "orders", key: str = "id") -> tuple[int,
 # fixture, the airflow CLI in a subprocess) or many rounds. `make test` runs them.
 _SLOW_MODULES = {"test_bench_smoke", "test_compose", "test_provider", "test_race"}
 
+#: fixtures that reach a PostgreSQL server: a test that uses one, directly or through a fixture built on it (the
+#: fixture closure), is marked `db`. `databases` is under src_url, dst_url and every module's database fixture;
+#: the others connect by URL or start servers of their own.
+DB_FIXTURES = {"databases", "pg", "private_source", "private_pg", "primary_and_standby"}
+#: modules whose tests connect without one of those fixtures (every test of the module is marked `db`):
+#: the benchmark's smoke run reaches BACKFILL_TEST_PG_URL from a subprocess
+DB_MODULES = {"test_bench_smoke"}
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = getattr(item, "module", None)
         name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
-        if "airflow_db" in getattr(item, "fixturenames", ()) or name in _SLOW_MODULES:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "airflow_db" in fixtures or name in _SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        # `make unit` runs what is not `db` with no server to reach (a closed port): a test that needs one and
+        # is not marked fails there
+        if fixtures & DB_FIXTURES or name in DB_MODULES:
+            item.add_marker(pytest.mark.db)

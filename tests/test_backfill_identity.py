@@ -16,28 +16,14 @@ from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
 from tests.conftest import fetch_all
+from tests.specs import make_spec
+from tests.test_ledger_ranges import OLD_LEDGER
 
 DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
-
-
-def spec_for(src, dst, **over):
-    return load_spec(
-        {
-            "name": "orders",
-            "source_conn_id": src,
-            "destination_conn_id": dst,
-            "source_table": "orders",
-            "destination_table": "public.orders",
-            "time_column": "created_at",
-            "key_columns": ["id"],
-            "version_column": "updated_at",
-            **over,
-        }
-    )
 
 
 def load_all(spec):
@@ -53,8 +39,8 @@ def test_two_sources_into_one_destination_both_load_everything(src_url, dst_url,
     seed_orders(src, rows=300, days=3, start=dt.date(2024, 1, 1), table="orders_us", first_id=1)
     seed_orders(src, rows=200, days=3, start=dt.date(2024, 1, 1), table="orders_eu", first_id=10_001)
     create_orders(pg(dst_url))
-    us = spec_for(src_url, dst_url, name="us", source_table="orders_us")
-    eu = spec_for(src_url, dst_url, name="eu", source_table="orders_eu")
+    us = make_spec(src_url, dst_url, name="us", source_table="orders_us")
+    eu = make_spec(src_url, dst_url, name="eu", source_table="orders_eu")
     assert load_all(us) == 300
     plan = build_plan(eu, "2024-01-01", "2024-01-04", dst_conn=pg(dst_url))
     assert (len(plan.chunks), len(plan.skipped)) == (3, 0)  # before the fix: 0 chunks, 3 skipped
@@ -92,10 +78,10 @@ def test_what_makes_a_backfill_another_one(variant, src_url, dst_url, databases,
         seed_orders(pg(url), rows=300, days=3, start=dt.date(2024, 1, 1))
     seed_orders(pg(src_url), rows=300, days=3, start=dt.date(2024, 1, 1), table="orders_copy")
     create_orders(pg(dst_url))
-    first = spec_for(src_url, dst_url)
+    first = make_spec(src_url, dst_url)
     load_all(first)
     another, change = VARIANTS[variant]
-    second = spec_for(src_url, dst_url, **change({"src": src_url, "other_src": other_src}))
+    second = make_spec(src_url, dst_url, **change({"src": src_url, "other_src": other_src}))
     plan = build_plan(second, "2024-01-01", "2024-01-04", dst_conn=pg(dst_url))
     assert len(plan.skipped) == (0 if another else 3), plan.notes
     # and the chunk writes the same key the plan reads: a loaded second backfill skips its own chunks
@@ -109,8 +95,8 @@ def test_chunk_lock_serializes_one_backfill_not_two(src_url, dst_url, pg):
     seed_orders(src, rows=300, days=3, start=dt.date(2024, 1, 1), table="orders_us", first_id=1)
     seed_orders(src, rows=200, days=3, start=dt.date(2024, 1, 1), table="orders_eu", first_id=10_001)
     create_orders(pg(dst_url))
-    us = spec_for(src_url, dst_url, name="us", source_table="orders_us", lock_timeout_s=1)
-    eu = spec_for(src_url, dst_url, name="eu", source_table="orders_eu", lock_timeout_s=1)
+    us = make_spec(src_url, dst_url, name="us", source_table="orders_us", lock_timeout_s=1)
+    eu = make_spec(src_url, dst_url, name="eu", source_table="orders_eu", lock_timeout_s=1)
     day = DAYS[0]
     gate = psycopg2.connect(dst_url)
     try:
@@ -127,14 +113,6 @@ def test_chunk_lock_serializes_one_backfill_not_two(src_url, dst_url, pg):
     assert transfer_chunk(us, day).inserted == 100
 
 
-OLD_LEDGER = """CREATE TABLE backfill_ledger (
-    target_table text NOT NULL, range_start timestamptz NOT NULL, range_end timestamptz NOT NULL,
-    chunk_id text NOT NULL, rows_extracted bigint NOT NULL, rows_inserted bigint NOT NULL,
-    rows_updated bigint NOT NULL, rows_unchanged bigint NOT NULL, seconds double precision NOT NULL,
-    dag_id text, run_id text, finished_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (target_table, range_start, range_end))"""
-
-
 def test_a_previous_release_ledger_is_migrated_in_place_and_its_rows_count_for_no_backfill(src_url, dst_url, pg):
     seed_orders(pg(src_url), rows=300, days=3, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
@@ -146,7 +124,7 @@ def test_a_previous_release_ledger_is_migrated_in_place_and_its_rows_count_for_n
                 "INSERT INTO backfill_ledger VALUES ('public.orders', %s, %s, %s, 100, 100, 0, 0, 1.0, 'd', 'r')",
                 (c.start, c.end, c.chunk_id),
             )
-    spec = spec_for(src_url, dst_url)
+    spec = make_spec(src_url, dst_url)
     # not trusted: those rows say "some backfill loaded public.orders", not which one
     assert len(build_plan(spec, "2024-01-01", "2024-01-04", dst_conn=dst).chunks) == 3
     assert transfer_chunk(spec, DAYS[0]).inserted == 100  # migrates the ledger
@@ -167,14 +145,14 @@ def test_a_previous_release_ledger_is_migrated_in_place_and_its_rows_count_for_n
 def test_orders_and_public_orders_share_ledger_and_watermark(src_url, dst_url, pg):
     seed_orders(pg(src_url), rows=500, days=5, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
-    bare = spec_for(
+    bare = make_spec(
         src_url,
         dst_url,
         destination_table="orders",
         source_table="orders",
         live={"enabled": True, "start_from": "2024-01-04T00:00:00Z", "lookback_s": 0},
     )
-    qualified = spec_for(src_url, dst_url, name="q", destination_table="public.orders", source_table="public.orders")
+    qualified = make_spec(src_url, dst_url, name="q", destination_table="public.orders", source_table="public.orders")
     for c in DAYS[:2]:
         transfer_chunk(bare, c)
     run_live_ingest(bare)  # writes the watermark, keyed by the resolved relation
@@ -195,7 +173,7 @@ def test_a_watermark_row_of_the_previous_release_is_read_and_rekeyed_not_restart
     with pg(dst_url).cursor() as cur:  # the previous release keyed it by the spelling: 'orders'
         cur.execute(sql.SQL("CREATE TABLE backfill_watermarks ({})").format(sql.SQL(WATERMARK_COLUMNS)))
         cur.execute("INSERT INTO backfill_watermarks (target_table, watermark) VALUES ('orders', '2024-01-04T00:00Z')")
-    bare = spec_for(src_url, dst_url, destination_table="orders", live={"enabled": True, "lookback_s": 0})
+    bare = make_spec(src_url, dst_url, destination_table="orders", live={"enabled": True, "lookback_s": 0})
     plan = build_plan(bare, "2024-01-01", "2024-01-10", dst_conn=pg(dst_url))
     assert plan.clipped and plan.end == dt.datetime(2024, 1, 4, tzinfo=dt.timezone.utc)
     result = run_live_ingest(bare)  # continues from the stored watermark (not from now(): no gap)
@@ -216,8 +194,8 @@ def test_a_second_live_ingest_from_another_source_is_refused_not_silently_skippi
     seed_orders(src, rows=200, days=3, start=dt.date(2024, 1, 2), table="orders_eu", first_id=10_001)
     create_orders(pg(dst_url))
     live = {"enabled": True, "start_from": "2023-12-31T00:00:00Z", "lookback_s": 0}
-    us = spec_for(src_url, dst_url, name="us", source_table="orders_us", live=live)
-    eu = spec_for(src_url, dst_url, name="eu", source_table="orders_eu", live=live)
+    us = make_spec(src_url, dst_url, name="us", source_table="orders_us", live=live)
+    eu = make_spec(src_url, dst_url, name="eu", source_table="orders_eu", live=live)
     assert run_live_ingest(us).rows_extracted == 300
     before = fetch_all(dst_url, "SELECT t::text, xmin::text FROM backfill_watermarks t")
     with pytest.raises(PermanentChunkError, match="belongs to live ingest from .*orders_us.* watermark table"):
@@ -225,7 +203,7 @@ def test_a_second_live_ingest_from_another_source_is_refused_not_silently_skippi
     assert fetch_all(dst_url, "SELECT t::text, xmin::text FROM backfill_watermarks t") == before
     assert count(dst_url) == 300
     # the fix it names: a watermark table per source
-    eu_own = spec_for(
+    eu_own = make_spec(
         src_url, dst_url, name="eu", source_table="orders_eu", live=live, watermark={"table": "public.eu_watermarks"}
     )
     assert run_live_ingest(eu_own).rows_extracted == 200
@@ -252,12 +230,12 @@ def test_the_plan_resolves_the_identity_once_and_a_changed_spec_resolves_it_agai
     seed_orders(src, rows=30, days=3, start=dt.date(2024, 1, 1), table="orders_eu", first_id=10_001)
     create_orders(pg(dst_url))
     create_orders(pg(dst_url), table="orders_copy")
-    planned = spec_for(src_url, dst_url)
+    planned = make_spec(src_url, dst_url)
     s, d = psycopg2.connect(src_url), psycopg2.connect(dst_url)
     try:
         resolved = identity.of(planned, s, d)
         descriptors = identity.attach([c.to_descriptor() for c in DAYS] + [{"chunk_id": "b", "batch": {}}], resolved)
-        running = spec_for(src_url, dst_url, **change)
+        running = make_spec(src_url, dst_url, **change)
         fresh = identity.of(running, s, d)
     finally:
         s.close()

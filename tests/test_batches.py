@@ -15,17 +15,10 @@ from airflow_backfill_provider.keyranges import plan_key_chunks
 from airflow_backfill_provider.sizing import auto_time_chunks
 from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
+from tests.specs import spec_dict
 
-BASE = dict(
-    name="orders",
-    source_conn_id="bf_src",
-    destination_conn_id="bf_dst",
-    source_table="orders",
-    destination_table="orders",
-    time_column="created_at",
-    key_columns=["id"],
-    version_column="updated_at",
-)
+#: the DAG tests reach the databases through these Airflow connection ids (AIRFLOW_CONN_BF_SRC/_DST)
+BASE = spec_dict("bf_src", "bf_dst")
 
 
 def _same(a: list[Chunk], b: list[Chunk]) -> bool:
@@ -48,8 +41,14 @@ def _keys():
     return plan_key_chunks("id", lo, hi, list(range(100, 300_100, 100)), 1)
 
 
+# the hour and auto plans are tens of thousands of chunks: seconds of CPU each, so `make check`, not `make unit`
 @pytest.mark.parametrize(
-    "make, granularity, tz", [(_hours, "hour", "America/New_York"), (_auto, "auto", "UTC"), (_keys, "key", "UTC")]
+    "make, granularity, tz",
+    [
+        pytest.param(_hours, "hour", "America/New_York", marks=pytest.mark.heavy),
+        pytest.param(_auto, "auto", "UTC", marks=pytest.mark.heavy),
+        (_keys, "key", "UTC"),
+    ],
 )
 @pytest.mark.parametrize("skip_every", [0, 7])  # 7: every 7th chunk is done already (holes in the batches)
 def test_batches_are_few_small_and_expand_to_exactly_the_planned_chunks(make, granularity, tz, skip_every):
@@ -71,6 +70,7 @@ def test_few_chunks_stay_one_mapped_instance_each():
     assert batches.descriptors(spec, chunks, granularity="day") == [c.to_descriptor() for c in chunks]
 
 
+@pytest.mark.heavy
 def test_historical_splits_survive_the_batch_round_trip():
     spec = load_spec({**BASE, "historical": [{"until": "2022-03-01T12:30:00", "source_table": "orders_old"}]})
     chunks = split_at(_hours(), [pendulum.datetime(2022, 3, 1, 12, 30, tz="America/New_York")])
@@ -79,6 +79,7 @@ def test_historical_splits_survive_the_batch_round_trip():
     assert expanded == chunks
 
 
+@pytest.mark.heavy
 def test_key_batches_keep_each_chunks_own_time_range_across_a_historical_split():
     """Issue 25 (N1): a key batch carried its first chunk's time range only, so the halves after ``until``
     were never read and the halves before it loaded twice."""

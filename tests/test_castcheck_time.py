@@ -8,8 +8,8 @@ from psycopg2 import sql
 
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.exceptions import PermanentChunkError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.specs import table_spec
 
 
 @pytest.mark.parametrize("kind, value", [("date", "2024-01-01"), ("timestamp", "2024-01-01 02:00")])
@@ -31,18 +31,7 @@ def test_a_bad_value_on_a_new_york_day_is_named_with_the_source_in_utc(src_url, 
         cur.execute(
             sql.SQL("CREATE TABLE ev (id bigint PRIMARY KEY, t {} NOT NULL, amount numeric)").format(sql.SQL(kind))
         )
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            timezone="America/New_York",
-        )
-    )
+    spec = table_spec(src_url, dst_url, "ev", time_column="t", timezone="America/New_York")
     first, second = plan_chunks("2024-01-01", "2024-01-03", "day", spec.timezone)
     with pytest.raises(
         PermanentChunkError, match=r"chunk 2024-01-01: column 'amount' cannot take value '12,50'.*\(id\)=\(2\)"
@@ -68,20 +57,13 @@ def test_a_domain_and_a_historical_expression_are_filtered_by_their_date_type(sr
     conn.close()
     with pg(dst_url).cursor() as cur:
         cur.execute("CREATE TABLE ev (id bigint PRIMARY KEY, t date NOT NULL, amount numeric)")
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            timezone="America/New_York",
-            historical=[
-                {"until": "2024-01-01", "source_table": "ev_old", "column_expressions": {"t": "day_text::date"}}
-            ],
-        )
+    spec = table_spec(
+        src_url,
+        dst_url,
+        "ev",
+        time_column="t",
+        timezone="America/New_York",
+        historical=[{"until": "2024-01-01", "source_table": "ev_old", "column_expressions": {"t": "day_text::date"}}],
     )
     loaded = {
         c.chunk_id: transfer_chunk(spec, c).rows_extracted

@@ -10,20 +10,13 @@ import pendulum
 import pytest
 
 from airflow_backfill_provider.operators.chunkrun import ChunkRun
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.throttle import LoadSample
 from tests.conftest import fetch_all
-from tests.seed import ORDERS_SPEC, create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
+from tests.specs import spec_json
 
 #: New York's 2024-01-02 is [05:00, 05:00 next day) UTC: read as UTC, the chunk would load other rows
 NY_DAY = "created_at >= '2024-01-02 00:00 America/New_York' AND created_at < '2024-01-03 00:00 America/New_York'"
-
-
-def _spec(src_url: str, dst_url: str):
-    return load_spec(
-        {**ORDERS_SPEC, "name": "orders_alone", "source_conn_id": src_url, "destination_conn_id": dst_url,
-         "timezone": "America/New_York"}
-    )  # fmt: skip
 
 
 #: what a user writes: one operator, no factory, no plan task (dag.test() on 3.x runs the DAGs folder's file)
@@ -53,7 +46,7 @@ def test_one_chunk_operator_alone_loads_its_local_day(airflow_db, src_url, dst_u
     cfg = {
         "dag_id": f"chunk_alone_{spec_as}",
         "spec_as": spec_as,
-        "spec": _spec(src_url, dst_url).model_dump(mode="json"),
+        "spec": spec_json(src_url, dst_url, timezone="America/New_York"),
     }
     (tmp_path / "chunk_alone.json").write_text(json.dumps(cfg))
     (tmp_path / "chunk_alone_dag.py").write_text(DAG_FILE)

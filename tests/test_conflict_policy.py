@@ -5,9 +5,9 @@ import pytest
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.exceptions import SpecError
 from airflow_backfill_provider.live import run_live_ingest
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
+from tests.specs import table_spec
 
 EVENTS = """CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, kind text NOT NULL, payload jsonb)"""
 SEED = """INSERT INTO events SELECT g, '2024-01-01'::timestamptz + g * interval '10 minutes', 'k' || (g % 3),
@@ -15,18 +15,7 @@ SEED = """INSERT INTO events SELECT g, '2024-01-01'::timestamptz + g * interval 
 
 
 def make_spec(src, dst, **extra):
-    return load_spec(
-        dict(
-            name="events",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="events",
-            destination_table="events",
-            time_column="created_at",
-            key_columns=["id"],
-            **extra,
-        )
-    )
+    return table_spec(src, dst, "events", time_column="created_at", **extra)
 
 
 @pytest.fixture()

@@ -29,12 +29,12 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
 from tests.session_helpers import run_sql
 from tests.test_type_matrix import CHUNK, DEST_ONLY, SAME, TYPES_BOTH, TYPES_DEST_ONLY, TYPES_SOURCE_ONLY, _table
 from tests.test_type_matrix_hostile import as_text
+from tests.specs import make_spec
 
 # starts two servers (~1 s idle, several on a busy machine): in `make test`/`make test-af2`, not `make check`
 pytestmark = pytest.mark.slow
@@ -184,18 +184,14 @@ def test_type_matrix_across_majors(major_servers, pair, copy_format, monkeypatch
     same = _columns(src, dst)
     dest_only = [(c, d) for c, _, d, _ in DEST_ONLY]
     run_sql(dst.url, _table(target, [(c, t) for c, t, _ in same] + dest_only))
-    spec = load_spec(
-        dict(
-            name=f"xmajor_{src.major}_{dst.major}",
-            source_conn_id=src.url,
-            destination_conn_id="xmajor_dst",
-            source_table="matrix",
-            destination_table=target,
-            time_column="at",
-            key_columns=["id"],
-            version_column="updated_at",
-            copy_format=copy_format,
-        )
+    spec = make_spec(
+        src.url,
+        "xmajor_dst",
+        name=f"xmajor_{src.major}_{dst.major}",
+        source_table="matrix",
+        destination_table=target,
+        time_column="at",
+        copy_format=copy_format,
     )
     first = transfer_chunk(spec, CHUNK)
     assert (first.rows_extracted, first.inserted, first.updated) == (4, 4, 0)

@@ -18,6 +18,7 @@ from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import validate_range
+from tests import specs
 
 # 4 orders a day, every 6 hours, 2021-05-24 .. 2021-06-08 (i = 0..63, id = i + 1)
 SOURCE = """
@@ -56,22 +57,10 @@ HISTORICAL = [
 ]
 
 
-def make_spec(**overrides):
-    data = dict(
-        name="orders",
-        source_conn_id="unused_src",
-        destination_conn_id="unused_dst",
-        source_table="public.orders",
-        destination_table="public.orders",
-        time_column="created_at",
-        key_columns=["id"],
-        version_column="updated_at",
-        granularity="week",
-        timezone="UTC",
-        validation={"sum_columns": ["amount"]},
-    )
-    data.update(overrides)
-    return load_spec(data)
+def make_spec(**over):
+    """Weekly chunks of public.orders (the schema shows in the report's notes), the sum of amount validated."""
+    weekly = {"source_table": "public.orders", "granularity": "week", "validation": {"sum_columns": ["amount"]}}
+    return specs.make_spec(**{**weekly, **over})
 
 
 @pytest.fixture()

@@ -14,10 +14,10 @@ import datetime as dt
 import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
 from tests.session_helpers import run_sql
+from tests.specs import table_spec
 
 TABLE = """
 CREATE TABLE m (
@@ -76,19 +76,8 @@ def loaded(src_url, dst_url):
             f"INSERT INTO m (id, at, upd, {cols}) VALUES (%(id)s, %(at)s, %(at)s, {params})",
             dict(BASE, id=i, at=at),
         )
-    spec = load_spec(
-        dict(
-            name="m",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="m",
-            destination_table="m",
-            time_column="at",
-            key_columns=["id"],
-            version_column="upd",
-            timezone="UTC",
-            validation={"checksum": "fail"},
-        )
+    spec = table_spec(
+        src_url, dst_url, "m", time_column="at", version_column="upd", timezone="UTC", validation={"checksum": "fail"}
     )
     chunks = plan_chunks(DAY0.isoformat(), _day(len(CASES)).isoformat(), "day", spec.timezone)
     for chunk in chunks:

@@ -18,8 +18,8 @@ from airflow_backfill_provider import batches
 from airflow_backfill_provider.compat import DAG
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import load_spec
 from tests.session_helpers import run_sql
+from tests.specs import table_spec
 
 START = "2024-03-01"
 #: per granularity, a range of a few chunks (a property run must stay short): [START, START + seconds)
@@ -66,27 +66,22 @@ def _load(src: str, dst: str, *, chunk_by, granularity, historical, until_s, row
         elif historical == "expressions":
             rng["column_expressions"] = {"v": "v || ''"}
         historical_spec.append(rng)
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            version_column="u",
-            chunk_by=chunk_by,
-            granularity=granularity,
-            target_chunk_rows=7,  # key ranges and auto-sized chunks of a few rows: several per example
-            timezone=tz,
-            historical=historical_spec,
-            max_mapped_chunks=max_mapped,
-            max_batches=max_batches,
-            watermark={"enabled": False},
-            throttle={"max_active": 10_000},  # other tests on the server must not defer a chunk here
-            retries=0,
-        )
+    spec = table_spec(
+        src,
+        dst,
+        "ev",
+        time_column="t",
+        version_column="u",
+        chunk_by=chunk_by,
+        granularity=granularity,
+        target_chunk_rows=7,  # key ranges and auto-sized chunks of a few rows: several per example
+        timezone=tz,
+        historical=historical_spec,
+        max_mapped_chunks=max_mapped,
+        max_batches=max_batches,
+        watermark={"enabled": False},
+        throttle={"max_active": 10_000},  # other tests on the server must not defer a chunk here
+        retries=0,
     )
     end = _at(src, tz, SPAN_S[granularity])
     s, d = psycopg2.connect(src), psycopg2.connect(dst)

@@ -19,16 +19,13 @@ import pytest
 from airflow_backfill_provider import facts, identity, planning
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import open_destination, open_source
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
-from tests.seed import ORDERS_SPEC, create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
+from tests.specs import make_spec
 
 DAY = pendulum.datetime(2023, 1, 2)
-
-
-def _spec(**over):
-    return load_spec({**ORDERS_SPEC, "source_conn_id": "unused", "destination_conn_id": "unused", **over})
 
 
 def _chunk(day=DAY):
@@ -97,7 +94,7 @@ def tables(src_url, dst_url, pg):
 
 def test_a_chunk_with_the_plans_catalog_reads_no_catalog_and_loads_the_same(tables, pg):
     src, dst = tables
-    spec, chunk = _spec(), _chunk()
+    spec, chunk = make_spec(), _chunk()
     backfill, catalog = _plan_carry(spec, src, dst, chunk)
     assert set(catalog["ranges"]) == {"None"}  # the current source table's range
     result, (src_reads, dst_reads) = _load(spec, src, dst, chunk, backfill, catalog)
@@ -151,7 +148,7 @@ CHANGES = {
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_a_schema_change_after_the_plan_makes_the_chunk_read_the_catalogs(tables, pg, change, timezone):
     src, dst = tables
-    spec, chunk = _spec(timezone=timezone), _chunk(pendulum.datetime(2023, 1, 2, tz=timezone))
+    spec, chunk = make_spec(timezone=timezone), _chunk(pendulum.datetime(2023, 1, 2, tz=timezone))
     backfill, catalog = _plan_carry(spec, src, dst, chunk)
     side, ddl = CHANGES[change]
     with pg(src if side == "src" else dst).cursor() as cur:
@@ -196,7 +193,7 @@ def test_a_schema_change_after_the_plan_makes_the_chunk_read_the_catalogs(tables
 )
 def test_harmless_events_keep_the_carried_catalog(tables, pg, event):
     src, dst = tables
-    spec, chunk = _spec(), _chunk()
+    spec, chunk = make_spec(), _chunk()
     backfill, catalog = _plan_carry(spec, src, dst, chunk)
     for url in (src, dst):
         with pg(url).cursor() as cur:
@@ -213,7 +210,7 @@ def test_user_defined_types_are_never_carried(src_url, dst_url, pg):
     create_orders(pg(dst_url))
     with pg(dst_url).cursor() as cur:
         cur.execute("ALTER TABLE public.orders ALTER COLUMN note TYPE short_note")
-    spec, chunk = _spec(), _chunk()
+    spec, chunk = make_spec(), _chunk()
     backfill, catalog = _plan_carry(spec, src_url, dst_url, chunk)
     assert catalog == {}
     result, (src_reads, dst_reads) = _load(spec, src_url, dst_url, chunk, backfill, catalog)
@@ -222,10 +219,10 @@ def test_user_defined_types_are_never_carried(src_url, dst_url, pg):
 
 def test_carried_facts_are_ignored_for_another_spec_or_range(tables):
     src, dst = tables
-    spec, chunk = _spec(), _chunk()
+    spec, chunk = make_spec(), _chunk()
     _, catalog = _plan_carry(spec, src, dst, chunk)
     assert facts.usable(spec, chunk, catalog) is not None
-    assert facts.usable(_spec(version_column=None), chunk, catalog) is None  # the spec changed since the plan
+    assert facts.usable(make_spec(version_column=None), chunk, catalog) is None  # the spec changed since the plan
     assert facts.usable(spec, chunk, {"spec": catalog["spec"], "ranges": {"0": catalog["ranges"]["None"]}}) is None
     assert facts.usable(spec, chunk, {"spec": catalog["spec"], "ranges": {"None": {"junk": 1}}}) is None
     assert facts.usable(spec, chunk, None) is None and facts.usable(spec, chunk, "x") is None  # type: ignore[arg-type]
@@ -233,7 +230,7 @@ def test_carried_facts_are_ignored_for_another_spec_or_range(tables):
 
 def test_facts_survive_json(tables):
     src, dst = tables
-    spec, chunk = _spec(), _chunk()
+    spec, chunk = make_spec(), _chunk()
     s, d = psycopg2.connect(src), psycopg2.connect(dst)
     try:
         read = facts.read(spec, s, d, chunk)

@@ -18,18 +18,14 @@ import pytest
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import open_destination, open_source
 from airflow_backfill_provider.exceptions import PermanentChunkError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
-from tests.seed import ORDERS_SPEC, create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
+from tests.specs import make_spec
 
 DAY = pendulum.datetime(2023, 1, 2)
 CHUNK = Chunk("2023-01-02", DAY, DAY.add(days=1))
 COLUMNS = "id, customer_id, status, amount::text, created_at, updated_at, note"
-
-
-def _spec(**over):
-    return load_spec({**ORDERS_SPEC, "source_conn_id": "unused", "destination_conn_id": "unused", **over})
 
 
 class _Recording(psycopg2.extensions.cursor):
@@ -78,7 +74,7 @@ def tables(src_url, dst_url, pg):
 @pytest.mark.parametrize("copy_format", ["binary", "text"])
 def test_an_empty_range_is_copied_straight_in_and_a_rerun_upserts(tables, copy_format):
     src, dst = tables
-    spec = _spec(copy_format=copy_format)
+    spec = make_spec(copy_format=copy_format)
     result, path = _load(spec, src, dst)
     assert path == "direct" and (result.rows_extracted, result.inserted, result.updated) == (100, 100, 0)
     assert fetch_all(dst, f"SELECT {COLUMNS} FROM public.orders ORDER BY id") == _source_day(src)
@@ -108,7 +104,7 @@ def test_where_a_plain_copy_would_differ_the_chunk_stages(tables, pg, ddl):
     src, dst = tables
     with pg(dst).cursor() as cur:
         cur.execute(ddl)
-    result, path = _load(_spec(), src, dst)
+    result, path = _load(make_spec(), src, dst)
     assert path == "staged" and result.inserted == 100
     assert fetch_all(dst, f"SELECT {COLUMNS} FROM public.orders ORDER BY id") == _source_day(src)
 
@@ -123,7 +119,7 @@ def test_a_target_with_rules_is_refused_not_copied_around_them(tables, pg):
             " CREATE RULE audit AS ON INSERT TO public.orders DO ALSO INSERT INTO audit VALUES (NEW.id)"
         )
     with pytest.raises(PermanentChunkError, match="rules"):
-        _load(_spec(), src, dst)
+        _load(make_spec(), src, dst)
     assert fetch_all(dst, "SELECT count(*) FROM public.orders") == [(0,)]
 
 
@@ -136,7 +132,7 @@ def test_a_partitioned_target_stages(src_url, dst_url, pg):
             " note text, PRIMARY KEY (id)) PARTITION BY RANGE (id);"
             " CREATE TABLE orders_lo PARTITION OF public.orders FOR VALUES FROM (MINVALUE) TO (MAXVALUE)"
         )
-    result, path = _load(_spec(), src_url, dst_url)
+    result, path = _load(make_spec(), src_url, dst_url)
     assert path == "staged" and result.inserted == 100
 
 
@@ -156,7 +152,7 @@ def test_a_key_outside_the_range_rolls_the_copy_back_and_upserts_newer_wins(tabl
             "INSERT INTO public.orders VALUES (%s, %s, 'moved', %s, '2022-06-01 00:00+00', %s, %s)",
             (rid, cust, amount, updated, note),
         )
-    result, path = _load(_spec(), src, dst)
+    result, path = _load(make_spec(), src, dst)
     assert path == "both"  # tried the COPY, rolled back, staged
     if newer == "target":  # the target's row is newer: kept
         assert (result.inserted, result.updated, result.unchanged) == (99, 0, 1)
@@ -171,7 +167,7 @@ def test_a_key_outside_the_range_rolls_the_copy_back_and_upserts_newer_wins(tabl
 
 def test_key_ranges_check_their_key_range(tables, pg):
     src, dst = tables
-    spec = _spec(chunk_by="key")
+    spec = make_spec(chunk_by="key")
     lo_chunk = Chunk("id 1..101", pendulum.datetime(2023, 1, 1), pendulum.datetime(2023, 1, 4), "id", None, 101)
     hi_chunk = Chunk("id 101..", pendulum.datetime(2023, 1, 1), pendulum.datetime(2023, 1, 4), "id", 101, None)
     result, path = _load(spec, src, dst, lo_chunk)
@@ -214,7 +210,7 @@ def test_the_emptiness_check_follows_the_local_day_of_each_time_type(src_url, ds
                 (key, at),
             )
     pg(dst_url).commit()
-    spec = _spec(timezone=tz)
+    spec = make_spec(timezone=tz)
     day = pendulum.datetime(2023, 1, 2, tz=tz)
     chunk = Chunk("2023-01-02", day, day.add(days=1))
     result, path = _load(spec, src_url, dst_url, chunk)

@@ -7,10 +7,13 @@ import pytest
 
 from tests.seed import create_orders
 from airflow_backfill_provider.exceptions import PlanError
-from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
-from tests.conftest import fetch_all, table_digest
+from tests.conftest import fetch_all, plan_on, table_digest
+from tests.specs import make_spec, spec_dict
+
+#: key ranges of about 1,500 rows
+KEY_RANGES = {"chunk_by": "key", "target_chunk_rows": 1500}
 
 # ids as (first, last, step) runs: gaps between runs, dense and sparse runs (skew); created_at is scattered
 # over 2023 independently of the id, so the time column is uncorrelated with the physical order
@@ -49,38 +52,15 @@ def _seed(url: str, runs) -> int:
     return n
 
 
-def _spec(src, dst, **kw):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="orders",
-            destination_table="orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            chunk_by="key",
-            target_chunk_rows=1500,
-            **kw,
-        )
-    )
-
-
 def _plan(spec, src, dst, start="2023-01-01", end="2024-01-01", **kw):
-    s, d = psycopg2.connect(src), psycopg2.connect(dst)
-    try:
-        return build_plan(spec, start, end, src_conn=s, dst_conn=d, **kw)
-    finally:
-        s.close()
-        d.close()
+    return plan_on(spec, src, dst, start, end, **kw)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_key_ranges_load_every_row_exactly_once(shape, src_url, dst_url, pg):
     n = _seed(src_url, SHAPES[shape])
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url)
+    spec = make_spec(src_url, dst_url, **KEY_RANGES)
     plan = _plan(spec, src_url, dst_url)
     assert plan.granularity == "key" and all(c.keyed for c in plan.chunks)
     assert any("chunk_by key" in note for note in plan.notes)
@@ -110,7 +90,7 @@ def test_rows_inserted_after_the_statistics_still_load(src_url, dst_url, pg):
         " FROM generate_series(990000000, 990000999) g"
     )
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url)
+    spec = make_spec(src_url, dst_url, **KEY_RANGES)
     for c in _plan(spec, src_url, dst_url).chunks:
         transfer_chunk(spec, c)
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(n + 1000,)]
@@ -120,7 +100,7 @@ def test_the_time_range_still_bounds_key_chunks(src_url, dst_url, pg):
     """Key chunks keep the run's time range: rows outside [start, end) (e.g. at/after the watermark) stay out."""
     _seed(src_url, SHAPES["gaps_and_skew"])
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url)
+    spec = make_spec(src_url, dst_url, **KEY_RANGES)
     for c in _plan(spec, src_url, dst_url, start="2023-01-01", end="2023-07-01").chunks:
         transfer_chunk(spec, c)
     expected = fetch_all(src_url, "SELECT count(*) FROM orders WHERE created_at < '2023-07-01T00:00Z'")
@@ -135,7 +115,7 @@ def test_a_non_integer_key_is_refused_naming_it(src_url, dst_url, pg):
     )
     create_orders(pg(dst_url))
     with pytest.raises(PlanError, match=r"chunk_by: key needs an integer key_column; 'id' of orders is text"):
-        _plan(_spec(src_url, dst_url), src_url, dst_url)
+        _plan(make_spec(src_url, dst_url, **KEY_RANGES), src_url, dst_url)
 
 
 @pytest.mark.parametrize("mode", ["upsert", "swap"])
@@ -154,15 +134,10 @@ def test_key_chunks_under_dag_test_compose_with_newer_wins_swap_and_validation(
     )
     monkeypatch.setenv("AIRFLOW_CONN_BF_SRC", src_url)
     monkeypatch.setenv("AIRFLOW_CONN_BF_DST", dst_url)
-    spec = dict(
+    spec = spec_dict(
+        "bf_src",
+        "bf_dst",
         name=f"keys_{mode}",
-        source_conn_id="bf_src",
-        destination_conn_id="bf_dst",
-        source_table="orders",
-        destination_table="orders",
-        time_column="created_at",
-        key_columns=["id"],
-        version_column="updated_at",
         chunk_by="key",
         target_chunk_rows=3000,
         mode=mode,

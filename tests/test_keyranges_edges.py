@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from psycopg2 import sql
 
 from airflow_backfill_provider.exceptions import PlanError, SpecError
-from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.conftest import plan_on
 from tests.session_helpers import run_sql
+from tests.specs import table_spec
 
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 
@@ -30,29 +30,13 @@ def _table(key_type: str, name: str = "ev", extra: str = "") -> str:
 
 
 def _spec(src, dst, **kw):
-    data = dict(
-        name="ev",
-        source_conn_id=src,
-        destination_conn_id=dst,
-        source_table="ev",
-        destination_table="ev",
-        time_column="t",
-        key_columns=["id"],
-        chunk_by="key",
-        target_chunk_rows=50,
-        conflict_policy="backfill_wins",
-    )
-    data.update(kw)
-    return load_spec(data)
+    """Key ranges of about 50 rows of ev, no version column: the backfill's rows win."""
+    keys = {"chunk_by": "key", "target_chunk_rows": 50, "conflict_policy": "backfill_wins"}
+    return table_spec(src, dst, "ev", time_column="t", **{**keys, **kw})
 
 
 def _plan(spec, src, dst, start="2024-01-01", end="2024-02-01"):
-    s, d = psycopg2.connect(src), psycopg2.connect(dst)
-    try:
-        return build_plan(spec, start, end, src_conn=s, dst_conn=d)
-    finally:
-        s.close()
-        d.close()
+    return plan_on(spec, src, dst, start, end)
 
 
 def _insert(url, ids, *, table="ev", grp=None):

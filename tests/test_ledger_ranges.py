@@ -11,6 +11,7 @@ from airflow_backfill_provider.coverage import Coverage, rect
 from airflow_backfill_provider.identity import BackfillIdentity
 from airflow_backfill_provider.spec import TableName
 from tests.conftest import fetch_all
+from tests.specs import make_spec
 
 OLD_LEDGER = """CREATE TABLE backfill_ledger (
     target_table text NOT NULL, range_start timestamptz NOT NULL, range_end timestamptz NOT NULL,
@@ -100,24 +101,11 @@ def test_day_chunks_in_the_ledger_cover_a_week_plan_on_real_postgres(src_url, ds
     """Resume across plan changes: switching day -> week reloads nothing already covered."""
     from tests.seed import create_orders, seed_orders
     from airflow_backfill_provider.planning import build_plan
-    from airflow_backfill_provider.spec import load_spec
     from airflow_backfill_provider.transfer import transfer_chunk
 
     seed_orders(pg(src_url), rows=600, days=31, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
-    spec = load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="orders",
-            destination_table="orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            watermark={"enabled": False},
-        )
-    )
+    spec = make_spec(src_url, dst_url, destination_table="orders", watermark={"enabled": False})
 
     def plan(granularity, start="2024-01-01", end="2024-01-15"):
         d = psycopg2.connect(dst_url)

@@ -18,18 +18,8 @@ from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from airflow_backfill_provider.operators.live import LiveIngestOperator
 from airflow_backfill_provider.operators.merge import MergeBackfillOperator
-from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
-
-
-def _spec(src, dst, **extra):
-    return load_spec(
-        dict(
-            name="orders", source_conn_id=src, destination_conn_id=dst, source_table="orders",
-            destination_table="public.orders", time_column="created_at", key_columns=["id"],
-            version_column="updated_at", **extra,
-        )
-    ).model_dump(mode="json")  # fmt: skip
+from tests.specs import spec_json
 
 
 @pytest.fixture()
@@ -39,7 +29,7 @@ def loaded(src_url, dst_url, pg):
     create_orders(pg(dst_url))
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     with DAG(dag_id="bf_lineage", schedule=None, start_date=pendulum.datetime(2024, 1, 1)):
-        op = BackfillChunkOperator(task_id="load_chunk", spec=_spec(src_url, dst_url), chunk=chunk.to_descriptor())
+        op = BackfillChunkOperator(task_id="load_chunk", spec=spec_json(src_url, dst_url), chunk=chunk.to_descriptor())
     op.execute({"dag_run": None})
     assert fetch_all(dst_url, "SELECT count(*) FROM orders") == [(100,)]
     return op
@@ -73,8 +63,8 @@ def test_live_and_merge_lineage(src_url, dst_url, pg):
     seed_orders(pg(src_url), rows=10, days=1, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
     with DAG(dag_id="bf_lineage_2", schedule=None, start_date=pendulum.datetime(2024, 1, 1)):
-        live = LiveIngestOperator(task_id="live", spec=_spec(src_url, dst_url, live={"enabled": True}))
-        merge = MergeBackfillOperator(task_id="merge", spec=_spec(src_url, dst_url, mode="swap"))
+        live = LiveIngestOperator(task_id="live", spec=spec_json(src_url, dst_url, live={"enabled": True}))
+        merge = MergeBackfillOperator(task_id="merge", spec=spec_json(src_url, dst_url, mode="swap"))
     ns_dst, dst_db = _names(dst_url)
     lin = live.get_openlineage_facets_on_start()
     assert [d.name for d in lin.inputs] == [f"{_names(src_url)[1]}.public.orders"]

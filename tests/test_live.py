@@ -8,25 +8,15 @@ import pytest
 from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.live import advance_watermark, run_live_ingest
 from airflow_backfill_provider.spec import TableName, load_spec
+from tests import specs
 from tests.conftest import fetch_all, table_digest
 
 WM = "SELECT watermark FROM backfill_watermarks WHERE target_table = 'public.orders'"
 
 
 def make_spec(src_url, dst_url, **live):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            live={"enabled": True, "lookback_s": 60, **live},
-        )
-    )
+    """Live ingest on, a minute of look-back unless the test says otherwise."""
+    return specs.make_spec(src_url, dst_url, live={"enabled": True, "lookback_s": 60, **live})
 
 
 @pytest.fixture()

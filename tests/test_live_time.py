@@ -16,8 +16,10 @@ from psycopg2 import sql
 
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.conftest import fetch_all
+from tests.session_helpers import set_database_defaults
+from tests.specs import table_spec
 
 ZONE = "America/New_York"
 FILL = {
@@ -29,29 +31,11 @@ FILL = {
 START_FROM = {"timestamp": "2024-11-03T12:00:00", "date": "2024-11-03T12:00:00"}
 
 
-def fetch(url, query, params=None):
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("kind", ["timestamp", "date"])
 def test_live_and_backfill_together_load_every_row_of_a_naive_or_date_cursor(databases, kind):
     src, dst = databases.create("ltsrc"), databases.create("ltdst")
-    admin = psycopg2.connect(src)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        for url, tz in ((src, "UTC"), (dst, "Asia/Kolkata")):
-            cur.execute(
-                sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
-                    sql.Identifier(url.rsplit("/", 1)[1]), sql.Literal(tz)
-                )
-            )
-    admin.close()
+    set_database_defaults(src, timezone="UTC")
+    set_database_defaults(dst, timezone="Asia/Kolkata")
     for url in (src, dst):
         conn = psycopg2.connect(url)
         with conn, conn.cursor() as cur:
@@ -61,22 +45,17 @@ def test_live_and_backfill_together_load_every_row_of_a_naive_or_date_cursor(dat
             if url == src:
                 cur.execute(FILL[kind])
         conn.close()
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            timezone=ZONE,
-            live={"enabled": True, "lookback_s": 60, "start_from": START_FROM[kind]},
-        )
+    spec = table_spec(
+        src,
+        dst,
+        "ev",
+        time_column="t",
+        timezone=ZONE,
+        live={"enabled": True, "lookback_s": 60, "start_from": START_FROM[kind]},
     )
     run_live_ingest(spec)
-    top = fetch(src, "SELECT max(t) FROM ev")[0][0]
-    (wm,) = fetch(dst, "SELECT watermark FROM backfill_watermarks")[0]
+    top = fetch_all(src, "SELECT max(t) FROM ev")[0][0]
+    (wm,) = fetch_all(dst, "SELECT watermark FROM backfill_watermarks")[0]
     # the watermark is the newest cursor value read as New York time, not as the session's TimeZone
     naive_top = top if kind == "timestamp" else dt.datetime.combine(top, dt.time(0))
     assert wm.astimezone(dt.timezone.utc) == naive_top.replace(tzinfo=dt.timezone.utc) + dt.timedelta(hours=5), (
@@ -84,8 +63,8 @@ def test_live_and_backfill_together_load_every_row_of_a_naive_or_date_cursor(dat
     )
     # live read everything from start_from's local time on (12:00 wall time; a date keeps its whole day)
     lowest = dt.datetime(2024, 11, 3, 12) if kind == "timestamp" else dt.date(2024, 11, 3)
-    want_live = {i for i, t in fetch(src, "SELECT id, t FROM ev") if t >= lowest}
-    got_live = {r[0] for r in fetch(dst, "SELECT id FROM ev")}
+    want_live = {i for i, t in fetch_all(src, "SELECT id, t FROM ev") if t >= lowest}
+    got_live = {r[0] for r in fetch_all(dst, "SELECT id FROM ev")}
     assert want_live <= got_live, f"live missed {sorted(want_live - got_live)[:5]}"
 
     # the backfill of everything before: clipped at the watermark, it leaves no row between the two
@@ -97,4 +76,6 @@ def test_live_and_backfill_together_load_every_row_of_a_naive_or_date_cursor(dat
     assert plan.clipped
     for chunk in plan.chunks:
         transfer_chunk(spec, chunk)
-    assert fetch(dst, "SELECT id, t, v FROM ev ORDER BY id") == fetch(src, "SELECT id, t, v FROM ev ORDER BY id")
+    assert fetch_all(dst, "SELECT id, t, v FROM ev ORDER BY id") == fetch_all(
+        src, "SELECT id, t, v FROM ev ORDER BY id"
+    )

@@ -11,22 +11,13 @@ import psycopg2
 import pytest
 
 from airflow_backfill_provider.loadsignal import add_latency, look_fresh_s, read_state, record_look
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.throttle import probe_load
-from tests.seed import ORDERS_SPEC
+from tests.specs import make_spec
 
 
 @pytest.fixture()
 def look_spec(src_url, dst_url):
-    return load_spec(
-        {
-            **ORDERS_SPEC,
-            "name": "look",
-            "source_conn_id": src_url,
-            "destination_conn_id": dst_url,
-            "throttle": {"max_latency_ratio": 2.0, "load_window_s": 1.0, "start_window_s": 0.3},
-        }
-    )
+    return make_spec(src_url, dst_url, throttle={"max_latency_ratio": 2.0, "load_window_s": 1.0, "start_window_s": 0.3})
 
 
 def _start(spec, src_url):

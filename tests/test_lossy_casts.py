@@ -18,6 +18,7 @@ from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.exceptions import PermanentChunkError, SpecError
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.specs import table_spec
 
 BOTH = "CREATE DOMAIN vc5 AS varchar(5); CREATE DOMAIN money2 AS numeric(12,2);"
 DEST_ONLY = """
@@ -120,19 +121,7 @@ def make_case(lossy_dbs, src_type, dst_type, value, **spec_extra):
         )
     with conns[dst].cursor() as cur:
         cur.execute(sql.SQL(ddl).format(t=sql.Identifier(table), ty=sql.SQL(dst_type)))
-    spec = load_spec(
-        dict(
-            name="lossy",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table=table,
-            destination_table=table,
-            time_column="at",
-            key_columns=["id"],
-            conflict_policy="backfill_wins",
-            **spec_extra,
-        )
-    )
+    spec = table_spec(src, dst, table, time_column="at", name="lossy", conflict_policy="backfill_wins", **spec_extra)
     return spec, table
 
 

@@ -14,28 +14,18 @@ from psycopg2 import sql
 
 from airflow_backfill_provider.live import advance_watermark, ensure_watermark_table, run_live_ingest
 from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
+from tests.specs import table_spec
 
 W = "2024-01-05T00:00:00+00:00"  # live ingest starts here (start_from): the backfill is clipped at it
 
 
 def make_spec(src, dst, **over):
-    return load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="ev",
-            destination_table="ev",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            live={"enabled": True, "start_from": W, "lookback_s": 0},
-            **over,
-        )
-    )
+    """ev, versioned like orders, with live ingest from W and no look-back."""
+    live = {"enabled": True, "start_from": W, "lookback_s": 0}
+    return table_spec(src, dst, "ev", time_column="created_at", version_column="updated_at", live=live, **over)
 
 
 def create(conn, time_type):

@@ -9,24 +9,13 @@ from airflow_backfill_provider.chunks import plan_chunks
 from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PlanError, WatermarkError
 from airflow_backfill_provider.planning import build_plan, resolve_range
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
-
-SPEC = dict(
-    name="orders",
-    source_conn_id="s",
-    destination_conn_id="d",
-    source_table="orders",
-    destination_table="public.orders",
-    time_column="created_at",
-    key_columns=["id"],
-    version_column="updated_at",
-)
+from tests.specs import make_spec, table_spec
 
 
 def test_params_win_over_the_data_interval():
-    spec = load_spec(SPEC)
+    spec = make_spec()
     lo, hi = resolve_range(
         spec,
         param_start="2024-01-01",
@@ -39,7 +28,7 @@ def test_params_win_over_the_data_interval():
 
 
 def test_backfill_runs_use_their_data_interval():
-    spec = load_spec({**SPEC, "timezone": "America/New_York"})
+    spec = make_spec(timezone="America/New_York")
     lo, hi = resolve_range(
         spec,
         param_start=None,
@@ -57,7 +46,7 @@ def test_a_backfill_run_refuses_start_and_end(start, end):
     naming the params and the fix."""
     with pytest.raises(PlanError) as err:
         resolve_range(
-            load_spec(SPEC),
+            make_spec(),
             param_start=start,
             param_end=end,
             run_type="backfill",
@@ -103,17 +92,13 @@ def test_a_backfill_run_refuses_start_and_end(start, end):
 )
 def test_range_errors(kwargs, fragment):
     with pytest.raises(PlanError, match=fragment):
-        resolve_range(load_spec(SPEC), **kwargs)
-
-
-def _spec(src, dst, **extra):
-    return load_spec({**SPEC, "source_conn_id": src, "destination_conn_id": dst, **extra})
+        resolve_range(make_spec(), **kwargs)
 
 
 def test_plan_skips_ledgered_chunks_unless_reprocess(src_url, dst_url, pg):
     seed_orders(pg(src_url), rows=500, days=5, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url)
+    spec = make_spec(src_url, dst_url)
     for c in plan_chunks("2024-01-01", "2024-01-03", "day", "UTC"):
         transfer_chunk(spec, c)
     conn = pg(dst_url)
@@ -130,7 +115,7 @@ def test_plan_clips_to_or_refuses_the_live_watermark(dst_url, pg):
         cur.execute(
             "INSERT INTO backfill_watermarks (target_table, watermark) VALUES ('public.orders', '2024-01-03T12:00Z')"
         )
-    spec = _spec("s", dst_url)
+    spec = make_spec(dst=dst_url)
     plan = build_plan(spec, "2024-01-01", "2024-01-10", dst_conn=conn)
     assert plan.clipped and plan.end == pendulum.datetime(2024, 1, 3, 12, tz="UTC")
     assert [c.chunk_id for c in plan.chunks] == [
@@ -139,7 +124,7 @@ def test_plan_clips_to_or_refuses_the_live_watermark(dst_url, pg):
         "2024-01-03T00:00+00:00..2024-01-03T12:00+00:00",
     ]
     with pytest.raises(WatermarkError, match="after the live watermark"):
-        build_plan(_spec("s", dst_url, watermark={"policy": "refuse"}), "2024-01-01", "2024-01-10", dst_conn=conn)
+        build_plan(make_spec(dst=dst_url, watermark={"policy": "refuse"}), "2024-01-01", "2024-01-10", dst_conn=conn)
     assert build_plan(spec, "2024-01-05", "2024-01-10", dst_conn=conn).chunks == []
 
 
@@ -157,19 +142,7 @@ def test_a_coarse_version_column_is_warned_about(version_type, warned, src_url, 
         pg(url).cursor().execute(
             f"DROP TABLE IF EXISTS coarse; CREATE TABLE coarse (id bigint PRIMARY KEY, d date NOT NULL, v {version_type})"
         )
-    spec = load_spec(
-        dict(
-            name="coarse",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="coarse",
-            destination_table="coarse",
-            time_column="d",
-            key_columns=["id"],
-            version_column="v",
-            granularity="day",
-        )
-    )
+    spec = table_spec(src_url, dst_url, "coarse", time_column="d", version_column="v")
     plan = build_plan(spec, "2024-01-01", "2024-01-03")
     src, dst = pg(src_url), pg(dst_url)
     warnings = [m for level, m in preflight(spec, plan, src, dst) if level == logging.WARNING and "version_column" in m]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import tomllib
 
+import pytest
+
 from airflow_backfill_provider.compat import AIRFLOW_V_3
 from tests.conftest import REPO
 
@@ -34,6 +36,7 @@ def test_what_it_registers_for_this_airflow_version():
         assert cls.timetables == []
 
 
+@pytest.mark.heavy  # a fresh interpreter importing Airflow: seconds
 def test_loading_the_plugin_imports_no_web_framework():
     """Task processes load plugins too: the page's FastAPI app is built on its first request only."""
     import subprocess

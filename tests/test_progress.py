@@ -24,19 +24,10 @@ from airflow_backfill_provider.progress import (
     read_ledger,
     read_validation,
 )
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
+from tests.specs import make_spec
 
 UTC = dt.timezone.utc
-
-
-def make_spec(**overrides):
-    data = dict(
-        name="orders", source_conn_id="unused_src", destination_conn_id="unused_dst",
-        source_table="public.orders", destination_table="public.orders", time_column="created_at",
-        key_columns=["id"], version_column="updated_at", timezone="UTC", granularity="day",
-    )  # fmt: skip
-    data.update(overrides)
-    return load_spec(data)
 
 
 def day(i: int) -> dt.datetime:
@@ -248,6 +239,7 @@ def test_reads_ledger_and_validation_from_real_postgres(dst_url, pg):
     assert payload["waits"] == {"load_s": 2.5, "pacing_s": 1.0, "chunks_waited": 2, "deferred_now": 0}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("from_descriptors", [False, True])
 def test_twenty_thousand_hour_chunks_build_in_one_pass(from_descriptors):
     """A 20k-chunk plan (hours over 2.3 years) with a ledger row and a task state per chunk.

@@ -20,21 +20,14 @@ from airflow_backfill_provider.progress import (
     read_ledger,
     run_totals,
 )
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
 from tests.seed import create_orders, seed_orders
+from tests.specs import make_spec
 
 DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
 RUN_ID = "backfill__2024-01-01T00:00:00+00:00"  # both DAGs' runs: ids are unique per DAG only
-
-
-def spec_for(src, dst, name, table):
-    return load_spec(
-        {"name": name, "source_conn_id": src, "destination_conn_id": dst, "source_table": table,
-         "destination_table": "public.orders", "time_column": "created_at", "key_columns": ["id"],
-         "version_column": "updated_at", "timezone": "UTC", "granularity": "day"}
-    )  # fmt: skip
 
 
 def rows_per_day(src_url, table):
@@ -47,8 +40,8 @@ def test_two_backfills_into_one_table_each_show_their_own_progress(src_url, dst_
     seed_orders(src, rows=300, days=3, start=dt.date(2024, 1, 1), table="orders_us", first_id=1)
     seed_orders(src, rows=90, days=3, start=dt.date(2024, 1, 1), table="orders_eu", first_id=10_001)
     create_orders(pg(dst_url))
-    us = spec_for(src_url, dst_url, "us", "orders_us")
-    eu = spec_for(src_url, dst_url, "eu", "orders_eu")
+    us = make_spec(src_url, dst_url, name="us", source_table="orders_us")
+    eu = make_spec(src_url, dst_url, name="eu", source_table="orders_eu")
     keys = {}
     for spec in (us, eu):  # the plan records the backfill's key (what the page selects the ledger by)
         plan = build_plan(spec, "2024-01-01", "2024-01-04", dst_conn=pg(dst_url), src_conn=pg(src_url))
@@ -90,7 +83,7 @@ def test_a_ledger_from_before_the_wait_columns_still_counts_and_is_migrated(src_
     src = pg(src_url)
     seed_orders(src, rows=30, days=3, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
-    spec = spec_for(src_url, dst_url, "orders", "orders")
+    spec = make_spec(src_url, dst_url)
     transfer_chunk(spec, DAYS[0], run_id="r1")
     conn = pg(dst_url)
     with conn.cursor() as cur:  # the previous release's ledger: keyed, no wait columns
@@ -141,7 +134,7 @@ def _backfill_inputs(spec, dst_url, pg, src_url):
 def test_a_whole_backfill_adds_up_its_runs_chunks_in_logical_date_order(src_url, dst_url, pg):
     from airflow_backfill_provider.progress import build_backfill, format_text
 
-    spec = spec_for(src_url, dst_url, "orders", "orders")
+    spec = make_spec(src_url, dst_url)
     ids, key, inputs = _backfill_inputs(spec, dst_url, pg, src_url)
     rows = read_ledger(pg(dst_url), spec, backfill_key=key)
     jumbled = [inputs[2], inputs[0], inputs[3], inputs[1]]  # the order runs started in
@@ -176,7 +169,7 @@ def test_the_page_shows_the_backfills_runs_in_order_and_a_fixed_width_calendar(s
     from airflow_backfill_provider.progress import build_backfill
     from airflow_backfill_provider.ui.app import CSS, _page, render
 
-    spec = spec_for(src_url, dst_url, "orders", "orders")
+    spec = make_spec(src_url, dst_url)
     ids, key, inputs = _backfill_inputs(spec, dst_url, pg, src_url)
     rows = read_ledger(pg(dst_url), spec, backfill_key=key)
     p = build_backfill(spec, dag_id="backfill_orders", backfill_id="7", runs=inputs[::-1], ledger_rows=rows)
@@ -205,10 +198,7 @@ def test_status_finds_the_latest_runs_backfill_in_the_metadata_db(airflow_db, sr
     from airflow_backfill_provider.compat import AIRFLOW_V_3
 
     dag_id = "backfill_whole_view"
-    spec = load_spec({
-        "name": "whole_view", "dag_id": dag_id, "source_conn_id": src_url, "destination_conn_id": dst_url,
-        "source_table": "orders", "destination_table": "public.orders", "time_column": "created_at",
-        "key_columns": ["id"], "version_column": "updated_at", "timezone": "UTC", "granularity": "day"})  # fmt: skip
+    spec = make_spec(src_url, dst_url, name="whole_view", dag_id=dag_id)
     assert spec.effective_dag_id == dag_id
     seed_orders(pg(src_url), rows=400, days=4, start=dt.date(2024, 2, 1))
     create_orders(pg(dst_url))

@@ -46,7 +46,7 @@ def test_plan_message():
 
 def test_estimate_is_the_source_planners(src_url, pg):
     from tests.seed import seed_orders
-    from tests.test_progress import make_spec
+    from tests.specs import make_spec
 
     conn = pg(src_url)
     seed_orders(conn, rows=3000, days=30, start=dt.date(2023, 1, 1))

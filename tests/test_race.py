@@ -21,9 +21,9 @@ from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import TransientChunkError
 from airflow_backfill_provider.live import run_live_ingest
 from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
+from tests import specs
 
 ROWS, DAYS, START = 1200, 2, dt.date(2024, 1, 1)
 BOUND_S = 30  # generous: a round takes a few seconds
@@ -31,22 +31,9 @@ ROUNDS = int(os.environ.get("RACE_ROUNDS", "3"))  # CI can ask for more, e.g. RA
 
 
 def make_spec(src_url, dst_url, lookback_s=5):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            granularity="hour",
-            live={"enabled": True, "lookback_s": lookback_s},
-            statement_timeout_s=20,
-            lock_timeout_s=5,  # nothing in a round may hang: bounded in time
-        )
-    )
+    """Hourly chunks beside live ingest; nothing in a round may hang: statements and locks bounded in time."""
+    live = {"enabled": True, "lookback_s": lookback_s}
+    return specs.make_spec(src_url, dst_url, granularity="hour", live=live, statement_timeout_s=20, lock_timeout_s=5)
 
 
 @pytest.fixture()

@@ -18,11 +18,11 @@ import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.interrupts import ChunkTerminated
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all, table_digest
 from tests.load_helpers import Sleepers
-from tests.seed import ORDERS_SPEC, create_orders, seed_orders
+from tests.seed import create_orders, seed_orders
+from tests.specs import make_spec
 
 ROWS = 300_000
 CHUNK = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
@@ -57,16 +57,9 @@ def dst(dst_url, pg):
 
 
 def spec_for(src, dst, **throttle):
-    return load_spec(
-        dict(
-            ORDERS_SPEC,
-            source_conn_id=src,
-            destination_conn_id=dst,
-            throttle=dict(
-                dict(max_active=MAX_ACTIVE, max_latency_ratio=None, read_check_s=0.1, max_pause_s=120), **throttle
-            ),
-        )
-    )
+    """The read watch on: busy above MAX_ACTIVE, checked every 0.1 s while reading."""
+    watch = {"max_active": MAX_ACTIVE, "max_latency_ratio": None, "read_check_s": 0.1, "max_pause_s": 120}
+    return make_spec(src, dst, throttle={**watch, **throttle})
 
 
 def wait_for(what: str, condition, timeout: float = 30.0, every: float = 0.02):

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import fetch_all
 from tests.seed import create_orders
-from tests.test_sizing import _plan, _spec
+from tests.specs import make_spec
+from tests.conftest import plan_on
 
 ROWS = 200_000
 TARGET = 20_000
@@ -60,17 +61,17 @@ def _count(plan) -> int:
 def test_a_table_without_statistics_gets_the_plan_analyze_would_give(src_url, dst_url, pg, time_order, granularity):
     _seed(src_url, time_order=time_order)
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
+    spec = make_spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
     assert _no_statistics(src_url)
 
-    sampled = _plan(spec, src_url, dst_url, "2022-01-01", "2024-01-01")
+    sampled = plan_on(spec, src_url, dst_url, "2022-01-01", "2024-01-01")
     note = [n for n in sampled.notes if "estimate was sampled" in n]
     assert note and "no statistics" in note[0] and "Run ANALYZE" in note[0], sampled.notes
     assert "created_at min/max from its index" in note[0]
     assert _no_statistics(src_url), "the plan must not analyze the source"
 
     pg(src_url).cursor().execute("ANALYZE orders")
-    analyzed = _plan(spec, src_url, dst_url, "2022-01-01", "2024-01-01")
+    analyzed = plan_on(spec, src_url, dst_url, "2022-01-01", "2024-01-01")
     assert not any("estimate was sampled" in n for n in analyzed.notes)
 
     print(f"time_order={time_order}: sampled {_count(sampled)} chunks, analyzed {_count(analyzed)}; {note[0]}")
@@ -130,8 +131,8 @@ def test_a_sample_that_cannot_finish_in_time_falls_back_to_days(src_url, dst_url
     try:
         with blocker.cursor() as cur:
             cur.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")  # as an ALTER TABLE would
-        spec = _spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
-        plan = _plan(spec, src_url, dst_url, "2022-01-01", "2022-01-08")
+        spec = make_spec(src_url, dst_url, granularity="auto", target_chunk_rows=TARGET)
+        plan = plan_on(spec, src_url, dst_url, "2022-01-01", "2022-01-08")
     finally:
         blocker.rollback()
         blocker.close()

@@ -17,26 +17,15 @@ from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.connections import connect, timeout_ms
 from airflow_backfill_provider.exceptions import PermanentChunkError, SpecError
 from airflow_backfill_provider.live import run_live_ingest
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.session_helpers import HOSTILE, create_database, dbname, run_sql, server_address, set_database_defaults
+from tests import specs
 
 UTC = dt.timezone.utc
 
 
 def make_spec(src, dst, table="ev", time_column="t", **extra):
-    return load_spec(
-        dict(
-            name="sessions",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table=table,
-            destination_table=table,
-            time_column=time_column,
-            key_columns=["id"],
-            **extra,
-        )
-    )
+    return specs.table_spec(src, dst, table, time_column=time_column, **extra)
 
 
 def show(conn, *names):
@@ -300,24 +289,14 @@ _SECRET_DSNS = [
 def test_spec_refuses_a_conn_id_with_a_password(key, dsn):
     ids = {"source_conn_id": "src_pg", "destination_conn_id": "dst_pg", key: dsn}
     with pytest.raises(SpecError) as info:
-        load_spec(dict(name="x", source_table="t", destination_table="t", time_column="t", key_columns=["id"], **ids))
+        specs.make_spec(**ids)
     msg = str(info.value)
     assert key in msg and "password" in msg and "AIRFLOW_CONN_" in msg and "s3cret" not in msg, msg
 
 
 @pytest.mark.parametrize("dsn", ["postgresql://u@db.example:5432/app", "host=db.example dbname=app user=u", "prod_pg"])
 def test_spec_accepts_conn_ids_and_dsns_without_password(dsn):
-    spec = load_spec(
-        dict(
-            name="x",
-            source_table="t",
-            destination_table="t",
-            time_column="t",
-            key_columns=["id"],
-            source_conn_id=dsn,
-            destination_conn_id=dsn,
-        )
-    )
+    spec = specs.make_spec(dsn, dsn)
     assert spec.source_conn_id == dsn
 
 
@@ -409,15 +388,7 @@ def test_load_trigger_resolves_connection_extras_asynchronously(monkeypatch, src
 def test_validate_operator_refuses_a_connection_url_with_a_password(key):
     from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
 
-    spec = dict(
-        name="x",
-        source_table="t",
-        destination_table="t",
-        time_column="t",
-        key_columns=["id"],
-        source_conn_id="src_pg",
-        destination_conn_id="dst_pg",
-    )
+    spec = specs.spec_dict("src_pg", "dst_pg")
     with pytest.raises(ValueError) as info:
         ValidateBackfillOperator(task_id="v", spec=spec, **{key: _SECRET_DSNS[0]})
     assert key in str(info.value) and "s3cret" not in str(info.value)

@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.seed import create_orders
-from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.sizing import auto_time_chunks, target_rows
-from airflow_backfill_provider.spec import load_spec
-from tests.conftest import fetch_all
+from tests.conftest import fetch_all, plan_on
+from tests.specs import make_spec
 
 T = 1000
 
 
+@pytest.mark.heavy
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.floats(0, 5000), min_size=1, max_size=40), st.sampled_from(["UTC", "America/New_York"]))
 def test_auto_chunks_partition_the_range_and_land_near_the_target(day_rows, tz):
@@ -76,31 +76,6 @@ def _seed_skewed(url):
     conn.close()
 
 
-def _spec(src, dst, **kw):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="orders",
-            destination_table="orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            **kw,
-        )
-    )
-
-
-def _plan(spec, src, dst, start, end, **kw):
-    s, d = psycopg2.connect(src), psycopg2.connect(dst)
-    try:
-        return build_plan(spec, start, end, src_conn=s, dst_conn=d, **kw)
-    finally:
-        s.close()
-        d.close()
-
-
 @pytest.fixture()
 def skewed(src_url, dst_url, pg):
     _seed_skewed(src_url)
@@ -111,7 +86,9 @@ def skewed(src_url, dst_url, pg):
 @pytest.mark.parametrize("target", [500, 2000, 5000])
 def test_auto_size_on_a_skewed_table_stays_within_the_stated_factor(skewed, target):
     src, dst = skewed
-    plan = _plan(_spec(src, dst, granularity="auto", target_chunk_rows=target), src, dst, "2022-01-01", "2024-01-01")
+    plan = plan_on(
+        make_spec(src, dst, granularity="auto", target_chunk_rows=target), src, dst, "2022-01-01", "2024-01-01"
+    )
     assert plan.granularity == "auto" and any("granularity auto" in n for n in plan.notes)
     sizes = []
     for c in plan.chunks:
@@ -129,10 +106,12 @@ def test_auto_size_on_a_skewed_table_stays_within_the_stated_factor(skewed, targ
 
 def test_tiny_chunks_and_a_scattered_table_are_called_out(skewed):
     src, dst = skewed
-    plan = _plan(_spec(src, dst, granularity="day", target_chunk_rows=5000), src, dst, "2022-01-01", "2024-01-01")
+    plan = plan_on(make_spec(src, dst, granularity="day", target_chunk_rows=5000), src, dst, "2022-01-01", "2024-01-01")
     tiny = [n for n in plan.notes if "gives tiny chunks" in n]
     assert tiny and "Suggest granularity: 'month'" in tiny[0], plan.notes
-    plan = _plan(_spec(src, dst, granularity="month", target_chunk_rows=5000), src, dst, "2023-02-01", "2023-05-01")
+    plan = plan_on(
+        make_spec(src, dst, granularity="month", target_chunk_rows=5000), src, dst, "2023-02-01", "2023-05-01"
+    )
     scattered = [n for n in plan.notes if "not in created_at order" in n]
     assert scattered and "of the table's" in scattered[0], plan.notes
 
@@ -140,7 +119,7 @@ def test_tiny_chunks_and_a_scattered_table_are_called_out(skewed):
 def test_auto_without_statistics_falls_back_and_says_so(src_url, dst_url, pg):
     create_orders(pg(src_url))
     create_orders(pg(dst_url))
-    plan = _plan(_spec(src_url, dst_url, granularity="auto"), src_url, dst_url, "2024-01-01", "2024-01-08")
+    plan = plan_on(make_spec(src_url, dst_url, granularity="auto"), src_url, dst_url, "2024-01-01", "2024-01-08")
     assert plan.granularity == "day" and len(plan.chunks) == 7
     assert any("no statistics" in n and "ANALYZE" in n for n in plan.notes)
 
@@ -150,8 +129,8 @@ def test_a_key_in_physical_order_is_recommended_over_scattered_time_chunks(src_u
 
     _seed(src_url, SHAPES["gaps_and_skew"])  # ids inserted in order, created_at scattered over 2023
     create_orders(pg(dst_url))
-    plan = _plan(
-        _spec(src_url, dst_url, granularity="month", target_chunk_rows=5000),
+    plan = plan_on(
+        make_spec(src_url, dst_url, granularity="month", target_chunk_rows=5000),
         src_url,
         dst_url,
         "2023-01-01",
@@ -170,8 +149,8 @@ def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
     from airflow_backfill_provider.spec import TableName
 
     src, dst = skewed
-    spec = _spec(src, dst, granularity="auto", target_chunk_rows=500, target_chunk_seconds=2)
-    first = _plan(spec, src, dst, "2022-01-01", "2024-01-01")
+    spec = make_spec(src, dst, granularity="auto", target_chunk_rows=500, target_chunk_seconds=2)
+    first = plan_on(spec, src, dst, "2022-01-01", "2024-01-01")
     assert any("no chunk in the ledger yet" in n for n in first.notes)
     conn = psycopg2.connect(dst)
     t = TableName.parse(spec.ledger_table)
@@ -191,7 +170,7 @@ def test_the_next_plan_sizes_itself_from_the_measured_rate(skewed):
         )
     conn.commit()
     conn.close()
-    second = _plan(spec, src, dst, "2022-01-01", "2024-01-01")
+    second = plan_on(spec, src, dst, "2022-01-01", "2024-01-01")
     assert any("target 4000 rows per chunk = 2,000 rows/s measured over the last 1 chunk(s)" in n for n in second.notes)
     assert len(second.chunks) < len(first.chunks) / 4
 
@@ -205,8 +184,8 @@ def test_auto_cuts_key_ranges_on_a_scattered_table_with_an_ordered_key(src_url, 
 
     n = _seed(src_url, SHAPES["gaps_and_skew"])  # ids inserted in order, created_at scattered over 2023
     create_orders(pg(dst_url))
-    spec = _spec(src_url, dst_url, granularity="auto", target_chunk_rows=3000)
-    plan = _plan(spec, src_url, dst_url, "2023-01-01", "2024-01-01")
+    spec = make_spec(src_url, dst_url, granularity="auto", target_chunk_rows=3000)
+    plan = plan_on(spec, src_url, dst_url, "2023-01-01", "2024-01-01")
     assert plan.granularity == "key" and all(c.keyed and c.key_column == "id" for c in plan.chunks), plan.notes
     why = [note for note in plan.notes if note.startswith("granularity auto chose key ranges of id")]
     assert why and "not in physical order" in why[0] and "read it about once" in why[0], plan.notes
@@ -218,7 +197,7 @@ def test_auto_cuts_key_ranges_on_a_scattered_table_with_an_ordered_key(src_url, 
     # a part of the range: still key ranges, still only that part's rows
     conn = pg(dst_url)
     conn.cursor().execute("TRUNCATE orders")
-    part = _plan(spec, src_url, dst_url, "2023-01-01", "2023-07-01", reprocess=True)
+    part = plan_on(spec, src_url, dst_url, "2023-01-01", "2023-07-01", reprocess=True)
     assert part.granularity == "key"
     for c in part.chunks:
         transfer_chunk(spec, c)
@@ -239,7 +218,7 @@ def test_auto_keeps_time_chunks_when_the_table_is_in_time_order(src_url, dst_url
         cur.execute("CREATE INDEX ON orders (created_at)")
         cur.execute("ANALYZE orders")
     create_orders(pg(dst_url))
-    plan = _plan(_spec(src_url, dst_url, granularity="auto", target_chunk_rows=2000), src_url, dst_url,
+    plan = plan_on(make_spec(src_url, dst_url, granularity="auto", target_chunk_rows=2000), src_url, dst_url,
                  "2023-01-01", "2024-01-01")  # fmt: skip
     assert plan.granularity == "auto" and not any(c.keyed for c in plan.chunks), plan.notes
     assert not any("chose key ranges" in note for note in plan.notes)

@@ -4,23 +4,13 @@ import pytest
 
 from airflow_backfill_provider.exceptions import SpecError
 from airflow_backfill_provider.spec import TableName, load_spec
-
-BASE = dict(
-    name="orders",
-    source_conn_id="src",
-    destination_conn_id="dst",
-    source_table="public.orders",
-    destination_table="orders",
-    time_column="created_at",
-    key_columns=["id"],
-    version_column="updated_at",
-)
+from tests.specs import make_spec
 
 
 def test_valid_spec_and_defaults():
-    spec = load_spec(BASE)
+    spec = make_spec()
     assert spec.effective_dag_id == "backfill_orders"
-    assert spec.source.parts == ("public", "orders") and spec.destination.parts == ("orders",)
+    assert spec.source.parts == ("orders",) and spec.destination.parts == ("public", "orders")
     assert spec.granularity == "day" and spec.pool == "backfill_source" and spec.mode == "upsert"
     assert spec.effective_schedule == "0 0 * * *"
 
@@ -42,7 +32,7 @@ def test_valid_spec_and_defaults():
 )
 def test_errors_name_key_and_choices(change, fragments):
     with pytest.raises(SpecError) as err:
-        load_spec({**BASE, **change})
+        make_spec(**change)
     for fragment in fragments:
         assert fragment in str(err.value)
 

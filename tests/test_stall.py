@@ -19,10 +19,10 @@ import pytest
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.deadlines import GRACE_S
 from airflow_backfill_provider.exceptions import TransientChunkError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.triggers.load import EVENT_MARGIN_S, SourceLoadTrigger
 from tests.session_helpers import SilentProxy, dbname, run_sql, wait_until
+from tests.specs import table_spec
 
 #: scheduling slack on a shared 2-core machine, on top of each stated bound
 SLACK_S = 3.0
@@ -39,6 +39,47 @@ def proxies():
     yield _make
     for p in made:
         p.close()
+
+
+DAY = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
+
+
+def _seed_ev(src_url, dst_url):
+    """ev on both sides; ~4 MB of COPY in the source: far more than the proxy lets through or the socket
+    buffers between the chunk and a silent proxy hold."""
+    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, pad text)"
+    run_sql(src_url, ddl)
+    run_sql(dst_url, ddl)
+    run_sql(
+        src_url,
+        "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
+        "FROM generate_series(1, 40000) g",
+    )
+
+
+def _stalled_chunk(spec, proxy, side: str) -> tuple[dict, float]:
+    """One day's chunk in a thread, its ``side`` behind the silent ``proxy``: it must end, transient, naming the
+    stall; returns its outcome and the bound (statement timeout + GRACE_S) its duration is held to."""
+    outcome: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            outcome["result"] = transfer_chunk(spec, DAY)
+        except BaseException as err:  # noqa: BLE001 - inspected below
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - t0
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    bound = spec.statement_timeout_s + GRACE_S
+    worker.join(timeout=bound + 20)
+    assert not worker.is_alive(), f"the chunk still hangs {bound + 20} s after its {side} went silent"
+    assert proxy.silent.is_set(), f"the proxy never went silent: the test did not stall the {side}"
+    err = outcome.get("error")
+    assert isinstance(err, TransientChunkError), outcome
+    assert "no answer" in str(err) and "stalled" in str(err), str(err)
+    return outcome, bound
 
 
 def test_load_trigger_fires_within_max_wait_when_the_probe_hangs(src_url, proxies):
@@ -66,48 +107,17 @@ def test_load_trigger_fires_within_max_wait_when_the_probe_hangs(src_url, proxie
 
 
 def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_nothing(src_url, dst_url, proxies):
-    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, pad text)"
-    run_sql(src_url, ddl)
-    run_sql(dst_url, ddl)
-    run_sql(
-        src_url,
-        "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
-        "FROM generate_series(1, 40000) g",
-    )  # ~4 MB of COPY: far more than the proxy lets through
+    _seed_ev(src_url, dst_url)
     proxy = proxies(trigger=b"COPY (", grace_bytes=64 * 1024)
-    statement_timeout_s = 1.0
-    spec = load_spec(
-        dict(
-            name="stall",
-            source_conn_id=proxy.url(dbname(src_url)),
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            statement_timeout_s=statement_timeout_s,
-        )
+    spec = table_spec(
+        proxy.url(dbname(src_url)),
+        dst_url,
+        "ev",
+        time_column="t",
+        name="stall",
+        statement_timeout_s=1.0,
     )
-    chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
-    outcome: dict = {}
-
-    def run():
-        t0 = time.monotonic()
-        try:
-            outcome["result"] = transfer_chunk(spec, chunk)
-        except BaseException as err:  # noqa: BLE001 - inspected below
-            outcome["error"] = err
-        outcome["seconds"] = time.monotonic() - t0
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    bound = statement_timeout_s + GRACE_S
-    worker.join(timeout=bound + 20)
-    assert not worker.is_alive(), f"the chunk still hangs {bound + 20} s after its source went silent"
-    assert proxy.silent.is_set(), "the proxy never went silent: the test did not stall the COPY"
-    err = outcome.get("error")
-    assert isinstance(err, TransientChunkError), outcome
-    assert "no answer" in str(err) and "stalled" in str(err), str(err)
+    outcome, bound = _stalled_chunk(spec, proxy, "source")
     assert outcome["seconds"] <= bound + SLACK_S, outcome["seconds"]
 
     # nothing left behind in the destination: no row, no ledger row, no session, no advisory lock
@@ -133,7 +143,7 @@ def test_chunk_whose_source_goes_silent_mid_copy_fails_transient_and_leaves_noth
         (db,),
     ) == [(0,)]
     # and the retry, once the network is back, loads the chunk
-    retry = transfer_chunk(spec.model_copy(update={"source_conn_id": src_url, "statement_timeout_s": 60}), chunk)
+    retry = transfer_chunk(spec.model_copy(update={"source_conn_id": src_url, "statement_timeout_s": 60}), DAY)
     assert retry.inserted == 40000
 
 
@@ -145,48 +155,17 @@ def test_chunk_whose_destination_goes_silent_fails_transient_and_leaves_nothing(
     was sent (its answer never arrives). The chunk's destination session has the spec's statement
     timeout, so its client deadline cuts it; the server, which stops hearing from it, rolls the
     transaction back (statement_timeout, then idle_in_transaction_session_timeout) and frees its locks."""
-    ddl = "CREATE TABLE ev (id int PRIMARY KEY, t timestamptz NOT NULL, pad text)"
-    run_sql(src_url, ddl)
-    run_sql(dst_url, ddl)
-    run_sql(
-        src_url,
-        "INSERT INTO ev SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', repeat('x', 100) "
-        "FROM generate_series(1, 40000) g",
-    )  # ~4 MB: more than the socket buffers between the chunk and the silent proxy hold
+    _seed_ev(src_url, dst_url)
     proxy = proxies(trigger=trigger)
-    statement_timeout_s = 1.0
-    spec = load_spec(
-        dict(
-            name="stall",
-            source_conn_id=src_url,
-            destination_conn_id=proxy.url(dbname(dst_url)),
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            statement_timeout_s=statement_timeout_s,
-        )
+    spec = table_spec(
+        src_url,
+        proxy.url(dbname(dst_url)),
+        "ev",
+        time_column="t",
+        name="stall",
+        statement_timeout_s=1.0,
     )
-    chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
-    outcome: dict = {}
-
-    def run():
-        t0 = time.monotonic()
-        try:
-            outcome["result"] = transfer_chunk(spec, chunk)
-        except BaseException as err:  # noqa: BLE001 - inspected below
-            outcome["error"] = err
-        outcome["seconds"] = time.monotonic() - t0
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    bound = statement_timeout_s + GRACE_S
-    worker.join(timeout=bound + 20)
-    assert not worker.is_alive(), f"the chunk still hangs {bound + 20} s after its destination went silent"
-    assert proxy.silent.is_set(), "the proxy never went silent: the test did not stall the destination"
-    err = outcome.get("error")
-    assert isinstance(err, TransientChunkError), outcome
-    assert "no answer" in str(err) and "stalled" in str(err), str(err)
+    outcome, bound = _stalled_chunk(spec, proxy, "destination")
     # the stall starts a little after the chunk does (catalog reads, the source COPY): bound from the start
     assert outcome["seconds"] <= bound + SLACK_S + 2, outcome["seconds"]
 
@@ -217,7 +196,7 @@ def test_chunk_whose_destination_goes_silent_fails_transient_and_leaves_nothing(
         "WHERE d.datname = %s AND l.locktype = 'advisory'",
         (db,),
     ) == [(0,)]
-    retry = transfer_chunk(spec.model_copy(update={"destination_conn_id": dst_url, "statement_timeout_s": 60}), chunk)
+    retry = transfer_chunk(spec.model_copy(update={"destination_conn_id": dst_url, "statement_timeout_s": 60}), DAY)
     assert retry.inserted == 40000
 
 
@@ -235,18 +214,7 @@ def test_a_destination_statement_over_the_statement_timeout_fails_transient_nami
         "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;"
         " CREATE TRIGGER slow BEFORE INSERT ON ev FOR EACH ROW EXECUTE FUNCTION slow()",
     )
-    spec = load_spec(
-        dict(
-            name="slowdst",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            statement_timeout_s=1.5,
-        )
-    )
+    spec = table_spec(src_url, dst_url, "ev", time_column="t", name="slowdst", statement_timeout_s=1.5)
     chunk = plan_chunks("2024-01-01", "2024-01-02", "day", "UTC")[0]
     with pytest.raises(TransientChunkError, match=r"statement_timeout \(1.5 s\) hit on the destination"):
         transfer_chunk(spec, chunk)

@@ -13,25 +13,13 @@ from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.swap import merge_parallel_table
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all, table_digest
+from tests import specs
 
 DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
 
 
 def make_spec(src_url, dst_url, **extra):
-    return load_spec(
-        dict(
-            name="orders_swap",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            mode="swap",
-            **extra,
-        )
-    )
+    return specs.make_spec(src_url, dst_url, name="orders_swap", mode="swap", **extra)
 
 
 @pytest.fixture()

@@ -11,10 +11,10 @@ import pytest
 from airflow_backfill_provider.chunks import plan_chunks
 from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import PermanentChunkError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.swap import MARKER, ensure_parallel_table, merge_parallel_table
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
+from tests.specs import make_spec
 
 DAYS = plan_chunks("2024-01-01", "2024-01-04", "day", "UTC")
 STATE = """SELECT (SELECT coalesce(string_agg(t::text || '/' || xmin::text, ',' ORDER BY id), '') FROM {t} t),
@@ -22,19 +22,8 @@ STATE = """SELECT (SELECT coalesce(string_agg(t::text || '/' || xmin::text, ',' 
 
 
 def spec_for(src, dst):
-    return load_spec(
-        dict(
-            name="orders_swap",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="orders",
-            destination_table="orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            mode="swap",
-        )
-    )
+    """The destination unqualified, as the messages name it."""
+    return make_spec(src, dst, name="orders_swap", mode="swap", destination_table="orders")
 
 
 @pytest.fixture()

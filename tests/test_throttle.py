@@ -14,7 +14,7 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.exceptions import SpecError
-from airflow_backfill_provider.spec import ThrottleSpec, load_spec
+from airflow_backfill_provider.spec import ThrottleSpec
 from airflow_backfill_provider.throttle import (
     LoadSample,
     critical_message,
@@ -25,6 +25,7 @@ from airflow_backfill_provider.throttle import (
 )
 from airflow_backfill_provider.triggers.load import SourceLoadTrigger
 from tests.load_helpers import Sleepers, count_probes, wait_until
+from tests.specs import make_spec
 
 
 def _now():
@@ -171,23 +172,10 @@ def test_messages_name_the_figures():
 
 def test_throttle_spec_errors_name_the_key():
     with pytest.raises(SpecError, match="critical_active"):
-        load_spec(_spec(throttle={"max_active": 5, "critical_active": 5}))
+        make_spec(throttle={"max_active": 5, "critical_active": 5})
     with pytest.raises(SpecError, match="poll_max"):
-        load_spec(_spec(throttle={"poll_interval": 10, "poll_max": 5}))
-    assert load_spec(_spec(throttle={"min_query_interval": 2, "pacing_slots": 4})).throttle.pacing_slots == 4
-
-
-def _spec(**over):
-    return {
-        "name": "orders",
-        "source_conn_id": "src",
-        "destination_conn_id": "dst",
-        "source_table": "orders",
-        "destination_table": "orders",
-        "time_column": "created_at",
-        "key_columns": ["id"],
-        **over,
-    }
+        make_spec(throttle={"poll_interval": 10, "poll_max": 5})
+    assert make_spec(throttle={"min_query_interval": 2, "pacing_slots": 4}).throttle.pacing_slots == 4
 
 
 def test_sample_round_trips_through_json():

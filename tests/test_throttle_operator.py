@@ -18,6 +18,7 @@ from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
+from tests.specs import spec_json
 from tests.load_helpers import Sleepers, count_probes, wait_until
 
 #: re-probe fast, and resume as soon as the load drops: these tests are about the gate's decisions (the resume
@@ -33,19 +34,7 @@ def seeded(src_url, dst_url, pg):
 
 
 def _spec(src, dst, **throttle):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            throttle=throttle,
-        )
-    ).model_dump(mode="json")
+    return spec_json(src, dst, throttle=throttle)
 
 
 def _operator(spec, chunk, task_id="load_chunk", pool="bf_test_pool"):

@@ -28,8 +28,10 @@ from psycopg2 import sql
 from airflow_backfill_provider import sql as q
 from airflow_backfill_provider import timebounds
 from airflow_backfill_provider.chunks import day_start, plan_chunks
-from airflow_backfill_provider.spec import TableName, load_spec
+from airflow_backfill_provider.spec import TableName
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.conftest import fetch_all
+from tests.specs import table_spec
 
 SRC_TZ, DST_TZ = "Pacific/Chatham", "Atlantic/Azores"  # neither is a spec timezone below
 _UTC = dt.timezone.utc
@@ -117,37 +119,17 @@ def chunk_members(conn, kind: str, zone: str, chunks) -> list[tuple[int, int]]:
 
 
 def make_spec(src: str, dst: str, kind: str, zone: str, granularity: str):
-    return load_spec(
-        dict(
-            name=f"tm_{kind}",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table=TABLES[kind],
-            destination_table=TABLES[kind],
-            time_column="t",
-            key_columns=["id"],
-            timezone=zone,
-            granularity=granularity,
-            throttle={"max_active": 1000},
-        )
-    )
-
-
-def fetch(url: str, query, params=None):
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+    return table_spec(
+        src, dst, TABLES[kind], time_column="t", name=f"tm_{kind}", timezone=zone, granularity=granularity,
+        throttle={"max_active": 1000},
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("zone", list(CHANGES))
 def test_every_row_lands_in_exactly_one_chunk_and_the_destination_equals_the_source(matrix_dbs, zone):
     src, dst = matrix_dbs
     source_rows = {
-        kind: fetch(src, sql.SQL("SELECT id, t FROM {}").format(sql.Identifier(t))) for kind, t in TABLES.items()
+        kind: fetch_all(src, sql.SQL("SELECT id, t FROM {}").format(sql.Identifier(t))) for kind, t in TABLES.items()
     }
     check = psycopg2.connect(src)  # a plain session: its TimeZone is the database's (Pacific/Chatham)
     with check.cursor() as cur:
@@ -193,8 +175,10 @@ def test_every_row_lands_in_exactly_one_chunk_and_the_destination_equals_the_sou
                 extracted = sum(transfer_chunk(spec, c).rows_extracted for c in chunks)
                 assert extracted == len(want), f"{where}: {extracted} rows extracted for {len(want)} in range"
                 select = sql.SQL("SELECT id, t, v FROM {} WHERE id = ANY(%s) ORDER BY id").format(sql.Identifier(table))
-                assert fetch(dst, select, (sorted(want),)) == fetch(src, select, (sorted(want),)), where
-                assert fetch(dst, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))[0][0] == len(want)
+                assert fetch_all(dst, select, (sorted(want),)) == fetch_all(src, select, (sorted(want),)), where
+                assert fetch_all(dst, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))[0][0] == len(
+                    want
+                )
     finally:
         check.close()
 
@@ -210,7 +194,7 @@ def test_new_york_repeated_and_missing_hours_of_naive_timestamps(matrix_dbs):
             ("2024-03-10", "2024-03-10 02:30", "2024-03-10T01:00-05:00"),
         ):
             chunks = plan_chunks(day, pendulum.parse(day).add(days=1).to_date_string(), "hour", zone)
-            (row_id,) = fetch(src, "SELECT id FROM ev_ts WHERE t = %s", (naive,))[0]
+            (row_id,) = fetch_all(src, "SELECT id FROM ev_ts WHERE t = %s", (naive,))[0]
             holders = [chunks[idx].chunk_id for idx, i in chunk_members(conn, "timestamp", zone, chunks) if i == row_id]
             assert holders == [chunk_id]
     finally:
@@ -225,4 +209,4 @@ def test_hour_chunks_on_a_date_column_are_refused_before_any_write(matrix_dbs):
     chunk = plan_chunks("2024-03-10", "2024-03-10T01:00", "hour", "UTC")[0]
     with pytest.raises(PermanentChunkError, match=r"granularity='hour' on time_column 't'.*granularity: day"):
         transfer_chunk(spec, chunk)
-    assert fetch(dst, "SELECT to_regclass('public.tm_refused_ledger')") == [(None,)]  # nothing written
+    assert fetch_all(dst, "SELECT to_regclass('public.tm_refused_ledger')") == [(None,)]  # nothing written

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from airflow_backfill_provider.spec import load_spec
 from tests.conftest import fetch_all
+from tests.specs import table_spec
 
 
 def test_param_granularity_hour_on_a_date_column_fails_the_plan_before_any_write(
@@ -14,18 +14,8 @@ def test_param_granularity_hour_on_a_date_column_fails_the_plan_before_any_write
     for url in (src_url, dst_url):
         pg(url).cursor().execute("CREATE TABLE ev (id bigint PRIMARY KEY, d date NOT NULL, v integer)")
     pg(src_url).cursor().execute("INSERT INTO ev SELECT g, date '2024-01-01' + g % 3, g FROM generate_series(1, 30) g")
-    spec = load_spec(
-        dict(
-            name="ev_dates",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="d",
-            key_columns=["id"],
-            timezone="America/New_York",
-            granularity="day",
-        )
+    spec = table_spec(
+        src_url, dst_url, "ev", time_column="d", name="ev_dates", timezone="America/New_York", granularity="day"
     )
     from airflow import settings
 

@@ -18,7 +18,7 @@ from airflow_backfill_provider import timebounds
 from airflow_backfill_provider.chunks import clip_end, plan_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.planning import resolve_range
-from airflow_backfill_provider.spec import load_spec
+from tests.specs import table_spec
 
 ZONES = [
     "UTC",
@@ -172,19 +172,7 @@ def test_santiago_days_start_at_local_midnight_after_a_missing_midnight():
 
 def test_airflow_hourly_interval_in_the_repeated_hour_is_not_empty():
     """CronDataIntervalTimetable's run for 2024-11-03 05:00Z-06:00Z in New York (both 01:00 local)."""
-    spec = load_spec(
-        dict(
-            name="t",
-            source_conn_id="s",
-            destination_conn_id="d",
-            source_table="t",
-            destination_table="t",
-            time_column="ts",
-            key_columns=["id"],
-            timezone="America/New_York",
-            granularity="hour",
-        )
-    )
+    spec = table_spec("s", "d", "t", time_column="ts", timezone="America/New_York", granularity="hour")
     lo, hi = resolve_range(
         spec,
         param_start=None,

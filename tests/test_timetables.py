@@ -50,7 +50,7 @@ def test_serialized_and_back_it_keeps_its_behaviour(monkeypatch):
 
     from airflow_backfill_provider import timetables
     from airflow_backfill_provider.factory import build_backfill_dag
-    from tests.test_progress import make_spec
+    from tests.specs import make_spec
 
     monkeypatch.setattr(
         plugins_manager, "get_timetables_plugins", lambda: {timetables.IMPORT_PATH: timetables.BackfillOnlyTimetable}
@@ -70,7 +70,7 @@ def test_without_the_plugin_the_factory_falls_back_to_the_cron_timetable(monkeyp
 
     from airflow_backfill_provider import timetables
     from airflow_backfill_provider.factory import build_backfill_dag
-    from tests.test_progress import make_spec
+    from tests.specs import make_spec
 
     monkeypatch.setattr(plugins_manager, "get_timetables_plugins", lambda: {})  # the plugin not loaded
     assert not timetables.registered()

@@ -12,22 +12,7 @@ from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all, table_digest
-
-
-def make_spec(src_url, dst_url, **extra):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            **extra,
-        )
-    )
+from tests.specs import make_spec
 
 
 @pytest.fixture()
@@ -172,7 +157,7 @@ def test_text_copy_format_gives_the_same_result(seeded):
 
 def test_without_version_column_live_wins_by_default(seeded, pg):
     src, dst = seeded
-    spec = load_spec({**make_spec(src, dst).model_dump(), "version_column": None})
+    spec = make_spec(src, dst, version_column=None)
     chunk = days()[0]
     transfer_chunk(spec, chunk)
     pg(dst).cursor().execute("UPDATE orders SET status = 'live' WHERE id = 1")

@@ -14,8 +14,8 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.chunks import Chunk
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
+from tests.specs import table_spec
 
 TYPES_BOTH = """
 CREATE TYPE mood AS ENUM ('happy', 'sad', 'ok');
@@ -205,18 +205,9 @@ def test_every_type_round_trips_exactly_and_reruns_rewrite_nothing(matrix_dbs, c
         )
     with conns[dst].cursor() as cur:
         cur.execute(_table(target, [(c, t) for c, t, _ in same] + dest_only))
-    spec = load_spec(
-        dict(
-            name="matrix",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table=target,
-            destination_table=f"public.{target}",
-            time_column="at",
-            key_columns=["id"],
-            copy_format=copy_format,
-            **({"version_column": "updated_at"} if versioned else {"conflict_policy": "backfill_wins"}),
-        )
+    versions = {"version_column": "updated_at"} if versioned else {"conflict_policy": "backfill_wins"}
+    spec = table_spec(
+        src, dst, target, time_column="at", destination_table=f"public.{target}", copy_format=copy_format, **versions
     )
 
     first = transfer_chunk(spec, CHUNK)
@@ -248,10 +239,34 @@ def test_every_type_round_trips_exactly_and_reruns_rewrite_nothing(matrix_dbs, c
     assert xmins(conns[dst], target) == before
 
 
-def test_matrix_covers_citext_or_says_why(matrix_dbs):
-    *_, citext = matrix_dbs
+def test_citext_loads_exactly_and_a_change_of_case_only_is_rewritten(matrix_dbs):
+    """Source text into a destination citext: citext's '=' ignores case, the change test must not (a source that
+    fixes a name's case at the same version would never reach the destination)."""
+    src, dst, conns, dest_only, citext = matrix_dbs
     if not citext:
         pytest.skip("the citext extension is not installed on this PostgreSQL server (pg_available_extensions)")
+    assert ("dc", "citext") in dest_only  # the round trip above carries the column too
+    name, source_type, dest_type, values = CITEXT
+    with conns[src].cursor() as cur:
+        cur.execute(_table("ci", [(name, source_type)]))
+        for row, value in enumerate([*values, None], start=1):
+            cur.execute("INSERT INTO ci VALUES (%s, '2024-01-01 00:00+00', '2024-01-01 00:00+00', %s)", (row, value))
+    with conns[dst].cursor() as cur:
+        cur.execute(_table("ci", [(name, dest_type)]))
+    spec = table_spec(src, dst, "ci", time_column="at", version_column="updated_at")
+    columns = ["id", "at", "updated_at", name]
+
+    first = transfer_chunk(spec, CHUNK)
+    assert (first.inserted, first.updated) == (len(values) + 1, 0)
+    assert as_text(conns[dst], "ci", columns) == as_text(conns[src], "ci", columns)
+    before = xmins(conns[dst], "ci")
+    assert transfer_chunk(spec, CHUNK).updated == 0 and xmins(conns[dst], "ci") == before
+
+    with conns[src].cursor() as cur:  # the same version, the same value to citext's '=', another text
+        cur.execute(sql.SQL("UPDATE ci SET {} = %s WHERE id = 1").format(sql.Identifier(name)), (values[0].swapcase(),))
+    changed = transfer_chunk(spec, CHUNK)
+    assert (changed.inserted, changed.updated) == (0, 1)
+    assert as_text(conns[dst], "ci", columns) == as_text(conns[src], "ci", columns)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import PASS, validate_range
 from tests.session_helpers import run_sql, set_database_defaults
 from tests.test_type_matrix import CHUNK, DEST_ONLY, SAME, TYPES_BOTH, TYPES_DEST_ONLY, TYPES_SOURCE_ONLY, _table
+from tests.specs import table_spec
 
 SUBSET = [
     "num4", "num", "mny", "f4", "f8", "f8b", "txt", "ch", "bya", "d", "tm", "ttz", "ts", "tstz", "iv",
@@ -136,19 +136,15 @@ def test_types_round_trip_exactly_under_hostile_defaults(hostile_dbs, copy_forma
         ),
     )
     run_sql(dst, _table(target, [(c, t) for c, t, _ in _columns()] + dest_only))
-    spec = load_spec(
-        dict(
-            name="hostile",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table=target,
-            destination_table=target,
-            time_column="at",
-            key_columns=["id"],
-            version_column="updated_at",
-            copy_format=copy_format,
-            timezone="Asia/Kolkata",
-        )
+    spec = table_spec(
+        src,
+        dst,
+        target,
+        time_column="at",
+        version_column="updated_at",
+        name="hostile",
+        copy_format=copy_format,
+        timezone="Asia/Kolkata",
     )
     first = transfer_chunk(spec, CHUNK)
     assert (first.rows_extracted, first.inserted) == (4, 4)

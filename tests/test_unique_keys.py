@@ -10,9 +10,9 @@ import pytest
 from airflow_backfill_provider.chunks import plan_chunks
 from airflow_backfill_provider.exceptions import PermanentChunkError
 from airflow_backfill_provider.live import run_live_ingest
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
+from tests.specs import table_spec
 
 DAYS = plan_chunks("2024-01-01", "2024-01-03", "day", "UTC")
 COLUMNS = "tenant_id int, id int NOT NULL, amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL"
@@ -30,22 +30,10 @@ def seed(src, *, null_tenants: int):
 
 
 def make_spec(src_url, dst_url, keys):
-    return load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="created_at",
-            key_columns=keys,
-            version_column="updated_at",
-            live={
-                "enabled": True,
-                "start_from": "2023-12-31T00:00:00Z",
-                "lookback_s": 10 * 86400,
-            },  # reruns re-read all
-        )
+    """ev keyed by ``keys``, versioned, with live ingest whose look-back re-reads every row on a rerun."""
+    live = {"enabled": True, "start_from": "2023-12-31T00:00:00Z", "lookback_s": 10 * 86400}
+    return table_spec(
+        src_url, dst_url, "ev", time_column="created_at", version_column="updated_at", key_columns=keys, live=live
     )
 
 

@@ -9,8 +9,8 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.exceptions import PermanentChunkError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.validate import FAIL, PASS, WARN, relative_diff, validate_range
+from tests import specs
 
 ORDERS = """
 CREATE TABLE public.orders (
@@ -31,21 +31,10 @@ FROM generate_series(1, %(n)s) AS g
 """
 
 
-def make_spec(**overrides):
-    data = dict(
-        name="orders",
-        source_conn_id="unused_src",
-        destination_conn_id="unused_dst",
-        source_table="public.orders",
-        destination_table="public.orders",
-        time_column="created_at",
-        key_columns=["id"],
-        version_column="updated_at",
-        timezone="UTC",
-        validation={"sum_columns": ["amount", "qty"]},
-    )
-    data.update(overrides)
-    return load_spec(data)
+def make_spec(**over):
+    """public.orders, the sums of amount and qty validated."""
+    sums = {"source_table": "public.orders", "validation": {"sum_columns": ["amount", "qty"]}}
+    return specs.make_spec(**{**sums, **over})
 
 
 def utc(*args) -> pendulum.DateTime:

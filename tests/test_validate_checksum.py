@@ -10,9 +10,9 @@ import psycopg2
 import pytest
 
 from airflow_backfill_provider import validate
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
 from tests.conftest import fetch_all
+from tests.specs import table_spec
 
 TABLE = """
 CREATE TABLE t (
@@ -46,20 +46,7 @@ CHANGES = {
     "point (as text)": "spot = point(0, 0)",
 }
 
-
-def _spec(src, dst):
-    return load_spec(
-        {
-            "name": "t",
-            "source_conn_id": src,
-            "destination_conn_id": dst,
-            "source_table": "t",
-            "destination_table": "t",
-            "time_column": "at",
-            "key_columns": ["id"],
-            "validation": {"sum_columns": ["amount"]},
-        }
-    )
+SUMS = {"sum_columns": ["amount"]}
 
 
 @pytest.fixture(params=["typed", "text"])
@@ -77,7 +64,8 @@ def tables(src_url, dst_url, pg):
 
 
 def _validate(src, dst):
-    return validate_range(_spec(src, dst), "2024-01-01", "2024-01-05", source=src, destination=dst, store=False)
+    spec = table_spec(src, dst, "t", time_column="at", validation=SUMS)
+    return validate_range(spec, "2024-01-01", "2024-01-05", source=src, destination=dst, store=False)
 
 
 def test_this_server_uses_the_typed_checksum(src_url, dst_url):

@@ -16,9 +16,10 @@ from psycopg2 import sql
 
 from airflow_backfill_provider import timebounds
 from airflow_backfill_provider.chunks import plan_chunks, utc
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
+from tests.session_helpers import set_database_defaults
+from tests.specs import table_spec
 
 TYPES = {"date": "date", "timestamp": "timestamp", "timestamptz": "timestamptz"}
 FILL = {
@@ -35,17 +36,9 @@ ZONE = "America/New_York"
 
 def _setup(databases, kind: str):
     src, dst = databases.create("vtsrc"), databases.create("vtdst")
-    conn = psycopg2.connect(src)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        # the setting: the source session reads in UTC, the spec's days are New York days
-        for url, tz in ((src, "UTC"), (dst, "Asia/Kolkata")):
-            cur.execute(
-                sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
-                    sql.Identifier(url.rsplit("/", 1)[1]), sql.Literal(tz)
-                )
-            )
-    conn.close()
+    # the setting: the source session reads in UTC, the spec's days are New York days
+    set_database_defaults(src, timezone="UTC")
+    set_database_defaults(dst, timezone="Asia/Kolkata")
     for url in (src, dst):
         conn = psycopg2.connect(url)
         with conn, conn.cursor() as cur:
@@ -57,19 +50,7 @@ def _setup(databases, kind: str):
             if url == src:
                 cur.execute(FILL[kind])
         conn.close()
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="ev",
-            destination_table="ev",
-            time_column="t",
-            key_columns=["id"],
-            timezone=ZONE,
-            validation={"sum_columns": ["v"]},
-        )
-    )
+    spec = table_spec(src, dst, "ev", time_column="t", timezone=ZONE, validation={"sum_columns": ["v"]})
     return spec, src, dst
 
 

@@ -13,10 +13,10 @@ import psycopg2
 import pytest
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from airflow_backfill_provider.validate import FAIL, PASS, validate_range
 from tests.session_helpers import run_sql
+from tests.specs import table_spec
 
 SOURCE = """
 CREATE TABLE ev (
@@ -55,20 +55,15 @@ def loaded(src_url, dst_url):
     run_sql(src_url, FILL)
     run_sql(dst_url, DEST_TYPES)
     run_sql(dst_url, DEST.format(name_type="citext" if citext else "text"))
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="at",
-            key_columns=["id"],
-            timezone="Asia/Kolkata",
-            conflict_policy="backfill_wins",
-            allow_lossy_casts=["seen_day"],  # timestamptz -> date drops the time of day, on purpose
-            validation={"sum_columns": ["amt", "n"]},
-        )
+    spec = table_spec(
+        src_url,
+        dst_url,
+        "ev",
+        time_column="at",
+        timezone="Asia/Kolkata",
+        conflict_policy="backfill_wins",
+        allow_lossy_casts=["seen_day"],  # timestamptz -> date drops the time of day, on purpose
+        validation={"sum_columns": ["amt", "n"]},
     )
     for chunk in plan_chunks("2024-01-01", "2024-01-04", "day", spec.timezone):
         transfer_chunk(spec, chunk)
@@ -152,17 +147,7 @@ def test_a_value_cut_to_a_varchar_length_fails_its_day(src_url, dst_url):
     run_sql(
         dst_url, "INSERT INTO ev VALUES (1, '2024-01-01 10:00Z', 'abcde', '101'), (2, '2024-01-02 10:00Z', 'ab', '101')"
     )
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="at",
-            key_columns=["id"],
-        )
-    )
+    spec = table_spec(src_url, dst_url, "ev", time_column="at")
     report = validate_range(spec, "2024-01-01", "2024-01-03", store=False)
     assert [(d.day.isoformat(), d.status) for d in report.days] == [("2024-01-01", FAIL), ("2024-01-02", FAIL)]
 
@@ -175,18 +160,7 @@ def test_a_money_sum_column_is_compared_as_a_number(src_url, dst_url):
     run_sql(src_url, f"INSERT INTO ev VALUES {rows}")  # constants of this test
     run_sql(dst_url, f"INSERT INTO ev VALUES {rows}")
     run_sql(dst_url, "UPDATE ev SET m = m + 0.1::money WHERE id = 3")
-    spec = load_spec(
-        dict(
-            name="ev",
-            source_conn_id=src_url,
-            destination_conn_id=dst_url,
-            source_table="ev",
-            destination_table="ev",
-            time_column="at",
-            key_columns=["id"],
-            validation={"sum_columns": ["m"], "checksum": "off"},
-        )
-    )
+    spec = table_spec(src_url, dst_url, "ev", time_column="at", validation={"sum_columns": ["m"], "checksum": "off"})
     report = validate_range(spec, "2024-01-31", "2024-02-02", store=False)
     assert [(d.day.isoformat(), d.status) for d in report.days] == [("2024-01-31", PASS), ("2024-02-01", FAIL)]
     assert [str(x) for x in report.days[1].sums["m"]] == ["2.25", "2.35"]

@@ -14,6 +14,7 @@ from airflow_backfill_provider.planning import build_plan
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import REPO, fetch_all, table_digest
+from tests import specs
 
 PKG = REPO / "airflow_backfill_provider"
 #: everything a backfill run executes (DAG file, factory, plan, chunks, Pattern B merge) and the shared
@@ -46,18 +47,8 @@ WM_ROW = "SELECT t::text, xmin::text, ctid::text FROM backfill_watermarks t ORDE
 
 
 def make_spec(src_url, dst_url, **extra):
-    base = dict(
-        name="orders",
-        source_conn_id=src_url,
-        destination_conn_id=dst_url,
-        source_table="orders",
-        destination_table="public.orders",
-        time_column="created_at",
-        key_columns=["id"],
-        version_column="updated_at",
-        live={"enabled": True, "lookback_s": 0, "start_from": "2024-01-04T12:00:00+00:00"},
-    )
-    return load_spec({**base, **extra})
+    live = {"enabled": True, "lookback_s": 0, "start_from": "2024-01-04T12:00:00+00:00"}
+    return specs.make_spec(src_url, dst_url, **{"live": live, **extra})
 
 
 @pytest.fixture()
@@ -106,6 +97,7 @@ def test_no_backfill_module_reaches_the_watermark_writer():
     assert "live" not in (REPO / "dags" / "backfill_dags.py").read_text()
 
 
+@pytest.mark.heavy  # a fresh interpreter importing Airflow: seconds
 def test_importing_the_backfill_path_does_not_load_the_writer():
     mods = ", ".join(f"airflow_backfill_provider.{m}" for m in BACKFILL_MODULES)
     code = f"import sys, {mods}; print(sorted(m for m in sys.modules if m in {sorted(WRITER_MODULES)!r}))"

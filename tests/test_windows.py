@@ -15,9 +15,9 @@ from psycopg2 import sql
 from airflow_backfill_provider.compat import TaskDeferred
 from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.exceptions import SpecError
-from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.windows import parse_windows
 from tests.conftest import fetch_all
+from tests.specs import make_spec, spec_json
 from tests.test_throttle_operator import FAST_POLL, _chunks, _first_event, _nothing_written, _operator, _rebuild
 
 UTC = "UTC"
@@ -68,18 +68,7 @@ def test_next_open(allowed, blackout, tz, now, expected):
 )
 def test_bad_windows_are_refused_naming_the_entry(windows, fragment):
     with pytest.raises(SpecError, match=None) as err:
-        load_spec(
-            dict(
-                name="o",
-                source_conn_id="s",
-                destination_conn_id="d",
-                source_table="o",
-                destination_table="o",
-                time_column="t",
-                key_columns=["id"],
-                windows=windows,
-            )
-        )
+        make_spec(windows=windows)
     assert fragment in str(err.value)
 
 
@@ -91,20 +80,7 @@ def seeded(src_url, dst_url, pg):
 
 
 def _spec(src, dst, windows=None, **throttle):
-    return load_spec(
-        dict(
-            name="orders",
-            source_conn_id=src,
-            destination_conn_id=dst,
-            source_table="orders",
-            destination_table="public.orders",
-            time_column="created_at",
-            key_columns=["id"],
-            version_column="updated_at",
-            throttle=throttle,
-            windows=windows or {},
-        )
-    ).model_dump(mode="json")
+    return spec_json(src, dst, throttle=throttle, windows=windows or {})
 
 
 def test_a_closed_window_defers_and_opens_on_time(seeded):

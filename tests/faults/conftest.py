@@ -25,9 +25,9 @@ import pytest
 from psycopg2 import sql
 
 from airflow_backfill_provider.chunks import plan_chunks
-from tests.seed import ORDERS_SPEC, create_orders, seed_orders
-from airflow_backfill_provider.spec import load_spec
+from tests.seed import create_orders, seed_orders
 from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
+from tests import specs
 from tests.conftest import REPO
 
 
@@ -55,9 +55,7 @@ WATERMARK = "2030-01-01T00:00Z"  # far ahead: the backfill must read it and neve
 
 
 def make_spec(src_url: str, dst_url: str, **extra):
-    return load_spec(
-        {**ORDERS_SPEC, "name": "faults", "source_conn_id": src_url, "destination_conn_id": dst_url, **extra}
-    )
+    return specs.make_spec(src_url, dst_url, **{"name": "faults", **extra})
 
 
 def connect(url: str):

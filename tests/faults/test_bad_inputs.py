@@ -25,6 +25,7 @@ from airflow_backfill_provider.planning import build_plan, resolve_range
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.faults.conftest import DAY1, connect, create_destination, make_spec, query
+from tests import specs
 
 pytestmark = pytest.mark.faults
 
@@ -108,27 +109,15 @@ def run_plan_task(spec_dict: dict, **params):
 
 def resolve_param(name: str, value):
     """The trigger form's validation (UI, CLI and REST all run it before a run is created)."""
-    dag = build_backfill_dag(load_spec({**WORLDLESS, "name": "params"}))
+    dag = build_backfill_dag(specs.make_spec(name="params"))
     return dag.params.get_param(name).resolve(value)
 
 
 def manual_range(start, end, tz="UTC"):
-    spec = load_spec({**WORLDLESS, "timezone": tz})
+    spec = specs.make_spec(timezone=tz)
     return resolve_range(
         spec, param_start=start, param_end=end, run_type="manual", interval_start=None, interval_end=None
     )
-
-
-WORLDLESS = dict(
-    name="orders",
-    source_conn_id="s",
-    destination_conn_id="d",
-    source_table="orders",
-    destination_table="public.orders",
-    time_column="created_at",
-    key_columns=["id"],
-    version_column="updated_at",
-)
 
 
 @dataclass
