@@ -48,34 +48,35 @@ DESCRIPTOR_KEY = "prep"
 _ENCODING = "z1:"
 
 #: fingerprint of a relation: what the column plan and the unique-key check depend on (constant SQL; the
-#: names are bound parameters). Read BEFORE the facts it vouches for: a change between the two makes the
-#: chunk's fingerprint differ, so stale facts are never used.
-FINGERPRINT_SQL = (
-    "WITH t AS ("
-    + schema.FIND_TABLE
-    + """)
-SELECT md5(concat_ws('|', t.oid,
+#: name is a bound parameter, resolved by the search_path as the catalog reads resolve it; a name that
+#: resolves to no table, view or foreign table has none, so a chunk never matches it). Read BEFORE the facts
+#: it vouches for: a change between the two makes the chunk's fingerprint differ, so stale facts are never
+#: used. Lean on purpose: it is the first statement of a fresh backend, whose catalog caches are cold.
+_FINGERPRINT = """
+SELECT CASE WHEN c.relkind IN ('r', 'p', 'v', 'm', 'f') THEN md5(concat_ws('|', c.oid,
          (SELECT string_agg(concat_ws(',', a.attnum, a.attname, a.atttypid, a.atttypmod, a.attcollation,
                                       a.attnotnull, a.attisdropped, a.attgenerated,
                                       a.atthasdef, a.attidentity), ';' ORDER BY a.attnum)
-            FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0),
+            FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0),
          CASE WHEN %(keys)s THEN
          (SELECT string_agg(concat_ws(',', i.indexrelid, i.indkey, i.indnkeyatts, i.indimmediate, i.indisvalid,
-                                      i.indpred IS NULL, i.indexprs IS NULL,
-                                      to_jsonb(i) ->> 'indnullsnotdistinct'), ';' ORDER BY i.indexrelid)
-            FROM pg_index i WHERE i.indrelid = t.oid AND i.indisunique) END))
-FROM t
+                                      i.indpred IS NULL, i.indexprs IS NULL, {nulls_not_distinct}), ';'
+                            ORDER BY i.indexrelid)
+            FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique) END)) END
+FROM pg_class c WHERE c.oid = to_regclass(%(rel)s)
 """
-)
 
 
-def _fingerprint_sql(prefix: str) -> str:
-    """:data:`FINGERPRINT_SQL` with its parameters renamed (``%(p_name)s``...), to fingerprint several
-    relations in one statement."""
-    out = FINGERPRINT_SQL
-    for p in ("name", "schema", "keys"):
-        out = out.replace(f"%({p})s", f"%({prefix}{p})s")
-    return out
+def _fingerprint_sql(conn, prefix: str = "") -> str:
+    """The fingerprint statement for ``conn``'s server, its parameters prefixed (``%(p_rel)s``...) to
+    fingerprint several relations in one statement."""
+    # pg_index.indnullsnotdistinct exists from PostgreSQL 15 on
+    nnd = "i.indnullsnotdistinct" if conn.server_version >= 150000 else "false"
+    return _FINGERPRINT.replace("{nulls_not_distinct}", nnd).replace("%(", f"%({prefix}")
+
+
+def _fingerprint_params(conn, table: TableName, *, keys: bool, prefix: str = "") -> dict:
+    return {f"{prefix}rel": psql.Identifier(*table.parts).as_string(conn), f"{prefix}keys": keys}
 
 
 @dataclass
@@ -139,9 +140,9 @@ def _builtin(t: casts.TypeInfo) -> bool:
 
 
 def fingerprint(conn, table: TableName, *, keys: bool) -> str | None:
-    """The relation's fingerprint (None: no such relation on this session's search_path)."""
+    """The relation's fingerprint (None: no such table on this session's search_path)."""
     with conn.cursor() as cur:
-        cur.execute(FINGERPRINT_SQL, {"name": table.name, "schema": table.schema_, "keys": keys})
+        cur.execute(_fingerprint_sql(conn), _fingerprint_params(conn, table, keys=keys))
         row = cur.fetchone()
     return row[0] if row else None
 
@@ -150,7 +151,7 @@ def read(spec: BackfillSpec, src_conn, dst_conn, chunk: Chunk, *, prints: bool =
     """The catalog facts of the range ``chunk`` reads; ``prints``: with the fingerprints, to carry them."""
     target = spec.staging_target
     src_table, _ = source.source_for(spec, chunk)
-    # first (FINGERPRINT_SQL): a change after them only makes a chunk prepare again
+    # first (_FINGERPRINT): a change after them only makes a chunk prepare again
     dest_print = (fingerprint(dst_conn, target, keys=True) or "") if prints else ""
     source_print = (fingerprint(src_conn, src_table, keys=False) or "") if prints else ""
     dest_cols, dest_keys = schema.describe_table(dst_conn, target, side="destination")
@@ -302,27 +303,21 @@ def _check(spec: BackfillSpec, prepared: PreparedRun, facts: Facts, src_conn, ds
     tables = sorted(prepared.sources().items())
     parts, params = [], {}
     for i, (name, _) in enumerate(tables):
-        table = TableName.parse(name)
-        parts.append("(" + _fingerprint_sql(f"s{i}_") + ")")
-        params.update({f"s{i}_name": table.name, f"s{i}_schema": table.schema_, f"s{i}_keys": False})
+        parts.append("(" + _fingerprint_sql(src_conn, f"s{i}_") + ")")
+        params.update(_fingerprint_params(src_conn, TableName.parse(name), keys=False, prefix=f"s{i}_"))
     with src_conn.cursor() as cur:
         cur.execute("SELECT " + ", ".join(parts), params)
         same = list(cur.fetchone()) == [p for _, p in tables]
     target, ledger_table = spec.staging_target, TableName.parse(spec.ledger_table)
-    live = spec.mode == "swap"
+    params = {
+        **_fingerprint_params(dst_conn, target, keys=True, prefix="t_"),
+        **_fingerprint_params(dst_conn, spec.destination, keys=False, prefix="l_"),
+        "ledger": psql.Identifier(*ledger_table.parts).as_string(dst_conn),
+    }
+    live = "(" + _fingerprint_sql(dst_conn, "l_") + ")" if spec.mode == "swap" else "''"
     with dst_conn.cursor() as cur:
-        params = {
-            "t_name": target.name,
-            "t_schema": target.schema_,
-            "t_keys": True,
-            "l_name": spec.destination.name,
-            "l_schema": spec.destination.schema_,
-            "l_keys": False,
-            "ledger": psql.Identifier(*ledger_table.parts).as_string(cur),
-        }
-        live_sql = "(" + _fingerprint_sql("l_") + ")" if live else "''"
         cur.execute(
-            "SELECT (" + _fingerprint_sql("t_") + "), " + live_sql + ", s.* FROM (" + ledger.STATE_SQL + ") AS s",
+            "SELECT (" + _fingerprint_sql(dst_conn, "t_") + "), " + live + ", s.* FROM (" + ledger.STATE_SQL + ") AS s",
             params,
         )
         dest_print, live_print, *state = cur.fetchone()

@@ -192,9 +192,8 @@ def transfer_chunk(
                 s.checked[facts.key(spec, chunk)] = rd
         with s.destination.cursor() as cur:
             # the same backfill's runs of this range serialize; another backfill into the table does not wait
-            lock = rd.backfill.lock_key(chunk.start, chunk.end) + keyranges.lock_suffix(chunk)
-            cur.execute(q.advisory_xact_lock(), (lock,))
-            staged, inserted, updated = _load(cur, spec, chunk, s, rd, watch)
+            lock = q.advisory_xact_lock_of(rd.backfill.lock_key(chunk.start, chunk.end) + keyranges.lock_suffix(chunk))
+            staged, inserted, updated = _load(cur, spec, chunk, s, rd, watch, lock)
             paused_s = watch.paused_s if watch is not None else 0.0
             if watch is not None and (watch.checks or watch.pauses or watch.errors):
                 log.info("chunk %s: %s", chunk.chunk_id, watch.describe())
@@ -264,18 +263,23 @@ def _record(cur, spec, chunk: Chunk, rd: facts.Ready, run: RunInfo, dag_id: str,
     return ledger.run_totals(cur, ledger_table, rd.backfill.target, run.run_id, dag_id=dag_id)
 
 
-def _load(cur, spec: BackfillSpec, chunk: Chunk, s: Sessions, rd: facts.Ready, watch) -> tuple[int, int, int]:
-    """The chunk's rows into the target, in the destination transaction of ``cur``: straight in on a first
-    load (firstload.py), else through the staging table and the newer-wins upsert. (staged, inserted, updated)"""
+def _load(cur, spec, chunk: Chunk, s: Sessions, rd: facts.Ready, watch, lock) -> tuple[int, int, int]:
+    """The chunk's rows into the target, in the destination transaction of ``cur``, under ``lock`` (the
+    chunk's advisory lock, sent with its first statement): straight in on a first load (firstload.py), else
+    through the staging table and the newer-wins upsert. (staged, inserted, updated)"""
     target, plan = spec.staging_target, rd.plan
     lo, hi = timebounds.bounds(plan.filter_kind, chunk.start, chunk.end, spec.timezone)
     select = q.chunk_select(rd.src_table, plan.copy_exprs, plan.time_filter, lo, hi)
     if chunk.keyed:  # chunk_by: key: AND key >= lo AND key < hi (keyranges.py), on the chunk's key expression
         select = select + keyranges.key_filter(chunk, source_for(spec, chunk)[1])
     copy_out = q.copy_out(select, spec.copy_format)
-    if not s.batch and firstload.eligible(plan) and firstload.range_is_empty(cur, target, spec, chunk, plan):
-        # nothing of the range in the target: COPY straight into it
-        cur.execute(sql.SQL("SAVEPOINT {}").format(firstload.SAVEPOINT))
+    first, row = [lock], None  # first: statements sent in one round trip with the next one
+    check = firstload.empty_check(cur, target, spec, chunk, plan) if not s.batch and firstload.eligible(plan) else None
+    if check is not None:
+        # lock, savepoint (for a first load that meets a key after all) and check in one round trip
+        cur.execute(sql.SQL("; ").join([lock, sql.SQL("SAVEPOINT {}").format(firstload.SAVEPOINT), check]))
+        row, first = cur.fetchone(), []
+    if row and row[0]:  # nothing of the range in the target: COPY straight into it
         try:
             _, staged = stream_copy(
                 s.source, cur, copy_out, q.copy_in(target, plan.columns, spec.copy_format), gate=watch
@@ -288,12 +292,14 @@ def _load(cur, spec: BackfillSpec, chunk: Chunk, s: Sessions, rd: facts.Ready, w
             log.info("chunk %s: a key of the range is in the target already; upserting", chunk.chunk_id)
     shape = (str(target), tuple(plan.columns), tuple(plan.stage_types))
     if not s.batch:
-        cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
+        first.append(q.create_staging(_STAGE, target, plan.columns, plan.stage_types))
     elif s.stage != shape:  # a batch keeps one staging table per session, emptied at each commit
         if s.stage is not None:
-            cur.execute(q.drop_table(TableName(name=_STAGE)))
-        cur.execute(q.create_staging(_STAGE, target, plan.columns, plan.stage_types, keep=True))
+            first.append(q.drop_table(TableName(name=_STAGE)))
+        first.append(q.create_staging(_STAGE, target, plan.columns, plan.stage_types, keep=True))
         s.stage = shape
+    if first:
+        cur.execute(sql.SQL("; ").join(first))
     _, staged = stream_copy(s.source, cur, copy_out, q.copy_in(_STAGE, plan.columns, spec.copy_format), gate=watch)
     castcheck.check_rounding(cur, plan, _STAGE, spec.key_columns, f"chunk {chunk.chunk_id}")
     inserted, updated = castcheck.upsert_naming_bad_values(

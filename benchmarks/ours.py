@@ -79,6 +79,7 @@ def our_transfer(
     for chunk, descriptor in zip(planned, chunks):
         appname = application_name(backfill.effective_dag_id, chunk.chunk_id)
         src_conn = open_source(backfill, appname, src_url)
+        src_conn.autocommit = True  # as the operator's source session (operators/chunk.py _open_source)
         if probe:  # as the operator does: probe on the session the transfer then uses
             p0 = time.perf_counter()
             decision = decide(probe_load(src_conn), backfill.throttle)
