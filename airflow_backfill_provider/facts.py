@@ -112,15 +112,15 @@ class Facts:
     @classmethod
     def from_json(cls, d: dict) -> Facts:
         def info(row: list) -> casts.TypeInfo:
-            t = casts.TypeInfo(*row)
-            fn = t.send_fn  # (schema, name): a list in JSON
-            return dataclasses.replace(t, send_fn=(fn[0], fn[1]) if fn else None)
+            named = dict(zip(_TYPE_FIELDS, row))
+            fn = named["send_fn"]  # (schema, name): a list in JSON
+            return casts.TypeInfo(**{**named, "send_fn": (fn[0], fn[1]) if fn else None})
 
         return cls(
             source_table=d["source_table"],
             target=d["target"],
             dest_cols=[Column(*c) for c in d["dest_cols"]],
-            dest_keys=[dataclasses.replace(UniqueKey(*k), columns=tuple(k[2])) for k in d["dest_keys"]],
+            dest_keys=[UniqueKey(k[0], k[1], tuple(k[2]), *k[3:]) for k in d["dest_keys"]],
             src_cols=[Column(*c) for c in d["src_cols"]],
             dest_types={n: info(t) for n, t in d["dest_types"].items()},
             src_types={n: info(t) for n, t in d["src_types"].items()},
@@ -133,6 +133,9 @@ class Facts:
     def carriable(self) -> bool:
         """Every column type built in on both sides (module docstring)."""
         return all(_builtin(t) for t in (*self.dest_types.values(), *self.src_types.values()))
+
+
+_TYPE_FIELDS = [f.name for f in dataclasses.fields(casts.TypeInfo)]
 
 
 def _builtin(t: casts.TypeInfo) -> bool:
