@@ -1,11 +1,12 @@
 """The prepared run: what the plan task works out once per run, and what every chunk re-uses after ONE
 fingerprint statement per side.
 
-    plan task   prepare_run: the ledger and (swap mode) the parallel table made ready, then per source range
+    plan task   prepare_run: (swap mode) the parallel table made ready, then per source range
                 the fingerprints of both tables, their catalog facts (columns, unique keys, type facts, the
                 time filter's kind) and the backfill's identity -> PreparedRun, in every chunk descriptor
     chunk       ready: one statement on the source (its tables' fingerprints), one on the destination (the
-                target's fingerprint, the live table's in swap mode, the ledger's state); all equal -> the
+                target's fingerprint, the live table's in swap mode, the ledger's state: the first chunk that
+                finds no ledger creates it, so a plan writes no table but the parallel one); all equal -> the
                 column plan from the carried facts, the carried identity; any difference -> prepared again
                 from the catalogs, as a chunk run alone (no prepared run) always is
 
@@ -289,11 +290,11 @@ class PreparedRun:
 
 
 def prepare_run(spec: BackfillSpec, src_conn, dst_conn, chunks: list[Chunk], *, source_conn_id: str | None = None):
-    """The plan task's work for its chunks, once: the parallel table (swap mode) and the ledger made ready,
-    then per source range the fingerprints and catalog facts, then the identity (after the fingerprints: a
-    change in between makes the chunks prepare again). Raises what a chunk would (PermanentChunkError)."""
+    """The plan task's work for its chunks, once: the parallel table made ready (swap mode; the ledger is made
+    by the first chunk that needs it: a plan writes nothing else), then per source range the fingerprints and
+    catalog facts, then the identity (after the fingerprints: a change in between makes the chunks prepare
+    again). Raises what a chunk would (PermanentChunkError)."""
     swap.ensure_parallel_table(dst_conn, spec)  # no-op in upsert mode
-    ledger.ensure_table(dst_conn, TableName.parse(spec.ledger_table))
     live_print = (fingerprint(dst_conn, spec.destination, keys=False) or "") if spec.mode == "swap" else ""
     ranges = {key(spec, c): read(spec, src_conn, dst_conn, c) for c in source.one_per_source(spec, chunks)}
     backfill = identity.of(spec, src_conn, dst_conn, source_conn_id=source_conn_id)

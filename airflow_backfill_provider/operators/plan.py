@@ -107,7 +107,7 @@ class PlanBackfillOperator(BaseOperator):
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
                 for level, message in preflight(spec, plan, src, dst):
                     self.log.log(level, "%s", message)
-                # once for every chunk: ledger and (swap) parallel table ready, fingerprints, catalog facts,
+                # once for every chunk: (swap) parallel table ready, fingerprints, catalog facts,
                 # identity; each chunk checks one fingerprint statement per side (facts.py)
                 prepared = facts.prepare_run(spec, src, dst, plan.chunks) if plan.chunks and not dry_run else None
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
