@@ -75,20 +75,17 @@ def _range(spec: BackfillSpec, chunk: Chunk, plan: ColumnPlan) -> tuple[str, sql
     return name, sql.SQL("{t} >= {lo} AND {t} < {hi}").format(t=t, lo=sql.Literal(lo), hi=sql.Literal(hi))
 
 
-def range_is_empty(cur, target: TableName, spec: BackfillSpec, chunk: Chunk, plan: ColumnPlan) -> bool:
-    """The target can take a plain COPY and has no row in the chunk's range (module docstring)."""
+def empty_check(cur, target: TableName, spec: BackfillSpec, chunk: Chunk, plan: ColumnPlan) -> sql.Composed | None:
+    """The statement whose one value says the target can take a plain COPY and has no row in the chunk's
+    range (module docstring); None where the range cannot be checked."""
     found = _range(spec, chunk, plan)
     if found is None:
-        return False
+        return None
     column, predicate = found
     t = sql.Identifier(*target.parts)
-    cur.execute(
-        sql.SQL(_CHECK).format(
-            column_name=sql.Literal(column),
-            target=t,
-            range=predicate,
-            target_name=sql.Literal(t.as_string(cur)),
-        )
+    return sql.SQL(_CHECK).format(
+        column_name=sql.Literal(column),
+        target=t,
+        range=predicate,
+        target_name=sql.Literal(t.as_string(cur)),
     )
-    row = cur.fetchone()
-    return bool(row and row[0])

@@ -151,7 +151,7 @@ def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = N
         "destination_oid": dest_oid,
         "write": _write(spec, dest_cols, src_cols),
     }
-    return _from_description(target, description)
+    return from_description(target, description)
 
 
 def _write(spec: BackfillSpec, dest_cols, src_cols: dict) -> dict:
@@ -228,55 +228,7 @@ def _selection(spec: BackfillSpec) -> dict:
     return {f: dumped[f] for f in SELECTION_FIELDS if dumped.get(f) not in (None, [], {})}
 
 
-def _from_description(target: str, description: dict) -> BackfillIdentity:
+def from_description(target: str, description: dict) -> BackfillIdentity:
+    """The identity a description stands for (its key is the description's digest): a prepared run carries it."""
     canonical = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
     return BackfillIdentity(target, hashlib.sha256(canonical.encode()).hexdigest()[:32], description)
-
-
-# --- computed once per run: the plan task resolves the identity and hands it to each chunk --------------
-#
-# identity.of costs a chunk two catalog round trips on fresh sessions, the same for every chunk of a run.
-# The plan puts its description in each chunk descriptor (``bf``); the key is its digest, recomputed here.
-# A carried identity is used only if it still describes the chunk's spec (the selection fields, the table
-# names): a spec changed between plan and chunk, or a descriptor without one (a chunk run alone, an older
-# plan), resolves it again on the chunk's sessions.
-
-#: the descriptor field that carries the identity
-DESCRIPTOR_KEY = "bf"
-
-
-def attach(descriptors: list[dict], backfill: BackfillIdentity) -> list[dict]:
-    """Chunk descriptors with the run's identity (batches resolve it once per batch themselves)."""
-    carried = {"target": backfill.target, "description": backfill.description}
-    return [d if "batch" in d else {**d, DESCRIPTOR_KEY: carried} for d in descriptors]
-
-
-def _name_of(relation: str | None) -> str | None:
-    return TableName.parse(relation).name if relation else None
-
-
-def carried(spec: BackfillSpec, descriptor: dict) -> BackfillIdentity | None:
-    """The identity the plan put in ``descriptor``, if it still describes ``spec``; else None (resolve it)."""
-    bf = descriptor.get(DESCRIPTOR_KEY) if isinstance(descriptor, dict) else None
-    if not isinstance(bf, dict) or not isinstance(bf.get("description"), dict) or not bf.get("target"):
-        return None
-    description = bf["description"]
-    try:
-        selection = json.loads(json.dumps(description.get("selection"), default=str))
-        expected = _selection(spec)
-        # historical tables are stored resolved (schema.name): compare the table names the spec gives
-        for got, want in zip(selection.get("historical", []), expected.get("historical", [])):
-            if got.get("source_table") and want.get("source_table"):
-                got["source_table"] = _name_of(got["source_table"])
-                want["source_table"] = TableName.parse(want["source_table"]).name
-        if selection != json.loads(json.dumps(expected, default=str)):
-            return None
-        if _name_of(description.get("source")) != spec.source.name:
-            return None
-        if _name_of(description.get("destination")) != spec.staging_target.name or bf["target"] != description.get(
-            "destination"
-        ):
-            return None
-    except (TypeError, ValueError, AttributeError):  # not a descriptor this release wrote: resolve it again
-        return None
-    return _from_description(bf["target"], description)

@@ -32,7 +32,7 @@ class Plan:
     watermark: pendulum.DateTime | None = None
     clipped: bool = False
     notes: list[str] = field(default_factory=list)
-    #: the backfill's identity (identity.py), when the plan read it: chunks carry it (identity.attach) and the
+    #: the backfill's identity (identity.py), when the plan read it: chunks carry it (facts.PreparedRun) and the
     #: progress page selects its ledger rows by its key
     backfill: BackfillIdentity | None = None
 
@@ -210,21 +210,16 @@ def _identity(spec: BackfillSpec, src_conn, dst_conn):
         close_all(own)
 
 
-def preflight(
-    spec: BackfillSpec, plan: Plan, src_conn, dst_conn, *, carry: dict[str, facts.Facts] | None = None
-) -> list[tuple[int, str]]:
+def preflight(spec: BackfillSpec, plan: Plan, src_conn, dst_conn) -> list[tuple[int, str]]:
     """Catalog checks before any chunk writes, once per source range: tables, columns, unique key and drift
     decisions (against the live table in swap mode: the parallel one is created LIKE it), the granularity
     against the time column's type, an index on the column the range filters, NULL time rows.
 
     Raises what a chunk would raise (PermanentChunkError, PlanError); returns (log level, line) to log.
-    ``carry``: filled with each source range's catalog facts (facts.key -> Facts), for the chunks to re-use.
     """
     lines: list[tuple[int, str]] = []
     for chunk in source.one_per_source(spec, plan.chunks):
-        read = facts.read(swap.as_live(spec), src_conn, dst_conn, chunk)
-        if carry is not None:
-            carry[facts.key(spec, chunk)] = read
+        read = facts.read(swap.as_live(spec), src_conn, dst_conn, chunk, prints=False)
         src_table, cplan = facts.plan_from(swap.as_live(spec), read, chunk)
         if not lines and (coarse := coarse_version(spec, cplan)):
             lines.append((logging.WARNING, coarse))

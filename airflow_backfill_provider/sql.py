@@ -171,6 +171,11 @@ def advisory_xact_lock() -> sql.SQL:
     return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")
 
 
+def advisory_xact_lock_of(key: str) -> sql.Composed:
+    """:func:`advisory_xact_lock` with its key as a literal: sent in one round trip with the next statement."""
+    return sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(sql.Literal(key))
+
+
 def incremental_select(
     source: TableName,
     select_exprs: Sequence[sql.Composable],

@@ -334,7 +334,7 @@ def empty_chunk_work(src_url: str, dst_url: str, n: int) -> dict:
         }
         for i in range(n)
     ]
-    # with what the example DAG's plan task hands its chunks: the run's identity
+    # with what the example DAG's plan task hands its chunks: the prepared run
     from benchmarks.ours import as_planned, spec_dict
 
     spec = spec_dict()

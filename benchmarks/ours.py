@@ -1,8 +1,8 @@
 """(1) Our chunk operator's transfer path, as the operator runs it, minus Airflow.
 
 Per chunk, what ``BackfillChunkOperator`` does once Airflow has started the task: open the source session,
-probe the source's load on it (``throttle.probe_load`` + ``decide``), then ``transfer.transfer_chunk`` on that session, with DSNs in place of Airflow
-connection ids. The benchmark never waits on the probe's decision (it records it). Imports happen before
+probe the source's load on it (``throttle.probe_load`` + ``decide``), open the destination session, then
+``transfer.transfer_chunk`` on both, with DSNs in place of Airflow connection ids. The benchmark never waits on the probe's decision (it records it). Imports happen before
 the clock starts.
 """
 
@@ -30,27 +30,29 @@ def spec_dict(src_table: str = "orders", dst_table: str = "orders", granularity:
 
 
 def as_planned(spec: dict, src_url: str, dst_url: str, descriptors: list[dict]) -> tuple[list[dict], dict]:
-    """What the plan task hands the chunks: descriptors with the run's identity, and the catalog facts
-    (its XCom ``catalog``), both read once, as PlanBackfillOperator does."""
-    import psycopg2
-
-    from airflow_backfill_provider import facts, identity, planning
+    """What the plan task hands the chunks: descriptors with the prepared run (facts.prepare_run: ledger
+    ready, fingerprints, catalog facts, identity), made once as PlanBackfillOperator does. Also returns the
+    hand-over's cost: its JSON size per descriptor and the time a chunk takes to decode it."""
+    from airflow_backfill_provider import facts
     from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.connections import close_all, open_destination, open_source
     from airflow_backfill_provider.spec import load_spec
 
     loaded = load_spec(spec)
     chunks = [Chunk.from_descriptor(d, loaded.timezone) for d in descriptors]
-    src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
+    src = open_source(loaded, "backfill:bench:plan", src_url)
+    dst = open_destination(loaded, "backfill:bench:plan", dst_url)
     try:
-        resolved = identity.of(loaded, src, dst, source_conn_id=src_url)
-        per_range: dict = {}
-        plan = planning.Plan(chunks[0].start, chunks[-1].end, loaded.granularity, chunks) if chunks else None
-        if plan is not None:
-            planning.preflight(loaded, plan, src, dst, carry=per_range)
+        prepared = facts.prepare_run(loaded, src, dst, chunks, source_conn_id=src_url)
     finally:
-        src.close()
-        dst.close()
-    return identity.attach(descriptors, resolved), facts.carry(loaded, per_range)
+        close_all(src, dst)
+    out = prepared.attach(descriptors)
+    carried = out[0][facts.DESCRIPTOR_KEY] if out else ""
+    t0 = time.perf_counter()
+    for _ in range(100):
+        facts.PreparedRun.decode(carried)
+    handover = {"bytes_per_descriptor": len(carried), "decode_ms": (time.perf_counter() - t0) * 10}
+    return out, handover
 
 
 def our_transfer(
@@ -59,14 +61,13 @@ def our_transfer(
     chunks: list[dict],
     spec: dict | None = None,
     probe: bool = True,
-    catalog: dict | None = None,
 ) -> dict:
     from airflow_backfill_provider.chunks import Chunk
-    from airflow_backfill_provider.identity import carried
+    from airflow_backfill_provider.connections import application_name, close_all, open_destination, open_source
+    from airflow_backfill_provider.facts import PreparedRun
     from airflow_backfill_provider.spec import load_spec
     from airflow_backfill_provider.throttle import decide, probe_load
-    from airflow_backfill_provider.connections import application_name, open_source
-    from airflow_backfill_provider.transfer import transfer_chunk
+    from airflow_backfill_provider.transfer import Sessions, transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     planned = [Chunk.from_descriptor(c) for c in chunks]
@@ -76,28 +77,33 @@ def our_transfer(
     probe_seconds = 0.0
     t0 = time.perf_counter()
     for chunk, descriptor in zip(planned, chunks):
-        src_conn = None
+        appname = application_name(backfill.effective_dag_id, chunk.chunk_id)
+        src_conn = open_source(backfill, appname, src_url)
+        src_conn.autocommit = True  # as the operator's source session (operators/chunk.py _open_source)
         if probe:  # as the operator does: probe on the session the transfer then uses
-            src_conn = open_source(backfill, application_name(backfill.effective_dag_id, chunk.chunk_id), src_url)
             p0 = time.perf_counter()
             decision = decide(probe_load(src_conn), backfill.throttle)
             probe_seconds += time.perf_counter() - p0
             decisions[decision] = decisions.get(decision, 0) + 1
-        # the identity the plan task resolved once for the run, when the descriptor carries it
-        result = transfer_chunk(
-            backfill,
-            chunk,
-            source=src_url,
-            destination=dst_url,
-            source_conn=src_conn,
-            backfill=carried(backfill, descriptor),
-            catalog=catalog,  # the plan's catalog facts (its XCom), when given
-        )
+        c0 = time.perf_counter()  # the chunk's own work: its destination session, then the transfer
+        sessions = Sessions(src_conn, open_destination(backfill, appname, dst_url))
+        try:
+            # the prepared run the plan task made once for the run, when the descriptor carries it
+            result = transfer_chunk(
+                backfill,
+                chunk,
+                sessions=sessions,
+                prepared=PreparedRun.of_descriptor(descriptor),
+                source=src_url,
+                destination=dst_url,
+            )
+        finally:
+            close_all(sessions.source, sessions.destination)
         totals["rows"] += result.rows_extracted
         for key in ("inserted", "updated", "unchanged"):
             totals[key] += getattr(result, key)
         per_chunk.append(
-            {"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(result.seconds, 4)}
+            {"chunk_id": result.chunk_id, "rows": result.rows_extracted, "seconds": round(time.perf_counter() - c0, 5)}
         )
     seconds = time.perf_counter() - t0
     return {
@@ -111,14 +117,14 @@ def our_transfer(
 
 
 def our_batch(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None) -> dict:
-    """Chunks as one batch runs them (operators/gates.py): one pair of sessions kept across the chunks, the
-    source in autocommit, the catalog checks cached per source range, the load probed once up front."""
+    """Chunks as one batch runs them (operators/chunk.py): one pair of sessions kept across the chunks, the
+    source in autocommit, the prepared run checked once per source range, the load probed once up front."""
     from airflow_backfill_provider.chunks import Chunk
     from airflow_backfill_provider.connections import application_name, close_all, open_destination, open_source
-    from airflow_backfill_provider.identity import carried
+    from airflow_backfill_provider.facts import PreparedRun
     from airflow_backfill_provider.spec import load_spec
     from airflow_backfill_provider.throttle import decide, probe_load
-    from airflow_backfill_provider.transfer import transfer_chunk
+    from airflow_backfill_provider.transfer import Sessions, transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     appname = application_name(backfill.effective_dag_id, "batch")
@@ -126,22 +132,19 @@ def our_batch(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None 
     t0 = time.perf_counter()
     src = open_source(backfill, appname, src_url)
     src.autocommit = True
-    dst = open_destination(backfill, appname, dst_url)
+    sessions = Sessions(src, open_destination(backfill, appname, dst_url), batch=True)
+    prepared = PreparedRun.of_descriptor(chunks[0]) if chunks else None
     try:
         decide(probe_load(src), backfill.throttle)
-        prepared: dict = {}
         for descriptor in chunks:
             c0 = time.perf_counter()
             result = transfer_chunk(
                 backfill,
                 Chunk.from_descriptor(descriptor),
+                sessions=sessions,
+                prepared=prepared,
                 source=src_url,
                 destination=dst_url,
-                source_conn=src,
-                destination_conn=dst,
-                prepared=prepared,
-                close=False,
-                backfill=carried(backfill, descriptor),
             )
             per_chunk.append(
                 {
@@ -151,7 +154,7 @@ def our_batch(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None 
                 }
             )
     finally:
-        close_all(src, dst)
+        close_all(sessions.source, sessions.destination)
     return {"seconds": time.perf_counter() - t0, "chunks": len(chunks), "per_chunk": per_chunk}
 
 

@@ -323,19 +323,20 @@ def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
         for i in range(n)
     ]
     spec = spec_dict("bench_src", "bench_dst")
-    chunks, _ = as_planned(spec, src_url, dst_url, chunks)  # as the DAG's chunks: identity carried, not the catalog
+    chunks, handover = as_planned(spec, src_url, dst_url, chunks)  # as the DAG's chunks: the plan's prepared run
     r = run_isolated("ours", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
     per = sorted(c["seconds"] for c in r["per_chunk"])
     probe_ms = 1000 * r["probe_seconds"] / n
-    # the same empty chunks inside one batch (above max_mapped_chunks): sessions and catalog checks kept
+    # the same empty chunks inside one batch (above max_mapped_chunks): sessions, staging table and checks kept
     b = run_isolated("ours_batch", {"src_url": src_url, "dst_url": dst_url, "chunks": chunks, "spec": spec})
-    in_batch = sorted(c["seconds"] for c in b["per_chunk"][1:])  # the first one reads the catalogs
+    in_batch = sorted(c["seconds"] for c in b["per_chunk"][1:])  # the first one checks the fingerprints
     return {
         "chunks": n,
         "median_ms": 1000 * per[len(per) // 2] + probe_ms,
         "mean_ms": 1000 * r["seconds"] / n,
         "probe_ms": probe_ms,
         "in_batch_median_ms": 1000 * in_batch[len(in_batch) // 2] if in_batch else None,
+        "handover": handover,  # the prepared run in each descriptor: JSON bytes, ms to decode
     }
 
 

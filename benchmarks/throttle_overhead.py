@@ -17,11 +17,11 @@ import uuid
 import psycopg2
 
 from airflow_backfill_provider.chunks import plan_chunks
-from airflow_backfill_provider.connections import close_all, open_source
+from airflow_backfill_provider.connections import close_all, open_destination, open_source
 from airflow_backfill_provider.loadsignal import add_latency
 from airflow_backfill_provider.spec import load_spec
 from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.transfer import Sessions, transfer_chunk
 from tests.seed import ORDERS_SPEC, create_orders, seed_orders
 
 
@@ -44,7 +44,11 @@ def one_run(spec, chunk) -> float:
     except BaseException:
         close_all(conn)
         raise
-    transfer_chunk(spec, chunk, source_conn=conn)
+    dst = open_destination(spec, "backfill:overhead:gate")
+    try:
+        transfer_chunk(spec, chunk, sessions=Sessions(conn, dst))
+    finally:
+        close_all(conn, dst)
     return time.monotonic() - t0
 
 

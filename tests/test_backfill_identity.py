@@ -222,9 +222,15 @@ def test_a_second_live_ingest_from_another_source_is_refused_not_silently_skippi
         {"historical": [{"until": "2024-01-02", "source_table": "orders_eu"}]},
     ],
 )
-def test_the_plan_resolves_the_identity_once_and_a_changed_spec_resolves_it_again(change, src_url, dst_url, pg):
-    """Chunks use the identity the plan put in their descriptor (no catalog round trips) only while it still
-    describes their spec; otherwise (spec changed since the plan, descriptor without one) they resolve it."""
+def test_the_plan_prepares_the_run_once_and_a_changed_spec_prepares_it_again(change, src_url, dst_url, pg):
+    """Chunks use the prepared run the plan put in their descriptor (identity and catalog facts, after one
+    fingerprint statement per side) only while it was made for their spec; otherwise (spec changed since the
+    plan, descriptor without one, another release's record) they prepare it themselves."""
+    import json
+
+    from airflow_backfill_provider import facts
+    from airflow_backfill_provider.chunks import Chunk
+
     src = pg(src_url)
     seed_orders(src, rows=90, days=3, start=dt.date(2024, 1, 1), table="orders", first_id=1)
     seed_orders(src, rows=30, days=3, start=dt.date(2024, 1, 1), table="orders_eu", first_id=10_001)
@@ -233,25 +239,27 @@ def test_the_plan_resolves_the_identity_once_and_a_changed_spec_resolves_it_agai
     planned = make_spec(src_url, dst_url)
     s, d = psycopg2.connect(src_url), psycopg2.connect(dst_url)
     try:
-        resolved = identity.of(planned, s, d)
-        descriptors = identity.attach([c.to_descriptor() for c in DAYS] + [{"chunk_id": "b", "batch": {}}], resolved)
+        prepared = facts.prepare_run(planned, s, d, DAYS)
+        # through JSON, as XCom stores them
+        descriptors = json.loads(
+            json.dumps(prepared.attach([c.to_descriptor() for c in DAYS] + [{"chunk_id": "b", "batch": {}}]))
+        )
         running = make_spec(src_url, dst_url, **change)
         fresh = identity.of(running, s, d)
     finally:
         s.close()
         d.close()
-    assert "bf" not in descriptors[-1]  # a batch resolves it once for all its chunks
-    got = [identity.carried(running, desc) for desc in descriptors[:-1]]
+    got = [facts.PreparedRun.of_descriptor(desc) for desc in descriptors]  # a batch carries it too
+    assert all(g is not None and g.backfill == prepared.backfill for g in got)
     if change:
-        assert got == [None] * len(DAYS) and fresh.key != resolved.key
+        assert fresh.key != prepared.backfill.key
     else:
-        assert got == [resolved] * len(DAYS)
-    assert identity.carried(running, DAYS[0].to_descriptor()) is None
-    assert identity.carried(running, {**descriptors[0], "bf": {"target": "x"}}) is None
+        assert fresh == prepared.backfill
+    assert facts.PreparedRun.of_descriptor(DAYS[0].to_descriptor()) is None
+    assert facts.PreparedRun.of_descriptor({**descriptors[0], "prep": "z1:!!"}) is None  # damaged
+    assert facts.PreparedRun.of_descriptor({**descriptors[0], "prep": {"v": facts.VERSION}}) is None
     # whichever way it came, the chunk records itself under the identity of the spec it ran with
     for desc in descriptors[:-1]:
-        from airflow_backfill_provider.chunks import Chunk
-
-        transfer_chunk(running, Chunk.from_descriptor(desc), backfill=identity.carried(running, desc))
+        transfer_chunk(running, Chunk.from_descriptor(desc), prepared=facts.PreparedRun.of_descriptor(desc))
     keys = fetch_all(dst_url, "SELECT DISTINCT backfill_key FROM backfill_ledger")
     assert keys == [(fresh.key,)]

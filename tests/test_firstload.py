@@ -18,7 +18,7 @@ import pytest
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.connections import open_destination, open_source
 from airflow_backfill_provider.exceptions import PermanentChunkError
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.transfer import Sessions, transfer_chunk
 from tests.conftest import fetch_all
 from tests.seed import create_orders, seed_orders
 from tests.specs import make_spec
@@ -45,7 +45,7 @@ def _load(spec, src, dst, chunk=CHUNK):
     d.statements = []
     d.cursor_factory = _Recording
     try:
-        result = transfer_chunk(spec, chunk, source_conn=s, destination_conn=d, close=False)
+        result = transfer_chunk(spec, chunk, sessions=Sessions(s, d))
         staged = any("CREATE TEMP TABLE" in q for q in d.statements)
         direct = any(q.startswith('COPY "public"."orders"') for q in d.statements)
         return result, ("staged" if staged else "direct") if staged != direct else "both"

@@ -21,6 +21,7 @@ from airflow_backfill_provider.progress import (
     run_totals,
 )
 from airflow_backfill_provider.spec import TableName
+from airflow_backfill_provider.transfer import RunInfo as Run
 from airflow_backfill_provider.transfer import transfer_chunk
 from tests.conftest import fetch_all
 from tests.seed import create_orders, seed_orders
@@ -49,9 +50,9 @@ def test_two_backfills_into_one_table_each_show_their_own_progress(src_url, dst_
     assert keys["us"] and keys["eu"] and keys["us"] != keys["eu"]
 
     for c in DAYS:  # us: every day, its second one after waiting 4 s for the source's load
-        transfer_chunk(us, c, dag_id="backfill_us", run_id=RUN_ID, waited_load_s=4.0 if c is DAYS[1] else 0.0)
+        transfer_chunk(us, c, run=Run("backfill_us", RUN_ID, waited_load_s=4.0 if c is DAYS[1] else 0.0))
     for c in DAYS[:2]:  # eu: two of three days so far; the first waited 1.5 s for its pacing turn
-        transfer_chunk(eu, c, dag_id="backfill_eu", run_id=RUN_ID, waited_pacing_s=1.5 if c is DAYS[0] else 0.0)
+        transfer_chunk(eu, c, run=Run("backfill_eu", RUN_ID, waited_pacing_s=1.5 if c is DAYS[0] else 0.0))
     # the same plan again: each backfill skips its own loaded days only
     plan = build_plan(eu, "2024-01-01", "2024-01-04", dst_conn=pg(dst_url), src_conn=pg(src_url))
     assert ([c.chunk_id for c in plan.chunks], plan.backfill_key) == ([DAYS[2].chunk_id], keys["eu"])
@@ -84,7 +85,7 @@ def test_a_ledger_from_before_the_wait_columns_still_counts_and_is_migrated(src_
     seed_orders(src, rows=30, days=3, start=dt.date(2024, 1, 1))
     create_orders(pg(dst_url))
     spec = make_spec(src_url, dst_url)
-    transfer_chunk(spec, DAYS[0], run_id="r1")
+    transfer_chunk(spec, DAYS[0], run=Run(run_id="r1"))
     conn = pg(dst_url)
     with conn.cursor() as cur:  # the previous release's ledger: keyed, no wait columns
         cur.execute("ALTER TABLE backfill_ledger DROP COLUMN waited_load_s, DROP COLUMN waited_pacing_s")
@@ -95,7 +96,9 @@ def test_a_ledger_from_before_the_wait_columns_still_counts_and_is_migrated(src_
     (old,) = read_ledger(conn, spec, backfill_key=plan.backfill_key)
     assert (old.chunk_id, old.rows, old.waited_load_s, old.waited_pacing_s) == (DAYS[0].chunk_id, 10, None, None)
 
-    transfer_chunk(spec, DAYS[1], run_id="r2", waited_load_s=2.0, waited_pacing_s=0.5)  # the next chunk migrates
+    transfer_chunk(
+        spec, DAYS[1], run=Run(run_id="r2", waited_load_s=2.0, waited_pacing_s=0.5)
+    )  # the next chunk migrates
     got = sorted(
         (r.chunk_id, r.waited_load_s, r.waited_pacing_s) for r in read_ledger(conn, spec, dag_id="backfill_orders")
     )
@@ -115,7 +118,7 @@ def _backfill_inputs(spec, dst_url, pg, src_url):
     create_orders(pg(dst_url))
     ids = [f"backfill__{c.start.isoformat()}" for c in BACKFILL_DAYS]
     for i in (0, 3):
-        transfer_chunk(spec, BACKFILL_DAYS[i], dag_id="backfill_orders", run_id=ids[i])
+        transfer_chunk(spec, BACKFILL_DAYS[i], run=Run("backfill_orders", ids[i]))
     key = build_plan(spec, "2024-02-01", "2024-02-05", dst_conn=pg(dst_url), src_conn=pg(src_url)).backfill_key
     states = ("success", "running", "failed", "success")
     inputs = [
@@ -221,7 +224,7 @@ def test_status_finds_the_latest_runs_backfill_in_the_metadata_db(airflow_db, sr
                                state=DagRunState.SUCCESS if i in (0, 3) else DagRunState.RUNNING,
                                start_date=c.end + dt.timedelta(minutes=n), **kw))  # fmt: skip
     for i in (0, 3):
-        transfer_chunk(spec, BACKFILL_DAYS[i], dag_id=dag_id, run_id=ids[i])
+        transfer_chunk(spec, BACKFILL_DAYS[i], run=Run(dag_id, ids[i]))
 
     listed = airflow_state.backfill_runs(dag_id, airflow_state.latest_backfill(dag_id))
     assert [r["run_id"] for r in listed] == ids

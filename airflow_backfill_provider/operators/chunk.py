@@ -106,9 +106,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         from airflow_backfill_provider import batches
         from airflow_backfill_provider.connections import application_name
         from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
-        from airflow_backfill_provider.identity import carried
+        from airflow_backfill_provider.facts import PreparedRun
         from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.transfer import transfer_chunk
+        from airflow_backfill_provider.transfer import RunInfo, Sessions, transfer_chunk
 
         spec = load_spec(self.spec)
         try:
@@ -120,17 +120,18 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         run_id = getattr(context.get("dag_run"), "run_id", None)
         appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)  # outside the maintenance window: defer before opening any session
-        todo, dst = planned, None
-        prepared: dict | None = {} if batch else None  # a batch reuses catalog checks and its staging table
+        prepared = PreparedRun.of_descriptor(self.chunk)  # the plan's; checked by each chunk (facts.py)
+        todo = planned
+        # the try's sessions, kept across its chunks; a batch also keeps its staging table and checks
+        sessions = Sessions(None, None, batch=batch)
         failed: list[tuple[Chunk, PermanentChunkError]] = []
         results: list = []
         last_check = -1e9
         try:
-            backfill = carried(spec, self.chunk)
             if batch:
-                run.source_conn = self._open_source(spec, appname)
-                dst = self._open_destination(spec, appname, label)
-                todo, backfill = self._not_in_ledger(spec, planned, run.source_conn, dst, run_id, label)
+                run.source_conn = sessions.source = self._open_source(spec, appname)
+                sessions.destination = self._open_destination(spec, appname, label)
+                todo = self._not_in_ledger(spec, planned, sessions, prepared, run_id, label)
             for chunk in todo:
                 self._window_gate(spec)  # a long batch may run into a blackout: stop between chunks
                 if run.source_conn is None or run.source_conn.closed:
@@ -142,24 +143,15 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                     self._decide(spec, run, appname)
                     run.probed, last_check = False, time.monotonic()
                 self._pace(spec, run, appname)
-                if dst is None or dst.closed:
-                    dst = self._open_destination(spec, appname, chunk.chunk_id)
+                sessions.source = run.source_conn
+                if sessions.destination is None or sessions.destination.closed:
+                    sessions.destination = self._open_destination(spec, appname, chunk.chunk_id)
                 waits = (run.sample, run.waited_load_s, run.waited_pacing_s)
                 self._in_chunk = True  # on_kill (SIGTERM on Airflow 3) interrupts only while a chunk runs
                 try:
-                    result = transfer_chunk(
-                        spec,
-                        chunk,
-                        dag_id=self.dag_id,
-                        run_id=run_id,
-                        source_conn=run.source_conn,
-                        destination_conn=dst,
-                        prepared=prepared,
-                        close=False,
-                        waited_load_s=run.waited_load_s,  # in the ledger row: the progress page shows the waits
-                        waited_pacing_s=run.waited_pacing_s,
-                        backfill=backfill,
-                    )
+                    # the waits go in the ledger row: the progress page shows them
+                    info = RunInfo(self.dag_id, run_id, run.waited_load_s, run.waited_pacing_s)
+                    result = transfer_chunk(spec, chunk, run=info, sessions=sessions, prepared=prepared)
                 except PermanentChunkError as err:  # this chunk's data: go on with the others, fail at the end
                     self.log.error("Chunk %s failed (permanent): %s", chunk.chunk_id, err)
                     failed.append((chunk, err))
@@ -171,7 +163,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                     # the turn a resumed try waited for is used by its first chunk, whose ledger row has the waits
                     run.paced, run.waited_load_s, run.waited_pacing_s = False, 0.0, 0.0
         finally:
-            run.close(dst)  # also before any deferral: no session is held across one
+            run.close(sessions.destination)  # also before any deferral: no session is held across one
         self._lineage_rows = sum(r.rows_extracted for r, _ in results)  # OpenLineage output row count
         if not batch:
             if failed:
@@ -189,14 +181,24 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             )
         return {"batch": label, "chunks": len(planned), "loaded": len(results), "rows": self._lineage_rows}
 
-    def _not_in_ledger(self, spec: BackfillSpec, chunks: list[Chunk], src, dst, run_id, label):
-        """(the batch's chunks the ledger does not hold (reprocess: that this run did not load yet), the
-        backfill's identity it was read with, for the chunks' ledger rows)."""
-        from airflow_backfill_provider import chunkplan, identity
+    def _not_in_ledger(self, spec: BackfillSpec, chunks: list[Chunk], sessions, prepared, run_id, label):
+        """The batch's chunks the ledger does not hold (reprocess: that this run did not load yet), read with
+        the backfill's identity its first chunk runs with (checked once on the batch's sessions)."""
+        from airflow_backfill_provider import chunkplan, facts, identity
+        from airflow_backfill_provider.connections import rollback_quietly
+        from airflow_backfill_provider.exceptions import PermanentChunkError
 
         reprocess = bool(self.chunk["batch"].get("reprocess"))
-        backfill = identity.of(spec, src, dst)
-        done = chunkplan.done_coverage(spec, dst, backfill=backfill, run_id=run_id if reprocess else None)
+        try:
+            rd = facts.ready(spec, chunks[0], sessions.source, sessions.destination, prepared)
+            sessions.checked[facts.key(spec, chunks[0])] = rd
+            backfill = rd.backfill
+        except PermanentChunkError:  # each chunk of that range fails on its own below, named in the batch's error
+            rollback_quietly(sessions.destination)
+            backfill = identity.of(spec, sessions.source, sessions.destination)
+        done = chunkplan.done_coverage(
+            spec, sessions.destination, backfill=backfill, run_id=run_id if reprocess else None
+        )
         todo = [c for c in chunks if not chunkplan.is_done(done, c)]
         self.log.info(
             "Batch %s: %d chunk(s), %d already in the ledger, %d to load",
@@ -205,7 +207,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             len(chunks) - len(todo),
             len(todo),
         )
-        return todo, backfill
+        return todo
 
     def on_kill(self) -> None:
         """SIGTERM (worker shutdown, pod eviction) while the chunk runs: stop it, roll back, let Airflow retry.

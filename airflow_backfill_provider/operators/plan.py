@@ -72,10 +72,9 @@ class PlanBackfillOperator(BaseOperator):
             self.log.info("Chunks run in the Airflow pool %r; if they stay 'scheduled', it is missing: %s", pool, fix)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        from airflow_backfill_provider import identity, progress_log
+        from airflow_backfill_provider import facts, progress_log
         from airflow_backfill_provider.connections import close_all, connect, open_source
         from airflow_backfill_provider.planning import PLAN_STATEMENT_TIMEOUT_S, build_plan, preflight, resolve_range
-        from airflow_backfill_provider.swap import ensure_parallel_table
 
         spec = load_spec(self.spec)
         if context.get("dag_run") is not None:  # only a DAG run queues chunks in the pool
@@ -108,10 +107,9 @@ class PlanBackfillOperator(BaseOperator):
                 # pre-flight: tables, columns, unique key, drift decisions, before any chunk writes
                 for level, message in preflight(spec, plan, src, dst):
                     self.log.log(level, "%s", message)
-                if plan.chunks and not dry_run:
-                    ensure_parallel_table(dst, spec)  # Pattern B: <table>_backfill; no-op in upsert mode
-                # resolved once here and carried by every chunk descriptor (identity.carried)
-                backfill = plan.backfill if plan.chunks and not dry_run else None
+                # once for every chunk: (swap) parallel table ready, fingerprints, catalog facts,
+                # identity; each chunk checks one fingerprint statement per side (facts.py)
+                prepared = facts.prepare_run(spec, src, dst, plan.chunks) if plan.chunks and not dry_run else None
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
                 rate = progress_log.measured_rate(dst, spec, plan.backfill_key) if plan.chunks else None
             finally:
@@ -149,7 +147,7 @@ class PlanBackfillOperator(BaseOperator):
             )
         if dry_run:
             return []
-        mapped = identity.attach(mapped, backfill) if backfill is not None else mapped
+        mapped = prepared.attach(mapped) if prepared is not None else mapped
         return progress_log.number(mapped, est_rows)
 
 

@@ -10,14 +10,14 @@ import sys
 
 from airflow_backfill_provider.chunks import Chunk
 from airflow_backfill_provider.spec import load_spec
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.transfer import RunInfo, transfer_chunk
 
 
 def main() -> int:
     spec = load_spec(json.loads(sys.argv[1]))
     chunk = Chunk.from_descriptor(json.loads(sys.argv[2]))
     try:
-        result = transfer_chunk(spec, chunk, run_id=f"pid-{os.getpid()}")
+        result = transfer_chunk(spec, chunk, run=RunInfo(run_id=f"pid-{os.getpid()}"))
     except Exception as err:  # noqa: BLE001 - reported to the test as data
         print(json.dumps({"error": type(err).__name__, "message": str(err)}))
         return 1
