@@ -127,21 +127,27 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         failed: list[tuple[Chunk, PermanentChunkError]] = []
         results: list = []
         last_check = -1e9
+
+        def load_gate() -> None:
+            nonlocal last_check
+            if run.probed or time.monotonic() - last_check >= spec.throttle.poll_interval:
+                if not run.probed:  # the load trigger's own last probe stands in for this one
+                    run.sample = self._probe(spec, run.source_conn, appname)
+                    self._maintenance_gate(spec, run.source_conn, appname)  # VACUUM/ANALYZE: defer
+                self._decide(spec, run, appname)
+                run.probed, last_check = False, time.monotonic()
+
         try:
             if batch:
                 run.source_conn = sessions.source = self._open_source(spec, appname)
+                load_gate()  # a busy source defers the batch before it writes anything (the ledger DDL included)
                 sessions.destination = self._open_destination(spec, appname, label)
                 todo = self._not_in_ledger(spec, planned, sessions, prepared, run_id, label)
             for chunk in todo:
                 self._window_gate(spec)  # a long batch may run into a blackout: stop between chunks
                 if run.source_conn is None or run.source_conn.closed:
                     run.source_conn = self._open_source(spec, appname)
-                if run.probed or time.monotonic() - last_check >= spec.throttle.poll_interval:
-                    if not run.probed:  # the load trigger's own last probe stands in for this one
-                        run.sample = self._probe(spec, run.source_conn, appname)
-                        self._maintenance_gate(spec, run.source_conn, appname)  # VACUUM/ANALYZE: defer
-                    self._decide(spec, run, appname)
-                    run.probed, last_check = False, time.monotonic()
+                load_gate()
                 self._pace(spec, run, appname)
                 sessions.source = run.source_conn
                 if sessions.destination is None or sessions.destination.closed:
