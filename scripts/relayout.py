@@ -386,12 +386,12 @@ class Relayout:
                 text = path.read_text()
             except UnicodeDecodeError:
                 continue
-            new = text
+            # dotted names first: the statements split out of `from PKG import a, b` below are already new
+            new = self.rewrite_text(text)
             if path.suffix == ".py":
                 new = self.rewrite_imports(new, path)
                 if path.parent.name in set(self.tests_now.values()) and path.stem in self.tests_now:
                     new = self.deeper_file_paths(new, path)
-            new = self.rewrite_text(new)
             if new != text:
                 path.write_text(new)
                 self.changed.add(path)
@@ -405,7 +405,7 @@ class Relayout:
         for node in ast.walk(tree):
             if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == PKG):
                 continue
-            kept, stmts = [], []
+            kept, by_parent = [], {}
             for alias in node.names:
                 new = self.moves.get(alias.name)
                 if new is None or not self.is_stale(alias.name):
@@ -413,10 +413,12 @@ class Relayout:
                     continue
                 parent, _, base = new.rpartition(".")
                 local = alias.asname or alias.name
-                stmts.append(f"from {PKG}.{parent} import {base}" + (f" as {local}" if local != base else ""))
-            if stmts:
-                if kept:
-                    stmts.insert(0, f"from {PKG} import {_names(kept)}")
+                by_parent.setdefault(parent, []).append(base + (f" as {local}" if local != base else ""))
+            if by_parent:
+                stmts = [f"from {PKG} import {_names(kept)}"] if kept else []
+                stmts += [
+                    f"from {PKG}.{parent} import {', '.join(sorted(by_parent[parent]))}" for parent in sorted(by_parent)
+                ]
                 edits.append((node, stmts))
         return _replace_statements(text, edits)
 
