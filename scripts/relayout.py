@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 
@@ -363,7 +364,8 @@ class Relayout:
         for folder in sorted({new.split(".")[0] for new in self.moves.values()}):
             init = self.pkg / folder / "__init__.py"
             if (self.pkg / folder).is_dir() and not init.exists():
-                init.write_text(f'"""{_sentence(doc.get(folder, folder))}"""\n')
+                body = textwrap.fill(_sentence(doc.get(folder, folder)), 114, subsequent_indent="")
+                init.write_text(f'"""{body}"""\n')
                 self.git("add", str(init.relative_to(self.root)))
         for stem, folder in sorted(self.tests_now.items()):
             (self.root / "tests" / folder).mkdir(exist_ok=True)
@@ -616,7 +618,7 @@ forbidden_modules = {q(f"{PKG}.{w}" for w in WRITERS)}
             "`configcheck`, `factory`, `live` and `timetables` keep their import paths (users' DAG files and "
             "Airflow's metadata database name them). Tests mirror the package: `tests/<stage>/test_*.py`."
         )
-        table = "## Layout\n\n" + intro + "\n\n" + "\n".join(rows) + "\n\n"
+        table = "## Layout\n\n" + textwrap.fill(intro, 118) + "\n\n" + "\n".join(rows) + "\n\n"
         path = self.root / "CONTRIBUTING.md"
         text = path.read_text()
         m = re.search(r"^## Layout\n.*?(?=^## )", text, flags=re.S | re.M)
