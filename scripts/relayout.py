@@ -257,6 +257,7 @@ TEST_DIRS: dict[str, str] = {
             "test_sessions",
             "test_kept_paths",
             "test_connections_seam",
+            "test_relayout",
         ],
         "",
     ),
