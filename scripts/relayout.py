@@ -179,6 +179,7 @@ TEST_DIRS: dict[str, str] = {
             "test_drift",
             "test_lossy_casts",
             "test_facts",
+            "test_prepared",
             "test_backfill_identity",
             "test_swap",
             "test_swap_ownership",
