@@ -74,7 +74,7 @@ def _hook_params(conn_id: str, connection=None) -> dict[str, Any]:
     if not hasattr(PostgresHook, "_create_connection"):  # the one seam we rely on; fail loudly if it moves
         raise RuntimeError(
             "this apache-airflow-providers-postgres has no PostgresHook._create_connection; "
-            "airflow-backfill-provider is tested with 7.1.1"
+            "airflow-backfill-provider supports 7.x (pinned in its requirements; tests/test_connections_seam.py)"
         )
     hook = PostgresHook(postgres_conn_id=conn_id, connection=connection)
     try:

@@ -13,7 +13,8 @@ from psycopg2 import sql
 
 from airflow_backfill_provider.spec import TableName
 
-DDL_LOCK = "airflow_backfill_provider.ddl"
+# the advisory-lock key every release shares (not a module path: moving ddl.py must not change it)
+DDL_LOCK = "airflow_backfill_provider.ddl"  # relayout: keep
 
 
 def exists(cur, table: TableName) -> bool:

@@ -16,12 +16,15 @@ first run after the upgrade loads its ranges again (safe: an unchanged row is no
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from psycopg2 import sql
 
 from airflow_backfill_provider import ddl
-from airflow_backfill_provider.identity import BackfillIdentity
 from airflow_backfill_provider.spec import TableName
+
+if TYPE_CHECKING:  # a type only: the ledger sits below the identity's stage (catalog reads), see make lint
+    from airflow_backfill_provider.identity import BackfillIdentity
 
 _COLUMNS = sql.SQL(
     """target_table   text        NOT NULL,
