@@ -109,6 +109,7 @@ SURFACE: list[tuple[str, str]] = [
     ("loader", "DAGs from YAML files (README quick start)"),
     ("configcheck", "every broken config as one import error, from a DAG file of its own"),
     ("timetables", "the backfill-only timetable (its class path is stored in serialized DAGs)"),
+    ("assets", "destination_asset(spec): the asset the validate task emits, for downstream schedules (docs)"),
     ("__main__", "`python -m airflow_backfill_provider status`"),
 ]
 
@@ -162,7 +163,6 @@ MOVES: dict[str, str] = {
     "progress": "observe.progress",
     "progress_log": "observe.progress_log",
     "lineage": "observe.lineage",
-    "assets": "observe.assets",
     "airflow_state": "observe.airflow_state",
 }
 
