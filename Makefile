@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml requirements/airflow-3.3.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 needed (pyproject requires-python); set PYTHON=python3.x") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements/airflow-3.3.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -r requirements/airflow-3.3.txt -e '.[test,lint]'
 	touch $@
 
 $(VENV2)/.installed: pyproject.toml requirements/airflow-2.11.txt
@@ -95,6 +95,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: venv
 	$(VENV)/bin/ruff format .
@@ -106,7 +107,7 @@ wheel-check: venv
 
 # the backfill/live-ingest race test, many rounds (each round is bounded to 30 s)
 race: venv
-	RACE_ROUNDS=$${RACE_ROUNDS:-10} $(PG) run $(VENV)/bin/pytest tests/test_race.py -q $(PYTEST_ARGS)
+	RACE_ROUNDS=$${RACE_ROUNDS:-10} $(PG) run $(VENV)/bin/pytest tests/live/test_race.py -q $(PYTEST_ARGS)
 
 # the peers of (9), Sling and dlt, as optional extras of the bench (never runtime dependencies)
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml

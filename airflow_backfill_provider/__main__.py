@@ -13,9 +13,9 @@ import sys
 
 
 def _spec_from_config(path: str, dag_id: str):
-    from airflow_backfill_provider.exceptions import SpecError
+    from airflow_backfill_provider.core.exceptions import SpecError
     from airflow_backfill_provider.loader import _entries
-    from airflow_backfill_provider.spec import load_spec
+    from airflow_backfill_provider.core.spec import load_spec
     from pathlib import Path
 
     p = Path(path)
@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--worst", type=int, default=10, help="how many validation days to list (default 10)")
     args = parser.parse_args(argv)
 
-    from airflow_backfill_provider.exceptions import BackfillError
+    from airflow_backfill_provider.core.exceptions import BackfillError
 
     try:
-        from airflow_backfill_provider.airflow_state import collect_view
-        from airflow_backfill_provider.progress import format_text
+        from airflow_backfill_provider.observe.airflow_state import collect_view
+        from airflow_backfill_provider.observe.progress import format_text
 
         spec = _spec_from_config(args.config, args.dag_id) if args.config else None
         whole = True if args.backfill is not None else (False if args.run_id else None)

@@ -11,8 +11,8 @@ only warned): a failed validation fails the task, a dry run or an empty range sk
 
 from __future__ import annotations
 
-from airflow_backfill_provider.compat import Asset
-from airflow_backfill_provider.spec import BackfillSpec
+from airflow_backfill_provider.core.compat import Asset
+from airflow_backfill_provider.core.spec import BackfillSpec
 
 SCHEME = "backfill"
 

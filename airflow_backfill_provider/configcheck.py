@@ -4,14 +4,14 @@ Airflow marks every DAG of a file with an import error as broken, so the DAG fil
 (loader.register) only logs a broken entry and keeps loading the others; this module, called from a second DAG
 file, raises one error naming every broken entry, so it shows in the UI and in `airflow dags list-import-errors`.
 It builds the live-ingest DAG of a spec too (a build can refuse a spec that validates), which is why it is not
-part of the loader: no backfill module may reach the watermark writer (tests/test_watermark_rule.py).
+part of the loader: no backfill module may reach the watermark writer (tests/prepare/test_watermark_rule.py).
 """
 
 from __future__ import annotations
 
 import os
 
-from airflow_backfill_provider.exceptions import SpecError
+from airflow_backfill_provider.core.exceptions import SpecError
 from airflow_backfill_provider.loader import load_backfill_dags
 
 

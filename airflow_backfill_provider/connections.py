@@ -17,7 +17,7 @@ after the user's own ``options`` so they win):
   depend on a server's or database's defaults;
 - TCP keepalives and ``tcp_user_timeout`` (defaults below; a connection's extras override them) and
   ``connect_timeout``: a vanished peer ends the session within about a minute;
-- on sessions with a ``statement_timeout``, a client-side deadline per statement (``deadlines.py``).
+- on sessions with a ``statement_timeout``, a client-side deadline per statement (``core/deadlines.py``).
 
 A connection without a host or database is refused instead of falling back to libpq's defaults (a
 local socket, a database named after the user). Secrets never appear in code, specs or logs.
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 import psycopg2.extensions
 
-from airflow_backfill_provider.deadlines import GRACE_S, DeadlineConnection
-from airflow_backfill_provider.dsn import is_dsn
-from airflow_backfill_provider.exceptions import PermanentChunkError
+from airflow_backfill_provider.core.deadlines import GRACE_S, DeadlineConnection
+from airflow_backfill_provider.core.dsn import is_dsn
+from airflow_backfill_provider.core.exceptions import PermanentChunkError
 
 if TYPE_CHECKING:
-    from airflow_backfill_provider.spec import BackfillSpec
+    from airflow_backfill_provider.core.spec import BackfillSpec
 
 #: network defaults, each overridable from the connection's extras (or the DSN):
 #: an idle session whose peer vanished ends after 30 + 3 * 10 s of unanswered keepalive probes; data
@@ -111,7 +111,7 @@ def connection_kwargs(conn_id_or_dsn: str, *, outside_task: bool = False) -> dic
         return psycopg2.extensions.parse_dsn(conn_id_or_dsn)
     if not outside_task:
         return _hook_params(conn_id_or_dsn)
-    from airflow_backfill_provider.compat import get_connection_outside_task
+    from airflow_backfill_provider.core.compat import get_connection_outside_task
 
     try:
         conn = get_connection_outside_task(conn_id_or_dsn)
@@ -126,7 +126,7 @@ async def aconnection_kwargs(conn_id_or_dsn: str) -> dict[str, Any]:
         return psycopg2.extensions.parse_dsn(conn_id_or_dsn)
     import asyncio
 
-    from airflow_backfill_provider.compat import aget_connection
+    from airflow_backfill_provider.core.compat import aget_connection
 
     try:
         conn = await aget_connection(conn_id_or_dsn)
@@ -277,7 +277,7 @@ def open_destination(spec: BackfillSpec, appname: str, destination: str | None =
     """The chunk's destination session: the spec's lock timeout, and its statement timeout too, so each
     destination statement (staging COPY, upsert, ledger) ends within ``statement_timeout_s`` on the server
     and, behind a network that went silent, within ``statement_timeout_s + GRACE_S`` client-side
-    (deadlines.py), as source statements do. A server that stops hearing from the session rolls its
+    (core/deadlines.py), as source statements do. A server that stops hearing from the session rolls its
     transaction back after ``idle_in_transaction_session_timeout`` (twice ``statement_timeout_s``: the
     session may wait that long for source statements inside its transaction), releasing its locks.
     ``bound_idle=False``: no idle bound, for a read-only session that may wait longer than that inside its

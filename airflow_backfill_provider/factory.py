@@ -11,8 +11,8 @@ from typing import Any
 import pendulum
 
 from airflow_backfill_provider.assets import destination_asset
-from airflow_backfill_provider.chunks import GRANULARITIES
-from airflow_backfill_provider.compat import (
+from airflow_backfill_provider.core.chunks import GRANULARITIES
+from airflow_backfill_provider.core.compat import (
     DAG,
     EXPONENTIAL_BACKOFF,
     Param,
@@ -21,7 +21,7 @@ from airflow_backfill_provider.operators.chunk import MAP_INDEX_TEMPLATE, Backfi
 from airflow_backfill_provider.operators.merge import MergeBackfillOperator
 from airflow_backfill_provider.operators.plan import PlanBackfillOperator
 from airflow_backfill_provider.operators.validate import ValidateBackfillOperator
-from airflow_backfill_provider.spec import BackfillSpec, load_spec
+from airflow_backfill_provider.core.spec import BackfillSpec, load_spec
 from airflow_backfill_provider.timetables import backfill_timetable
 
 DOC = """\

@@ -6,8 +6,8 @@ One run, in ONE destination transaction:
     ->  newer-wins upsert into the live table  ->  watermark = max(old, highest cursor staged)  ->  COMMIT
 
 So the watermark moves only together with the rows it covers, and never backwards. The backfill reads
-the watermark (``watermark.py``) to clip its range and never writes it: no backfill module imports this
-one (``tests/test_watermark_rule.py`` checks that).
+the watermark (``prepare/watermark.py``) to clip its range and never writes it: no backfill module imports this
+one (``tests/prepare/test_watermark_rule.py`` checks that).
 
 Why a lookback: a source transaction can stamp ``updated_at`` and commit after a later-stamped one
 was already copied; re-reading ``lookback_s`` below the watermark catches it, and the newer-wins upsert
@@ -23,17 +23,19 @@ from dataclasses import asdict, dataclass
 
 from psycopg2 import sql
 
-from airflow_backfill_provider import castcheck, ddl, drift, identity, schema, timebounds
-from airflow_backfill_provider import sql as q
-from airflow_backfill_provider.chunks import to_datetime
+from airflow_backfill_provider.core import ddl, timebounds
+from airflow_backfill_provider.prepare import catalog as schema, drift, identity
+from airflow_backfill_provider.transfer import castcheck
+from airflow_backfill_provider.core import sql as q
+from airflow_backfill_provider.core.chunks import to_datetime
 from airflow_backfill_provider.connections import close_all, open_destination, open_source, rollback_quietly
-from airflow_backfill_provider.errors import classify
-from airflow_backfill_provider.exceptions import PermanentChunkError
-from airflow_backfill_provider.interrupts import is_interrupt
-from airflow_backfill_provider.spec import BackfillSpec, TableName
-from airflow_backfill_provider.upsert import upsert_counted
-from airflow_backfill_provider.pipe import stream_copy
-from airflow_backfill_provider.watermark import WATERMARK_COLUMNS, target_key
+from airflow_backfill_provider.core.errors import classify
+from airflow_backfill_provider.core.exceptions import PermanentChunkError
+from airflow_backfill_provider.core.interrupts import is_interrupt
+from airflow_backfill_provider.core.spec import BackfillSpec, TableName
+from airflow_backfill_provider.transfer.upsert import upsert_counted
+from airflow_backfill_provider.transfer.pipe import stream_copy
+from airflow_backfill_provider.prepare.watermark import WATERMARK_COLUMNS, target_key
 
 log = logging.getLogger(__name__)
 

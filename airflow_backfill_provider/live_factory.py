@@ -12,9 +12,9 @@ from typing import Any
 
 import pendulum
 
-from airflow_backfill_provider.compat import DAG
+from airflow_backfill_provider.core.compat import DAG
 from airflow_backfill_provider.operators.live import LiveIngestOperator
-from airflow_backfill_provider.spec import BackfillSpec, load_spec
+from airflow_backfill_provider.core.spec import BackfillSpec, load_spec
 
 DOC = """\
 ### Live ingest into `{dest}` from `{src}`

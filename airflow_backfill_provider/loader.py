@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from airflow_backfill_provider.exceptions import SpecError
+from airflow_backfill_provider.core.exceptions import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_backfill_dags(config_dir: str | os.PathLike, *, strict: bool | None = N
     ``build(spec)`` makes the DAG (default: the backfill DAG); it may return None to skip a spec
     (the live-ingest loader skips specs without ``live.enabled``).
     """
-    from airflow_backfill_provider.spec import load_spec
+    from airflow_backfill_provider.core.spec import load_spec
 
     if build is None:
         from airflow_backfill_provider.factory import build_backfill_dag as build

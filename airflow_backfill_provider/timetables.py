@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from airflow_backfill_provider.compat import AIRFLOW_V_3
+from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def backfill_timetable(cron: str, timezone: str):
     """The backfill DAG's timetable: backfill-only when registered, else the cron data-interval one."""
     if registered():
         return BackfillOnlyTimetable(cron, timezone)
-    from airflow_backfill_provider.compat import CronDataIntervalTimetable
+    from airflow_backfill_provider.core.compat import CronDataIntervalTimetable
 
     if AIRFLOW_V_3:
         log.warning(

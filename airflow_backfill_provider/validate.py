@@ -9,7 +9,7 @@ that validation looked elsewhere.
 Independent of the chunk path: days, range edges and the time column's type are worked out here, in
 SQL, by the column's own type (``d`` for a ``date``; ``ts::date`` for a naive ``timestamp``, which is
 local wall time; ``(tstz AT TIME ZONE '<spec tz>')::date`` for ``timestamptz``), never through the
-chunk filter's bound code (timebounds.py). So a chunk filter that reads the wrong rows shows up here as
+chunk filter's bound code (core/timebounds.py). So a chunk filter that reads the wrong rows shows up here as
 a day that differs. With ``validation.checksum`` (default 'fail') each day also compares an
 order-independent checksum of every loaded column, the source side cast to the destination types, so an
 altered value is named even when counts and sums agree: ``sum(hash_record_extended(ROW(..), 0))`` over
@@ -52,12 +52,13 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
-from airflow_backfill_provider import ddl, drift, schema
-from airflow_backfill_provider.chunks import iter_chunks, split_at, to_datetime, utc
+from airflow_backfill_provider.core import ddl
+from airflow_backfill_provider.prepare import catalog as schema, drift
+from airflow_backfill_provider.core.chunks import iter_chunks, split_at, to_datetime, utc
 from airflow_backfill_provider.connections import close_all, open_destination, open_source
-from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError, ValidationTimeout
-from airflow_backfill_provider.spec import BackfillSpec, TableName
-from airflow_backfill_provider.source import source_for
+from airflow_backfill_provider.core.exceptions import PermanentChunkError, PlanError, ValidationTimeout
+from airflow_backfill_provider.core.spec import BackfillSpec, TableName
+from airflow_backfill_provider.prepare.source import source_for
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +616,7 @@ def _pin_text_settings(conn) -> None:
 def segments(spec: BackfillSpec, start: pendulum.DateTime, end: pendulum.DateTime, *, whole: bool = False):
     """Month pieces of ``[start, end)`` (``whole``: one piece), split at historical boundaries (one source per
     piece)."""
-    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.core.chunks import Chunk
 
     pieces = [Chunk("whole range", start, end)] if whole else list(iter_chunks(start, end, _SEGMENT, spec.timezone))
     bounds = [to_datetime(h.until, spec.timezone, what="historical.until") for h in spec.historical]
@@ -628,7 +629,7 @@ SCATTERED_CORRELATION = 0.5
 
 def _scattered(conn, table: TableName, column: str) -> bool | None:
     """True: the column is not in physical order; False: it is; None: no statistics (or not a column)."""
-    from airflow_backfill_provider.sourcestats import correlation
+    from airflow_backfill_provider.plan.sourcestats import correlation
 
     try:
         c = correlation(conn, table, column)

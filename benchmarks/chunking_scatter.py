@@ -18,12 +18,12 @@ import time
 import psycopg2
 from psycopg2 import sql
 
-from airflow_backfill_provider import keyranges
-from airflow_backfill_provider import sql as q
+from airflow_backfill_provider.plan import keyranges
+from airflow_backfill_provider.core import sql as q
 from tests.seed import create_orders
-from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import load_spec
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.plan.planning import build_plan
+from airflow_backfill_provider.core.spec import load_spec
+from airflow_backfill_provider.transfer.chunk import transfer_chunk
 from benchmarks.seed import Databases
 
 START, END = "2023-01-01", "2025-01-01"

@@ -33,10 +33,10 @@ def as_planned(spec: dict, src_url: str, dst_url: str, descriptors: list[dict]) 
     """What the plan task hands the chunks: descriptors with the prepared run (facts.prepare_run: ledger
     ready, fingerprints, catalog facts, identity), made once as PlanBackfillOperator does. Also returns the
     hand-over's cost: its JSON size per descriptor and the time a chunk takes to decode it."""
-    from airflow_backfill_provider import facts
-    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.prepare import facts
+    from airflow_backfill_provider.core.chunks import Chunk
     from airflow_backfill_provider.connections import close_all, open_destination, open_source
-    from airflow_backfill_provider.spec import load_spec
+    from airflow_backfill_provider.core.spec import load_spec
 
     loaded = load_spec(spec)
     chunks = [Chunk.from_descriptor(d, loaded.timezone) for d in descriptors]
@@ -62,12 +62,12 @@ def our_transfer(
     spec: dict | None = None,
     probe: bool = True,
 ) -> dict:
-    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.core.chunks import Chunk
     from airflow_backfill_provider.connections import application_name, close_all, open_destination, open_source
-    from airflow_backfill_provider.facts import PreparedRun
-    from airflow_backfill_provider.spec import load_spec
-    from airflow_backfill_provider.throttle import decide, probe_load
-    from airflow_backfill_provider.transfer import Sessions, transfer_chunk
+    from airflow_backfill_provider.prepare.facts import PreparedRun
+    from airflow_backfill_provider.core.spec import load_spec
+    from airflow_backfill_provider.throttle.probe import decide, probe_load
+    from airflow_backfill_provider.transfer.chunk import Sessions, transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     planned = [Chunk.from_descriptor(c) for c in chunks]
@@ -119,12 +119,12 @@ def our_transfer(
 def our_batch(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None = None) -> dict:
     """Chunks as one batch runs them (operators/chunk.py): one pair of sessions kept across the chunks, the
     source in autocommit, the prepared run checked once per source range, the load probed once up front."""
-    from airflow_backfill_provider.chunks import Chunk
+    from airflow_backfill_provider.core.chunks import Chunk
     from airflow_backfill_provider.connections import application_name, close_all, open_destination, open_source
-    from airflow_backfill_provider.facts import PreparedRun
-    from airflow_backfill_provider.spec import load_spec
-    from airflow_backfill_provider.throttle import decide, probe_load
-    from airflow_backfill_provider.transfer import Sessions, transfer_chunk
+    from airflow_backfill_provider.prepare.facts import PreparedRun
+    from airflow_backfill_provider.core.spec import load_spec
+    from airflow_backfill_provider.throttle.probe import decide, probe_load
+    from airflow_backfill_provider.transfer.chunk import Sessions, transfer_chunk
 
     backfill = load_spec(spec or spec_dict())
     appname = application_name(backfill.effective_dag_id, "batch")
@@ -161,7 +161,7 @@ def our_batch(src_url: str, dst_url: str, chunks: list[dict], spec: dict | None 
 def idle(import_ours: bool = True) -> dict:
     """Nothing but the imports: the floor under every peak RSS figure."""
     if import_ours:
-        import airflow_backfill_provider.transfer  # noqa: F401
+        import airflow_backfill_provider.transfer.chunk  # noqa: F401
     else:
         import benchmarks.baselines  # noqa: F401
     return {"rows": 0, "seconds": 0.0}

@@ -119,7 +119,7 @@ def plan(args) -> list[dict]:
             {"chunk_id": f"slice-{i + 1:03d}", "start": a.isoformat(), "end": b.isoformat()}
             for i, (a, b) in enumerate(zip(edges, edges[1:]))
         ]
-    from airflow_backfill_provider.chunks import plan_chunks
+    from airflow_backfill_provider.core.chunks import plan_chunks
 
     return [c.to_descriptor() for c in plan_chunks(start, end, args.granularity, "UTC", max_chunks=100_000)]
 
@@ -251,7 +251,7 @@ class Bench:
         except ChildFailed as err:
             self.results["idle_ours"] = {"skipped": f"failed: {str(err).splitlines()[-1][:120]}"}
             return
-        r["note"] = "python + airflow_backfill_provider.transfer imported"
+        r["note"] = "python + airflow_backfill_provider.transfer.chunk imported"
         self.samples["idle_ours"] = [r]
 
     def summarize(self) -> None:

@@ -343,8 +343,8 @@ def fixed_cost(src_url: str, dst_url: str, n: int = 50) -> dict:
 def key_range_path(src_url: str, dst_url: str, start: dt.date, end: dt.date) -> dict:
     """Our chunk path (probe + transfer_chunk per chunk, sessions per chunk) over the key ranges the plan cuts
     (``chunk_by: key``, default target size), one after the other without Airflow: the whole table."""
-    from airflow_backfill_provider.planning import build_plan
-    from airflow_backfill_provider.spec import load_spec
+    from airflow_backfill_provider.plan.planning import build_plan
+    from airflow_backfill_provider.core.spec import load_spec
     from benchmarks.rss import run_isolated
 
     spec = spec_dict("bench_src", "bench_dst", chunk_by="key")

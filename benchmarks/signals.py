@@ -37,7 +37,7 @@ KEYS = ("xact_latency_ms", "canary_ms", "aas", "in_xact", "io_wal_waits", "xact_
 
 
 def sampler(url: str, seconds: float, stop_early=None) -> dict:
-    from airflow_backfill_provider.loadsignal import sample_window
+    from airflow_backfill_provider.throttle.loadsignal import sample_window
 
     conn = psycopg2.connect(url, application_name="bench-signals")
     conn.autocommit = True

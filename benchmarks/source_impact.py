@@ -154,7 +154,7 @@ def phase_stats(txns: list[tuple[float, float]], start: float, end: float) -> di
 
 def quiet_baseline(src_url: str, dst_url: str, key: str, windows: int = 3) -> dict:
     """Learn the source's baseline (lowest of a few windows) into the destination's baseline table."""
-    from airflow_backfill_provider.loadsignal import learn_baseline, sample_window
+    from airflow_backfill_provider.throttle.loadsignal import learn_baseline, sample_window
 
     src = psycopg2.connect(src_url, application_name="backfill:bench:baseline")
     dst = psycopg2.connect(dst_url)

@@ -16,12 +16,12 @@ import uuid
 
 import psycopg2
 
-from airflow_backfill_provider.chunks import plan_chunks
+from airflow_backfill_provider.core.chunks import plan_chunks
 from airflow_backfill_provider.connections import close_all, open_destination, open_source
-from airflow_backfill_provider.loadsignal import add_latency
-from airflow_backfill_provider.spec import load_spec
-from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
-from airflow_backfill_provider.transfer import Sessions, transfer_chunk
+from airflow_backfill_provider.throttle.loadsignal import add_latency
+from airflow_backfill_provider.core.spec import load_spec
+from airflow_backfill_provider.throttle.probe import PROBE_TIMEOUT_S, probe_load
+from airflow_backfill_provider.transfer.chunk import Sessions, transfer_chunk
 from tests.seed import ORDERS_SPEC, create_orders, seed_orders
 
 

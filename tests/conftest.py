@@ -137,7 +137,7 @@ def fetch_all(url: str, query, params=None) -> list[tuple]:
 
 def plan_on(spec, src_url: str, dst_url: str, start, end, **kw):
     """``build_plan`` with its own source and destination sessions, closed after."""
-    from airflow_backfill_provider.planning import build_plan
+    from airflow_backfill_provider.plan.planning import build_plan
 
     src, dst = psycopg2.connect(src_url), psycopg2.connect(dst_url)
     try:

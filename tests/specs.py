@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_backfill_provider.spec import BackfillSpec, load_spec
+from airflow_backfill_provider.core.spec import BackfillSpec, load_spec
 from tests.seed import ORDERS_SPEC
 
 #: connection ids of a spec that never connects (any id without a password is valid)

@@ -107,7 +107,7 @@ def test_benchmark_produces_every_row(tmp_path):
 @pytest.mark.bench  # minutes of Airflow start-ups: `make bench-smoke`, not `make test`
 def test_benchmark_airflow_rows(tmp_path):
     """(5) and (8) need Airflow processes (a few minutes): GenericTransfer, `dags test` and a real scheduler."""
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
     if not AIRFLOW_V_3:  # (8) drives the Airflow 3 components (api-server, dag-processor); the bench targets 3.3
         pytest.skip("benchmark (8) runs on Airflow 3 only; (5) on 2.11 is measured with --airflow2-python")

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.seed import create_orders
-from airflow_backfill_provider.spec import BackfillSpec
+from airflow_backfill_provider.core.spec import BackfillSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yaml"
@@ -296,7 +296,7 @@ def _build_context(dest: Path) -> list[str]:
 def test_dockerignore_matcher_follows_docker_rules():
     pats = ["*", "!airflow_backfill_provider", "**/__pycache__"]
     assert _ignored("tests/test_x.py", pats)
-    assert not _ignored("airflow_backfill_provider/spec.py", pats)
+    assert not _ignored("airflow_backfill_provider/core/spec.py", pats)
     assert _ignored("airflow_backfill_provider/__pycache__/spec.cpython-311.pyc", pats)
     assert not _ignored("airflow_backfill_provider/sub/mod.py", pats)
 

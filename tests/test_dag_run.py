@@ -46,7 +46,7 @@ def test_a_missing_pool_fails_the_plan_naming_it_on_airflow_2(example_dag, dst_u
     and no chunk runs. Airflow 3 tasks cannot read pools (compat.pool_exists): the plan only logs the command."""
     import yaml
 
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
     from airflow_backfill_provider.factory import build_backfill_dag
 
     if AIRFLOW_V_3:

@@ -18,7 +18,7 @@ import tomllib
 import pytest
 
 from airflow_backfill_provider import get_provider_info
-from airflow_backfill_provider.compat import AIRFLOW_V_3
+from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 from tests.conftest import REPO
 
 #: module -> names users' DAG files and docs import from it

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_backfill_provider.exceptions import SpecError
+from airflow_backfill_provider.core.exceptions import SpecError
 from airflow_backfill_provider.loader import load_backfill_dags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_built_dag_shape(tmp_path):
     assert set(dag.params) >= {"start", "end", "granularity", "reprocess", "dry_run"}
     # Airflow 3 (the provider's plugin registers it): the backfill-only timetable (timetables.py), the same data
     # intervals and no automatic runs; Airflow 2.11: the cron data-interval timetable
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
     expected = "BackfillOnlyTimetable" if AIRFLOW_V_3 else "CronDataIntervalTimetable"
     assert dag.timetable.__class__.__name__ == expected
@@ -70,7 +70,7 @@ def test_built_dag_shape(tmp_path):
 def test_dags_folder_parses_with_zero_import_errors():
     """Every DAG in dags/ builds in strict mode. How long parsing takes is printed, not asserted (timing belongs
     to benchmarks); what keeps it fast is that DAG files do no DB, network or heavy import at parse time."""
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
     if AIRFLOW_V_3:
         from airflow.dag_processing.dagbag import DagBag
@@ -93,7 +93,7 @@ def test_dags_folder_parses_with_zero_import_errors():
 
 
 def _dagbag(folder: Path):
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
     if AIRFLOW_V_3:
         from airflow.dag_processing.dagbag import DagBag
@@ -147,7 +147,7 @@ def test_cli_lists_the_import_error_and_keeps_the_good_dag_active(tmp_path, airf
     import subprocess
     import sys
 
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
     folder = _dags_folder_with_a_typo(tmp_path)
     airflow = str(Path(sys.executable).with_name("airflow"))
@@ -196,7 +196,7 @@ def test_2_11_the_scheduler_records_the_import_error_the_ui_shows(tmp_path, airf
     import subprocess
     import sys
 
-    from airflow_backfill_provider.compat import AIRFLOW_V_3
+    from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
     if AIRFLOW_V_3:
         pytest.skip("Airflow 3's dag-processor: test_cli_lists_the_import_error... and tests/e2e/test_first_hour.py")

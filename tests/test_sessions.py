@@ -13,11 +13,11 @@ import json
 import psycopg2
 import pytest
 
-from airflow_backfill_provider.chunks import plan_chunks
+from airflow_backfill_provider.core.chunks import plan_chunks
 from airflow_backfill_provider.connections import connect, timeout_ms
-from airflow_backfill_provider.exceptions import PermanentChunkError, SpecError
+from airflow_backfill_provider.core.exceptions import PermanentChunkError, SpecError
 from airflow_backfill_provider.live import run_live_ingest
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.transfer.chunk import transfer_chunk
 from tests.session_helpers import HOSTILE, create_database, dbname, run_sql, server_address, set_database_defaults
 from tests import specs
 

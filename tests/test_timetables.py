@@ -5,7 +5,7 @@ from __future__ import annotations
 import pendulum
 import pytest
 
-from airflow_backfill_provider.compat import AIRFLOW_V_3
+from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 
 pytestmark = pytest.mark.skipif(not AIRFLOW_V_3, reason="Airflow 3 only (2.11 keeps the cron timetable)")
 

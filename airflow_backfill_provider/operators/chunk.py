@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
-from airflow_backfill_provider.lineage import LineageMixin
+from airflow_backfill_provider.core.compat import AirflowFailException, BaseOperator
+from airflow_backfill_provider.observe.lineage import LineageMixin
 from airflow_backfill_provider.operators.chunkrun import ChunkRun
 from airflow_backfill_provider.operators.gates import ChunkGatesMixin
-from airflow_backfill_provider.spec import BackfillSpec
+from airflow_backfill_provider.core.spec import BackfillSpec
 
 if TYPE_CHECKING:
-    from airflow_backfill_provider.chunks import Chunk
-    from airflow_backfill_provider.transfer import ChunkResult
-    from airflow_backfill_provider.compat import Context
-    from airflow_backfill_provider.throttle import LoadSample
+    from airflow_backfill_provider.core.chunks import Chunk
+    from airflow_backfill_provider.transfer.chunk import ChunkResult
+    from airflow_backfill_provider.core.compat import Context
+    from airflow_backfill_provider.throttle.probe import LoadSample
 
 #: label each mapped task instance by its chunk in the grid (instead of 0, 1, 2 ...)
 MAP_INDEX_TEMPLATE = "{{ task.chunk['chunk_id'] }}"
@@ -37,7 +37,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
     :param spec: the backfill spec (dict or :class:`BackfillSpec`).
     :param chunk: a descriptor from the plan task: ``{"chunk_id", "start", "end"}`` (plus ``key`` for a
-        key range), or a batch of chunks (``{"chunk_id", "batch"}``, batches.py) run one after the other.
+        key range), or a batch of chunks (``{"chunk_id", "batch"}``, plan/batches.py) run one after the other.
 
     Before the load probe, a chunk defers outside the spec's maintenance windows and while the source
     table is vacuumed or analyzed (operators/gates.py).
@@ -50,7 +50,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         super().__init__(**kwargs)
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
         self.chunk = chunk
-        from airflow_backfill_provider.progress_log import attach_failure_recorder
+        from airflow_backfill_provider.observe.progress_log import attach_failure_recorder
 
         attach_failure_recorder(self)  # a failed try records its error's first line for the page and `status`
 
@@ -61,8 +61,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
     # on both Airflow versions hands the resumed method the event only.
 
     def _lineage_tables(self):
-        from airflow_backfill_provider.lineage import chunk_tables
-        from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.observe.lineage import chunk_tables
+        from airflow_backfill_provider.core.spec import load_spec
 
         return chunk_tables(load_spec(self.spec), self.chunk)
 
@@ -71,7 +71,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
     def execute_after_wait(self, context: Context, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Resumed by SourceLoadTrigger: ok -> pacing/transfer; critical/timeout/error -> fail."""
-        from airflow_backfill_provider.compat import AirflowException
+        from airflow_backfill_provider.core.compat import AirflowException
 
         event = event or {}
         status = event.get("status")
@@ -103,12 +103,12 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         the waits of this try so far, written in the ledger row of the first chunk loaded after them."""
         import time
 
-        from airflow_backfill_provider import batches
+        from airflow_backfill_provider.plan import batches
         from airflow_backfill_provider.connections import application_name
-        from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError
-        from airflow_backfill_provider.facts import PreparedRun
-        from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.transfer import RunInfo, Sessions, transfer_chunk
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError, PlanError
+        from airflow_backfill_provider.prepare.facts import PreparedRun
+        from airflow_backfill_provider.core.spec import load_spec
+        from airflow_backfill_provider.transfer.chunk import RunInfo, Sessions, transfer_chunk
 
         spec = load_spec(self.spec)
         try:
@@ -120,7 +120,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         run_id = getattr(context.get("dag_run"), "run_id", None)
         appname = application_name(self.dag_id, label)[:63]
         self._window_gate(spec)  # outside the maintenance window: defer before opening any session
-        prepared = PreparedRun.of_descriptor(self.chunk)  # the plan's; checked by each chunk (facts.py)
+        prepared = PreparedRun.of_descriptor(self.chunk)  # the plan's; checked by each chunk (prepare/facts.py)
         todo = planned
         # the try's sessions, kept across its chunks; a batch also keeps its staging table and checks
         sessions = Sessions(None, None, batch=batch)
@@ -190,9 +190,10 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
     def _not_in_ledger(self, spec: BackfillSpec, chunks: list[Chunk], sessions, prepared, run_id, label):
         """The batch's chunks the ledger does not hold (reprocess: that this run did not load yet), read with
         the backfill's identity its first chunk runs with (checked once on the batch's sessions)."""
-        from airflow_backfill_provider import chunkplan, facts, identity
+        from airflow_backfill_provider.plan import chunkplan
+        from airflow_backfill_provider.prepare import facts, identity
         from airflow_backfill_provider.connections import rollback_quietly
-        from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
 
         reprocess = bool(self.chunk["batch"].get("reprocess"))
         try:
@@ -222,8 +223,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         (raising AirflowTaskTerminated there would fail the task without retry), so the chunk raises its own
         interrupt from here: the destination transaction rolls back and the task is retried.
         """
-        from airflow_backfill_provider.compat import SIGTERM_RAISES
-        from airflow_backfill_provider.interrupts import ChunkTerminated
+        from airflow_backfill_provider.core.compat import SIGTERM_RAISES
+        from airflow_backfill_provider.core.interrupts import ChunkTerminated
 
         if getattr(self, "_in_chunk", False) and not SIGTERM_RAISES:
             self._in_chunk = False  # once: a second signal while unwinding must not interrupt the rollback
@@ -236,7 +237,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         """Fail over ``critical_active``; defer to SourceLoadTrigger while the source is too busy."""
         import time
 
-        from airflow_backfill_provider.throttle import critical_message, decide, wait_reason
+        from airflow_backfill_provider.throttle.probe import critical_message, decide, wait_reason
         from airflow_backfill_provider.triggers.load import SourceLoadTrigger
 
         throttle = spec.throttle
@@ -262,7 +263,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                     application_name=f"{appname}:probe"[:63],
                     carry=run.carry_through_load_wait(),
                     baseline=(sample.window or {}).get("baseline"),
-                    # no event sooner than min_defer_s: a faster resume races Airflow's scheduler (spec.py)
+                    # no event sooner than min_defer_s: a faster resume races Airflow's scheduler (core/spec.py)
                     not_before=time.time() + throttle.min_defer_s,
                 ),
                 method_name="execute_after_wait",
@@ -272,7 +273,7 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         """With ``min_query_interval``: reserve the pool slot's next turn; defer to PacingTrigger until then."""
         import time
 
-        from airflow_backfill_provider.throttle import reserve_destination_turn
+        from airflow_backfill_provider.throttle.probe import reserve_destination_turn
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
         if spec.throttle.min_query_interval <= 0 or run.paced:
@@ -305,12 +306,12 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         return conn
 
     def _open_destination(self, spec: BackfillSpec, appname: str, chunk_id: str) -> Any:
-        """The try's destination session; a failure to connect is classified as a chunk's (errors.py)."""
+        """The try's destination session; a failure to connect is classified as a chunk's (core/errors.py)."""
         import psycopg2
 
         from airflow_backfill_provider.connections import open_destination
-        from airflow_backfill_provider.errors import classify
-        from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.errors import classify
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
 
         try:
             return open_destination(spec, appname)
@@ -324,12 +325,12 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
 
     def _probe(self, spec: BackfillSpec, conn: Any, appname: str) -> LoadSample:
         """Probe the load on the chunk's own source session, with the server-wide latency signal if set."""
-        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
+        from airflow_backfill_provider.throttle.probe import PROBE_TIMEOUT_S, probe_load
 
         def probe() -> LoadSample:
             sample = probe_load(conn, timeout_s=PROBE_TIMEOUT_S)
-            if spec.throttle.max_latency_ratio is not None:  # the server-wide latency signal (loadsignal.py)
-                from airflow_backfill_provider.loadsignal import add_latency
+            if spec.throttle.max_latency_ratio is not None:  # the server-wide latency signal (throttle/loadsignal.py)
+                from airflow_backfill_provider.throttle.loadsignal import add_latency
 
                 sample = add_latency(sample, conn, spec, appname)
             return sample
@@ -341,8 +342,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         exist) fails at once."""
         import psycopg2
 
-        from airflow_backfill_provider.compat import AirflowException
-        from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.compat import AirflowException
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
 
         try:
             return call()
@@ -354,8 +355,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             raise AirflowFailException(str(err)) from err
 
     def _log_chunk(self, context: Context, result: ChunkResult, waits: tuple, batch: bool) -> None:
-        from airflow_backfill_provider.progress_log import log_chunk_share
-        from airflow_backfill_provider.throttle import chunk_summary
+        from airflow_backfill_provider.observe.progress_log import log_chunk_share
+        from airflow_backfill_provider.throttle.probe import chunk_summary
 
         sample, waited_load_s, waited_pacing_s = waits
         self.log.info(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_backfill_provider.connections import close_all
-from airflow_backfill_provider.throttle import LoadSample
+from airflow_backfill_provider.throttle.probe import LoadSample
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a mixin of BaseOperator: typed as one (log, defer, dag_id, pool, execute)
-    from airflow_backfill_provider.compat import BaseOperator as _OperatorBase
+    from airflow_backfill_provider.core.compat import BaseOperator as _OperatorBase
 else:
     _OperatorBase = object
 
@@ -20,11 +20,11 @@ class ChunkGatesMixin(_OperatorBase):
 
     # --- maintenance windows ------------------------------------------------------------------------
     def _window_gate(self, spec) -> None:
-        """Defer until the window opens when a chunk may not start now (windows.py)."""
+        """Defer until the window opens when a chunk may not start now (throttle/windows.py)."""
         import pendulum
 
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
-        from airflow_backfill_provider.windows import parse_windows
+        from airflow_backfill_provider.throttle.windows import parse_windows
 
         w = spec.windows
         if not (w.allowed or w.blackout):
@@ -49,7 +49,7 @@ class ChunkGatesMixin(_OperatorBase):
     def _maintenance_gate(self, spec, src_conn, appname: str, src_table=None) -> None:
         import time
 
-        from airflow_backfill_provider.maintenance import running
+        from airflow_backfill_provider.throttle.maintenance import running
         from airflow_backfill_provider.triggers.maintenance import MaintenanceTrigger
 
         if not spec.windows.wait_for_maintenance:
@@ -71,7 +71,7 @@ class ChunkGatesMixin(_OperatorBase):
         )
 
     def execute_after_maintenance(self, context, event: dict[str, Any] | None = None, **_: Any):
-        from airflow_backfill_provider.compat import AirflowException, AirflowFailException
+        from airflow_backfill_provider.core.compat import AirflowException, AirflowFailException
 
         event = event or {}
         if event.get("status") == "timeout":

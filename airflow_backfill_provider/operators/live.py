@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from airflow_backfill_provider.compat import AirflowFailException, BaseOperator
-from airflow_backfill_provider.lineage import LineageMixin
-from airflow_backfill_provider.spec import BackfillSpec
+from airflow_backfill_provider.core.compat import AirflowFailException, BaseOperator
+from airflow_backfill_provider.observe.lineage import LineageMixin
+from airflow_backfill_provider.core.spec import BackfillSpec
 
 
 class LiveIngestOperator(LineageMixin, BaseOperator):
@@ -26,15 +26,15 @@ class LiveIngestOperator(LineageMixin, BaseOperator):
         self.spec = spec.model_dump(mode="json") if isinstance(spec, BackfillSpec) else dict(spec)
 
     def _lineage_tables(self):
-        from airflow_backfill_provider.lineage import live_tables
-        from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.observe.lineage import live_tables
+        from airflow_backfill_provider.core.spec import load_spec
 
         return live_tables(load_spec(self.spec))
 
     def execute(self, context) -> dict:
-        from airflow_backfill_provider.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
         from airflow_backfill_provider.live import run_live_ingest
-        from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.core.spec import load_spec
 
         spec = load_spec(self.spec)
         try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from airflow_backfill_provider.compat import AirflowFailException, AirflowSkipException, BaseOperator
-from airflow_backfill_provider.lineage import LineageMixin
-from airflow_backfill_provider.spec import BackfillSpec
+from airflow_backfill_provider.core.compat import AirflowFailException, AirflowSkipException, BaseOperator
+from airflow_backfill_provider.observe.lineage import LineageMixin
+from airflow_backfill_provider.core.spec import BackfillSpec
 
 
 class MergeBackfillOperator(LineageMixin, BaseOperator):
@@ -29,15 +29,15 @@ class MergeBackfillOperator(LineageMixin, BaseOperator):
         self.plan_task_id = plan_task_id
 
     def _lineage_tables(self):
-        from airflow_backfill_provider.lineage import merge_tables
-        from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.observe.lineage import merge_tables
+        from airflow_backfill_provider.core.spec import load_spec
 
         return merge_tables(load_spec(self.spec))
 
     def execute(self, context) -> dict:
-        from airflow_backfill_provider.exceptions import PermanentChunkError
-        from airflow_backfill_provider.spec import load_spec
-        from airflow_backfill_provider.swap import merge_parallel_table
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.spec import load_spec
+        from airflow_backfill_provider.prepare.swap import merge_parallel_table
 
         spec = load_spec(self.spec)
         if self.plan_task_id:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from airflow_backfill_provider.compat import AirflowFailException, BaseOperator, pool_exists, run_type_of
-from airflow_backfill_provider.exceptions import BackfillError, PlanError
-from airflow_backfill_provider.spec import BackfillSpec, load_spec
+from airflow_backfill_provider.core.compat import AirflowFailException, BaseOperator, pool_exists, run_type_of
+from airflow_backfill_provider.core.exceptions import BackfillError, PlanError
+from airflow_backfill_provider.core.spec import BackfillSpec, load_spec
 
 if TYPE_CHECKING:
-    from airflow_backfill_provider.compat import Context
+    from airflow_backfill_provider.core.compat import Context
 
 
 class PlanBackfillOperator(BaseOperator):
@@ -72,9 +72,15 @@ class PlanBackfillOperator(BaseOperator):
             self.log.info("Chunks run in the Airflow pool %r; if they stay 'scheduled', it is missing: %s", pool, fix)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        from airflow_backfill_provider import facts, progress_log
+        from airflow_backfill_provider.observe import progress_log
+        from airflow_backfill_provider.prepare import facts
         from airflow_backfill_provider.connections import close_all, connect, open_source
-        from airflow_backfill_provider.planning import PLAN_STATEMENT_TIMEOUT_S, build_plan, preflight, resolve_range
+        from airflow_backfill_provider.plan.planning import (
+            PLAN_STATEMENT_TIMEOUT_S,
+            build_plan,
+            preflight,
+            resolve_range,
+        )
 
         spec = load_spec(self.spec)
         if context.get("dag_run") is not None:  # only a DAG run queues chunks in the pool
@@ -108,7 +114,7 @@ class PlanBackfillOperator(BaseOperator):
                 for level, message in preflight(spec, plan, src, dst):
                     self.log.log(level, "%s", message)
                 # once for every chunk: (swap) parallel table ready, fingerprints, catalog facts,
-                # identity; each chunk checks one fingerprint statement per side (facts.py)
+                # identity; each chunk checks one fingerprint statement per side (prepare/facts.py)
                 prepared = facts.prepare_run(spec, src, dst, plan.chunks) if plan.chunks and not dry_run else None
                 est_rows = progress_log.estimate_rows(src, spec, plan.start, plan.end) if plan.chunks else 0
                 rate = progress_log.measured_rate(dst, spec, plan.backfill_key) if plan.chunks else None
@@ -130,7 +136,7 @@ class PlanBackfillOperator(BaseOperator):
             " (DRY RUN: nothing will be written)" if dry_run else "",
         )
         self.log.info("%s", progress_log.plan_message(len(plan.chunks), len(plan.skipped), est_rows, rate))
-        from airflow_backfill_provider import batches
+        from airflow_backfill_provider.plan import batches
 
         for chunk in batches.loggable(plan.chunks):
             self.log.info("  chunk %-24s [%s, %s)", chunk.chunk_id, chunk.start, chunk.end)

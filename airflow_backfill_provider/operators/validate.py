@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-from airflow_backfill_provider.compat import AirflowFailException, AirflowSkipException, BaseOperator
-from airflow_backfill_provider.spec import BackfillSpec
+from airflow_backfill_provider.core.compat import AirflowFailException, AirflowSkipException, BaseOperator
+from airflow_backfill_provider.core.spec import BackfillSpec
 
 
 class ValidateBackfillOperator(BaseOperator):
@@ -41,7 +41,7 @@ class ValidateBackfillOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
+        from airflow_backfill_provider.core.dsn import dsn_has_password, password_dsn_message
 
         for key, value in (("source", source), ("destination", destination)):
             if value and dsn_has_password(value):  # serialized with the DAG: never a secret
@@ -54,8 +54,8 @@ class ValidateBackfillOperator(BaseOperator):
         self.destination = destination
 
     def execute(self, context) -> dict:
-        from airflow_backfill_provider.exceptions import BackfillError, ValidationFailed
-        from airflow_backfill_provider.spec import load_spec
+        from airflow_backfill_provider.core.exceptions import BackfillError, ValidationFailed
+        from airflow_backfill_provider.core.spec import load_spec
         from airflow_backfill_provider.validate import FAIL, WARN, validate_range
 
         spec = load_spec(self.spec)
@@ -71,7 +71,7 @@ class ValidateBackfillOperator(BaseOperator):
             raise AirflowFailException(str(err)) from err
         self.log.info("%s", report.format_table())
         totals = report.totals()
-        from airflow_backfill_provider.progress import day_reason
+        from airflow_backfill_provider.observe.progress import day_reason
 
         def reason(d) -> str:  # the same words as the progress page and the status command
             return day_reason(d.diffs, d.status, report.warn_threshold, report.fail_threshold)
@@ -142,7 +142,7 @@ class ValidateBackfillOperator(BaseOperator):
             )
         if plan.get("dry_run"):
             raise AirflowSkipException("dry run: nothing was written, nothing to validate")
-        from airflow_backfill_provider.chunks import parse_datetime, utc
+        from airflow_backfill_provider.core.chunks import parse_datetime, utc
 
         # instants (a fall-back night compares equal by wall clock); e.g. the whole range at/after the watermark
         if utc(parse_datetime(plan["end"])) <= utc(parse_datetime(plan["start"])):

@@ -26,8 +26,8 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
-from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
+from airflow_backfill_provider.core.compat import BaseTrigger, TriggerEvent
+from airflow_backfill_provider.core.dsn import dsn_has_password, password_dsn_message
 
 #: the timeout event fires at most this long after max_wait, even if a probe hangs
 EVENT_MARGIN_S = 1.0
@@ -91,8 +91,8 @@ class SourceLoadTrigger(BaseTrigger):
 
     def _probe_once(self, kwargs: dict[str, Any]):
         from airflow_backfill_provider.connections import open_connection
-        from airflow_backfill_provider.spec import ThrottleSpec
-        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S, probe_load
+        from airflow_backfill_provider.core.spec import ThrottleSpec
+        from airflow_backfill_provider.throttle.probe import PROBE_TIMEOUT_S, probe_load
 
         kwargs = {"connect_timeout": PROBE_TIMEOUT_S, **kwargs}
         conn = open_connection(
@@ -102,10 +102,10 @@ class SourceLoadTrigger(BaseTrigger):
             conn.autocommit = True
             sample = probe_load(conn, exclude_application_prefix=self.exclude_application_prefix)
             throttle = ThrottleSpec.model_validate(self.throttle)
-            if throttle.max_latency_ratio is not None:  # server-wide latency over a window (loadsignal.py)
+            if throttle.max_latency_ratio is not None:  # server-wide latency over a window (throttle/loadsignal.py)
                 import dataclasses
 
-                from airflow_backfill_provider.loadsignal import Baseline, measure
+                from airflow_backfill_provider.throttle.loadsignal import Baseline, measure
 
                 sample = dataclasses.replace(
                     sample,
@@ -134,14 +134,14 @@ class SourceLoadTrigger(BaseTrigger):
         import psycopg2
 
         from airflow_backfill_provider.connections import aconnection_kwargs
-        from airflow_backfill_provider.exceptions import PermanentChunkError
-        from airflow_backfill_provider.spec import ThrottleSpec
-        from airflow_backfill_provider.throttle import critical_message, decide, timeout_message, wait_reason
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.spec import ThrottleSpec
+        from airflow_backfill_provider.throttle.probe import critical_message, decide, timeout_message, wait_reason
         from airflow_backfill_provider.triggers import hold_until
 
         throttle = ThrottleSpec.model_validate(self.throttle)
         # the chunk has just seen the source busy: the first probe ends at not_before, not at once (a resume
-        # sooner than min_defer_s after the deferral races Airflow's scheduler: spec.py, ThrottleSpec.min_defer_s)
+        # sooner than min_defer_s after the deferral races Airflow's scheduler: core/spec.py, ThrottleSpec.min_defer_s)
         window = throttle.load_window_s if throttle.max_latency_ratio is not None else 0.0
         await hold_until(
             self.not_before, lead_s=window, cap_s=max(0.0, throttle.max_wait - (time.time() - self.started_at))

@@ -13,8 +13,8 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
-from airflow_backfill_provider.dsn import dsn_has_password, password_dsn_message
+from airflow_backfill_provider.core.compat import BaseTrigger, TriggerEvent
+from airflow_backfill_provider.core.dsn import dsn_has_password, password_dsn_message
 
 
 class MaintenanceTrigger(BaseTrigger):
@@ -54,9 +54,9 @@ class MaintenanceTrigger(BaseTrigger):
 
     def _check_once(self, kwargs: dict[str, Any]) -> list[str]:
         from airflow_backfill_provider.connections import open_connection
-        from airflow_backfill_provider.maintenance import running
-        from airflow_backfill_provider.spec import TableName
-        from airflow_backfill_provider.throttle import PROBE_TIMEOUT_S
+        from airflow_backfill_provider.throttle.maintenance import running
+        from airflow_backfill_provider.core.spec import TableName
+        from airflow_backfill_provider.throttle.probe import PROBE_TIMEOUT_S
 
         conn = open_connection(
             {"connect_timeout": PROBE_TIMEOUT_S, **kwargs},
@@ -77,8 +77,8 @@ class MaintenanceTrigger(BaseTrigger):
         import psycopg2
 
         from airflow_backfill_provider.connections import aconnection_kwargs
-        from airflow_backfill_provider.exceptions import PermanentChunkError
-        from airflow_backfill_provider.spec import ThrottleSpec
+        from airflow_backfill_provider.core.exceptions import PermanentChunkError
+        from airflow_backfill_provider.core.spec import ThrottleSpec
         from airflow_backfill_provider.triggers import hold_until
 
         throttle = ThrottleSpec.model_validate(self.throttle)

@@ -1,4 +1,4 @@
-"""PacingTrigger: wait in the triggerer until a chunk's reserved pacing turn (see ``throttle.py``).
+"""PacingTrigger: wait in the triggerer until a chunk's reserved pacing turn (see ``throttle/probe.py``).
 
 Like a DateTimeTrigger, but it echoes a small ``carry`` dict in its event, so the resumed task gets
 back what it knew before deferring (the load it saw, how long it already waited) from the event
@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from airflow_backfill_provider.compat import BaseTrigger, TriggerEvent
+from airflow_backfill_provider.core.compat import BaseTrigger, TriggerEvent
 
 
 class PacingTrigger(BaseTrigger):

@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
 
 if TYPE_CHECKING:
-    from airflow_backfill_provider.progress import DayCell
+    from airflow_backfill_provider.observe.progress import DayCell
 
 TABLE_ROWS = 200
 #: close to Airflow's task-state colours (failed red, deferred mediumpurple, scheduled grey, success green);
@@ -42,7 +42,7 @@ def create_app() -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def index(user=the_user) -> str:
-        from airflow_backfill_provider.airflow_state import backfill_dag_ids
+        from airflow_backfill_provider.observe.airflow_state import backfill_dag_ids
 
         items = "".join(
             f'<li><a href="dags/{quote(d)}">{html.escape(d)}</a></li>'
@@ -52,7 +52,7 @@ def create_app() -> FastAPI:
 
     @app.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=can_read_dag)
     def dag_page(dag_id: str, run_id: str | None = None, backfill_id: str | None = None) -> str:
-        from airflow_backfill_provider.airflow_state import in_logical_order, runs
+        from airflow_backfill_provider.observe.airflow_state import in_logical_order, runs
 
         progress = _collect(dag_id, run_id, backfill_id)
         listed = in_logical_order(runs(dag_id, limit=20))[::-1]  # newest logical date first, not start order
@@ -93,8 +93,8 @@ def readable_dag_ids(user, dag_ids: list[str]) -> list[str]:
 def _collect(dag_id: str, run_id: str | None, backfill_id: str | None = None):
     """``backfill_id``: that backfill's whole view ("latest": the newest); with neither it nor a run: the whole
     backfill when the latest run belongs to one, else the latest run."""
-    from airflow_backfill_provider.airflow_state import collect_view
-    from airflow_backfill_provider.exceptions import BackfillError
+    from airflow_backfill_provider.observe.airflow_state import collect_view
+    from airflow_backfill_provider.core.exceptions import BackfillError
 
     try:
         if backfill_id:
@@ -161,8 +161,8 @@ def _num(value) -> str:
 
 
 def render(p, runs: list[dict]) -> str:
-    """The page body for one run's :class:`~airflow_backfill_provider.progress.Progress`."""
-    from airflow_backfill_provider.progress import STATES, format_eta
+    """The page body for one run's :class:`~airflow_backfill_provider.observe.progress.Progress`."""
+    from airflow_backfill_provider.observe.progress import STATES, format_eta
 
     e = html.escape
     run = p.run
@@ -190,7 +190,7 @@ def render(p, runs: list[dict]) -> str:
     if b is not None:
         what = "<b>" + what
     out.append(f'<p id="run">{what} ({e(run.state or "")}), {e(rng)}, {e(run.granularity or "")}</p>')
-    from airflow_backfill_provider.progress import rate_summary, rows_summary
+    from airflow_backfill_provider.observe.progress import rate_summary, rows_summary
 
     out.append(
         '<div class="totals card">'
@@ -307,7 +307,7 @@ def _validation(p) -> str:
 def _worst_metric(p, d: dict) -> str:
     if not d.get("diffs"):
         return "-"
-    from airflow_backfill_provider.progress import day_reason_of
+    from airflow_backfill_provider.observe.progress import day_reason_of
 
     return day_reason_of(d, p.thresholds or (0.0, 0.0))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airflow_backfill_provider.compat import AIRFLOW_V_3
+from airflow_backfill_provider.core.compat import AIRFLOW_V_3
 from airflow_backfill_provider.timetables import BackfillOnlyTimetable
 
 URL_PREFIX = "/backfill-progress"

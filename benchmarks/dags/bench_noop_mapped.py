@@ -3,7 +3,7 @@ the same pool, labelled the same way), but every task does nothing. N comes from
 
 import datetime as dt
 
-from airflow_backfill_provider.compat import DAG, BaseOperator, Param
+from airflow_backfill_provider.core.compat import DAG, BaseOperator, Param
 
 
 class NoopPlanOperator(BaseOperator):

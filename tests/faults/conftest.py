@@ -24,9 +24,9 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from airflow_backfill_provider.chunks import plan_chunks
+from airflow_backfill_provider.core.chunks import plan_chunks
 from tests.seed import create_orders, seed_orders
-from airflow_backfill_provider.watermark import WATERMARK_COLUMNS
+from airflow_backfill_provider.prepare.watermark import WATERMARK_COLUMNS
 from tests import specs
 from tests.conftest import REPO
 

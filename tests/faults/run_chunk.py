@@ -8,9 +8,9 @@ import json
 import os
 import sys
 
-from airflow_backfill_provider.chunks import Chunk
-from airflow_backfill_provider.spec import load_spec
-from airflow_backfill_provider.transfer import RunInfo, transfer_chunk
+from airflow_backfill_provider.core.chunks import Chunk
+from airflow_backfill_provider.core.spec import load_spec
+from airflow_backfill_provider.transfer.chunk import RunInfo, transfer_chunk
 
 
 def main() -> int:

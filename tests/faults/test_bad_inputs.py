@@ -15,15 +15,15 @@ from typing import Any, Callable
 import pytest
 from psycopg2 import sql
 
-from airflow_backfill_provider.compat import AirflowFailException
+from airflow_backfill_provider.core.compat import AirflowFailException
 from airflow_backfill_provider.connections import connect as open_connection
 from tests.seed import seed_orders
-from airflow_backfill_provider.exceptions import PermanentChunkError, PlanError, SpecError
+from airflow_backfill_provider.core.exceptions import PermanentChunkError, PlanError, SpecError
 from airflow_backfill_provider.factory import build_backfill_dag
 from airflow_backfill_provider.operators.plan import PlanBackfillOperator
-from airflow_backfill_provider.planning import build_plan, resolve_range
-from airflow_backfill_provider.spec import load_spec
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.plan.planning import build_plan, resolve_range
+from airflow_backfill_provider.core.spec import load_spec
+from airflow_backfill_provider.transfer.chunk import transfer_chunk
 from tests.faults.conftest import DAY1, connect, create_destination, make_spec, query
 from tests import specs
 

@@ -16,7 +16,7 @@ import json
 import pendulum
 import pytest
 
-from airflow_backfill_provider.compat import AirflowFailException
+from airflow_backfill_provider.core.compat import AirflowFailException
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 from tests.faults.conftest import DAY1, create_destination, make_spec, query
 from tests.faults.test_bad_inputs import run_plan_task
@@ -58,7 +58,7 @@ def test_plan_task_closes_the_destination_when_the_source_connect_fails(src_url,
 DAG_FILE = """\
 import json, pathlib
 import pendulum
-from airflow_backfill_provider.compat import DAG
+from airflow_backfill_provider.core.compat import DAG
 from airflow_backfill_provider.operators.chunk import BackfillChunkOperator
 _cfg = json.loads((pathlib.Path(__file__).parent / "chunk_only.json").read_text())
 with DAG(dag_id=_cfg["dag_id"], schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
@@ -89,7 +89,7 @@ def test_missing_connection_id_fails_the_chunk_at_once(airflow_db, src_url, dst_
     assert str(getattr(ti.state, "value", ti.state)) == "failed" and ti.try_number == 1, (ti.state, ti.try_number)
 
     # the operator itself: a clear, no-retry failure naming the id and the fix
-    from airflow_backfill_provider.compat import DAG
+    from airflow_backfill_provider.core.compat import DAG
 
     with DAG(dag_id=f"{dag_id}_direct", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")):
         op = BackfillChunkOperator(task_id="load_chunk", spec=cfg["spec"], chunk=cfg["chunk"])

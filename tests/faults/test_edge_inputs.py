@@ -13,12 +13,12 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from airflow_backfill_provider import checks
-from airflow_backfill_provider.chunks import plan_chunks, to_datetime
+from airflow_backfill_provider.plan import checks
+from airflow_backfill_provider.core.chunks import plan_chunks, to_datetime
 from tests.seed import create_orders, seed_orders
-from airflow_backfill_provider.planning import build_plan
-from airflow_backfill_provider.spec import TableName
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.plan.planning import build_plan
+from airflow_backfill_provider.core.spec import TableName
+from airflow_backfill_provider.transfer.chunk import transfer_chunk
 from tests.faults.conftest import Invariants, connect, create_destination, make_spec, query
 from tests.faults.test_bad_inputs import run_plan_task
 

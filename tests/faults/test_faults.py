@@ -11,13 +11,14 @@ import time
 import psycopg2
 import pytest
 
-from airflow_backfill_provider import identity, pipe
-from airflow_backfill_provider import sql as q
-from airflow_backfill_provider.chunks import plan_chunks
+from airflow_backfill_provider.prepare import identity
+from airflow_backfill_provider.transfer import pipe
+from airflow_backfill_provider.core import sql as q
+from airflow_backfill_provider.core.chunks import plan_chunks
 from tests.seed import seed_orders
-from airflow_backfill_provider.exceptions import PermanentChunkError, TransientChunkError
+from airflow_backfill_provider.core.exceptions import PermanentChunkError, TransientChunkError
 from airflow_backfill_provider.connections import application_name
-from airflow_backfill_provider.transfer import transfer_chunk
+from airflow_backfill_provider.transfer.chunk import transfer_chunk
 from tests.faults.conftest import (
     BIG_DAY1_ROWS,
     BIG_DAY2_ROWS,
@@ -159,7 +160,7 @@ def test_source_terminated_mid_copy_reported_without_sqlstate_is_retried(big_wor
 @pytest.fixture()
 def first_load_world(big_src, dst_url):
     """An empty destination that indexes its time column: the big day is copied straight into the table
-    (firstload.py), not staged and upserted."""
+    (transfer/firstload.py), not staged and upserted."""
     create_destination(dst_url)
     conn = connect(dst_url)
     with conn.cursor() as cur:

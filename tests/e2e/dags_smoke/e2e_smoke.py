@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import psycopg2
 
-from airflow_backfill_provider.compat import (
+from airflow_backfill_provider.core.compat import (
     DAG,
     AirflowFailException,
     BaseHook,

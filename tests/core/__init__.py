@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/core/ (see CONTRIBUTING.md, Layout)."""

@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/ledger/ (see CONTRIBUTING.md, Layout)."""

@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/live/ (see CONTRIBUTING.md, Layout)."""

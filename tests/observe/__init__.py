@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/observe/ (see CONTRIBUTING.md, Layout)."""

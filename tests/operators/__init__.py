@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/operators/ (see CONTRIBUTING.md, Layout)."""

@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/plan/ (see CONTRIBUTING.md, Layout)."""

@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/throttle/ (see CONTRIBUTING.md, Layout)."""

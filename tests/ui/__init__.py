@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/ui/ (see CONTRIBUTING.md, Layout)."""

@@ -1,0 +1,1 @@
+"""Tests of airflow_backfill_provider/validate/ (see CONTRIBUTING.md, Layout)."""
