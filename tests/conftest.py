@@ -7,6 +7,7 @@ Databases are created per test session with a random suffix, so parallel runs do
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -168,11 +169,39 @@ DB_FIXTURES = {"databases", "pg", "private_source", "private_pg", "primary_and_s
 DB_MODULES = {"test_bench_smoke"}
 
 
+#: a test module that imports Airflow or the provider's Airflow surface (operators, triggers, DAG factory, UI, the
+#: version_compat module), eagerly or inside a test, drives Airflow: marked `airflow` (below)
+_DRIVES_AIRFLOW = re.compile(
+    r"^\s*(?:from|import)\s+(?:airflow\b|airflow_backfill_provider\.(?:operators|triggers|ui|factory|live_factory"
+    r"|loader|configcheck|timetables|assets|__main__|core\.compat)\b"
+    r"|airflow_backfill_provider\s+import\s+.*\b(?:factory|live_factory|loader|configcheck|timetables|assets)\b)",
+    re.M,
+)
+#: folders whose every test drives Airflow (clusters, kills of task processes, the UI)
+_AIRFLOW_DIRS = {"e2e", "faults", "operators", "ui"}
+_drives_airflow: dict[str, bool] = {}
+
+
+def _module_drives_airflow(module) -> bool:
+    path = getattr(module, "__file__", None) or ""
+    if path not in _drives_airflow:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            text = ""
+        _drives_airflow[path] = Path(path).parent.name in _AIRFLOW_DIRS or bool(_DRIVES_AIRFLOW.search(text))
+    return _drives_airflow[path]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = getattr(item, "module", None)
         name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
         fixtures = set(getattr(item, "fixturenames", ()))
+        # `make test-af2` (the secondary version) runs these: what is not marked exercises PostgreSQL through
+        # the stages below the Airflow surface, the same code on both versions, and runs once, on 3.3
+        if "airflow_db" in fixtures or (module is not None and _module_drives_airflow(module)):
+            item.add_marker(pytest.mark.airflow)
         if "airflow_db" in fixtures or name in _SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
         # `make unit` runs what is not `db` with no server to reach (a closed port): a test that needs one and

@@ -74,7 +74,8 @@ class ThrottleSpec(_Strict):
     #: first re-probe interval while waiting; doubles up to poll_max
     poll_interval: float = Field(5.0, gt=0)
     poll_max: float = Field(60.0, gt=0)
-    #: a chunk deferred for the source's load (or its maintenance) resumes no sooner than this after deferring.
+    #: no chunk resumes sooner than this after deferring: a load or maintenance wait (end unknown) carries it as
+    #: its trigger's floor; a pacing turn or window opening nearer than this is waited in the worker instead.
     #: A faster resume races Airflow's scheduler: the worker reports the deferring process's exit up to
     #: [workers] min_heartbeat_interval (5 s) later, and a scheduler that sees that report after the chunk was
     #: queued again fails the chunk as "killed externally" (a retry and its retry_delay; apache/airflow#67287,

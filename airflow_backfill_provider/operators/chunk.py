@@ -270,7 +270,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
             )
 
     def _pace(self, spec: BackfillSpec, run: ChunkRun, appname: str) -> None:
-        """With ``min_query_interval``: reserve the pool slot's next turn; defer to PacingTrigger until then."""
+        """With ``min_query_interval``: reserve the pool slot's next turn and wait for it (deferred to
+        PacingTrigger when it is further than ``throttle.min_defer_s``, gates.py ``_wait_or_defer``)."""
         import time
 
         from airflow_backfill_provider.throttle.probe import reserve_destination_turn
@@ -286,13 +287,15 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         )
         if turn.wait_s > 0:
             self.log.info(
-                "Pacing: slot %d of pool %s may query the source in %.1f s (deferred until then)",
+                "Pacing: slot %d of pool %s may query the source in %.1f s (waiting until then)",
                 turn.slot,
                 self.pool,
                 turn.wait_s,
             )
-            self.defer(
-                trigger=PacingTrigger(at=time.time() + turn.wait_s, carry=run.carry_through_pacing()),
+            run.waited_pacing_s += self._wait_or_defer(
+                spec,
+                at=time.time() + turn.wait_s,
+                trigger_for=lambda at: PacingTrigger(at=at, carry=run.carry_through_pacing()),
                 method_name="execute_after_pacing",
             )
 

@@ -1,8 +1,9 @@
 """What the chunk operator's gates do besides the load throttle: maintenance windows and waiting out
 VACUUM/ANALYZE. A mixin of :class:`BackfillChunkOperator`, which runs them before each chunk.
 
-Every wait is a deferral (no worker slot held). After either, the task instance starts again: a batch's
-ledger tells it which of its chunks are done.
+Every wait longer than ``throttle.min_defer_s`` is a deferral (no worker slot held); one whose end is known
+and nearer than that is waited in the worker (:meth:`_wait_or_defer`). After a deferral, the task instance
+starts again: a batch's ledger tells it which of its chunks are done.
 """
 
 from __future__ import annotations
@@ -17,6 +18,25 @@ else:
 
 class ChunkGatesMixin(_OperatorBase):
     chunk: dict[str, Any]
+
+    # --- one rule for every deferral whose end is known (pacing turn, window opening) ---------------
+    def _wait_or_defer(self, spec, *, at: float, trigger_for, method_name: str) -> float:
+        """Wait until ``at`` (epoch seconds): in the worker when that is sooner than ``throttle.min_defer_s``,
+        else deferred to ``trigger_for(at)``. A resume sooner than min_defer_s after deferring races Airflow's
+        scheduler and fails the chunk as "killed externally" (core/spec.py, apache/airflow#67287), whichever
+        trigger fires it; the load and maintenance triggers, whose end is unknown, carry the same floor as
+        ``not_before``. Returns the seconds waited in the worker (0 when there was nothing to wait)."""
+        import time
+
+        wait = at - time.time()
+        if wait <= 0:
+            return 0.0
+        if wait < spec.throttle.min_defer_s:
+            self.log.info("Waiting %.1f s in the worker (shorter than throttle.min_defer_s: no deferral)", wait)
+            time.sleep(wait)  # bounded by min_defer_s
+            return wait
+        self.defer(trigger=trigger_for(at), method_name=method_name)
+        raise AssertionError("unreachable: defer() raises TaskDeferred")
 
     # --- maintenance windows ------------------------------------------------------------------------
     def _window_gate(self, spec) -> None:
@@ -39,7 +59,8 @@ class ChunkGatesMixin(_OperatorBase):
             spec.windows_timezone,
             opens.isoformat(),
         )
-        self.defer(trigger=PacingTrigger(at=opens.timestamp()), method_name="execute_after_window")
+        self._wait_or_defer(spec, at=opens.timestamp(), trigger_for=lambda at: PacingTrigger(at=at),
+                            method_name="execute_after_window")  # fmt: skip
 
     def execute_after_window(self, context, event: dict[str, Any] | None = None, **_: Any):
         """The window opened: start again (re-checks the window, then maintenance, load, pacing)."""

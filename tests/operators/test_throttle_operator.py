@@ -192,7 +192,7 @@ def test_wait_timeout_fails_retryably_with_figures(seeded):
 
 def test_pacing_defers_the_second_chunk_until_its_turn(seeded):
     src, dst = seeded
-    spec = _spec(src, dst, min_query_interval=2.0, pacing_slots=1)
+    spec = _spec(src, dst, min_query_interval=2.0, pacing_slots=1, min_defer_s=0)
     first, second = _chunks()[:2]
     pool = f"bf_pool_{time.time_ns()}"  # a fresh pacing key
     t0 = time.monotonic()
@@ -213,6 +213,35 @@ def test_pacing_defers_the_second_chunk_until_its_turn(seeded):
     assert waits == [(first.chunk_id, 0.0, 0.0), (second.chunk_id, 0.0, near)]
     turns = fetch_all(dst, "SELECT count(*) FROM backfill_pacing WHERE pacing_key = %s", (pool,))
     assert turns == [(1,)]  # one slot row per pacing slot
+
+
+def test_a_pacing_turn_sooner_than_min_defer_s_is_waited_in_the_worker(seeded):
+    """A turn 2 s away with min_defer_s 8: no deferral (its resume would race the scheduler), the worker waits
+    for the turn, and the wait is in the XCom and the ledger row as a deferred one would be."""
+    src, dst = seeded
+    spec = _spec(src, dst, min_query_interval=2.0, pacing_slots=1, min_defer_s=8)
+    first, second = _chunks()[:2]
+    pool = f"bf_pool_{time.time_ns()}"
+    assert _operator(spec, first, "a", pool).execute({})["rows_extracted"] == 300
+    t0 = time.monotonic()
+    result = _operator(spec, second, "b", pool).execute({})  # raises TaskDeferred if it deferred
+    assert time.monotonic() - t0 >= 1.0  # its turn came ~2 s after the first chunk's
+    assert result["rows_extracted"] == 300 and result["waited_pacing_s"] >= 1.0
+    waits = fetch_all(dst, "SELECT chunk_id, waited_pacing_s FROM backfill_ledger ORDER BY 1")
+    assert waits == [(first.chunk_id, 0.0), (second.chunk_id, pytest.approx(result["waited_pacing_s"], abs=0.051))]
+
+
+def test_a_pacing_turn_further_than_min_defer_s_defers(seeded):
+    """min_query_interval 12 s, min_defer_s 8: the second chunk's turn is ~12 s away, so it defers."""
+    src, dst = seeded
+    spec = _spec(src, dst, min_query_interval=12.0, pacing_slots=1, min_defer_s=8)
+    first, second = _chunks()[:2]
+    pool = f"bf_pool_{time.time_ns()}"
+    assert _operator(spec, first, "a", pool).execute({})["rows_extracted"] == 300
+    with pytest.raises(TaskDeferred) as deferred:
+        _operator(spec, second, "b", pool).execute({})
+    assert deferred.value.method_name == "execute_after_pacing"
+    assert _rebuild(deferred.value.trigger).at - time.time() >= 8  # never a resume sooner than the floor
 
 
 def test_dag_test_waits_deferred_until_the_sleepers_end(airflow_db, src_url, dst_url, pg, monkeypatch):

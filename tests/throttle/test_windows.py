@@ -94,7 +94,7 @@ def test_a_closed_window_defers_and_opens_on_time(seeded):
     src, dst = seeded
     opens = pendulum.now("UTC").add(seconds=3).replace(microsecond=0)
     window = f"{opens.format('HH:mm:ss')}-{opens.add(hours=1).format('HH:mm:ss')}"
-    op = _operator(_spec(src, dst, {"allowed": [window], "timezone": "UTC"}), _chunks()[0])
+    op = _operator(_spec(src, dst, {"allowed": [window], "timezone": "UTC"}, min_defer_s=0), _chunks()[0])
     with pytest.raises(TaskDeferred) as deferred:
         op.execute({})
     assert deferred.value.method_name == "execute_after_window"
@@ -105,6 +105,18 @@ def test_a_closed_window_defers_and_opens_on_time(seeded):
     result = op.execute_after_window({}, event=event.payload)
     assert result["rows_extracted"] == 300
     assert fetch_all(dst, "SELECT count(*) FROM orders") == [(300,)]
+
+
+def test_a_window_opening_sooner_than_min_defer_s_is_waited_in_the_worker(seeded):
+    """The window opens in ~3 s, min_defer_s is 8: the chunk waits in the worker (a deferral's resume that soon
+    races the scheduler), then loads, not before the window opens."""
+    src, dst = seeded
+    opens = pendulum.now("UTC").add(seconds=3).replace(microsecond=0)
+    window = f"{opens.format('HH:mm:ss')}-{opens.add(hours=1).format('HH:mm:ss')}"
+    op = _operator(_spec(src, dst, {"allowed": [window], "timezone": "UTC"}, min_defer_s=8), _chunks()[0])
+    result = op.execute({})  # raises TaskDeferred if it deferred
+    assert time.time() >= opens.timestamp()
+    assert result["rows_extracted"] == 300
 
 
 class SlowMaintenance:
