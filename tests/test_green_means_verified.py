@@ -231,3 +231,23 @@ def test_key_batches_with_a_historical_table_read_every_row_once(make_dag, src_u
     )
     assert fetch_all(dst_url, "SELECT id, d, amount, note FROM events ORDER BY 1") == expected
     assert len(expected) == 36 + 48
+
+
+def test_a_redefined_source_view_is_loaded_again(make_dag, src_url, dst_url, pg):
+    """The source is a view; the user redefines it with the same columns (CREATE OR REPLACE VIEW: its columns'
+    names and types, all a table's fingerprint sees, are unchanged). The ledger's claims were about the rows
+    the old definition selected: the next run loads the range again and ends exact, not skipped and red."""
+    pg(dst_url).cursor().execute(DEST.format(extra=""))
+    view = "CREATE OR REPLACE VIEW events_v AS SELECT id, d, {amount} AS amount, note, updated_at FROM events"
+    pg(src_url).cursor().execute(view.format(amount="amount"))
+    dag = make_dag(source_table="public.events_v")
+    assert _state(dag.test(run_conf=RUN)) == "success"
+    pg(src_url).cursor().execute(view.format(amount="(amount * 2)::numeric(12,2)"))
+    run = dag.test(run_conf=RUN)
+    assert _state(run) == "success", _task_states(run)
+    assert fetch_all(src_url, "SELECT id, amount FROM events_v ORDER BY id") == fetch_all(
+        dst_url, "SELECT id, amount FROM events ORDER BY id"
+    )
+    assert fetch_all(dst_url, "SELECT sum(amount) FROM events") == fetch_all(
+        src_url, "SELECT 2 * sum(amount) FROM events"
+    )

@@ -50,7 +50,8 @@ VERSION = 1
 DESCRIPTOR_KEY = "prep"
 _ENCODING = "z1:"
 
-#: fingerprint of a relation: what the column plan and the unique-key check depend on (constant SQL; the
+#: fingerprint of a relation: what the column plan, the unique-key check and the identity depend on (a view's
+#: definition included: a view redefined mid-run makes the chunk prepare again, under the new identity) (constant SQL; the
 #: name is a bound parameter, resolved by the search_path as the catalog reads resolve it; a name that
 #: resolves to no table, view or foreign table has none, so a chunk never matches it). Read BEFORE the facts
 #: it vouches for: a change between the two makes the chunk's fingerprint differ, so stale facts are never
@@ -65,7 +66,8 @@ SELECT CASE WHEN c.relkind IN ('r', 'p', 'v', 'm', 'f') THEN md5(concat_ws('|', 
          (SELECT string_agg(concat_ws(',', i.indexrelid, i.indkey, i.indnkeyatts, i.indimmediate, i.indisvalid,
                                       i.indpred IS NULL, i.indexprs IS NULL, {nulls_not_distinct}), ';'
                             ORDER BY i.indexrelid)
-            FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique) END)) END
+            FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique) END,
+         CASE WHEN c.relkind IN ('v', 'm') THEN md5(pg_get_viewdef(c.oid)) END)) END
 FROM pg_class c WHERE c.oid = to_regclass(%(rel)s)
 """
 

@@ -7,7 +7,8 @@ load ``orders_us`` and ``orders_eu`` into one ``orders`` are two backfills and e
     target      the destination relation the chunks write, resolved:  "public"."orders" -> public.orders
     key         sha256 over: source database (system identifier + current_database()), every resolved
                 source relation, the resolved destination, and what selects rows (time column, timezone,
-                historical ranges and their expressions); and what the ledger's "done" claims about the
+                historical ranges and their expressions, a source view's definition); and what the ledger's
+                "done" claims about the
                 destination as it physically is: the destination table's OID (a table dropped and
                 re-created is another table, whose rows nobody loaded) and what a chunk writes (per source
                 range, each written column with its destination type and what fills it from the source;
@@ -62,6 +63,13 @@ SELECT current_database(),
                  WHERE c.relname = u.n AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
                    AND n.nspname = ANY (current_schemas(false))
                  ORDER BY array_position(current_schemas(false), n.nspname) LIMIT 1) AS f(nsp) ON u.s IS NULL)
+"""
+
+# a source view's (or materialized view's) definition, normalised by the server: which rows it selects and how
+_DEFINITIONS = """
+SELECT u.n, md5(pg_get_viewdef(c.oid))
+  FROM unnest(%(names)s::text[]) AS u(n) JOIN pg_class c ON c.oid = to_regclass(u.n)
+ WHERE c.relkind IN ('v', 'm')
 """
 
 #: spec fields that decide which source rows a chunk selects (and how they are read); a field another
@@ -134,6 +142,9 @@ def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = N
         if name is None:
             resolve(src_conn, table, side="source")  # raises the missing-table error
     sources = {str(t): name for t, name in zip(tables, resolved)}
+    with src_conn.cursor() as cur:
+        cur.execute(_DEFINITIONS, {"names": sorted(set(resolved))})
+        definitions = dict(cur.fetchall())
     selection = _selection(spec)
     # historical ranges name their table as spelled: replace with the resolved relation
     for rng in selection.get("historical", []):
@@ -151,6 +162,8 @@ def of(spec: BackfillSpec, src_conn, dst_conn, *, source_conn_id: str | None = N
         "destination_oid": dest_oid,
         "write": _write(spec, dest_cols, src_cols),
     }
+    if definitions:  # only views have one: a table source's identity (and its ledger rows' key) is unchanged
+        description["source_definitions"] = definitions
     return from_description(target, description)
 
 
@@ -202,6 +215,13 @@ def explain(old: dict | None, new: dict) -> str | None:
         return (
             f"the destination table {new.get('destination')} was dropped and re-created since "
             f"(oid {old['destination_oid']} then, {new.get('destination_oid')} now): the rows they claim are gone"
+        )
+    was_defs, now_defs = old.get("source_definitions") or {}, new.get("source_definitions") or {}
+    if was_defs != now_defs:
+        changed = sorted(n for n in set(was_defs) | set(now_defs) if was_defs.get(n) != now_defs.get(n))
+        return (
+            f"the source view(s) {', '.join(changed)} were redefined since (CREATE OR REPLACE VIEW): the rows "
+            "they select now may differ from the rows loaded then"
         )
     was, now = old.get("write") or {}, new.get("write") or {}
     why = []

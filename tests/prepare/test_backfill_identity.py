@@ -91,6 +91,31 @@ def test_what_makes_a_backfill_another_one(variant, src_url, dst_url, databases,
     assert build_plan(second, "2024-01-01", "2024-01-04", dst_conn=pg(dst_url)).chunks == []
 
 
+def test_a_source_views_definition_is_part_of_the_identity_a_tables_is_not(src_url, dst_url, pg):
+    """A view redefined with the same columns is another selection of rows: its ranges are loaded again and the
+    plan says why. A table source's description has no definition (its ledger keys stay what they were)."""
+    seed_orders(pg(src_url), rows=300, days=3, start=dt.date(2024, 1, 1))
+    create_orders(pg(dst_url))
+    view = "CREATE OR REPLACE VIEW orders_v AS SELECT * FROM orders WHERE {cond}"
+    pg(src_url).cursor().execute(view.format(cond="true"))
+    table_spec = make_spec(src_url, dst_url)
+    view_spec = make_spec(src_url, dst_url, source_table="orders_v")
+    src, dst = pg(src_url), pg(dst_url)
+    assert "source_definitions" not in identity.of(table_spec, src, dst).description
+    before = identity.of(view_spec, src, dst)
+    assert list(before.description["source_definitions"]) == ["public.orders_v"]
+    assert identity.of(view_spec, src, dst).key == before.key  # stable while nothing changes
+    load_all(view_spec)
+    pg(src_url).cursor().execute(view.format(cond="id % 2 = 0"))
+    after = identity.of(view_spec, src, dst)
+    assert after.key != before.key
+    why = identity.explain(before.description, after.description)
+    assert why is not None and "public.orders_v" in why and "redefined" in why, why
+    plan = build_plan(view_spec, "2024-01-01", "2024-01-04", dst_conn=dst)
+    assert (len(plan.chunks), len(plan.skipped)) == (3, 0)
+    assert any("redefined" in note for note in plan.notes), plan.notes
+
+
 def test_chunk_lock_serializes_one_backfill_not_two(src_url, dst_url, pg):
     src = pg(src_url)
     seed_orders(src, rows=300, days=3, start=dt.date(2024, 1, 1), table="orders_us", first_id=1)
