@@ -20,6 +20,10 @@ compares the transaction latency with the same source's **quiet baseline**, so t
 terms: ``throttle.max_latency_ratio: 2.0`` = "keep the source's transaction latency under twice its
 quiet value". A window with too few transactions to measure (no OLTP traffic) does not hold a chunk.
 
+Airflow's own metadata database, when it lives on the source's server (the quick start, a laptop), is
+left out as our sessions are (:func:`airflow_database_on`): its sessions are the backfill's machinery, and
+counted they made the budget throttle the backfill against its own destination writes.
+
 The baseline is the lowest window value seen for this source, kept in the destination database (the
 source stays read-only), one row per source connection id, shared by every chunk, worker and DAG
 reading that source; ``throttle.latency_baseline_ms`` sets it instead.
@@ -28,7 +32,9 @@ reading that source; ``throttle.latency_baseline_ms`` sets it instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import socket
 import statistics
 import time
 from typing import Any
@@ -58,7 +64,8 @@ _ACTIVITY = sql.SQL(
                                                 OR (wait_event_type = 'LWLock' AND wait_event LIKE 'WAL%%'))),
            count(*) FILTER (WHERE ours AND state = 'active' AND upper(left(ltrim(query), 4)) = 'COPY'
                             AND position('TO STDOUT' IN upper(query)) > 0)
-      FROM (SELECT *, coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false) AS ours
+      FROM (SELECT *, (coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false)
+                       OR coalesce(datname = %(airflow_db)s, false)) AS ours
               FROM pg_stat_activity
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS a
     """
@@ -115,6 +122,52 @@ class WindowStopped(Exception):
     """``sample_window`` was asked to stop before the window ended (throttle.ReadWatch stopping)."""
 
 
+_LOOPBACK = ("127.", "::1")
+
+
+def _addresses(host: str | None) -> set[str]:
+    """The addresses ``host`` names; "local" for this machine (a Unix socket directory, a loopback address)."""
+    if host is None or host.startswith("/") or host == "localhost":
+        return {"local"}
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        found = {host}
+    return {"local" if a.startswith(_LOOPBACK) else a for a in found}
+
+
+@functools.lru_cache(maxsize=16)
+def _airflow_database_at(host: str | None, port: int) -> str | None:
+    try:
+        from airflow_backfill_provider.core.compat import metadata_database
+    except ImportError:  # no Airflow in this process (a benchmark's helper)
+        return None
+    meta = metadata_database()
+    if meta is None:
+        return None
+    name, meta_host, meta_port = meta
+    if meta_port != port or not (_addresses(meta_host) & _addresses(host)):
+        return None
+    log.info(
+        "Airflow's metadata database %r is on the source's server (%s:%s): its sessions are left out of the "
+        "latency signal, as the backfill's own are (they are the backfill's machinery, not the source's users)",
+        name,
+        host,
+        port,
+    )
+    return name
+
+
+def airflow_database_on(conn) -> str | None:
+    """The name of Airflow's metadata database when it lives on ``conn``'s server (same port, same host),
+    else None. Its sessions (scheduler, triggerer, api-server) are not an application to protect: on one
+    server, the destination's writes slow them, and counting them made the backfill throttle itself."""
+    try:
+        return _airflow_database_at(conn.info.host, int(conn.info.port))
+    except Exception:  # noqa: BLE001 - a connection without host/port facts: nothing to recognise
+        return None
+
+
 def sample_window(
     conn,
     *,
@@ -122,6 +175,7 @@ def sample_window(
     samples: int = 10,
     burst: int = 3,
     exclude_application_prefix: str = "backfill:",
+    exclude_database: str | None = None,
     stop=None,
 ) -> LoadWindow:
     """Sample the whole source server for about ``window_s`` seconds on ``conn``; leave it idle.
@@ -131,7 +185,7 @@ def sample_window(
     transaction, so the window adds one transaction to the count it measures, not one per statement.
     The pauses between samples are what makes it a window: a single snapshot is what made the old
     probe blind. ``stop``: a ``threading.Event``; once set, the window ends at its next pause with
-    :class:`WindowStopped`.
+    :class:`WindowStopped`. ``exclude_database``: sessions connected to it count as ours (left out).
     """
     autocommit = conn.autocommit
     if autocommit:
@@ -155,7 +209,10 @@ def sample_window(
                 s0 = time.monotonic()
                 lat.extend(_canary_burst(cur, burst))
                 cur.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_* are snapshotted per transaction
-                cur.execute(_ACTIVITY, {"prefix": exclude_application_prefix, "age": MAX_XACT_AGE_S})
+                cur.execute(
+                    _ACTIVITY,
+                    {"prefix": exclude_application_prefix, "age": MAX_XACT_AGE_S, "airflow_db": exclude_database},
+                )
                 a, x, xw, w, o = cur.fetchone()
                 active.append(a)
                 in_xact.append(x)
@@ -396,6 +453,7 @@ def measure(
         conn,
         window_s=window_s or throttle.load_window_s,
         exclude_application_prefix=exclude_application_prefix,
+        exclude_database=airflow_database_on(conn),
         stop=stop,
     )
     if learn is not None:
