@@ -20,9 +20,10 @@ compares the transaction latency with the same source's **quiet baseline**, so t
 terms: ``throttle.max_latency_ratio: 2.0`` = "keep the source's transaction latency under twice its
 quiet value". A window with too few transactions to measure (no OLTP traffic) does not hold a chunk.
 
-Airflow's own metadata database, when it lives on the source's server (the quick start, a laptop), is
-left out as our sessions are (:func:`airflow_database_on`): its sessions are the backfill's machinery, and
-counted they made the budget throttle the backfill against its own destination writes.
+Airflow's own metadata database, when it lives on the source's server (the quick start, a laptop), can be
+left out as our sessions are (``throttle.ignore_databases``; by itself where the process's configuration
+names it, :func:`airflow_database_on`): its sessions are the backfill's machinery, and counted they made the
+budget throttle the backfill against its own destination writes.
 
 The baseline is the lowest window value seen for this source, kept in the destination database (the
 source stays read-only), one row per source connection id, shared by every chunk, worker and DAG
@@ -65,7 +66,7 @@ _ACTIVITY = sql.SQL(
            count(*) FILTER (WHERE ours AND state = 'active' AND upper(left(ltrim(query), 4)) = 'COPY'
                             AND position('TO STDOUT' IN upper(query)) > 0)
       FROM (SELECT *, (coalesce(left(application_name, char_length(%(prefix)s)) = %(prefix)s, false)
-                       OR coalesce(datname = %(airflow_db)s, false)) AS ours
+                       OR coalesce(datname = ANY(%(ignored_dbs)s), false)) AS ours
               FROM pg_stat_activity
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS a
     """
@@ -168,6 +169,13 @@ def airflow_database_on(conn) -> str | None:
         return None
 
 
+def ignored_databases(conn, throttle) -> list[str]:
+    """What the signal leaves out besides our sessions: ``throttle.ignore_databases`` and Airflow's metadata
+    database when this process knows it is on ``conn``'s server."""
+    auto = airflow_database_on(conn)
+    return list(dict.fromkeys([*getattr(throttle, "ignore_databases", []), *([auto] if auto else [])]))
+
+
 def sample_window(
     conn,
     *,
@@ -175,7 +183,7 @@ def sample_window(
     samples: int = 10,
     burst: int = 3,
     exclude_application_prefix: str = "backfill:",
-    exclude_database: str | None = None,
+    exclude_databases: list[str] | tuple[str, ...] = (),
     stop=None,
 ) -> LoadWindow:
     """Sample the whole source server for about ``window_s`` seconds on ``conn``; leave it idle.
@@ -185,7 +193,7 @@ def sample_window(
     transaction, so the window adds one transaction to the count it measures, not one per statement.
     The pauses between samples are what makes it a window: a single snapshot is what made the old
     probe blind. ``stop``: a ``threading.Event``; once set, the window ends at its next pause with
-    :class:`WindowStopped`. ``exclude_database``: sessions connected to it count as ours (left out).
+    :class:`WindowStopped`. ``exclude_databases``: sessions connected to these count as ours (left out).
     """
     autocommit = conn.autocommit
     if autocommit:
@@ -211,7 +219,11 @@ def sample_window(
                 cur.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_* are snapshotted per transaction
                 cur.execute(
                     _ACTIVITY,
-                    {"prefix": exclude_application_prefix, "age": MAX_XACT_AGE_S, "airflow_db": exclude_database},
+                    {
+                        "prefix": exclude_application_prefix,
+                        "age": MAX_XACT_AGE_S,
+                        "ignored_dbs": list(exclude_databases),
+                    },
                 )
                 a, x, xw, w, o = cur.fetchone()
                 active.append(a)
@@ -453,7 +465,7 @@ def measure(
         conn,
         window_s=window_s or throttle.load_window_s,
         exclude_application_prefix=exclude_application_prefix,
-        exclude_database=airflow_database_on(conn),
+        exclude_databases=ignored_databases(conn, throttle),
         stop=stop,
     )
     if learn is not None:
