@@ -55,7 +55,6 @@ __all__ = [
     "TriggerEvent",
     "aget_connection",
     "get_connection_outside_task",
-    "metadata_database",
     "run_type_of",
 ]
 
@@ -98,26 +97,6 @@ def get_connection_outside_task(conn_id: str):
 
         return Connection.get_connection_from_secrets(conn_id)
     return BaseHook.get_connection(conn_id)
-
-
-def metadata_database() -> tuple[str, str | None, int] | None:
-    """(database, host, port) of Airflow's PostgreSQL metadata database as this process's configuration gives
-    it (``[database] sql_alchemy_conn``); None when it is not PostgreSQL or this process has none (a remote
-    Airflow 3 worker need not). ``host`` None: the default (a local socket); a ``?host=/dir`` socket is kept."""
-    try:
-        from airflow.configuration import conf
-        from sqlalchemy.engine import make_url
-
-        raw = conf.get("database", "sql_alchemy_conn", fallback=None)
-        if not raw:
-            return None
-        url = make_url(raw)
-    except Exception:  # noqa: BLE001 - no usable configuration: nothing to recognise
-        return None
-    if not url.drivername.startswith("postgres") or not url.database:
-        return None
-    host = url.host or url.query.get("host")
-    return url.database, (host if isinstance(host, str) else None), int(url.port or 5432)
 
 
 def run_type_of(context) -> str:

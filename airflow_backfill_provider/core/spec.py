@@ -108,8 +108,8 @@ class ThrottleSpec(_Strict):
     #: destination table holding the learned baselines, one row per source connection (created on first use)
     baseline_table: str = "public.backfill_load_baseline"
     #: databases on the source's server whose sessions the latency signal leaves out, as it leaves out the
-    #: backfill's own: Airflow's metadata database when it shares the server (Airflow 3 hides its name from
-    #: tasks; a process whose configuration names it, e.g. a 2.11 worker, leaves it out by itself)
+    #: backfill's own: Airflow's metadata database when it shares the server (named here: an Airflow 3 task
+    #: cannot see where the metadata database is)
     ignore_databases: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

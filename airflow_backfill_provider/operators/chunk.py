@@ -128,9 +128,9 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
         results: list = []
         last_check = -1e9
 
-        def load_gate() -> None:
+        def load_gate(*, now: bool = False) -> None:
             nonlocal last_check
-            if run.probed or time.monotonic() - last_check >= spec.throttle.poll_interval:
+            if now or run.probed or time.monotonic() - last_check >= spec.throttle.poll_interval:
                 if not run.probed:  # the load trigger's own last probe stands in for this one
                     run.sample = self._probe(spec, run.source_conn, appname)
                     self._maintenance_gate(spec, run.source_conn, appname)  # VACUUM/ANALYZE: defer
@@ -148,7 +148,8 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 if run.source_conn is None or run.source_conn.closed:
                     run.source_conn = self._open_source(spec, appname)
                 load_gate()
-                self._pace(spec, run, appname)
+                if self._pace(spec, run, appname):  # waited in the worker: decide on the load as it is now
+                    load_gate(now=True)
                 sessions.source = run.source_conn
                 if sessions.destination is None or sessions.destination.closed:
                     sessions.destination = self._open_destination(spec, appname, chunk.chunk_id)
@@ -269,16 +270,18 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 method_name="execute_after_wait",
             )
 
-    def _pace(self, spec: BackfillSpec, run: ChunkRun, appname: str) -> None:
+    def _pace(self, spec: BackfillSpec, run: ChunkRun, appname: str) -> float:
         """With ``min_query_interval``: reserve the pool slot's next turn and wait for it (deferred to
-        PacingTrigger when it is further than ``throttle.min_defer_s``, gates.py ``_wait_or_defer``)."""
+        PacingTrigger when it is further than ``throttle.min_defer_s``, gates.py ``_wait_or_defer``). Returns
+        the seconds waited in the worker: the load decision before them is stale, and the caller makes it again
+        (as a resumed deferral does)."""
         import time
 
         from airflow_backfill_provider.throttle.probe import reserve_destination_turn
         from airflow_backfill_provider.triggers.pacing import PacingTrigger
 
         if spec.throttle.min_query_interval <= 0 or run.paced:
-            return
+            return 0.0
         turn = reserve_destination_turn(
             spec.destination_conn_id,
             spec.throttle,
@@ -292,12 +295,15 @@ class BackfillChunkOperator(LineageMixin, ChunkGatesMixin, BaseOperator):
                 self.pool,
                 turn.wait_s,
             )
-            run.waited_pacing_s += self._wait_or_defer(
+            waited = self._wait_or_defer(
                 spec,
                 at=time.time() + turn.wait_s,
                 trigger_for=lambda at: PacingTrigger(at=at, carry=run.carry_through_pacing()),
                 method_name="execute_after_pacing",
             )
+            run.waited_pacing_s += waited
+            return waited
+        return 0.0
 
     def _open_source(self, spec: BackfillSpec, appname: str) -> Any:
         """The try's source session (probe and transfers): errors as the probe's (below)."""

@@ -20,10 +20,11 @@ compares the transaction latency with the same source's **quiet baseline**, so t
 terms: ``throttle.max_latency_ratio: 2.0`` = "keep the source's transaction latency under twice its
 quiet value". A window with too few transactions to measure (no OLTP traffic) does not hold a chunk.
 
-Airflow's own metadata database, when it lives on the source's server (the quick start, a laptop), can be
-left out as our sessions are (``throttle.ignore_databases``; by itself where the process's configuration
-names it, :func:`airflow_database_on`): its sessions are the backfill's machinery, and counted they made the
-budget throttle the backfill against its own destination writes.
+Airflow's own metadata database, when it lives on the source's server (the quick start, a laptop), is left
+out as our sessions are once the spec names it (``throttle.ignore_databases``): its sessions are the backfill's
+machinery, and counted they made the budget throttle the backfill against its own destination writes. Named,
+not detected: an Airflow 3 task cannot see the metadata database's address (the supervisor blanks
+``sql_alchemy_conn``), and the start gate, the read watch and the load trigger must all read the same signal.
 
 The baseline is the lowest window value seen for this source, kept in the destination database (the
 source stays read-only), one row per source connection id, shared by every chunk, worker and DAG
@@ -33,9 +34,7 @@ reading that source; ``throttle.latency_baseline_ms`` sets it instead.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import socket
 import statistics
 import time
 from typing import Any
@@ -121,59 +120,6 @@ def _canary_burst(cur, n: int) -> list[float]:
 
 class WindowStopped(Exception):
     """``sample_window`` was asked to stop before the window ended (throttle.ReadWatch stopping)."""
-
-
-_LOOPBACK = ("127.", "::1")
-
-
-def _addresses(host: str | None) -> set[str]:
-    """The addresses ``host`` names; "local" for this machine (a Unix socket directory, a loopback address)."""
-    if host is None or host.startswith("/") or host == "localhost":
-        return {"local"}
-    try:
-        found = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
-    except OSError:
-        found = {host}
-    return {"local" if a.startswith(_LOOPBACK) else a for a in found}
-
-
-@functools.lru_cache(maxsize=16)
-def _airflow_database_at(host: str | None, port: int) -> str | None:
-    try:
-        from airflow_backfill_provider.core.compat import metadata_database
-    except ImportError:  # no Airflow in this process (a benchmark's helper)
-        return None
-    meta = metadata_database()
-    if meta is None:
-        return None
-    name, meta_host, meta_port = meta
-    if meta_port != port or not (_addresses(meta_host) & _addresses(host)):
-        return None
-    log.info(
-        "Airflow's metadata database %r is on the source's server (%s:%s): its sessions are left out of the "
-        "latency signal, as the backfill's own are (they are the backfill's machinery, not the source's users)",
-        name,
-        host,
-        port,
-    )
-    return name
-
-
-def airflow_database_on(conn) -> str | None:
-    """The name of Airflow's metadata database when it lives on ``conn``'s server (same port, same host),
-    else None. Its sessions (scheduler, triggerer, api-server) are not an application to protect: on one
-    server, the destination's writes slow them, and counting them made the backfill throttle itself."""
-    try:
-        return _airflow_database_at(conn.info.host, int(conn.info.port))
-    except Exception:  # noqa: BLE001 - a connection without host/port facts: nothing to recognise
-        return None
-
-
-def ignored_databases(conn, throttle) -> list[str]:
-    """What the signal leaves out besides our sessions: ``throttle.ignore_databases`` and Airflow's metadata
-    database when this process knows it is on ``conn``'s server."""
-    auto = airflow_database_on(conn)
-    return list(dict.fromkeys([*getattr(throttle, "ignore_databases", []), *([auto] if auto else [])]))
 
 
 def sample_window(
@@ -465,7 +411,7 @@ def measure(
         conn,
         window_s=window_s or throttle.load_window_s,
         exclude_application_prefix=exclude_application_prefix,
-        exclude_databases=ignored_databases(conn, throttle),
+        exclude_databases=throttle.ignore_databases,
         stop=stop,
     )
     if learn is not None:

@@ -4,10 +4,8 @@ Shared by test_airflow3_e2e.py and test_airflow2_e2e.py (one of them runs, depen
 
 * the source is seeded with ``demo.seed_orders``; the destination gets the same empty ``orders`` table;
 * a temporary dags folder holds the repo's ``dags/backfill_dags.py`` and the example ``orders.yaml``
-  (``retries`` lowered, so an injected fault fails the chunk at once instead of after backoff; the latency
-  budget off, except in :func:`start_cluster`, which turns it back on with the cluster's metadata database in
-  ``throttle.ignore_databases``: it shares the source's server, and ten backfill runs being scheduled slow
-  Airflow's own transactions, which the budget counted as source load until they were named);
+  (``retries`` lowered, so an injected fault fails the chunk at once instead of after backoff); a cluster's
+  metadata database goes in its ``throttle.ignore_databases`` (:func:`name_metadata_database`);
 * the destination ``orders`` carries an audit trigger (BEFORE INSERT, so it also fires for rows the upsert
   finds already present): every row a chunk commits leaves one audit row, a chunk loaded twice leaves two;
 * faults are injected through the database: a trigger that raises for one day's rows.
@@ -83,21 +81,19 @@ def write_dags_folder(folder: Path, **overrides) -> Path:
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dags" / "backfill_dags.py", folder / "backfill_dags.py")
     spec = yaml.safe_load((REPO / "dags" / "configs" / "orders.yaml").read_text())
-    spec["throttle"] = {**spec.get("throttle", {}), "max_latency_ratio": None}
     spec.update({"retries": 0, **overrides})
     (folder / "configs" / "orders.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
 
 
-def _budget_on_beside(cluster: AirflowCluster, dags_folder: Path) -> None:
-    """The latency budget back on (the default), with the cluster's metadata database named in
-    ``throttle.ignore_databases``: the one-server setup of the README's quick start, as a user would fix it.
-    Without it, ten runs being scheduled slow Airflow's own transactions and the budget holds the chunks
-    (the CI failure of 2026-12-07)."""
+def name_metadata_database(dags_folder: Path, cluster: AirflowCluster) -> None:
+    """``throttle.ignore_databases: [<the cluster's metadata database>]`` in the orders spec: it shares the
+    source's server, as in the README's quick start, and this is that setup's fix. Without it, ten runs being
+    scheduled slow Airflow's own transactions and the (default) latency budget holds the chunks (the CI
+    failure of 2026-12-07). Call before the cluster starts."""
     path = dags_folder / "configs" / "orders.yaml"
     spec = yaml.safe_load(path.read_text())
-    throttle = {k: v for k, v in spec.get("throttle", {}).items() if k != "max_latency_ratio"}
-    spec["throttle"] = {**throttle, "ignore_databases": [cluster.meta_db]}
+    spec["throttle"] = {**spec.get("throttle", {}), "ignore_databases": [cluster.meta_db]}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
@@ -116,7 +112,7 @@ def start_cluster(
         pools={POOL: pool_slots},
         env={"AIRFLOW_BACKFILL_STRICT": "1"},  # a broken config is an import error, reported by wait_for_dag
     )
-    _budget_on_beside(cluster, dags_folder)
+    name_metadata_database(dags_folder, cluster)
     try:
         cluster.start()
         cluster.wait_for_dag(DAG_ID)

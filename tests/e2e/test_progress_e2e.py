@@ -34,7 +34,16 @@ import requests
 from psycopg2.extensions import parse_dsn
 
 from tests.e2e.cluster import AirflowCluster, airflow_major, code_path
-from tests.e2e.orders_env import DAG_ID, POOL, POOL_SLOTS, inject_fault, remove_fault, slow_down, write_dags_folder
+from tests.e2e.orders_env import (
+    DAG_ID,
+    POOL,
+    POOL_SLOTS,
+    inject_fault,
+    name_metadata_database,
+    remove_fault,
+    slow_down,
+    write_dags_folder,
+)
 from tests.e2e.test_ui_trigger import browser  # noqa: F401 (the headless Chromium fixture)
 
 pytestmark = [
@@ -127,6 +136,7 @@ def env(orders, tmp_path_factory):
             ),
         },
     )
+    name_metadata_database(dags, cluster)
     try:
         cluster.start()
         cluster.wait_for_dag(DAG_ID)

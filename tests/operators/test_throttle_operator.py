@@ -231,6 +231,36 @@ def test_a_pacing_turn_sooner_than_min_defer_s_is_waited_in_the_worker(seeded):
     assert waits == [(first.chunk_id, 0.0), (second.chunk_id, pytest.approx(result["waited_pacing_s"], abs=0.051))]
 
 
+def test_a_load_arriving_during_a_pacing_wait_in_the_worker_defers_the_chunk(seeded):
+    """The load decision taken before a pacing wait is stale after it: the chunk decides again on the load as
+    it is then (as a chunk resumed from a pacing deferral does), so a source that became busy during the wait
+    defers the chunk before it reads."""
+    src, dst = seeded
+    spec = _spec(src, dst, min_query_interval=2.0, pacing_slots=1, min_defer_s=8, max_active=2,
+                 max_latency_ratio=None, **{k: v for k, v in FAST_POLL.items() if k != "min_defer_s"})  # fmt: skip
+    first, second = _chunks()[:2]
+    pool = f"bf_pool_{time.time_ns()}"
+    assert _operator(spec, first, "a", pool).execute({})["rows_extracted"] == 300
+    op = _operator(spec, second, "b", pool)
+    real_wait = op._wait_or_defer
+    sleepers = []
+
+    def load_arrives_then_wait(*args, **kwargs):  # the real wait, with a busy source from its first moment
+        sleepers.append(Sleepers(src, 3, seconds=60))
+        return real_wait(*args, **kwargs)
+
+    op._wait_or_defer = load_arrives_then_wait
+    try:
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({})
+    finally:
+        for s in sleepers:
+            s.end()
+    assert len(sleepers) == 1  # it waited for its turn in the worker (no pacing deferral) ...
+    assert deferred.value.method_name == "execute_after_wait"  # ... then deferred on the load seen after it
+    assert fetch_all(dst, "SELECT count(*) FROM orders") == [(300,)]  # the second chunk read nothing
+
+
 def test_a_pacing_turn_further_than_min_defer_s_defers(seeded):
     """min_query_interval 12 s, min_defer_s 8: the second chunk's turn is ~12 s away, so it defers."""
     src, dst = seeded
